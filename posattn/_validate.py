@@ -1,0 +1,178 @@
+"""The one place where posattn.attention's arguments are checked.
+
+Every backend calls :func:`check` and receives a :class:`Problem`: normalised,
+validated fields, so kernels and the reference never re-check anything.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .encodings import DistanceBias, RoPE
+
+MAX_HEAD_DIM = 256
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # float64: reference only
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+@dataclass
+class Problem:
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    B: int
+    Hq: int
+    Hkv: int
+    Nq: int
+    Nk: int
+    D: int
+    causal: bool
+    scale: float
+    window_left: Optional[int]
+    window_right: Optional[int]
+    q_pos: Optional[torch.Tensor]       # [1 or B, Nq] int, None = default alignment
+    k_pos: Optional[torch.Tensor]       # [1 or B, Nk]
+    rope: Optional[RoPE]
+    rotary_dim: int                     # 0 without rope
+    alibi: Optional[torch.Tensor]       # [1 or B, Hq] float
+    rel_bias: Optional[DistanceBias]
+    bias: Optional[torch.Tensor]        # 4-D, each dim 1 or full (not expanded)
+    bias_is_mask: bool
+    return_lse: bool
+
+    @property
+    def group(self) -> int:
+        return self.Hq // self.Hkv
+
+    def default_positions(self, device):
+        """(q_pos, k_pos) as [1, N] int64 tensors, defaults filled in."""
+        k_pos = self.k_pos if self.k_pos is not None else torch.arange(self.Nk, device=device)[None]
+        q_pos = self.q_pos if self.q_pos is not None else \
+            torch.arange(self.Nk - self.Nq, self.Nk, device=device)[None]
+        return q_pos, k_pos
+
+
+def _is_int(x):
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _tensor(name, x):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def _same_device(name, x, device):
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but q is on {device}: all tensors must be on one device")
+
+
+def _positions(name, pos, B, N, device):
+    if pos is None:
+        return None
+    _tensor(name, pos)
+    _same_device(name, pos, device)
+    if pos.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"{name} must be int32 or int64, got {pos.dtype}")
+    if pos.dim() == 1:
+        pos = pos[None]
+    if pos.dim() != 2 or pos.shape[1] != N or pos.shape[0] not in (1, B):
+        raise ValueError(f"{name} must have shape [{N}] or [{B}, {N}], got {tuple(pos.shape)}")
+    return pos
+
+
+def check(q, k, v, *, causal=False, scale=None, window=None, q_pos=None, k_pos=None, rope=None,
+          alibi_slopes=None, rel_bias=None, bias=None, return_lse=False) -> Problem:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _tensor(name, x)
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, H, N, D], got shape {tuple(x.shape)}")
+    if q.dtype not in _DTYPES:
+        raise TypeError(f"q must be float16, bfloat16 or float32 (float64: reference backend), got {q.dtype}")
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but q has {q.dtype}: q, k and v must share a dtype")
+        _same_device(name, x, q.device)
+    B, Hq, Nq, D = q.shape
+    _, Hkv, Nk, _ = k.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}")
+    if k.shape[3] != D or v.shape[3] != D:
+        raise ValueError(f"head dims differ: q {D}, k {k.shape[3]}, v {v.shape[3]}")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"q heads ({Hq}) must be a multiple of k/v heads ({Hkv})")
+    if D > MAX_HEAD_DIM or D < 1:
+        raise ValueError(f"head dim D={D} is not supported (1 <= D <= {MAX_HEAD_DIM})")
+
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise TypeError(f"scale must be a finite float or None, got {scale!r}")
+
+    wl = wr = None
+    if window is not None:
+        if not isinstance(window, (tuple, list)) or len(window) != 2:
+            raise ValueError(f"window must be a pair (left, right), got {window!r}")
+        for name, w in zip(("left", "right"), window):
+            if w is not None and (not _is_int(w) or w < 0):
+                raise ValueError(f"window {name} must be an int >= 0 or None, got {w!r}")
+        wl, wr = window
+
+    q_pos = _positions("q_pos", q_pos, B, Nq, q.device)
+    k_pos = _positions("k_pos", k_pos, B, Nk, q.device)
+
+    rotary_dim = 0
+    if rope is not None:
+        if not isinstance(rope, RoPE):
+            raise TypeError(f"rope must be a posattn.RoPE, got {type(rope).__name__}")
+        rotary_dim = rope.rotary_dim(D)
+
+    if alibi_slopes is not None:
+        _tensor("alibi_slopes", alibi_slopes)
+        _same_device("alibi_slopes", alibi_slopes, q.device)
+        if alibi_slopes.dtype not in _DTYPES:
+            raise TypeError(f"alibi_slopes must be a floating-point tensor, got {alibi_slopes.dtype}")
+        if alibi_slopes.dim() == 1:
+            alibi_slopes = alibi_slopes[None]
+        if alibi_slopes.dim() != 2 or alibi_slopes.shape[1] != Hq or alibi_slopes.shape[0] not in (1, B):
+            raise ValueError(f"alibi_slopes must have shape [{Hq}] or [{B}, {Hq}], got "
+                             f"{tuple(alibi_slopes.shape)}")
+
+    if rel_bias is not None:
+        if not isinstance(rel_bias, DistanceBias):
+            raise TypeError(f"rel_bias must be a posattn.DistanceBias, got {type(rel_bias).__name__}")
+        t = rel_bias.table
+        _same_device("rel_bias.table", t, q.device)
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"rel_bias.table must be a floating-point tensor, got {t.dtype}")
+        if t.shape[0] != Hq:
+            raise ValueError(f"rel_bias.table must have {Hq} rows (one per query head), got {tuple(t.shape)}")
+
+    bias_is_mask = False
+    if bias is not None:
+        _tensor("bias", bias)
+        _same_device("bias", bias, q.device)
+        if bias.dtype == torch.bool:
+            bias_is_mask = True
+        elif bias.dtype not in (q.dtype, torch.float32):
+            raise TypeError(f"bias must be bool, float32 or q's dtype {q.dtype}, got {bias.dtype}")
+        full = (B, Hq, Nq, Nk)
+        if bias.dim() > 4:
+            raise ValueError(f"bias must be broadcastable to [B, Hq, Nq, Nk] = {list(full)}, "
+                             f"got shape {tuple(bias.shape)}")
+        bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape)) if bias.dim() < 4 else bias
+        if any(s not in (1, f) for s, f in zip(bias.shape, full)):
+            raise ValueError(f"bias must be broadcastable to [B, Hq, Nq, Nk] = {list(full)}, "
+                             f"got shape {tuple(bias.shape)}")
+
+    return Problem(q, k, v, B, Hq, Hkv, Nq, Nk, D, causal, float(scale), wl, wr, q_pos, k_pos,
+                   rope, rotary_dim, alibi_slopes, rel_bias, bias, bias_is_mask, return_lse)
