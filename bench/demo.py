@@ -8,8 +8,8 @@ errors ``||a - b|| / ||b||`` of out, dq, dk, dv (and of the encoding's own
 parameter gradient where it has one) with forward and forward+backward times.
 
 Device: cuda if available (N=2048, bfloat16), else cpu (N=200, float32).
-Under ``TRITON_INTERPRET=1`` on cpu, ``--backend triton`` (or
-``POSATTN_BACKEND=triton``) runs the real Triton kernels in the interpreter.
+On cpu, ``TRITON_INTERPRET=1`` (``make demo`` sets it when there is no NVIDIA
+GPU) lets the triton backend run its real kernels in Triton's interpreter.
 
     python bench/demo.py [--backend triton|reference] [--n N] [--reps R]
 """
@@ -144,14 +144,31 @@ def _time_ms(dev, reps, step):
     return (time.perf_counter() - t0) * 1e3 / reps
 
 
-def resolved_backend(dev, backend):
-    """Name of the backend posattn.attention uses (the documented auto rule)."""
+def _interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolved_backend(qkv, kwargs, backend):
+    """Name of the backend posattn.attention runs for this problem.
+
+    Asks posattn.select_backend when the package has it, else applies the
+    documented rule: the requested backend, else POSATTN_BACKEND, else triton
+    for CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), else reference.
+    """
+    select = getattr(posattn, "select_backend", None)
+    if select is not None:
+        try:
+            from posattn import _validate
+            return select(_validate.check(*qkv, **kwargs), backend)
+        except Exception:
+            pass
     if backend is not None:
         return backend
     env = os.environ.get("POSATTN_BACKEND")
     if env:
         return env
-    return "triton" if dev.type == "cuda" else "reference"
+    dev = qkv[0].device
+    return "triton" if dev.type == "cuda" or _interpreting() else "reference"
 
 
 def run_config(name, make, dev, dt, n, backend, reps, seed):
@@ -162,6 +179,7 @@ def run_config(name, make, dev, dt, n, backend, reps, seed):
     dout = torch.randn(B, HQ, n, D, generator=g).to(dev, dt)
     params, build = make(n, dev, dt, g)
     qkv = (q, k, v)
+    used = resolved_backend(qkv, build(params), backend)
 
     # Correctness run (also the warm-up: Triton compiles here).
     out, grads, pgrads = _forward_backward(posattn.attention, qkv, params, build, dout, backend=backend)
@@ -182,7 +200,7 @@ def run_config(name, make, dev, dt, n, backend, reps, seed):
 
     t_fwd = _time_ms(dev, reps, fwd)
     t_fwd_bwd = _time_ms(dev, reps, fwd_bwd)
-    return errs, perr, t_fwd, t_fwd_bwd
+    return used, errs, perr, t_fwd, t_fwd_bwd
 
 
 def main(argv=None):
@@ -199,7 +217,6 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    backend_name = resolved_backend(dev, args.backend)
     dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     try:
         import triton
@@ -210,10 +227,8 @@ def main(argv=None):
           f"device={dev_name}")
     print(f"torch {torch.__version__}, triton {triton_version}, "
           f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '<unset>')}, "
-          f"POSATTN_BACKEND={os.environ.get('POSATTN_BACKEND', '<unset>')}, backend={backend_name}")
-    if dev.type == "cpu" and backend_name == "reference":
-        print("note: on cpu the automatic backend is the reference; use --backend triton "
-              "(with TRITON_INTERPRET=1) to run the Triton kernels in the interpreter")
+          f"POSATTN_BACKEND={os.environ.get('POSATTN_BACKEND', '<unset>')}, "
+          f"--backend={args.backend or 'auto'}")
     print("rel err = ||posattn - reference(upcast=True)|| / ||reference||; d(enc) = gradient of the "
           "encoding's own parameter (slopes, table, bias)")
     print()
@@ -225,16 +240,16 @@ def main(argv=None):
     print(fmt_row(cols))
     print(fmt_row(["-" * w for w in widths[:-1]] + [""]))
 
-    failures, flagged = [], []
+    failures, flagged, backends_used = [], [], set()
     for name, make in CONFIGS:
         if args.only and args.only not in name:
             continue
         try:
-            errs, perr, t_fwd, t_fwd_bwd = run_config(name, make, dev, dt, args.n, args.backend,
+            used, errs, perr, t_fwd, t_fwd_bwd = run_config(name, make, dev, dt, args.n, args.backend,
                                                       args.reps, args.seed)
         except Exception as exc:  # keep going: show every config
             failures.append(name)
-            print(fmt_row([name, backend_name, dev.type]) + f"  FAILED: {type(exc).__name__}: {exc}")
+            print(fmt_row([name, args.backend or "auto", dev.type]) + f"  FAILED: {type(exc).__name__}: {exc}")
             if os.environ.get("POSATTN_DEMO_TRACEBACK"):
                 traceback.print_exc()
             continue
@@ -242,13 +257,17 @@ def main(argv=None):
         high = any(not (e <= tol) for e in errs) or (perr is not None and not (perr <= tol))
         if high:
             flagged.append(name)
-        print(fmt_row([name, backend_name, dev.type]
+        backends_used.add(used)
+        print(fmt_row([name, used, dev.type]
                       + [f"{e:.2e}" for e in errs]
                       + ["-" if perr is None else f"{perr:.2e}"]
                       + [f"{t_fwd:.2f}", f"{t_fwd_bwd:.2f}", "HIGH" if high else ""]))
         sys.stdout.flush()
 
     print()
+    if dev.type == "cpu" and "reference" in backends_used and not _interpreting():
+        print("note: without TRITON_INTERPRET=1 the cpu runs use the reference backend; "
+              "TRITON_INTERPRET=1 (as `make demo` sets with no GPU) runs the Triton kernels in the interpreter")
     if flagged:
         print(f"flagged (rel err > {FLAG_TOL[dt]:g}): {', '.join(flagged)}")
     if failures:
