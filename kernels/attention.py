@@ -469,9 +469,9 @@ def _attn_bwd_dbias(Q, K, V, DO, Lse, Delta, DBias, QPos, KPos, InvFreq, Slopes,
     offs_d = tl.arange(0, BLOCK_D)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for b in range(b_lo, b_hi):
-        off_b = b.to(tl.int64)
+        off_b = tl.cast(b, tl.int64)
         for h in range(h_lo, h_hi):
-            off_h = h.to(tl.int64)
+            off_h = tl.cast(h, tl.int64)
             off_hk = off_h // GROUP
             row0 = (off_b * Hq + off_h) * Nq
             slope = 0.0

@@ -1,0 +1,129 @@
+"""Kernel-vs-reference checking with SPEC.md's precision rule.
+
+The error of every output and gradient is ||x - ref64|| / ||ref64|| against the
+reference run in float64. A kernel in float16/bfloat16 may be at most twice as far
+from it as plain PyTorch run in that same dtype (the reference with upcast=False),
+plus a small floor; float32 stays under 1e-5 in the interpreter, 5e-3 on a GPU
+(tf32 matmuls).
+"""
+import torch
+
+import posattn
+from posattn import reference
+
+FLOOR = {torch.float16: 2e-4, torch.bfloat16: 2e-3}
+
+
+def rel_err(x, ref):
+    x = x.double()
+    ref = ref.double()
+    denom = ref.norm()
+    if denom == 0:
+        return x.norm().item()
+    return ((x - ref).norm() / denom).item()
+
+
+def _clone(x, dtype=None):
+    y = x.detach().clone()
+    if dtype is not None and y.is_floating_point():
+        y = y.to(dtype)
+    return y.requires_grad_(x.requires_grad)
+
+
+def _rebuild(kw, params):
+    """kw with the differentiable encoding tensors replaced by `params`."""
+    kw = dict(kw)
+    if "alibi_slopes" in params:
+        kw["alibi_slopes"] = params["alibi_slopes"]
+    if "table" in params:
+        rb = kw["rel_bias"]
+        kw["rel_bias"] = posattn.DistanceBias(params["table"], rb.left, rb.right)
+    if "bias" in params:
+        kw["bias"] = params["bias"]
+    return kw
+
+
+def _params(kw):
+    out = {}
+    a = kw.get("alibi_slopes")
+    if a is not None and a.requires_grad:
+        out["alibi_slopes"] = a
+    rb = kw.get("rel_bias")
+    if rb is not None and rb.table.requires_grad:
+        out["table"] = rb.table
+    b = kw.get("bias")
+    if b is not None and b.requires_grad:
+        out["bias"] = b
+    return out
+
+
+def _run(fn, q, k, v, kw, dout, dlse):
+    params = _params(kw)
+    res = fn(q, k, v, **kw)
+    out, lse = res if kw.get("return_lse") else (res, None)
+    inputs = [q, k, v, *params.values()]
+    names = ["dq", "dk", "dv", *("d" + n for n in params)]
+    outs, grads_out = [out], [dout]
+    if lse is not None and dlse is not None:
+        outs.append(lse)
+        grads_out.append(torch.where(torch.isfinite(lse), dlse.to(lse.dtype), torch.zeros_like(lse)))
+    grads = torch.autograd.grad(outs, inputs, grads_out, allow_unused=True)
+    result = {"out": out}
+    if lse is not None:
+        result["lse"] = lse
+    for n, g, x in zip(names, grads, inputs):
+        result[n] = g if g is not None else torch.zeros_like(x)
+    return result
+
+
+def check(q, k, v, *, backend="triton", grad_lse=False, fp32_tol=None, **kw):
+    """Run posattn.attention on (q, k, v, **kw) and assert every output and gradient
+    is within tolerance of the float64 reference. Returns the error table."""
+    dtype = q.dtype
+    params = _params(kw)
+    got = _run(lambda *a, **k_: posattn.attention(*a, backend=backend, **k_), q, k, v, kw,
+               dout := torch.randn(q.shape[:3] + (q.shape[3],), device=q.device, dtype=dtype),
+               dlse := (torch.randn(q.shape[:3], device=q.device) if grad_lse else None))
+
+    def reference_in(dt):
+        cq, ck, cv = (_clone(x, dt) for x in (q, k, v))
+        cp = {n: _clone(x, dt if dt == torch.float64 else None) for n, x in params.items()}
+        kw2 = _rebuild(kw, cp)
+        return _run(lambda *a, **k_: reference.attention(*a, **k_), cq, ck, cv, kw2,
+                    dout.to(dt), dlse)
+
+    ref64 = reference_in(torch.float64)
+    errors = {}
+    for name, ref in ref64.items():
+        x = got[name]
+        assert x.shape == ref.shape, f"{name}: shape {tuple(x.shape)} != reference {tuple(ref.shape)}"
+        assert x.dtype == (torch.float32 if name == "lse" else ref_dtype(name, q, params)), \
+            f"{name}: dtype {x.dtype}"
+        assert torch.isfinite(x[torch.isfinite(ref)]).all(), f"{name}: non-finite values"
+        if name == "lse":  # compare where the reference is finite; -inf must match exactly
+            assert torch.equal(torch.isfinite(x), torch.isfinite(ref)), "lse: -inf rows differ"
+            x, ref = x[torch.isfinite(ref)], ref[torch.isfinite(ref)]
+        errors[name] = rel_err(x, ref)
+
+    if dtype == torch.float32:
+        tol = fp32_tol if fp32_tol is not None else (1e-5 if q.device.type == "cpu" else 5e-3)
+        limits = {n: tol for n in errors}
+    else:
+        low = reference_in(dtype)
+        limits = {}
+        for name in errors:
+            lx, ref = low[name], ref64[name]
+            if name == "lse":
+                lx, ref = lx[torch.isfinite(ref)], ref[torch.isfinite(ref)]
+            limits[name] = 2 * rel_err(lx, ref) + FLOOR[dtype]
+    bad = {n: (errors[n], limits[n]) for n in errors if not errors[n] <= limits[n]}
+    assert not bad, "errors above tolerance (err, limit): " + ", ".join(
+        f"{n}: {e:.3g} > {l:.3g}" for n, (e, l) in bad.items())
+    return errors
+
+
+def ref_dtype(name, q, params):
+    key = name[1:] if name.startswith("d") else None
+    if key in params:
+        return params[key].dtype
+    return q.dtype

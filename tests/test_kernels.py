@@ -1,0 +1,219 @@
+"""Triton kernels vs the float64 reference: every encoding x mask x dtype, awkward
+shapes, explicit positions, lse, empty rows, determinism. Runs on CPU under
+TRITON_INTERPRET=1 and on a CUDA GPU when one is present."""
+import pytest
+import torch
+
+import posattn
+from attn_check import check
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+# (B, Hq, Hkv, Nq, Nk, D, transposed): none a multiple of the blocks, GQA, Nq != Nk
+# both ways, D = 80 and other non-powers of two, [B, N, H, D] storage seen through
+# .transpose(1, 2).
+SHAPES = [
+    (1, 2, 1, 97, 97, 32, False),
+    (2, 2, 2, 45, 150, 80, True),
+    (1, 4, 2, 130, 70, 48, False),
+    (1, 3, 3, 71, 71, 24, True),
+]
+
+
+def make_qkv(shape, dtype, device, requires_grad=True):
+    B, Hq, Hkv, Nq, Nk, D, transposed = shape
+
+    def rnd(h, n):
+        if transposed:
+            x = torch.randn(B, n, h, D, device=device, dtype=dtype).transpose(1, 2)
+        else:
+            x = torch.randn(B, h, n, D, device=device, dtype=dtype)
+        return x.requires_grad_(requires_grad)
+
+    return rnd(Hq, Nq), rnd(Hkv, Nk), rnd(Hkv, Nk)
+
+
+def encoding(name, shape, device, dtype):
+    B, Hq, Hkv, Nq, Nk, D, _ = shape
+    kw = {}
+    if "rope" in name:
+        kw["rope"] = posattn.RoPE()
+    if "ropei" in name:  # interleaved pairs over a partial rotary dim, scaled
+        kw["rope"] = posattn.RoPE(dim=16, interleaved=True, base=500.0, attention_factor=1.1)
+    if "alibi" in name:
+        kw["alibi_slopes"] = (posattn.alibi_slopes(Hq, device=device) *
+                              (1 + 0.1 * torch.rand(Hq, device=device))).requires_grad_()
+    if "dist" in name:
+        kw["rel_bias"] = posattn.DistanceBias(torch.randn(Hq, 11 + 6 + 1, device=device).requires_grad_(), 11, 6)
+    if "bias" in name:
+        kw["bias"] = torch.randn(B, Hq, Nq, Nk, device=device, dtype=dtype).requires_grad_()
+    if "mask" in name:
+        kw["bias"] = torch.rand(1, 1, Nq, Nk, device=device) < 0.8
+    return kw
+
+
+ENCODINGS = ["none", "rope", "ropei", "alibi", "dist", "bias", "mask", "rope+alibi", "rope+dist",
+             "rope+bias", "ropei+mask"]
+MASKS = {"full": {}, "causal": {"causal": True}, "window": {"window": (23, 9)}}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask", list(MASKS))
+@pytest.mark.parametrize("enc", ENCODINGS)
+def test_encoding_mask_dtype(enc, mask, dtype, device):
+    # Each case takes one of the awkward shapes in turn, so every shape meets every
+    # encoding and mask across the matrix without a full cross product.
+    i = ENCODINGS.index(enc) + list(MASKS).index(mask) + DTYPES.index(dtype)
+    shape = SHAPES[i % len(SHAPES)]
+    q, k, v = make_qkv(shape, dtype, device)
+    check(q, k, v, **MASKS[mask], **encoding(enc, shape, device, dtype))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:6])) + ("T" if s[6] else ""))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_shapes_all_encodings(shape, dtype, device):
+    q, k, v = make_qkv(shape, dtype, device)
+    check(q, k, v, causal=True, window=(40, None), return_lse=True, grad_lse=True,
+          **encoding("rope+alibi+dist+bias", shape, device, dtype))
+
+
+@pytest.mark.parametrize("D", [16, 40, 64, 80, 112, 128, 256])
+def test_head_dims(D, device):
+    q, k, v = make_qkv((1, 2, 1, 50, 67, D, False), torch.float16, device)
+    check(q, k, v, causal=True, rope=posattn.RoPE())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_explicit_positions_packed(dtype, device):
+    """Packed sequences: per-batch positions that restart, a block-diagonal mask."""
+    B, Hq, N, D = 2, 2, 90, 32
+    q, k, v = make_qkv((B, Hq, Hq, N, N, D, False), dtype, device)
+    pos = torch.cat([torch.arange(40), torch.arange(50)]).to(device)
+    pos = torch.stack([pos, torch.arange(N, device=device)])
+    seg = torch.stack([torch.cat([torch.zeros(40), torch.ones(50)]), torch.zeros(N)]).to(device)
+    same = (seg[:, None, :, None] == seg[:, None, None, :])
+    check(q, k, v, causal=True, q_pos=pos, k_pos=pos, bias=same, rope=posattn.RoPE(),
+          rel_bias=posattn.DistanceBias(torch.randn(Hq, 9, device=device).requires_grad_(), 5, 3),
+          return_lse=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_kv_cache_decoding(dtype, device):
+    """A few new queries against a long cache, int32 positions shared by the batch."""
+    Nq, Nk = 3, 181
+    q, k, v = make_qkv((2, 4, 1, Nq, Nk, 64, False), dtype, device)
+    k_pos = torch.arange(Nk, device=device, dtype=torch.int32)
+    q_pos = torch.arange(Nk - Nq, Nk, device=device, dtype=torch.int32)
+    check(q, k, v, causal=True, q_pos=q_pos, k_pos=k_pos, rope=posattn.RoPE(),
+          alibi_slopes=posattn.alibi_slopes(4, device=device))
+
+
+def test_shuffled_positions_window(device):
+    """Arbitrary (non-monotone) positions: no tile may be skipped by position bounds."""
+    q, k, v = make_qkv((1, 2, 2, 77, 66, 32, False), torch.float32, device)
+    q_pos = torch.randperm(200, device=device)[:77]
+    k_pos = torch.randperm(200, device=device)[:66][None]
+    check(q, k, v, window=(30, 10), q_pos=q_pos, k_pos=k_pos, return_lse=True,
+          alibi_slopes=torch.rand(1, 2, device=device).requires_grad_())
+
+
+@pytest.mark.parametrize("bshape", [(2, 3, 40, 70), (3, 1, 70), (40, 70), (2, 1, 40, 70), (1, 1, 1, 70)])
+def test_dense_bias_broadcast_gradient(bshape, device):
+    """The bias gradient is summed over broadcast axes, never expanded in memory.
+    (A bias constant along keys has a zero gradient, so shapes vary along Nk.)"""
+    q, k, v = make_qkv((2, 3, 1, 40, 70, 32, False), torch.float32, device)
+    bias = torch.randn(bshape, device=device).requires_grad_()
+    errors = check(q, k, v, causal=True, bias=bias)
+    assert "dbias" in errors
+
+
+def test_bias_float32_with_half_inputs(device):
+    q, k, v = make_qkv((1, 2, 2, 60, 60, 32, False), torch.bfloat16, device)
+    check(q, k, v, bias=torch.randn(2, 60, 60, device=device).requires_grad_())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_empty_rows_are_zero_without_nan(dtype, device):
+    """Rows with no visible key: out = 0, lse = -inf, every gradient finite."""
+    q, k, v = make_qkv((1, 2, 1, 70, 50, 32, False), dtype, device)
+    # q_pos beyond every key with window right = 0 and left small: rows 0..19 see nothing.
+    q_pos = torch.cat([torch.full((20,), 1000), torch.arange(50)]).to(device)
+    table = torch.randn(2, 7, device=device).requires_grad_()
+    out, lse = posattn.attention(q, k, v, causal=True, window=(3, None), q_pos=q_pos,
+                                 rel_bias=posattn.DistanceBias(table, 3, 3), return_lse=True,
+                                 backend="triton")
+    assert torch.all(out[:, :, :20] == 0)
+    assert torch.all(lse[:, :, :20] == float("-inf"))
+    assert torch.isfinite(lse[:, :, 20:]).all()
+    (out.float().square().sum()).backward()
+    for x in (q, k, v, table):
+        assert torch.isfinite(x.grad).all()
+    assert torch.all(q.grad[:, :, :20] == 0)
+    check(q, k, v, causal=True, window=(3, None), q_pos=q_pos, rel_bias=posattn.DistanceBias(table, 3, 3),
+          return_lse=True)
+
+
+def test_fully_masked_everything(device):
+    q, k, v = make_qkv((1, 1, 1, 20, 30, 16, False), torch.float32, device)
+    mask = torch.zeros(20, 30, dtype=torch.bool, device=device)
+    out, lse = posattn.attention(q, k, v, bias=mask, return_lse=True, backend="triton")
+    assert torch.all(out == 0) and torch.all(lse == float("-inf"))
+    out.sum().backward()
+    assert torch.all(q.grad == 0) and torch.all(k.grad == 0) and torch.all(v.grad == 0)
+
+
+def test_lse_and_its_gradient(device):
+    q, k, v = make_qkv((1, 2, 1, 66, 99, 48, True), torch.float32, device)
+    check(q, k, v, return_lse=True, grad_lse=True, rope=posattn.RoPE(), causal=True)
+
+
+def test_scale_and_t5(device):
+    """T5: no score scaling, bucketed bias built from an embedding weight."""
+    q, k, v = make_qkv((2, 4, 4, 100, 100, 32, False), torch.float32, device)
+    weight = torch.randn(32, 4, device=device, requires_grad=True)
+    rb = posattn.DistanceBias.t5(weight, num_buckets=32, max_distance=40)
+    out = posattn.attention(q, k, v, scale=1.0, rel_bias=rb, backend="triton")
+    w64 = weight.detach().double().requires_grad_()
+    ref = posattn.reference.attention(*(x.detach().double() for x in (q, k, v)), scale=1.0,
+                                      rel_bias=posattn.DistanceBias.t5(w64, 32, 40))
+    assert (out.double() - ref).norm() / ref.norm() < 1e-5
+    g = torch.randn_like(out)
+    (gw,) = torch.autograd.grad(out, weight, g)
+    (gw64,) = torch.autograd.grad(ref, w64, g.double())
+    assert (gw.double() - gw64).norm() / gw64.norm() < 1e-5
+
+
+def test_parameter_gradients_are_deterministic(device):
+    q, k, v = make_qkv((2, 2, 1, 80, 90, 32, False), torch.float32, device)
+    table = torch.randn(2, 31, device=device, requires_grad=True)
+    slopes = torch.rand(2, device=device, requires_grad=True)
+    bias = torch.randn(2, 80, 90, device=device, requires_grad=True)
+    g = torch.randn(2, 2, 80, 32, device=device)
+
+    def grads():
+        out = posattn.attention(q, k, v, rel_bias=posattn.DistanceBias(table, 15, 15), causal=True,
+                                alibi_slopes=slopes, bias=bias, backend="triton")
+        return torch.autograd.grad(out, (table, slopes, bias, q, k, v), g)
+
+    first, second = grads(), grads()
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_inputs_not_mutated(device):
+    q, k, v = make_qkv((1, 2, 1, 50, 50, 32, True), torch.float32, device)
+    table = torch.randn(2, 5, device=device, requires_grad=True)
+    before = [x.detach().clone() for x in (q, k, v, table)]
+    out = posattn.attention(q, k, v, rope=posattn.RoPE(), rel_bias=posattn.DistanceBias(table, 2, 2),
+                            backend="triton")
+    out.sum().backward()
+    for x, b in zip((q, k, v, table), before):
+        assert torch.equal(x.detach(), b)
+
+
+def test_empty_sequences(device):
+    q, k, v = make_qkv((1, 2, 1, 5, 0, 16, False), torch.float32, device)
+    out, lse = posattn.attention(q, k, v, return_lse=True, backend="triton")
+    assert out.shape == (1, 2, 5, 16) and torch.all(out == 0) and torch.all(lse == float("-inf"))
+    out.sum().backward()
+    assert torch.all(q.grad == 0)
