@@ -149,26 +149,8 @@ def _interpreting():
 
 
 def resolved_backend(qkv, kwargs, backend):
-    """Name of the backend posattn.attention runs for this problem.
-
-    Asks posattn.select_backend when the package has it, else applies the
-    documented rule: the requested backend, else POSATTN_BACKEND, else triton
-    for CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), else reference.
-    """
-    select = getattr(posattn, "select_backend", None)
-    if select is not None:
-        try:
-            from posattn import _validate
-            return select(_validate.check(*qkv, **kwargs), backend)
-        except Exception:
-            pass
-    if backend is not None:
-        return backend
-    env = os.environ.get("POSATTN_BACKEND")
-    if env:
-        return env
-    dev = qkv[0].device
-    return "triton" if dev.type == "cuda" or _interpreting() else "reference"
+    """Name of the backend posattn.attention runs for this problem."""
+    return posattn.select_backend(*qkv, backend=backend, **kwargs)
 
 
 def run_config(name, make, dev, dt, n, backend, reps, seed):

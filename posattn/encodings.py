@@ -141,8 +141,12 @@ class DistanceBias:
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[0] != num_buckets:
             shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
             raise ValueError(f"DistanceBias.t5: weight must have shape [num_buckets={num_buckets}, H], got {shape}")
-        if max_distance < 1 or num_buckets < 2:
-            raise ValueError("DistanceBias.t5: need num_buckets >= 2 and max_distance >= 1")
+        max_exact = num_buckets // 4 if bidirectional else num_buckets // 2
+        if num_buckets < 4 or max_distance <= max_exact:
+            # Below that, T5's log-spaced buckets are not constant past max_distance.
+            raise ValueError(f"DistanceBias.t5: need num_buckets >= 4 and max_distance > {max_exact} "
+                             f"(the exact-bucket range), got num_buckets={num_buckets}, "
+                             f"max_distance={max_distance}")
         left = max_distance
         right = max_distance if bidirectional else 0
         rel = torch.arange(-left, right + 1, device=weight.device)

@@ -10,7 +10,7 @@ from . import _triton, _validate, reference
 BACKENDS = ("triton", "reference")
 
 
-def select_backend(p: _validate.Problem, backend=None) -> str:
+def _select(p: _validate.Problem, backend=None) -> str:
     """The backend that will run ``p``: the requested one (error if it refuses),
     else POSATTN_BACKEND, else triton when it accepts the problem, else reference."""
     requested = backend if backend is not None else (os.environ.get("POSATTN_BACKEND") or None)
@@ -38,9 +38,15 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, q_pos=None, k_p
     p = _validate.check(q, k, v, causal=causal, scale=scale, window=window, q_pos=q_pos, k_pos=k_pos,
                         rope=rope, alibi_slopes=alibi_slopes, rel_bias=rel_bias, bias=bias,
                         return_lse=return_lse)
-    name = select_backend(p, backend)
+    name = _select(p, backend)
     if p.B == 0 or p.Hq == 0 or p.Nq == 0 or p.Nk == 0:
         return reference.empty_result(p)
     if name == "triton":
         return _triton.attention(p)
     return reference._run(p, upcast=False)
+
+
+def select_backend(q, k, v, *, backend=None, **kwargs) -> str:
+    """The name of the backend ``attention(q, k, v, backend=backend, **kwargs)`` would
+    run; raises the same error as ``attention`` when a forced backend refuses."""
+    return _select(_validate.check(q, k, v, **kwargs), backend)

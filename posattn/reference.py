@@ -68,7 +68,7 @@ def _run(p: _validate.Problem, upcast: bool):
     dev = p.q.device
     dt = torch.float64 if upcast else p.q.dtype
     # RoPE angles: float64 when upcasting, else float32 (what users' PyTorch code does).
-    rope_dt = torch.float64 if upcast else torch.float32
+    rope_dt = torch.float64 if dt == torch.float64 else torch.float32
     q, k, v = p.q.to(dt), p.k.to(dt), p.v.to(dt)
     if p.rope is not None:
         q_pos, k_pos = p.default_positions(dev)
