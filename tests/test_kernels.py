@@ -217,3 +217,15 @@ def test_empty_sequences(device):
     assert out.shape == (1, 2, 5, 16) and torch.all(out == 0) and torch.all(lse == float("-inf"))
     out.sum().backward()
     assert torch.all(q.grad == 0)
+
+
+def test_single_key(device):
+    """One key: out = v for every row and dq = dk = 0 exactly in exact arithmetic,
+    so this is checked in absolute terms."""
+    q, k, v = make_qkv((1, 2, 1, 40, 1, 32, False), torch.float32, device)
+    out = posattn.attention(q, k, v, rope=posattn.RoPE(), backend="triton")
+    assert torch.allclose(out, v.expand(1, 2, 40, 32), atol=1e-6)
+    g = torch.randn_like(out)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), g)
+    assert dq.abs().max() < 1e-4 and dk.abs().max() < 1e-4
+    assert torch.allclose(dv, g.sum(dim=(1, 2), keepdim=True), atol=1e-5)
