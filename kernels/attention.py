@@ -178,18 +178,23 @@ def _query_range(start_n, BLOCK_N: tl.constexpr, Nq, Nk, win_l, win_r,
 # ----------------------------------------------------------------------------- forward
 
 @triton.jit
-def _attn_fwd(Q, K, V, Out, Lse, QPos, KPos, InvFreq, Slopes, Table, Bias,
+def _attn_fwd(Q, K, V, Out, Out32, Lse, QPos, KPos, InvFreq, Slopes, Table, Bias,
               sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
               sqpb, skpb, ssb, ssh, stab_h, stab_t, sbb, sbh, sbm, sbn,
               Hq, Nq, Nk, D, GROUP, qk_scale, rope_factor, win_l, win_r, tab_l, tab_r,
               CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_POS: tl.constexpr,
               ROPE: tl.constexpr, ROT_DIM: tl.constexpr, INTERLEAVED: tl.constexpr,
               ALIBI: tl.constexpr, DIST: tl.constexpr, BIAS: tl.constexpr, BIAS_MASK: tl.constexpr,
+              STORE_F32: tl.constexpr,
               UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One program per (query block, head, batch). With STORE_F32 it also writes the
+    output unrounded (contiguous float32) for the backward's delta = rowsum(dO * O):
+    gradients of slopes, tables and biases weight dS by large factors, and an O
+    rounded to 8 bits of mantissa makes their error 10x that of PyTorch."""
     start_m = tl.program_id(0) * BLOCK_M
-    off_bh = tl.program_id(1)
-    off_b = (off_bh // Hq).to(tl.int64)
-    off_h = (off_bh % Hq).to(tl.int64)
+    off_h = tl.program_id(1).to(tl.int64)
+    off_b = tl.program_id(2).to(tl.int64)
+    off_bh = off_b * Hq + off_h
     off_hk = off_h // GROUP
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -234,8 +239,11 @@ def _attn_fwd(Q, K, V, Out, Lse, QPos, KPos, InvFreq, Slopes, Table, Bias,
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / LOG2E)
     o_ptrs = Out + off_b * sob + off_h * soh + offs_m[:, None] * som + offs_d[None, :] * sod
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < D))
-    tl.store(Lse + off_bh.to(tl.int64) * Nq + offs_m, lse, mask=offs_m < Nq)
+    o_mask = (offs_m[:, None] < Nq) & (offs_d[None, :] < D)
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=o_mask)
+    if STORE_F32:
+        tl.store(Out32 + (off_bh * Nq + offs_m[:, None]) * D + offs_d[None, :], out, mask=o_mask)
+    tl.store(Lse + off_bh * Nq + offs_m, lse, mask=offs_m < Nq)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -245,15 +253,15 @@ def _attn_bwd_delta(Out, DO, Delta, DLse, sob, soh, som, sod, sdob, sdoh, sdom, 
                     Hq, Nq, D, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """delta_i = sum_d dO_id * O_id (minus dLse_i when lse is differentiated too)."""
     start_m = tl.program_id(0) * BLOCK_M
-    off_bh = tl.program_id(1)
-    off_b = (off_bh // Hq).to(tl.int64)
-    off_h = (off_bh % Hq).to(tl.int64)
+    off_h = tl.program_id(1).to(tl.int64)
+    off_b = tl.program_id(2).to(tl.int64)
+    off_bh = off_b * Hq + off_h
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     o = _load_tile(Out + off_b * sob + off_h * soh, offs_m, offs_d, som, sod, Nq, D)
     do = _load_tile(DO + off_b * sdob + off_h * sdoh, offs_m, offs_d, sdom, sdod, Nq, D)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    row = off_bh.to(tl.int64) * Nq + offs_m
+    row = off_bh * Nq + offs_m
     if HAS_DLSE:
         delta -= tl.load(DLse + row, mask=offs_m < Nq, other=0.0)
     tl.store(Delta + row, delta, mask=offs_m < Nq)
@@ -299,9 +307,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, QPos, KPos, InvFreq, Slopes,
     """One program per (key block, batch, kv head): dK and dV summed over the GROUP
     query heads that share this kv head, in registers (no atomics)."""
     start_n = tl.program_id(0) * BLOCK_N
-    off_bh = tl.program_id(1)
-    off_b = (off_bh // Hkv).to(tl.int64)
-    off_hk = (off_bh % Hkv).to(tl.int64)
+    off_hk = tl.program_id(1).to(tl.int64)
+    off_b = tl.program_id(2).to(tl.int64)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -362,9 +369,9 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, DSlope, DTable, QPos, KPos, InvFre
     sums of d(slope) and d(table), written to its own slot of DSlope / DTable."""
     pid_m = tl.program_id(0)
     start_m = pid_m * BLOCK_M
-    off_bh = tl.program_id(1)
-    off_b = (off_bh // Hq).to(tl.int64)
-    off_h = (off_bh % Hq).to(tl.int64)
+    off_h = tl.program_id(1).to(tl.int64)
+    off_b = tl.program_id(2).to(tl.int64)
+    off_bh = off_b * Hq + off_h
     off_hk = off_h // GROUP
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -374,7 +381,7 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, DSlope, DTable, QPos, KPos, InvFre
     q = _load_rotated(Q + off_b * sqb + off_h * sqh, offs_m, offs_d, sqm, sqd, Nq, D, qp, InvFreq,
                       rope_factor, ROPE, ROT_DIM, INTERLEAVED)
     do = _load_tile(DO + off_b * sdob + off_h * sdoh, offs_m, offs_d, sdom, sdod, Nq, D)
-    lse2, delta = _load_row_stats(Lse, Delta, off_bh.to(tl.int64) * Nq, offs_m, Nq)
+    lse2, delta = _load_row_stats(Lse, Delta, off_bh * Nq, offs_m, Nq)
     k_base = K + off_b * skb + off_hk * skh
     v_base = V + off_b * svb + off_hk * svh
     slope = 0.0
@@ -416,7 +423,7 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, DSlope, DTable, QPos, KPos, InvFre
         dq = _unrotate(dq, offs_d, qp, InvFreq, rope_factor, ROT_DIM, INTERLEAVED)
     tl.store(DQ + off_b * sdqb + off_h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
              dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < D))
-    slot = off_bh.to(tl.int64) * NUM_M + pid_m
+    slot = off_bh * NUM_M + pid_m
     if D_SLOPE:
         tl.store(DSlope + slot, tl.sum(d_slope, 0))
     if D_TABLE:
@@ -427,7 +434,7 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, DSlope, DTable, QPos, KPos, InvFre
 def _attn_bwd_dbias(Q, K, V, DO, Lse, Delta, DBias, QPos, KPos, InvFreq, Slopes, Table, Bias,
                     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                     sdob, sdoh, sdom, sdod, sqpb, skpb, ssb, ssh, stab_h, stab_t, sbb, sbh, sbm, sbn,
-                    B, Hq, Nq, Nk, D, GROUP, BH, BM_, BN_, qk_scale, rope_factor, win_l, win_r, tab_l, tab_r,
+                    B, Hq, Nq, Nk, D, GROUP, BH, BM_, BN_, NUM_N, qk_scale, rope_factor, win_l, win_r, tab_l, tab_r,
                     CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_POS: tl.constexpr,
                     ROPE: tl.constexpr, ROT_DIM: tl.constexpr, INTERLEAVED: tl.constexpr,
                     ALIBI: tl.constexpr, DIST: tl.constexpr,
@@ -437,9 +444,11 @@ def _attn_bwd_dbias(Q, K, V, DO, Lse, Delta, DBias, QPos, KPos, InvFreq, Slopes,
     """d(bias) in the bias's own shape [1|B, 1|Hq, 1|Nq, 1|Nk] (float32): one program
     per output tile sums dS over every batch, head, row and column that broadcasting
     folds onto it, in a fixed order (deterministic, no atomics)."""
-    off_bias = tl.program_id(2)
-    ob = off_bias // BH
-    oh = off_bias % BH
+    pid_m = tl.program_id(0) // NUM_N
+    pid_n = tl.program_id(0) % NUM_N
+    oh = tl.program_id(1)
+    ob = tl.program_id(2)
+    off_bias = ob.to(tl.int64) * BH + oh
     if BATCH_BCAST:
         b_lo = 0
         b_hi = B
@@ -456,13 +465,13 @@ def _attn_bwd_dbias(Q, K, V, DO, Lse, Delta, DBias, QPos, KPos, InvFreq, Slopes,
         m_lo = 0
         m_hi = Nq
     else:
-        m_lo = tl.program_id(0) * BLOCK_M
+        m_lo = pid_m * BLOCK_M
         m_hi = m_lo + 1
     if COL_BCAST:
         n_lo = 0
         n_hi = Nk
     else:
-        n_lo = tl.program_id(1) * BLOCK_N
+        n_lo = pid_n * BLOCK_N
         n_hi = n_lo + 1
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -498,9 +507,9 @@ def _attn_bwd_dbias(Q, K, V, DO, Lse, Delta, DBias, QPos, KPos, InvFreq, Slopes,
                                                DIST, True, False, UPCAST)
                     acc += ds
 
-    offs_m = tl.program_id(0) * BLOCK_M + offs_m0
-    offs_n = tl.program_id(1) * BLOCK_N + offs_n0
-    base = DBias + off_bias.to(tl.int64) * BM_ * BN_
+    offs_m = pid_m * BLOCK_M + offs_m0
+    offs_n = pid_n * BLOCK_N + offs_n0
+    base = DBias + off_bias * BM_ * BN_
     if ROW_BCAST and COL_BCAST:
         tl.store(base, tl.sum(tl.sum(acc, 1), 0))
     elif ROW_BCAST:

@@ -106,19 +106,22 @@ class _Launch:
 LOG2E = 1.4426950408889634
 
 
-def _forward(L: _Launch, q, k, v):
+def _forward(L: _Launch, q, k, v, keep_f32=False):
+    """out, lse, and the float32 output for the backward when keep_f32 (else out)."""
     from .kernels.attention import _attn_fwd
     p = L.p
     out = torch.empty(p.B, p.Hq, p.Nq, p.D, device=q.device, dtype=q.dtype)
     lse = torch.empty(p.B, p.Hq, p.Nq, device=q.device, dtype=torch.float32)
+    store_f32 = keep_f32 and q.dtype != torch.float32
+    out32 = torch.empty(p.B, p.Hq, p.Nq, p.D, device=q.device, dtype=torch.float32) if store_f32 else out
     bm, bn, bd, warps, stages = _config(p.D, backward=False)
-    grid = (_cdiv(p.Nq, bm), p.B * p.Hq)
-    _attn_fwd[grid](q, k, v, out, lse, *L.ptrs,
+    grid = (_cdiv(p.Nq, bm), p.Hq, p.B)
+    _attn_fwd[grid](q, k, v, out, out32, lse, *L.ptrs,
                     *q.stride(), *k.stride(), *v.stride(), *out.stride(), *L.enc_strides,
                     p.Hq, p.Nq, p.Nk, p.D, p.group, p.scale * LOG2E, L.rope_factor, *L.scalars,
-                    **L.flags, **L.bias_flags, UPCAST=L.upcast, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
-                    num_warps=warps, num_stages=stages)
-    return out, lse
+                    **L.flags, **L.bias_flags, STORE_F32=store_f32, UPCAST=L.upcast,
+                    BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, num_stages=stages)
+    return out, lse, out32
 
 
 def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need):
@@ -132,14 +135,14 @@ def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need):
 
     delta = torch.empty_like(lse)
     has_dlse = dlse is not None
-    _attn_bwd_delta[(_cdiv(p.Nq, 64), p.B * p.Hq)](
+    _attn_bwd_delta[(_cdiv(p.Nq, 64), p.Hq, p.B)](
         out, do, delta, dlse.contiguous() if has_dlse else delta, *out.stride(), *do.stride(),
         p.Hq, p.Nq, p.D, HAS_DLSE=has_dlse, BLOCK_M=64, BLOCK_D=bd)
 
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    _attn_bwd_dkdv[(_cdiv(p.Nk, bn), p.B * p.Hkv)](
+    _attn_bwd_dkdv[(_cdiv(p.Nk, bn), p.Hkv, p.B)](
         q, k, v, do, lse, delta, dk, dv, *L.ptrs,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *L.enc_strides,
         p.Hq, p.Hkv, p.Nq, p.Nk, p.D, p.group, p.scale, *common_scalars,
@@ -150,7 +153,7 @@ def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need):
     tab_t = L.table.shape[1] if L.flags["DIST"] else 1
     d_slope = torch.zeros(p.B, p.Hq, num_m, device=dev, dtype=torch.float32) if want_slope else delta
     d_table = torch.zeros(p.B, p.Hq, num_m, tab_t, device=dev, dtype=torch.float32) if want_table else delta
-    _attn_bwd_dq[(num_m, p.B * p.Hq)](
+    _attn_bwd_dq[(num_m, p.Hq, p.B)](
         q, k, v, do, lse, delta, dq, d_slope, d_table, *L.ptrs,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *L.enc_strides,
         p.Hq, p.Nq, p.Nk, p.D, p.group, num_m, tab_t, p.scale, *common_scalars,
@@ -170,11 +173,12 @@ def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need):
         bias = L.bias
         bb, bh, bmq, bnk = bias.shape
         g = torch.empty(bb, bh, bmq, bnk, device=dev, dtype=torch.float32)
-        grid = (1 if bmq == 1 else _cdiv(p.Nq, bm), 1 if bnk == 1 else _cdiv(p.Nk, bn), bb * bh)
+        num_n = 1 if bnk == 1 else _cdiv(p.Nk, bn)
+        grid = ((1 if bmq == 1 else _cdiv(p.Nq, bm)) * num_n, bh, bb)
         _attn_bwd_dbias[grid](
             q, k, v, do, lse, delta, g, *L.ptrs,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *L.enc_strides,
-            p.B, p.Hq, p.Nq, p.Nk, p.D, p.group, bh, bmq, bnk, *common_scalars,
+            p.B, p.Hq, p.Nq, p.Nk, p.D, p.group, bh, bmq, bnk, num_n, *common_scalars,
             **L.flags, BATCH_BCAST=bb == 1 and p.B > 1, HEAD_BCAST=bh == 1 and p.Hq > 1,
             ROW_BCAST=bmq == 1 and p.Nq > 1, COL_BCAST=bnk == 1 and p.Nk > 1,
             UPCAST=L.upcast, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, **launch)
@@ -186,9 +190,10 @@ class _TritonAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, alibi, table, bias, p: Problem):
         L = _Launch(p, q, k, v, alibi, table, bias)
-        out, lse = _forward(L, q, k, v)
+        params_need_grad = any(x is not None and x.requires_grad for x in (alibi, table, bias))
+        out, lse, out_saved = _forward(L, q, k, v, keep_f32=params_need_grad)
         ctx.launch = L
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, out_saved, lse)
         return out, lse
 
     @staticmethod
@@ -197,7 +202,7 @@ class _TritonAttention(torch.autograd.Function):
         L = ctx.launch
         need = (ctx.needs_input_grad[3], ctx.needs_input_grad[4], ctx.needs_input_grad[5])
         if dout is None:
-            dout = torch.zeros_like(out)
+            dout = torch.zeros(out.shape, device=q.device, dtype=q.dtype)
         dq, dk, dv, g_slope, g_table, g_bias = _backward(L, q, k, v, out, lse, dout, dlse, need)
         return dq, dk, dv, g_slope, g_table, g_bias, None
 

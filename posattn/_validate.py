@@ -6,9 +6,11 @@ validated fields, so kernels and the reference never re-check anything.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
 from .encodings import DistanceBias, RoPE
@@ -56,7 +58,12 @@ class Problem:
 
 
 def _is_int(x):
-    return isinstance(x, int) and not isinstance(x, bool)
+    """A Python or NumPy integer, not a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_bool(x):
+    return isinstance(x, (bool, np.bool_))
 
 
 def _tensor(name, x):
@@ -109,14 +116,22 @@ def check(q, k, v, *, causal=False, scale=None, window=None, q_pos=None, k_pos=N
     if D > MAX_HEAD_DIM or D < 1:
         raise ValueError(f"head dim D={D} is not supported (1 <= D <= {MAX_HEAD_DIM})")
 
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    if not _is_bool(causal):
+        raise TypeError(f"causal must be True or False, got {type(causal).__name__} {causal!r}")
+    if not _is_bool(return_lse):
+        raise TypeError(f"return_lse must be True or False, got {type(return_lse).__name__} {return_lse!r}")
+    causal, return_lse = bool(causal), bool(return_lse)
     if scale is None:
         scale = 1.0 / math.sqrt(D)
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise TypeError(f"scale must be a finite float or None, got {scale!r}")
+    else:
+        if _is_bool(scale) or not isinstance(scale, numbers.Real):
+            raise TypeError(f"scale must be a float or None, got {type(scale).__name__} {scale!r}")
+        try:
+            scale = float(scale)
+        except OverflowError:
+            scale = math.inf
+        if not math.isfinite(scale):
+            raise ValueError(f"scale must be finite, got {scale!r}")
 
     wl = wr = None
     if window is not None:
@@ -125,7 +140,7 @@ def check(q, k, v, *, causal=False, scale=None, window=None, q_pos=None, k_pos=N
         for name, w in zip(("left", "right"), window):
             if w is not None and (not _is_int(w) or w < 0):
                 raise ValueError(f"window {name} must be an int >= 0 or None, got {w!r}")
-        wl, wr = window
+        wl, wr = (None if w is None else int(w) for w in window)
 
     q_pos = _positions("q_pos", q_pos, B, Nq, q.device)
     k_pos = _positions("k_pos", k_pos, B, Nk, q.device)
@@ -135,6 +150,8 @@ def check(q, k, v, *, causal=False, scale=None, window=None, q_pos=None, k_pos=N
         if not isinstance(rope, RoPE):
             raise TypeError(f"rope must be a posattn.RoPE, got {type(rope).__name__}")
         rotary_dim = rope.rotary_dim(D)
+        if rope.inv_freq is not None:
+            _same_device("rope.inv_freq", rope.inv_freq, q.device)
 
     if alibi_slopes is not None:
         _tensor("alibi_slopes", alibi_slopes)

@@ -22,7 +22,8 @@ def _select(p: _validate.Problem, backend=None) -> str:
     why = _triton.refusal(p)
     if requested == "triton":
         if why is not None:
-            raise ValueError(f"backend 'triton' refused: {why}")
+            src = "" if backend is not None else " (from POSATTN_BACKEND)"
+            raise ValueError(f"backend 'triton'{src} refused: {why}")
         return "triton"
     return "triton" if why is None else "reference"
 

@@ -53,18 +53,20 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, q_pos=None, k_p
     return _run(p, upcast)
 
 
-def empty_result(p: _validate.Problem):
+def empty_result(p: _validate.Problem, upcast: bool = False):
     """No query, no key or no batch: zeros (lse = -inf), still attached to the graph."""
+    dt = torch.float64 if upcast else p.q.dtype
     zero = sum((x.sum() * 0 for x in (p.q, p.k, p.v) if x.requires_grad), torch.zeros((), device=p.q.device))
-    out = torch.zeros(p.B, p.Hq, p.Nq, p.D, device=p.q.device, dtype=p.q.dtype) + zero.to(p.q.dtype)
+    out = torch.zeros(p.B, p.Hq, p.Nq, p.D, device=p.q.device, dtype=dt) + zero.to(dt)
     if not p.return_lse:
         return out
-    return out, torch.full((p.B, p.Hq, p.Nq), float("-inf"), device=p.q.device)
+    lse_dt = torch.float64 if upcast else torch.float32
+    return out, torch.full((p.B, p.Hq, p.Nq), float("-inf"), device=p.q.device, dtype=lse_dt)
 
 
 def _run(p: _validate.Problem, upcast: bool):
     if p.B == 0 or p.Hq == 0 or p.Nq == 0 or p.Nk == 0:
-        return empty_result(p)
+        return empty_result(p, upcast)
     dev = p.q.device
     dt = torch.float64 if upcast else p.q.dtype
     # RoPE angles: float64 when upcasting, else float32 (what users' PyTorch code does).

@@ -3,8 +3,11 @@
 The error of every output and gradient is ||x - ref64|| / ||ref64|| against the
 reference run in float64. A kernel in float16/bfloat16 may be at most twice as far
 from it as plain PyTorch run in that same dtype (the reference with upcast=False),
-plus a small floor; float32 stays under 1e-5 in the interpreter, 5e-3 on a GPU
-(tf32 matmuls).
+plus a small floor. The same rule holds for float32 with a floor of 1e-5 in the
+interpreter and 5e-3 on a GPU (tf32 matmuls); PyTorch's own float32 error is
+~1e-7 on well-conditioned cases, so that is "under 1e-5" there, and it leaves
+room only where cancellation (a parameter gradient summing dS * |rel|) makes
+float32 itself lose digits.
 """
 import torch
 
@@ -110,16 +113,16 @@ def check(q, k, v, *, backend="triton", grad_lse=False, fp32_tol=None, **kw):
         errors[name] = rel_err(x, ref)
 
     if dtype == torch.float32:
-        tol = fp32_tol if fp32_tol is not None else (1e-5 if q.device.type == "cpu" else 5e-3)
-        limits = {n: tol for n in errors}
+        floor = fp32_tol if fp32_tol is not None else (1e-5 if q.device.type == "cpu" else 5e-3)
     else:
-        low = reference_in(dtype)
-        limits = {}
-        for name in errors:
-            lx, ref = low[name], ref64[name]
-            if name == "lse":
-                lx, ref = lx[torch.isfinite(ref)], ref[torch.isfinite(ref)]
-            limits[name] = 2 * rel_err(lx, ref) + FLOOR[dtype]
+        floor = FLOOR[dtype]
+    low = reference_in(dtype)
+    limits = {}
+    for name in errors:
+        lx, ref = low[name], ref64[name]
+        if name == "lse":
+            lx, ref = lx[torch.isfinite(ref)], ref[torch.isfinite(ref)]
+        limits[name] = 2 * rel_err(lx, ref) + floor
     bad = {n: (errors[n], limits[n]) for n in errors if not errors[n] <= limits[n]}
     assert not bad, "errors above tolerance (err, limit): " + ", ".join(
         f"{n}: {e:.3g} > {l:.3g}" for n, (e, l) in bad.items())

@@ -77,7 +77,7 @@ def test_shapes_all_encodings(shape, dtype, device):
           **encoding("rope+alibi+dist+bias", shape, device, dtype))
 
 
-@pytest.mark.parametrize("D", [16, 40, 64, 80, 112, 128, 256])
+@pytest.mark.parametrize("D", [8, 16, 40, 64, 80, 112, 128, 256])
 def test_head_dims(D, device):
     q, k, v = make_qkv((1, 2, 1, 50, 67, D, False), torch.float16, device)
     check(q, k, v, causal=True, rope=posattn.RoPE())
