@@ -171,7 +171,7 @@ def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need):
         g_table = d_table.sum(dim=(0, 2)).to(L.table.dtype)         # [Hq, T]
     if want_bias:
         bias = L.bias
-        bb, bh, bmq, bnk = bias.shape
+        bb, bh, bmq, bnk = bias.shape  # size-1 axes are summed over (broadcast)
         g = torch.empty(bb, bh, bmq, bnk, device=dev, dtype=torch.float32)
         num_n = 1 if bnk == 1 else _cdiv(p.Nk, bn)
         grid = ((1 if bmq == 1 else _cdiv(p.Nq, bm)) * num_n, bh, bb)

@@ -127,6 +127,21 @@ def test_dense_bias_broadcast_gradient(bshape, device):
     assert "dbias" in errors
 
 
+def test_expanded_bias_gradient(device):
+    """A bias passed as a stride-0 expanded view: its gradient is per element of the
+    view (autograd then sums it into the leaf). Pass the unexpanded broadcastable
+    tensor to keep the gradient small."""
+    q, k, v = make_qkv((2, 2, 2, 40, 50, 16, False), torch.float32, device)
+    row = torch.randn(50, device=device, requires_grad=True)
+    check(q, k, v, bias=row.expand(2, 2, 40, 50))
+    g = torch.randn(2, 2, 40, 16, device=device)
+    out = posattn.attention(q, k, v, bias=row.expand(2, 2, 40, 50), backend="triton")
+    (got,) = torch.autograd.grad(out, row, g)
+    out = posattn.attention(q, k, v, bias=row, backend="triton")
+    (want,) = torch.autograd.grad(out, row, g)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_bias_float32_with_half_inputs(device):
     q, k, v = make_qkv((1, 2, 2, 60, 60, 32, False), torch.bfloat16, device)
     check(q, k, v, bias=torch.randn(2, 60, 60, device=device).requires_grad_())
