@@ -103,10 +103,26 @@ def _unrotate(g, offs_d, pos, inv_freq_ptr, factor, ROT_DIM: tl.constexpr, INTER
 
 
 @triton.jit
+def _table_index(rel, qp, kp, tab_a, tab_b, TABLE: tl.constexpr):
+    """Column of the bias table for each (query, key) pair.
+    TABLE == 1, DistanceBias: clamp(rel, -L, R) + L with (tab_a, tab_b) = (L, R).
+    TABLE == 2, GridBias (Swin's relative_position_index) with (tab_a, tab_b) =
+    (Wh, Ww): tokens at (p // Ww, p % Ww), clamped into the table for rows and
+    columns past the window (they are masked anyway)."""
+    if TABLE == 1:
+        return tl.minimum(tl.maximum(rel, -tab_a), tab_b) + tab_a
+    else:
+        dy = qp[:, None] // tab_b - kp[None, :] // tab_b + tab_a - 1
+        dx = qp[:, None] % tab_b - kp[None, :] % tab_b + tab_b - 1
+        idx = dy * (2 * tab_b - 1) + dx
+        return tl.minimum(tl.maximum(idx, 0), (2 * tab_a - 1) * (2 * tab_b - 1) - 1)
+
+
+@triton.jit
 def _scores(q, k, qp, kp, offs_m, offs_n, Nq, Nk, qk_scale, slope, table_ptr, stride_tab,
             tab_l, tab_r, bias_ptr, stride_bm, stride_bn, win_l, win_r,
             CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
-            ALIBI: tl.constexpr, DIST: tl.constexpr, BIAS: tl.constexpr, BIAS_MASK: tl.constexpr,
+            ALIBI: tl.constexpr, TABLE: tl.constexpr, BIAS: tl.constexpr, BIAS_MASK: tl.constexpr,
             UPCAST: tl.constexpr):
     """The [BLOCK_M, BLOCK_N] score tile in the log2 domain, masked entries = -inf."""
     s = _dot(q, tl.trans(k), UPCAST) * qk_scale
@@ -120,8 +136,8 @@ def _scores(q, k, qp, kp, offs_m, offs_n, Nq, Nk, qk_scale, slope, table_ptr, st
         keep = keep & (rel <= win_r)
     if ALIBI:
         s -= (slope * LOG2E) * tl.abs(rel).to(tl.float32)
-    if DIST:
-        idx = tl.minimum(tl.maximum(rel, -tab_l), tab_r) + tab_l
+    if TABLE:
+        idx = _table_index(rel, qp, kp, tab_l, tab_r, TABLE)
         s += tl.load(table_ptr + idx * stride_tab).to(tl.float32) * LOG2E
     if BIAS:
         in_b = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk)
@@ -180,11 +196,11 @@ def _query_range(start_n, BLOCK_N: tl.constexpr, Nq, Nk, win_l, win_r,
 @triton.jit
 def _attn_fwd(Q, K, V, Out, Out32, Lse, QPos, KPos, InvFreq, Slopes, Table, Bias,
               sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
-              sqpb, skpb, ssb, ssh, stab_h, stab_t, sbb, sbh, sbm, sbn,
+              sqpb, skpb, ssb, ssh, stab_h, stab_t, sbb, sbh, sbm, sbn, bias_nb,
               Hq, Nq, Nk, D, GROUP, qk_scale, rope_factor, win_l, win_r, tab_l, tab_r,
               CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_POS: tl.constexpr,
               ROPE: tl.constexpr, ROT_DIM: tl.constexpr, INTERLEAVED: tl.constexpr,
-              ALIBI: tl.constexpr, DIST: tl.constexpr, BIAS: tl.constexpr, BIAS_MASK: tl.constexpr,
+              ALIBI: tl.constexpr, TABLE: tl.constexpr, BIAS: tl.constexpr, BIAS_MASK: tl.constexpr,
               STORE_F32: tl.constexpr,
               UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """One program per (query block, head, batch). With STORE_F32 it also writes the
@@ -209,7 +225,7 @@ def _attn_fwd(Q, K, V, Out, Out32, Lse, QPos, KPos, InvFreq, Slopes, Table, Bias
     if ALIBI:
         slope = tl.load(Slopes + off_b * ssb + off_h * ssh).to(tl.float32)
     table_ptr = Table + off_h * stab_h
-    bias_ptr = Bias + off_b * sbb + off_h * sbh
+    bias_ptr = Bias + (off_b % bias_nb) * sbb + off_h * sbh
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -222,7 +238,7 @@ def _attn_fwd(Q, K, V, Out, Out32, Lse, QPos, KPos, InvFreq, Slopes, Table, Bias
                           ROPE, ROT_DIM, INTERLEAVED)
         s, rel = _scores(q, k, qp, kp, offs_m, offs_n, Nq, Nk, qk_scale, slope, table_ptr, stab_t,
                          tab_l, tab_r, bias_ptr, sbm, sbn, win_l, win_r, CAUSAL, HAS_WL, HAS_WR,
-                         ALIBI, DIST, BIAS, BIAS_MASK, UPCAST)
+                         ALIBI, TABLE, BIAS, BIAS_MASK, UPCAST)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with nothing visible yet keeps m = -inf; subtract 0 instead so that
         # exp2(-inf - -inf) never makes a NaN.
@@ -271,13 +287,13 @@ def _attn_bwd_delta(Out, DO, Delta, DLse, sob, soh, som, sod, sdob, sdoh, sdom, 
 def _probs_and_ds(q, k, v, do, qp, kp, lse2, delta, offs_m, offs_n, Nq, Nk, qk_scale, slope,
                   table_ptr, stab_t, tab_l, tab_r, bias_ptr, sbm, sbn, win_l, win_r,
                   CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
-                  ALIBI: tl.constexpr, DIST: tl.constexpr, BIAS: tl.constexpr, BIAS_MASK: tl.constexpr,
+                  ALIBI: tl.constexpr, TABLE: tl.constexpr, BIAS: tl.constexpr, BIAS_MASK: tl.constexpr,
                   UPCAST: tl.constexpr):
     """Recompute P from the saved log-sum-exp and dS = P * (dP - delta), the gradient
     w.r.t. the natural-domain score scale * q.k + bias."""
     s, rel = _scores(q, k, qp, kp, offs_m, offs_n, Nq, Nk, qk_scale, slope, table_ptr, stab_t,
                      tab_l, tab_r, bias_ptr, sbm, sbn, win_l, win_r, CAUSAL, HAS_WL, HAS_WR,
-                     ALIBI, DIST, BIAS, BIAS_MASK, UPCAST)
+                     ALIBI, TABLE, BIAS, BIAS_MASK, UPCAST)
     p = tl.math.exp2(s - lse2[:, None])
     dp = _dot(do, tl.trans(v), UPCAST)
     ds = p * (dp - delta[:, None])
@@ -298,11 +314,11 @@ def _load_row_stats(Lse, Delta, row0, offs_m, Nq):
 def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, QPos, KPos, InvFreq, Slopes, Table, Bias,
                    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                    sdob, sdoh, sdom, sdod, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
-                   sqpb, skpb, ssb, ssh, stab_h, stab_t, sbb, sbh, sbm, sbn,
+                   sqpb, skpb, ssb, ssh, stab_h, stab_t, sbb, sbh, sbm, sbn, bias_nb,
                    Hq, Hkv, Nq, Nk, D, GROUP, sm_scale, qk_scale, rope_factor, win_l, win_r, tab_l, tab_r,
                    CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_POS: tl.constexpr,
                    ROPE: tl.constexpr, ROT_DIM: tl.constexpr, INTERLEAVED: tl.constexpr,
-                   ALIBI: tl.constexpr, DIST: tl.constexpr, BIAS: tl.constexpr, BIAS_MASK: tl.constexpr,
+                   ALIBI: tl.constexpr, TABLE: tl.constexpr, BIAS: tl.constexpr, BIAS_MASK: tl.constexpr,
                    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """One program per (key block, batch, kv head): dK and dV summed over the GROUP
     query heads that share this kv head, in registers (no atomics)."""
@@ -329,7 +345,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, QPos, KPos, InvFreq, Slopes,
         if ALIBI:
             slope = tl.load(Slopes + off_b * ssb + off_h * ssh).to(tl.float32)
         table_ptr = Table + off_h * stab_h
-        bias_ptr = Bias + off_b * sbb + off_h * sbh
+        bias_ptr = Bias + (off_b % bias_nb) * sbb + off_h * sbh
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + offs_m0
             qp = _positions(QPos + off_b * sqpb, offs_m, Nq, Nk - Nq, HAS_POS)
@@ -339,7 +355,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, QPos, KPos, InvFreq, Slopes,
             lse2, delta = _load_row_stats(Lse, Delta, row0, offs_m, Nq)
             p, ds, rel = _probs_and_ds(q, k, v, do, qp, kp, lse2, delta, offs_m, offs_n, Nq, Nk, qk_scale,
                                        slope, table_ptr, stab_t, tab_l, tab_r, bias_ptr, sbm, sbn,
-                                       win_l, win_r, CAUSAL, HAS_WL, HAS_WR, ALIBI, DIST, BIAS,
+                                       win_l, win_r, CAUSAL, HAS_WL, HAS_WR, ALIBI, TABLE, BIAS,
                                        BIAS_MASK, UPCAST)
             dv += _dot(tl.trans(p.to(do.dtype)), do, UPCAST)
             dk += _dot(tl.trans(ds.to(q.dtype)), q, UPCAST)
@@ -358,11 +374,11 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, QPos, KPos, InvFreq, Slopes,
 def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, DSlope, DTable, QPos, KPos, InvFreq, Slopes, Table, Bias,
                  sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                  sdob, sdoh, sdom, sdod, sdqb, sdqh, sdqm, sdqd,
-                 sqpb, skpb, ssb, ssh, stab_h, stab_t, sbb, sbh, sbm, sbn,
+                 sqpb, skpb, ssb, ssh, stab_h, stab_t, sbb, sbh, sbm, sbn, bias_nb,
                  Hq, Nq, Nk, D, GROUP, NUM_M, TAB_T, sm_scale, qk_scale, rope_factor, win_l, win_r, tab_l, tab_r,
                  CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_POS: tl.constexpr,
                  ROPE: tl.constexpr, ROT_DIM: tl.constexpr, INTERLEAVED: tl.constexpr,
-                 ALIBI: tl.constexpr, DIST: tl.constexpr, BIAS: tl.constexpr, BIAS_MASK: tl.constexpr,
+                 ALIBI: tl.constexpr, TABLE: tl.constexpr, BIAS: tl.constexpr, BIAS_MASK: tl.constexpr,
                  D_SLOPE: tl.constexpr, D_TABLE: tl.constexpr, BLOCK_T: tl.constexpr,
                  UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """One program per (query block, batch, q head): dQ, and this program's partial
@@ -388,7 +404,7 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, DSlope, DTable, QPos, KPos, InvFre
     if ALIBI:
         slope = tl.load(Slopes + off_b * ssb + off_h * ssh).to(tl.float32)
     table_ptr = Table + off_h * stab_h
-    bias_ptr = Bias + off_b * sbb + off_h * sbh
+    bias_ptr = Bias + (off_b % bias_nb) * sbb + off_h * sbh
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     d_slope = tl.zeros([BLOCK_M], tl.float32)
@@ -403,7 +419,7 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, DSlope, DTable, QPos, KPos, InvFre
         v = _load_tile(v_base, offs_n, offs_d, svn, svd, Nk, D)
         p, ds, rel = _probs_and_ds(q, k, v, do, qp, kp, lse2, delta, offs_m, offs_n, Nq, Nk, qk_scale,
                                    slope, table_ptr, stab_t, tab_l, tab_r, bias_ptr, sbm, sbn,
-                                   win_l, win_r, CAUSAL, HAS_WL, HAS_WR, ALIBI, DIST, BIAS,
+                                   win_l, win_r, CAUSAL, HAS_WL, HAS_WR, ALIBI, TABLE, BIAS,
                                    BIAS_MASK, UPCAST)
         dq += _dot(ds.to(k.dtype), k, UPCAST)
         if D_SLOPE:
@@ -411,7 +427,7 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, DSlope, DTable, QPos, KPos, InvFre
         if D_TABLE:
             # Histogram of dS by table column, over only the columns this tile
             # touches: far from the diagonal every entry clamps to one column.
-            idx = tl.minimum(tl.maximum(rel, -tab_l), tab_r) + tab_l
+            idx = _table_index(rel, qp, kp, tab_l, tab_r, TABLE)
             live = ds != 0.0
             c_lo = tl.min(tl.where(live, idx, TAB_T))
             c_hi = tl.max(tl.where(live, idx, -1))
@@ -433,15 +449,15 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, DSlope, DTable, QPos, KPos, InvFre
 @triton.jit
 def _attn_bwd_dbias(Q, K, V, DO, Lse, Delta, DBias, QPos, KPos, InvFreq, Slopes, Table, Bias,
                     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                    sdob, sdoh, sdom, sdod, sqpb, skpb, ssb, ssh, stab_h, stab_t, sbb, sbh, sbm, sbn,
+                    sdob, sdoh, sdom, sdod, sqpb, skpb, ssb, ssh, stab_h, stab_t, sbb, sbh, sbm, sbn, bias_nb,
                     B, Hq, Nq, Nk, D, GROUP, BH, BM_, BN_, NUM_N, qk_scale, rope_factor, win_l, win_r, tab_l, tab_r,
                     CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_POS: tl.constexpr,
                     ROPE: tl.constexpr, ROT_DIM: tl.constexpr, INTERLEAVED: tl.constexpr,
-                    ALIBI: tl.constexpr, DIST: tl.constexpr,
-                    BATCH_BCAST: tl.constexpr, HEAD_BCAST: tl.constexpr,
+                    ALIBI: tl.constexpr, TABLE: tl.constexpr,
+                    HEAD_BCAST: tl.constexpr,
                     ROW_BCAST: tl.constexpr, COL_BCAST: tl.constexpr,
                     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """d(bias) in the bias's own shape [1|B, 1|Hq, 1|Nq, 1|Nk] (float32): one program
+    """d(bias) in the bias's own shape [nB, 1|Hq, 1|Nq, 1|Nk] (float32): one program
     per output tile sums dS over every batch, head, row and column that broadcasting
     folds onto it, in a fixed order (deterministic, no atomics)."""
     pid_m = tl.program_id(0) // NUM_N
@@ -449,12 +465,6 @@ def _attn_bwd_dbias(Q, K, V, DO, Lse, Delta, DBias, QPos, KPos, InvFreq, Slopes,
     oh = tl.program_id(1)
     ob = tl.program_id(2)
     off_bias = ob.to(tl.int64) * BH + oh
-    if BATCH_BCAST:
-        b_lo = 0
-        b_hi = B
-    else:
-        b_lo = ob
-        b_hi = ob + 1
     if HEAD_BCAST:
         h_lo = 0
         h_hi = Hq
@@ -477,7 +487,7 @@ def _attn_bwd_dbias(Q, K, V, DO, Lse, Delta, DBias, QPos, KPos, InvFreq, Slopes,
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for b in range(b_lo, b_hi):
+    for b in range(ob, B, bias_nb):  # every batch whose bias is bias[ob] (b % nB == ob)
         off_b = tl.cast(b, tl.int64)
         for h in range(h_lo, h_hi):
             off_h = tl.cast(h, tl.int64)
@@ -487,7 +497,7 @@ def _attn_bwd_dbias(Q, K, V, DO, Lse, Delta, DBias, QPos, KPos, InvFreq, Slopes,
             if ALIBI:
                 slope = tl.load(Slopes + off_b * ssb + off_h * ssh).to(tl.float32)
             table_ptr = Table + off_h * stab_h
-            bias_ptr = Bias + off_b * sbb + off_h * sbh
+            bias_ptr = Bias + (off_b % bias_nb) * sbb + off_h * sbh
             for start_m in range(m_lo, m_hi, BLOCK_M):
                 offs_m = start_m + offs_m0
                 qp = _positions(QPos + off_b * sqpb, offs_m, Nq, Nk - Nq, HAS_POS)
@@ -504,7 +514,7 @@ def _attn_bwd_dbias(Q, K, V, DO, Lse, Delta, DBias, QPos, KPos, InvFreq, Slopes,
                     p, ds, rel = _probs_and_ds(q, k, v, do, qp, kp, lse2, delta, offs_m, offs_n, Nq, Nk,
                                                qk_scale, slope, table_ptr, stab_t, tab_l, tab_r, bias_ptr,
                                                sbm, sbn, win_l, win_r, CAUSAL, HAS_WL, HAS_WR, ALIBI,
-                                               DIST, True, False, UPCAST)
+                                               TABLE, True, False, UPCAST)
                     acc += ds
 
     offs_m = pid_m * BLOCK_M + offs_m0

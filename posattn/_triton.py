@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from ._validate import Problem
+from .encodings import GridBias
 
 _MAX_TABLE_COLUMNS = 8192
 
@@ -28,9 +29,9 @@ def refusal(p: Problem) -> Optional[str]:
         return "CPU tensors need TRITON_INTERPRET=1 (Triton's interpreter)"
     if dev.type not in ("cuda", "cpu"):
         return f"tensors on {dev.type} are not supported"
-    if p.rel_bias is not None and p.rel_bias.table.shape[1] > _MAX_TABLE_COLUMNS:
-        return (f"DistanceBias with {p.rel_bias.table.shape[1]} columns > {_MAX_TABLE_COLUMNS} "
-                f"(the table gradient is reduced in registers)")
+    if p.rel_bias is not None and p.rel_bias.table.numel() // p.Hq > _MAX_TABLE_COLUMNS:
+        return (f"{type(p.rel_bias).__name__} with {p.rel_bias.table.numel() // p.Hq} entries per head "
+                f"> {_MAX_TABLE_COLUMNS} (the table gradient is reduced in registers)")
     return None
 
 
@@ -75,32 +76,41 @@ class _Launch:
             dq_pos, dk_pos = p.default_positions(dev)
             self.qpos, self.kpos = dq_pos.contiguous(), dk_pos.contiguous()
         self.inv_freq = p.rope.inv_freq_for(p.D, dev).contiguous() if p.rope is not None else dummy
+        grid_table = isinstance(p.rel_bias, GridBias)
+        # (head stride, column stride): DistanceBias is [Hq, T], GridBias [T, Hq].
+        table_strides = (0, 0) if table is None else \
+            (table.stride(1), table.stride(0)) if grid_table else (table.stride(0), table.stride(1))
+        self.table_columns = 0 if table is None else table.shape[0 if grid_table else 1]
+        self.grid_table = grid_table
         self.alibi = alibi if alibi is not None else dummy
         self.table = table if table is not None else dummy
         self.bias = bias if bias is not None else dummy
-        bias_strides = bias.expand(p.B, p.Hq, p.Nq, p.Nk).stride() if bias is not None else (0, 0, 0, 0)
+        # Size-1 axes broadcast (stride 0); the batch axis may also be periodic
+        # (batch b reads bias[b % nB], Swin's shifted-window masks).
+        bias_strides = tuple(st if n > 1 else 0 for n, st in zip(bias.shape, bias.stride())) \
+            if bias is not None else (0, 0, 0, 0)
+        bias_nb = bias.shape[0] if bias is not None else 1
         self.ptrs = (self.qpos, self.kpos, self.inv_freq, self.alibi, self.table, self.bias)
         self.enc_strides = (
             self.qpos.stride(0) if has_pos and self.qpos.shape[0] > 1 else 0,
             self.kpos.stride(0) if has_pos and self.kpos.shape[0] > 1 else 0,
             alibi.stride(0) if alibi is not None and alibi.shape[0] > 1 else 0,
             alibi.stride(1) if alibi is not None else 0,
-            table.stride(0) if table is not None else 0,
-            table.stride(1) if table is not None else 0,
-            *bias_strides,
+            *table_strides,
+            *bias_strides, bias_nb,
         )
         self.flags = dict(
             CAUSAL=p.causal, HAS_WL=p.window_left is not None, HAS_WR=p.window_right is not None,
             HAS_POS=has_pos, ROPE=p.rope is not None, ROT_DIM=p.rotary_dim,
             INTERLEAVED=bool(p.rope is not None and p.rope.interleaved),
-            ALIBI=alibi is not None, DIST=table is not None,
+            ALIBI=alibi is not None, TABLE=0 if table is None else 2 if grid_table else 1,
         )
         self.bias_flags = dict(BIAS=bias is not None, BIAS_MASK=p.bias_is_mask)
         self.upcast = interpreting() and q.dtype == torch.bfloat16
         self.rope_factor = p.rope.attention_factor if p.rope is not None else 1.0
         rb = p.rel_bias
-        self.scalars = (p.window_left or 0, p.window_right or 0,
-                        rb.left if rb is not None else 0, rb.right if rb is not None else 0)
+        tab_a, tab_b = (0, 0) if rb is None else rb.window if grid_table else (rb.left, rb.right)
+        self.scalars = (p.window_left or 0, p.window_right or 0, tab_a, tab_b)
 
 
 LOG2E = 1.4426950408889634
@@ -150,7 +160,7 @@ def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need):
 
     num_m = _cdiv(p.Nq, bm)
     want_slope, want_table, want_bias = need
-    tab_t = L.table.shape[1] if L.flags["DIST"] else 1
+    tab_t = max(L.table_columns, 1)
     d_slope = torch.zeros(p.B, p.Hq, num_m, device=dev, dtype=torch.float32) if want_slope else delta
     d_table = torch.zeros(p.B, p.Hq, num_m, tab_t, device=dev, dtype=torch.float32) if want_table else delta
     _attn_bwd_dq[(num_m, p.Hq, p.B)](
@@ -168,7 +178,8 @@ def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need):
             g = g.sum(0, keepdim=True)
         g_slope = g.to(L.alibi.dtype)
     if want_table:
-        g_table = d_table.sum(dim=(0, 2)).to(L.table.dtype)         # [Hq, T]
+        g_table = d_table.sum(dim=(0, 2))                           # [Hq, T]
+        g_table = (g_table.t() if L.grid_table else g_table).to(L.table.dtype)
     if want_bias:
         bias = L.bias
         bb, bh, bmq, bnk = bias.shape  # size-1 axes are summed over (broadcast)
@@ -179,7 +190,7 @@ def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need):
             q, k, v, do, lse, delta, g, *L.ptrs,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *L.enc_strides,
             p.B, p.Hq, p.Nq, p.Nk, p.D, p.group, bh, bmq, bnk, num_n, *common_scalars,
-            **L.flags, BATCH_BCAST=bb == 1 and p.B > 1, HEAD_BCAST=bh == 1 and p.Hq > 1,
+            **L.flags, HEAD_BCAST=bh == 1 and p.Hq > 1,
             ROW_BCAST=bmq == 1 and p.Nq > 1, COL_BCAST=bnk == 1 and p.Nk > 1,
             UPCAST=L.upcast, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, **launch)
         g_bias = g.to(bias.dtype)

@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .encodings import DistanceBias, RoPE
+from .encodings import DistanceBias, GridBias, RoPE
 
 MAX_HEAD_DIM = 256
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # float64: reference only
@@ -40,7 +40,7 @@ class Problem:
     rope: Optional[RoPE]
     rotary_dim: int                     # 0 without rope
     alibi: Optional[torch.Tensor]       # [1 or B, Hq] float
-    rel_bias: Optional[DistanceBias]
+    rel_bias: Optional[object]          # DistanceBias or GridBias
     bias: Optional[torch.Tensor]        # 4-D, each dim 1 or full (not expanded)
     bias_is_mask: bool
     return_lse: bool
@@ -165,14 +165,21 @@ def check(q, k, v, *, causal=False, scale=None, window=None, q_pos=None, k_pos=N
                              f"{tuple(alibi_slopes.shape)}")
 
     if rel_bias is not None:
-        if not isinstance(rel_bias, DistanceBias):
-            raise TypeError(f"rel_bias must be a posattn.DistanceBias, got {type(rel_bias).__name__}")
+        if not isinstance(rel_bias, (DistanceBias, GridBias)):
+            raise TypeError(f"rel_bias must be a posattn.DistanceBias or posattn.GridBias, got "
+                            f"{type(rel_bias).__name__}")
         t = rel_bias.table
         _same_device("rel_bias.table", t, q.device)
         if t.dtype not in _DTYPES:
             raise TypeError(f"rel_bias.table must be a floating-point tensor, got {t.dtype}")
-        if t.shape[0] != Hq:
-            raise ValueError(f"rel_bias.table must have {Hq} rows (one per query head), got {tuple(t.shape)}")
+        if rel_bias.num_heads != Hq:
+            what = "rows" if isinstance(rel_bias, DistanceBias) else "columns"
+            raise ValueError(f"rel_bias.table must have {Hq} {what} (one per query head), got {tuple(t.shape)}")
+        if isinstance(rel_bias, GridBias):
+            wh, ww = rel_bias.window
+            if not Nq <= Nk <= wh * ww:
+                raise ValueError(f"rel_bias: GridBias{(wh, ww)} needs Nq <= Nk <= Wh * Ww = {wh * ww} "
+                                 f"(one window per batch row), got Nq={Nq}, Nk={Nk}")
 
     bias_is_mask = False
     if bias is not None:
@@ -180,16 +187,19 @@ def check(q, k, v, *, causal=False, scale=None, window=None, q_pos=None, k_pos=N
         _same_device("bias", bias, q.device)
         if bias.dtype == torch.bool:
             bias_is_mask = True
-        elif bias.dtype not in (q.dtype, torch.float32):
+        elif bias.dtype not in (q.dtype, torch.float32) and not (
+                q.dtype == torch.float64 and bias.is_floating_point()):  # float64: the oracle
             raise TypeError(f"bias must be bool, float32 or q's dtype {q.dtype}, got {bias.dtype}")
         full = (B, Hq, Nq, Nk)
         if bias.dim() > 4:
             raise ValueError(f"bias must be broadcastable to [B, Hq, Nq, Nk] = {list(full)}, "
                              f"got shape {tuple(bias.shape)}")
         bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape)) if bias.dim() < 4 else bias
-        if any(s not in (1, f) for s, f in zip(bias.shape, full)):
-            raise ValueError(f"bias must be broadcastable to [B, Hq, Nq, Nk] = {list(full)}, "
-                             f"got shape {tuple(bias.shape)}")
+        batch_ok = bias.shape[0] >= 1 and B % bias.shape[0] == 0
+        if not batch_ok or any(s not in (1, f) for s, f in zip(bias.shape[1:], full[1:])):
+            raise ValueError(f"bias must be broadcastable to [B, Hq, Nq, Nk] = {list(full)} (its batch "
+                             f"size may also divide B: batch b reads bias[b % nB]), got shape "
+                             f"{tuple(bias.shape)}")
 
     return Problem(q, k, v, B, Hq, Hkv, Nq, Nk, D, causal, float(scale), wl, wr, q_pos, k_pos,
                    rope, rotary_dim, alibi_slopes, rel_bias, bias, bias_is_mask, return_lse)

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-__all__ = ["RoPE", "DistanceBias", "alibi_slopes", "t5_relative_bucket"]
+__all__ = ["RoPE", "DistanceBias", "GridBias", "alibi_slopes", "t5_relative_bucket"]
 
 
 class RoPE:
@@ -157,5 +157,57 @@ class DistanceBias:
     def num_heads(self):
         return self.table.shape[0]
 
+    def with_table(self, table: torch.Tensor) -> "DistanceBias":
+        """The same clipping with another table (e.g. a float64 copy)."""
+        return DistanceBias(table, self.left, self.right)
+
     def __repr__(self):
         return f"DistanceBias(table={tuple(self.table.shape)}, left={self.left}, right={self.right})"
+
+
+class GridBias:
+    """Swin / BEiT 2-D relative position bias inside a ``Wh x Ww`` window.
+
+    Token ``p`` sits at ``(p // Ww, p % Ww)``; the pair ``(i, j)`` reads
+    ``table[(y_i - y_j + Wh - 1) * (2 Ww - 1) + (x_i - x_j + Ww - 1), h]``
+    (Swin's ``relative_position_index``). ``table``: ``[(2Wh-1)(2Ww-1), H]``,
+    the layout of Swin's ``relative_position_bias_table``. Token indices are the
+    positions (default: ``0 .. N-1``); explicit positions must lie in
+    ``[0, Wh * Ww)``.
+    """
+
+    def __init__(self, table: torch.Tensor, window):
+        if not isinstance(window, (tuple, list)) or len(window) != 2 or not all(
+                isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in window):
+            raise ValueError(f"GridBias: window must be a pair of ints >= 1 (Wh, Ww), got {window!r}")
+        wh, ww = window
+        if not isinstance(table, torch.Tensor):
+            raise TypeError(f"GridBias: table must be a torch.Tensor, got {type(table).__name__}")
+        if not table.is_floating_point():
+            raise TypeError(f"GridBias: table must be a float tensor, got {table.dtype}")
+        rows = (2 * wh - 1) * (2 * ww - 1)
+        if table.dim() != 2 or table.shape[0] != rows:
+            raise ValueError(f"GridBias: table must have shape [(2Wh-1)(2Ww-1), H] = [{rows}, H] for window "
+                             f"{(wh, ww)}, got {tuple(table.shape)}")
+        self.table = table
+        self.window = (wh, ww)
+
+    @property
+    def num_heads(self):
+        return self.table.shape[1]
+
+    def with_table(self, table: torch.Tensor) -> "GridBias":
+        """The same window with another table (e.g. a float64 copy)."""
+        return GridBias(table, self.window)
+
+    def index(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """Table row for each pair: ``[..., Nq, Nk]`` from ``q_pos [..., Nq]``, ``k_pos [..., Nk]``."""
+        wh, ww = self.window
+        qy, qx = q_pos // ww, q_pos % ww
+        ky, kx = k_pos // ww, k_pos % ww
+        dy = qy[..., :, None] - ky[..., None, :] + wh - 1
+        dx = qx[..., :, None] - kx[..., None, :] + ww - 1
+        return dy * (2 * ww - 1) + dx
+
+    def __repr__(self):
+        return f"GridBias(table={tuple(self.table.shape)}, window={self.window})"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import _validate
+from .encodings import DistanceBias, GridBias
 
 __all__ = ["attention", "apply_rope", "relative_positions"]
 
@@ -93,15 +94,22 @@ def _run(p: _validate.Problem, upcast: bool):
     if p.alibi is not None:
         slopes = p.alibi.to(dt)[:, :, None, None]                   # [1|B, Hq, 1, 1]
         scores = scores - slopes * rel.abs().to(dt)
-    if p.rel_bias is not None:
+    if isinstance(p.rel_bias, DistanceBias):
         rb = p.rel_bias
         idx = rel[:, 0].clamp(-rb.left, rb.right) + rb.left         # [1|B, Nq, Nk]
         scores = scores + rb.table.to(dt)[:, idx].permute(1, 0, 2, 3)
+    elif isinstance(p.rel_bias, GridBias):
+        q_pos, k_pos = p.default_positions(dev)
+        idx = p.rel_bias.index(q_pos.long(), k_pos.long())         # [1|B, Nq, Nk]
+        scores = scores + p.rel_bias.table.to(dt)[idx].permute(0, 3, 1, 2)
     if p.bias is not None:
+        bias = p.bias
+        if bias.shape[0] not in (1, p.B):  # batch b reads bias[b % nB]
+            bias = bias.repeat(p.B // bias.shape[0], 1, 1, 1)
         if p.bias_is_mask:
-            keep = keep & p.bias
+            keep = keep & bias
         else:
-            scores = scores + p.bias.to(dt)
+            scores = scores + bias.to(dt)
     scores = scores.masked_fill(~keep, float("-inf"))
 
     # Softmax by hand so that rows with no visible key give zeros, lse = -inf, no NaN.

@@ -43,8 +43,7 @@ def _rebuild(kw, params):
     if "alibi_slopes" in params:
         kw["alibi_slopes"] = params["alibi_slopes"]
     if "table" in params:
-        rb = kw["rel_bias"]
-        kw["rel_bias"] = posattn.DistanceBias(params["table"], rb.left, rb.right)
+        kw["rel_bias"] = kw["rel_bias"].with_table(params["table"])
     if "bias" in params:
         kw["bias"] = params["bias"]
     return kw
