@@ -46,12 +46,9 @@ demo: $(STAMP)
 	@echo "TRITON_INTERPRET=$${TRITON_INTERPRET:-<unset>}"
 	$(VPY) bench/demo.py
 
-bench:
-	@if [ -f bench/run.py ]; then \
-		$(MAKE) --no-print-directory venv && $(VPY) bench/run.py; \
-	else \
-		echo "bench/run.py does not exist yet: benchmarks come in a later issue."; \
-	fi
+bench: venv
+	@echo "TRITON_INTERPRET=$${TRITON_INTERPRET:-<unset>}"
+	$(VPY) bench/run.py
 
 clean:
 	rm -rf build dist .pytest_cache .hypothesis .benchmarks
