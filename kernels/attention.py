@@ -119,13 +119,71 @@ def _table_index(rel, qp, kp, tab_a, tab_b, TABLE: tl.constexpr):
 
 
 @triton.jit
-def _scores(q, k, qp, kp, offs_m, offs_n, Nq, Nk, qk_scale, slope, table_ptr, stride_tab,
+def _rel_rows(start_m, start_n, Nq, Nk, rel_k, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Rows of aK / aV a tile needs (default positions): slice row r stands for
+    rel = rel_min + r, clamped to [-K, K]; the tile's rel span is BLOCK_M + BLOCK_N - 1."""
+    rel_min = start_n - (start_m + BLOCK_M - 1) - (Nk - Nq)
+    rel = rel_min + tl.arange(0, BLOCK_R)
+    return tl.minimum(tl.maximum(rel, -rel_k), rel_k) + rel_k
+
+
+@triton.jit
+def _load_rel(ptr, rows, offs_d, D):
+    """[BLOCK_R, BLOCK_D] rows of a contiguous [2K+1, D] relative table."""
+    return tl.load(ptr + rows[:, None] * D + offs_d[None, :], mask=offs_d[None, :] < D, other=0.0)
+
+
+@triton.jit
+def _rel_to_keys(x_r, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[BLOCK_M, BLOCK_R] in slice space -> [BLOCK_M, BLOCK_N]: pair (i, j) is slice
+    row j - i + BLOCK_M - 1 (a per-row shift, done as one register gather)."""
+    r = tl.arange(0, BLOCK_N)[None, :] - tl.arange(0, BLOCK_M)[:, None] + (BLOCK_M - 1)
+    return tl.gather(x_r, r, axis=1)
+
+
+@triton.jit
+def _keys_to_rel(x, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The inverse shift: [BLOCK_M, BLOCK_N] -> [BLOCK_M, BLOCK_R], slice row r of row i
+    holds x[i, r + i - BLOCK_M + 1] (0 outside the tile). Keys map one to one onto
+    slice rows, so the per-row bucket sums of Shaw's value side need no scatter."""
+    j = tl.arange(0, BLOCK_R)[None, :] + tl.arange(0, BLOCK_M)[:, None] - (BLOCK_M - 1)
+    inside = (j >= 0) & (j < BLOCK_N)
+    return tl.where(inside, tl.gather(x, tl.minimum(tl.maximum(j, 0), BLOCK_N - 1), axis=1), 0.0)
+
+
+@triton.jit
+def _add_row(x, ptr, offs_d, D, FLAG: tl.constexpr):
+    """x + vec[None, :] (a [D] vector, Transformer-XL's u or w), kept in x's dtype."""
+    if FLAG:
+        vec = tl.load(ptr + offs_d, mask=offs_d < D, other=0.0).to(tl.float32)
+        return (x.to(tl.float32) + vec[None, :]).to(x.dtype)
+    else:
+        return x
+
+
+@triton.jit
+def _logits(qu, qw, k, ak_ptr, start_m, start_n, Nq, Nk, rel_k, offs_d, D,
+            REL_K: tl.constexpr, UPCAST: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """(q + u) . k, plus (q + w) . aK[c(i, j)] with Shaw's key table: one product of
+    the q tile with the tile's BLOCK_R-row slice of aK, then a per-row shift.
+    Returns the logits and the aK slice (0.0 without a key table)."""
+    qk = _dot(qu, tl.trans(k), UPCAST)
+    ak = 0.0
+    if REL_K:
+        ak = _load_rel(ak_ptr, _rel_rows(start_m, start_n, Nq, Nk, rel_k, BLOCK_M, BLOCK_R), offs_d, D)
+        ak = ak.to(qw.dtype)
+        qk += _rel_to_keys(_dot(qw, tl.trans(ak), UPCAST), BLOCK_M, BLOCK_N)
+    return qk, ak
+
+
+@triton.jit
+def _scores(qk, qp, kp, offs_m, offs_n, Nq, Nk, qk_scale, slope, table_ptr, stride_tab,
             tab_l, tab_r, bias_ptr, stride_bm, stride_bn, win_l, win_r,
             CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
-            ALIBI: tl.constexpr, TABLE: tl.constexpr, BIAS: tl.constexpr, BIAS_MASK: tl.constexpr,
-            UPCAST: tl.constexpr):
+            ALIBI: tl.constexpr, TABLE: tl.constexpr, BIAS: tl.constexpr, BIAS_MASK: tl.constexpr):
     """The [BLOCK_M, BLOCK_N] score tile in the log2 domain, masked entries = -inf."""
-    s = _dot(q, tl.trans(k), UPCAST) * qk_scale
+    s = qk * qk_scale
     rel = kp[None, :] - qp[:, None]
     keep = (offs_n[None, :] < Nk) & (offs_m[:, None] < Nq)
     if CAUSAL:
@@ -147,6 +205,19 @@ def _scores(q, k, qp, kp, offs_m, offs_n, Nq, Nk, qk_scale, slope, table_ptr, st
         else:
             s += b.to(tl.float32) * LOG2E
     return tl.where(keep, s, float("-inf")), rel
+
+
+@triton.jit
+def _head_params(off_b, off_h, Slopes, ssb, ssh, Table, stab_h, Bias, sbb, sbh, bias_nb,
+                 AK, AV, U, W, rel_hs, rel_k, D, ALIBI: tl.constexpr):
+    """Per (batch, query head): ALiBi slope and the bases of the bias table, the dense
+    bias, the relative tables (shared by all heads when rel_hs == 0) and u / w."""
+    slope = 0.0
+    if ALIBI:
+        slope = tl.load(Slopes + off_b * ssb + off_h * ssh).to(tl.float32)
+    rel_base = off_h * rel_hs * (2 * rel_k + 1) * D
+    return (slope, Table + off_h * stab_h, Bias + (off_b % bias_nb) * sbb + off_h * sbh,
+            AK + rel_base, AV + rel_base, U + off_h * D, W + off_h * D)
 
 
 @triton.jit
@@ -194,15 +265,17 @@ def _query_range(start_n, BLOCK_N: tl.constexpr, Nq, Nk, win_l, win_r,
 # ----------------------------------------------------------------------------- forward
 
 @triton.jit
-def _attn_fwd(Q, K, V, Out, Out32, Lse, QPos, KPos, InvFreq, Slopes, Table, Bias,
+def _attn_fwd(Q, K, V, Out, Out32, Lse,
+              QPos, KPos, InvFreq, Slopes, Table, Bias, AK, AV, U, W,
               sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
-              sqpb, skpb, ssb, ssh, stab_h, stab_t, sbb, sbh, sbm, sbn, bias_nb,
-              Hq, Nq, Nk, D, GROUP, qk_scale, rope_factor, win_l, win_r, tab_l, tab_r,
+              sqpb, skpb, ssb, ssh, stab_h, stab_t, sbb, sbh, sbm, sbn, bias_nb, rel_hs,
+              Hq, Nq, Nk, D, GROUP, qk_scale, rope_factor, win_l, win_r, tab_l, tab_r, rel_k,
               CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_POS: tl.constexpr,
               ROPE: tl.constexpr, ROT_DIM: tl.constexpr, INTERLEAVED: tl.constexpr,
               ALIBI: tl.constexpr, TABLE: tl.constexpr, BIAS: tl.constexpr, BIAS_MASK: tl.constexpr,
-              STORE_F32: tl.constexpr,
-              UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+              REL_K: tl.constexpr, REL_V: tl.constexpr, REL_U: tl.constexpr, REL_W: tl.constexpr,
+              STORE_F32: tl.constexpr, UPCAST: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
     """One program per (query block, head, batch). With STORE_F32 it also writes the
     output unrounded (contiguous float32) for the backward's delta = rowsum(dO * O):
     gradients of slopes, tables and biases weight dS by large factors, and an O
@@ -216,16 +289,16 @@ def _attn_fwd(Q, K, V, Out, Out32, Lse, QPos, KPos, InvFreq, Slopes, Table, Bias
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
 
+    slope, table_ptr, bias_ptr, ak_ptr, av_ptr, u_ptr, w_ptr = _head_params(
+        off_b, off_h, Slopes, ssb, ssh, Table, stab_h, Bias, sbb, sbh, bias_nb, AK, AV, U, W,
+        rel_hs, rel_k, D, ALIBI)
     qp = _positions(QPos + off_b * sqpb, offs_m, Nq, Nk - Nq, HAS_POS)
     q = _load_rotated(Q + off_b * sqb + off_h * sqh, offs_m, offs_d, sqm, sqd, Nq, D, qp, InvFreq,
                       rope_factor, ROPE, ROT_DIM, INTERLEAVED)
+    qu = _add_row(q, u_ptr, offs_d, D, REL_U)
+    qw = _add_row(q, w_ptr, offs_d, D, REL_W)
     k_base = K + off_b * skb + off_hk * skh
     v_base = V + off_b * svb + off_hk * svh
-    slope = 0.0
-    if ALIBI:
-        slope = tl.load(Slopes + off_b * ssb + off_h * ssh).to(tl.float32)
-    table_ptr = Table + off_h * stab_h
-    bias_ptr = Bias + (off_b % bias_nb) * sbb + off_h * sbh
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -236,9 +309,11 @@ def _attn_fwd(Q, K, V, Out, Out32, Lse, QPos, KPos, InvFreq, Slopes, Table, Bias
         kp = _positions(KPos + off_b * skpb, offs_n, Nk, 0, HAS_POS)
         k = _load_rotated(k_base, offs_n, offs_d, skn, skd, Nk, D, kp, InvFreq, rope_factor,
                           ROPE, ROT_DIM, INTERLEAVED)
-        s, rel = _scores(q, k, qp, kp, offs_m, offs_n, Nq, Nk, qk_scale, slope, table_ptr, stab_t,
+        qk, ak = _logits(qu, qw, k, ak_ptr, start_m, start_n, Nq, Nk, rel_k, offs_d, D, REL_K, UPCAST,
+                         BLOCK_M, BLOCK_N, BLOCK_R)
+        s, rel = _scores(qk, qp, kp, offs_m, offs_n, Nq, Nk, qk_scale, slope, table_ptr, stab_t,
                          tab_l, tab_r, bias_ptr, sbm, sbn, win_l, win_r, CAUSAL, HAS_WL, HAS_WR,
-                         ALIBI, TABLE, BIAS, BIAS_MASK, UPCAST)
+                         ALIBI, TABLE, BIAS, BIAS_MASK)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with nothing visible yet keeps m = -inf; subtract 0 instead so that
         # exp2(-inf - -inf) never makes a NaN.
@@ -248,6 +323,9 @@ def _attn_fwd(Q, K, V, Out, Out32, Lse, QPos, KPos, InvFreq, Slopes, Table, Bias
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_tile(v_base, offs_n, offs_d, svn, svd, Nk, D)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
+        if REL_V:  # Shaw's value side: sum_j p_ij aV[c(i, j)], bucketed per row
+            av = _load_rel(av_ptr, _rel_rows(start_m, start_n, Nq, Nk, rel_k, BLOCK_M, BLOCK_R), offs_d, D)
+            acc += _dot(_keys_to_rel(p, BLOCK_M, BLOCK_N, BLOCK_R).to(v.dtype), av.to(v.dtype), UPCAST)
         m_i = m_new
 
     # Rows that saw no key: output 0, lse = -inf.
@@ -284,23 +362,6 @@ def _attn_bwd_delta(Out, DO, Delta, DLse, sob, soh, som, sod, sdob, sdoh, sdom, 
 
 
 @triton.jit
-def _probs_and_ds(q, k, v, do, qp, kp, lse2, delta, offs_m, offs_n, Nq, Nk, qk_scale, slope,
-                  table_ptr, stab_t, tab_l, tab_r, bias_ptr, sbm, sbn, win_l, win_r,
-                  CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
-                  ALIBI: tl.constexpr, TABLE: tl.constexpr, BIAS: tl.constexpr, BIAS_MASK: tl.constexpr,
-                  UPCAST: tl.constexpr):
-    """Recompute P from the saved log-sum-exp and dS = P * (dP - delta), the gradient
-    w.r.t. the natural-domain score scale * q.k + bias."""
-    s, rel = _scores(q, k, qp, kp, offs_m, offs_n, Nq, Nk, qk_scale, slope, table_ptr, stab_t,
-                     tab_l, tab_r, bias_ptr, sbm, sbn, win_l, win_r, CAUSAL, HAS_WL, HAS_WR,
-                     ALIBI, TABLE, BIAS, BIAS_MASK, UPCAST)
-    p = tl.math.exp2(s - lse2[:, None])
-    dp = _dot(do, tl.trans(v), UPCAST)
-    ds = p * (dp - delta[:, None])
-    return p, ds, rel
-
-
-@triton.jit
 def _load_row_stats(Lse, Delta, row0, offs_m, Nq):
     """lse (log2 domain) and delta of rows; rows with no visible key or past Nq get
     lse = +inf so that their recomputed probabilities are exactly 0."""
@@ -311,16 +372,44 @@ def _load_row_stats(Lse, Delta, row0, offs_m, Nq):
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, QPos, KPos, InvFreq, Slopes, Table, Bias,
+def _probs_and_ds(qu, qw, k, v, do, ak_ptr, av_ptr, qp, kp, lse2, delta, start_m, start_n, offs_m, offs_n,
+                  offs_d, Nq, Nk, D, rel_k, qk_scale, slope, table_ptr, stab_t, tab_l, tab_r,
+                  bias_ptr, sbm, sbn, win_l, win_r,
+                  CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
+                  ALIBI: tl.constexpr, TABLE: tl.constexpr, BIAS: tl.constexpr, BIAS_MASK: tl.constexpr,
+                  REL_K: tl.constexpr, REL_V: tl.constexpr, UPCAST: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Recompute P from the saved log-sum-exp and dS = P * (dP - delta), the gradient
+    w.r.t. the natural-domain score scale * q.k + bias. dP_ij = dO_i . (v_j + aV[c]).
+    Also returns rel and the aK slice (for dQ's position term)."""
+    qk, ak = _logits(qu, qw, k, ak_ptr, start_m, start_n, Nq, Nk, rel_k, offs_d, D, REL_K, UPCAST,
+                     BLOCK_M, BLOCK_N, BLOCK_R)
+    s, rel = _scores(qk, qp, kp, offs_m, offs_n, Nq, Nk, qk_scale, slope, table_ptr, stab_t,
+                     tab_l, tab_r, bias_ptr, sbm, sbn, win_l, win_r, CAUSAL, HAS_WL, HAS_WR,
+                     ALIBI, TABLE, BIAS, BIAS_MASK)
+    p = tl.math.exp2(s - lse2[:, None])
+    dp = _dot(do, tl.trans(v), UPCAST)
+    if REL_V:
+        av = _load_rel(av_ptr, _rel_rows(start_m, start_n, Nq, Nk, rel_k, BLOCK_M, BLOCK_R), offs_d, D)
+        dp += _rel_to_keys(_dot(do, tl.trans(av.to(do.dtype)), UPCAST), BLOCK_M, BLOCK_N)
+    ds = p * (dp - delta[:, None])
+    return p, ds, rel, ak
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV,
+                   QPos, KPos, InvFreq, Slopes, Table, Bias, AK, AV, U, W,
                    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                    sdob, sdoh, sdom, sdod, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
-                   sqpb, skpb, ssb, ssh, stab_h, stab_t, sbb, sbh, sbm, sbn, bias_nb,
-                   Hq, Hkv, Nq, Nk, D, GROUP, sm_scale, qk_scale, rope_factor, win_l, win_r, tab_l, tab_r,
+                   sqpb, skpb, ssb, ssh, stab_h, stab_t, sbb, sbh, sbm, sbn, bias_nb, rel_hs,
+                   Hq, Hkv, Nq, Nk, D, GROUP, sm_scale, qk_scale, rope_factor, win_l, win_r, tab_l, tab_r, rel_k,
                    CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_POS: tl.constexpr,
                    ROPE: tl.constexpr, ROT_DIM: tl.constexpr, INTERLEAVED: tl.constexpr,
                    ALIBI: tl.constexpr, TABLE: tl.constexpr, BIAS: tl.constexpr, BIAS_MASK: tl.constexpr,
-                   UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One program per (key block, batch, kv head): dK and dV summed over the GROUP
+                   REL_K: tl.constexpr, REL_V: tl.constexpr, REL_U: tl.constexpr, REL_W: tl.constexpr,
+                   UPCAST: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+    """One program per (key block, kv head, batch): dK and dV summed over the GROUP
     query heads that share this kv head, in registers (no atomics)."""
     start_n = tl.program_id(0) * BLOCK_N
     off_hk = tl.program_id(1).to(tl.int64)
@@ -338,27 +427,28 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, QPos, KPos, InvFreq, Slopes,
     lo, hi = _query_range(start_n, BLOCK_N, Nq, Nk, win_l, win_r, CAUSAL, HAS_WL, HAS_WR, HAS_POS, BLOCK_M)
     for g in range(0, GROUP):
         off_h = off_hk * GROUP + g
+        slope, table_ptr, bias_ptr, ak_ptr, av_ptr, u_ptr, w_ptr = _head_params(
+            off_b, off_h, Slopes, ssb, ssh, Table, stab_h, Bias, sbb, sbh, bias_nb, AK, AV, U, W,
+            rel_hs, rel_k, D, ALIBI)
         q_base = Q + off_b * sqb + off_h * sqh
         do_base = DO + off_b * sdob + off_h * sdoh
         row0 = (off_b * Hq + off_h) * Nq
-        slope = 0.0
-        if ALIBI:
-            slope = tl.load(Slopes + off_b * ssb + off_h * ssh).to(tl.float32)
-        table_ptr = Table + off_h * stab_h
-        bias_ptr = Bias + (off_b % bias_nb) * sbb + off_h * sbh
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + offs_m0
             qp = _positions(QPos + off_b * sqpb, offs_m, Nq, Nk - Nq, HAS_POS)
             q = _load_rotated(q_base, offs_m, offs_d, sqm, sqd, Nq, D, qp, InvFreq, rope_factor,
                               ROPE, ROT_DIM, INTERLEAVED)
+            qu = _add_row(q, u_ptr, offs_d, D, REL_U)
+            qw = _add_row(q, w_ptr, offs_d, D, REL_W)
             do = _load_tile(do_base, offs_m, offs_d, sdom, sdod, Nq, D)
             lse2, delta = _load_row_stats(Lse, Delta, row0, offs_m, Nq)
-            p, ds, rel = _probs_and_ds(q, k, v, do, qp, kp, lse2, delta, offs_m, offs_n, Nq, Nk, qk_scale,
-                                       slope, table_ptr, stab_t, tab_l, tab_r, bias_ptr, sbm, sbn,
-                                       win_l, win_r, CAUSAL, HAS_WL, HAS_WR, ALIBI, TABLE, BIAS,
-                                       BIAS_MASK, UPCAST)
+            p, ds, rel, ak = _probs_and_ds(
+                qu, qw, k, v, do, ak_ptr, av_ptr, qp, kp, lse2, delta, start_m, start_n, offs_m, offs_n,
+                offs_d, Nq, Nk, D, rel_k, qk_scale, slope, table_ptr, stab_t, tab_l, tab_r, bias_ptr, sbm, sbn,
+                win_l, win_r, CAUSAL, HAS_WL, HAS_WR, ALIBI, TABLE, BIAS, BIAS_MASK, REL_K, REL_V, UPCAST,
+                BLOCK_M, BLOCK_N, BLOCK_R)
             dv += _dot(tl.trans(p.to(do.dtype)), do, UPCAST)
-            dk += _dot(tl.trans(ds.to(q.dtype)), q, UPCAST)
+            dk += _dot(tl.trans(ds.to(qu.dtype)), qu, UPCAST)
 
     dk *= sm_scale
     if ROPE:
@@ -371,18 +461,23 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, QPos, KPos, InvFreq, Slopes,
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, DSlope, DTable, QPos, KPos, InvFreq, Slopes, Table, Bias,
+def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, DSlope, DTable, DU, DW, DAKEnd, DAVEnd,
+                 QPos, KPos, InvFreq, Slopes, Table, Bias, AK, AV, U, W,
                  sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                  sdob, sdoh, sdom, sdod, sdqb, sdqh, sdqm, sdqd,
-                 sqpb, skpb, ssb, ssh, stab_h, stab_t, sbb, sbh, sbm, sbn, bias_nb,
-                 Hq, Nq, Nk, D, GROUP, NUM_M, TAB_T, sm_scale, qk_scale, rope_factor, win_l, win_r, tab_l, tab_r,
+                 sqpb, skpb, ssb, ssh, stab_h, stab_t, sbb, sbh, sbm, sbn, bias_nb, rel_hs,
+                 Hq, Nq, Nk, D, GROUP, NUM_M, TAB_T, sm_scale, qk_scale, rope_factor,
+                 win_l, win_r, tab_l, tab_r, rel_k,
                  CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_POS: tl.constexpr,
                  ROPE: tl.constexpr, ROT_DIM: tl.constexpr, INTERLEAVED: tl.constexpr,
                  ALIBI: tl.constexpr, TABLE: tl.constexpr, BIAS: tl.constexpr, BIAS_MASK: tl.constexpr,
-                 D_SLOPE: tl.constexpr, D_TABLE: tl.constexpr, BLOCK_T: tl.constexpr,
-                 UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One program per (query block, batch, q head): dQ, and this program's partial
-    sums of d(slope) and d(table), written to its own slot of DSlope / DTable."""
+                 REL_K: tl.constexpr, REL_V: tl.constexpr, REL_U: tl.constexpr, REL_W: tl.constexpr,
+                 D_SLOPE: tl.constexpr, D_TABLE: tl.constexpr, D_U: tl.constexpr, D_W: tl.constexpr,
+                 D_AK: tl.constexpr, D_AV: tl.constexpr, BLOCK_T: tl.constexpr, UPCAST: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+    """One program per (query block, q head, batch): dQ, and this program's partial
+    sums of d(slope), d(table), du, dw and the two clipped end rows of d(aK), d(aV),
+    each written to its own slot (the host adds the slots in a fixed order)."""
     pid_m = tl.program_id(0)
     start_m = pid_m * BLOCK_M
     off_h = tl.program_id(1).to(tl.int64)
@@ -393,23 +488,29 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, DSlope, DTable, QPos, KPos, InvFre
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
 
+    slope, table_ptr, bias_ptr, ak_ptr, av_ptr, u_ptr, w_ptr = _head_params(
+        off_b, off_h, Slopes, ssb, ssh, Table, stab_h, Bias, sbb, sbh, bias_nb, AK, AV, U, W,
+        rel_hs, rel_k, D, ALIBI)
     qp = _positions(QPos + off_b * sqpb, offs_m, Nq, Nk - Nq, HAS_POS)
     q = _load_rotated(Q + off_b * sqb + off_h * sqh, offs_m, offs_d, sqm, sqd, Nq, D, qp, InvFreq,
                       rope_factor, ROPE, ROT_DIM, INTERLEAVED)
+    qu = _add_row(q, u_ptr, offs_d, D, REL_U)
+    qw = _add_row(q, w_ptr, offs_d, D, REL_W)
     do = _load_tile(DO + off_b * sdob + off_h * sdoh, offs_m, offs_d, sdom, sdod, Nq, D)
     lse2, delta = _load_row_stats(Lse, Delta, off_bh * Nq, offs_m, Nq)
     k_base = K + off_b * skb + off_hk * skh
     v_base = V + off_b * svb + off_hk * svh
-    slope = 0.0
-    if ALIBI:
-        slope = tl.load(Slopes + off_b * ssb + off_h * ssh).to(tl.float32)
-    table_ptr = Table + off_h * stab_h
-    bias_ptr = Bias + (off_b % bias_nb) * sbb + off_h * sbh
 
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dq_c = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)   # from (q + u) . k
+    dq_p = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)   # from (q + w) . aK
     d_slope = tl.zeros([BLOCK_M], tl.float32)
     offs_t = tl.arange(0, BLOCK_T)
     d_tab = tl.zeros([BLOCK_T], tl.float32)
+    # dS and P summed over the keys clipped to aK / aV row 0 (rel <= -K) and row 2K.
+    ds_left = tl.zeros([BLOCK_M], tl.float32)
+    ds_right = tl.zeros([BLOCK_M], tl.float32)
+    p_left = tl.zeros([BLOCK_M], tl.float32)
+    p_right = tl.zeros([BLOCK_M], tl.float32)
     lo, hi = _key_range(start_m, BLOCK_M, Nq, Nk, win_l, win_r, CAUSAL, HAS_WL, HAS_WR, HAS_POS, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
@@ -417,11 +518,14 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, DSlope, DTable, QPos, KPos, InvFre
         k = _load_rotated(k_base, offs_n, offs_d, skn, skd, Nk, D, kp, InvFreq, rope_factor,
                           ROPE, ROT_DIM, INTERLEAVED)
         v = _load_tile(v_base, offs_n, offs_d, svn, svd, Nk, D)
-        p, ds, rel = _probs_and_ds(q, k, v, do, qp, kp, lse2, delta, offs_m, offs_n, Nq, Nk, qk_scale,
-                                   slope, table_ptr, stab_t, tab_l, tab_r, bias_ptr, sbm, sbn,
-                                   win_l, win_r, CAUSAL, HAS_WL, HAS_WR, ALIBI, TABLE, BIAS,
-                                   BIAS_MASK, UPCAST)
-        dq += _dot(ds.to(k.dtype), k, UPCAST)
+        p, ds, rel, ak = _probs_and_ds(
+            qu, qw, k, v, do, ak_ptr, av_ptr, qp, kp, lse2, delta, start_m, start_n, offs_m, offs_n,
+            offs_d, Nq, Nk, D, rel_k, qk_scale, slope, table_ptr, stab_t, tab_l, tab_r, bias_ptr, sbm, sbn,
+            win_l, win_r, CAUSAL, HAS_WL, HAS_WR, ALIBI, TABLE, BIAS, BIAS_MASK, REL_K, REL_V, UPCAST,
+            BLOCK_M, BLOCK_N, BLOCK_R)
+        dq_c += _dot(ds.to(k.dtype), k, UPCAST)
+        if REL_K:
+            dq_p += _dot(_keys_to_rel(ds, BLOCK_M, BLOCK_N, BLOCK_R).to(k.dtype), ak, UPCAST)
         if D_SLOPE:
             d_slope -= tl.sum(ds * tl.abs(rel).to(tl.float32), 1)
         if D_TABLE:
@@ -433,30 +537,137 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, DSlope, DTable, QPos, KPos, InvFre
             c_hi = tl.max(tl.where(live, idx, -1))
             for c in range(c_lo, c_hi + 1):
                 d_tab += tl.where(offs_t == c, tl.sum(tl.sum(tl.where(idx == c, ds, 0.0), 1), 0), 0.0)
+        if D_AK or D_AV:
+            left = rel <= -rel_k
+            right = (rel >= rel_k) & (rel > -rel_k)
+            if D_AK:
+                ds_left += tl.sum(tl.where(left, ds, 0.0), 1)
+                ds_right += tl.sum(tl.where(right, ds, 0.0), 1)
+            if D_AV:
+                p_left += tl.sum(tl.where(left, p, 0.0), 1)
+                p_right += tl.sum(tl.where(right, p, 0.0), 1)
 
-    dq *= sm_scale
-    if ROPE:
-        dq = _unrotate(dq, offs_d, qp, InvFreq, rope_factor, ROT_DIM, INTERLEAVED)
-    tl.store(DQ + off_b * sdqb + off_h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
-             dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < D))
     slot = off_bh * NUM_M + pid_m
+    in_d = offs_d < D
+    if D_U:
+        tl.store(DU + slot * D + offs_d, tl.sum(dq_c, 0) * sm_scale, mask=in_d)
+    if D_W:
+        tl.store(DW + slot * D + offs_d, tl.sum(dq_p, 0) * sm_scale, mask=in_d)
+    if D_AK:
+        qw32 = qw.to(tl.float32)
+        tl.store(DAKEnd + slot * 2 * D + offs_d, tl.sum(ds_left[:, None] * qw32, 0) * sm_scale, mask=in_d)
+        tl.store(DAKEnd + (slot * 2 + 1) * D + offs_d, tl.sum(ds_right[:, None] * qw32, 0) * sm_scale,
+                 mask=in_d)
+    if D_AV:
+        do32 = do.to(tl.float32)
+        tl.store(DAVEnd + slot * 2 * D + offs_d, tl.sum(p_left[:, None] * do32, 0), mask=in_d)
+        tl.store(DAVEnd + (slot * 2 + 1) * D + offs_d, tl.sum(p_right[:, None] * do32, 0), mask=in_d)
     if D_SLOPE:
         tl.store(DSlope + slot, tl.sum(d_slope, 0))
     if D_TABLE:
         tl.store(DTable + slot * TAB_T + offs_t, d_tab, mask=offs_t < TAB_T)
 
+    dq = (dq_c + dq_p) * sm_scale
+    if ROPE:
+        dq = _unrotate(dq, offs_d, qp, InvFreq, rope_factor, ROT_DIM, INTERLEAVED)
+    tl.store(DQ + off_b * sdqb + off_h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
+             dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < Nq) & in_d[None, :])
+
 
 @triton.jit
-def _attn_bwd_dbias(Q, K, V, DO, Lse, Delta, DBias, QPos, KPos, InvFreq, Slopes, Table, Bias,
-                    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                    sdob, sdoh, sdom, sdod, sqpb, skpb, ssb, ssh, stab_h, stab_t, sbb, sbh, sbm, sbn, bias_nb,
-                    B, Hq, Nq, Nk, D, GROUP, BH, BM_, BN_, NUM_N, qk_scale, rope_factor, win_l, win_r, tab_l, tab_r,
+def _attn_bwd_rel(Q, K, V, DO, Lse, Delta, DAK, DAV,
+                  QPos, KPos, InvFreq, Slopes, Table, Bias, AK, AV, U, W,
+                  sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
+                  sqpb, skpb, ssb, ssh, stab_h, stab_t, sbb, sbh, sbm, sbn, bias_nb, rel_hs,
+                  Hq, Nq, Nk, D, GROUP, rel_first, head_step, sm_scale, qk_scale, rope_factor,
+                  win_l, win_r, tab_l, tab_r, rel_k,
+                  CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_POS: tl.constexpr,
+                  ROPE: tl.constexpr, ROT_DIM: tl.constexpr, INTERLEAVED: tl.constexpr,
+                  ALIBI: tl.constexpr, TABLE: tl.constexpr, BIAS: tl.constexpr, BIAS_MASK: tl.constexpr,
+                  REL_K: tl.constexpr, REL_V: tl.constexpr, REL_U: tl.constexpr, REL_W: tl.constexpr,
+                  D_AK: tl.constexpr, D_AV: tl.constexpr, UPCAST: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Interior rows of d(aK) and d(aV) (-K < rel < K), organised by distance: one
+    program per (BLOCK_N consecutive distances, table head, batch) visits, for every
+    query block, only the key tiles on those diagonals, and sums
+    dS_ij (q_i + w) and P_ij dO_i over the pairs at each distance. Each pair has one
+    distance, so each row is owned by one program: no atomics, O(K * D) memory."""
+    rel0 = rel_first + tl.program_id(0) * BLOCK_N
+    ha = tl.program_id(1)
+    off_b = tl.program_id(2).to(tl.int64)
+    shift = Nk - Nq
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    acc_k = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    acc_v = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for h in range(ha, Hq, head_step):  # this table head's query heads
+        off_h = tl.cast(h, tl.int64)
+        off_hk = off_h // GROUP
+        slope, table_ptr, bias_ptr, ak_ptr, av_ptr, u_ptr, w_ptr = _head_params(
+            off_b, off_h, Slopes, ssb, ssh, Table, stab_h, Bias, sbb, sbh, bias_nb, AK, AV, U, W,
+            rel_hs, rel_k, D, ALIBI)
+        row0 = (off_b * Hq + off_h) * Nq
+        for start_m in range(0, Nq, BLOCK_M):
+            # keys j = i + shift + rel for rows i of the block and rel in [rel0, rel0 + BLOCK_N)
+            lo, hi = _key_range(start_m, BLOCK_M, Nq, Nk, win_l, win_r, CAUSAL, HAS_WL, HAS_WR,
+                                HAS_POS, BLOCK_N)
+            j_lo = tl.maximum(lo, start_m + shift + rel0)
+            j_hi = tl.minimum(hi, start_m + BLOCK_M + shift + rel0 + BLOCK_N - 1)
+            offs_m = start_m + offs_m0
+            qp = _positions(QPos + off_b * sqpb, offs_m, Nq, shift, HAS_POS)
+            q = _load_rotated(Q + off_b * sqb + off_h * sqh, offs_m, offs_d, sqm, sqd, Nq, D, qp,
+                              InvFreq, rope_factor, ROPE, ROT_DIM, INTERLEAVED)
+            qu = _add_row(q, u_ptr, offs_d, D, REL_U)
+            qw = _add_row(q, w_ptr, offs_d, D, REL_W)
+            do = _load_tile(DO + off_b * sdob + off_h * sdoh, offs_m, offs_d, sdom, sdod, Nq, D)
+            lse2, delta = _load_row_stats(Lse, Delta, row0, offs_m, Nq)
+            for start_n in range((tl.maximum(j_lo, 0) // BLOCK_N) * BLOCK_N, j_hi, BLOCK_N):
+                offs_n = start_n + offs_n0
+                kp = _positions(KPos + off_b * skpb, offs_n, Nk, 0, HAS_POS)
+                k = _load_rotated(K + off_b * skb + off_hk * skh, offs_n, offs_d, skn, skd, Nk, D, kp,
+                                  InvFreq, rope_factor, ROPE, ROT_DIM, INTERLEAVED)
+                v = _load_tile(V + off_b * svb + off_hk * svh, offs_n, offs_d, svn, svd, Nk, D)
+                p, ds, rel, ak = _probs_and_ds(
+                    qu, qw, k, v, do, ak_ptr, av_ptr, qp, kp, lse2, delta, start_m, start_n, offs_m,
+                    offs_n, offs_d, Nq, Nk, D, rel_k, qk_scale, slope, table_ptr, stab_t, tab_l, tab_r,
+                    bias_ptr, sbm, sbn, win_l, win_r, CAUSAL, HAS_WL, HAS_WR, ALIBI, TABLE, BIAS, BIAS_MASK,
+                    REL_K, REL_V, UPCAST, BLOCK_M, BLOCK_N, BLOCK_R)
+                # column r of row i: the key at distance rel0 + r, if it is in this tile
+                jl = (start_m + shift + rel0 - start_n) + offs_n0[None, :] + offs_m0[:, None]
+                inside = (jl >= 0) & (jl < BLOCK_N)
+                jl = tl.minimum(tl.maximum(jl, 0), BLOCK_N - 1)
+                if D_AK:
+                    ds_r = tl.where(inside, tl.gather(ds, jl, axis=1), 0.0)
+                    acc_k += _dot(tl.trans(ds_r.to(qw.dtype)), qw, UPCAST)
+                if D_AV:
+                    p_r = tl.where(inside, tl.gather(p, jl, axis=1), 0.0)
+                    acc_v += _dot(tl.trans(p_r.to(do.dtype)), do, UPCAST)
+
+    rel = rel0 + offs_n0
+    rows = rel + rel_k
+    mask = (rel <= rel_k - 1)[:, None] & (offs_d[None, :] < D)
+    base = (off_b * tl.num_programs(1) + ha) * (2 * rel_k + 1) * D
+    if D_AK:
+        tl.store(DAK + base + rows[:, None] * D + offs_d[None, :], acc_k * sm_scale, mask=mask)
+    if D_AV:
+        tl.store(DAV + base + rows[:, None] * D + offs_d[None, :], acc_v, mask=mask)
+
+
+@triton.jit
+def _attn_bwd_dbias(Q, K, V, DO, Lse, Delta, DBias,
+                    QPos, KPos, InvFreq, Slopes, Table, Bias, AK, AV, U, W,
+                    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
+                    sqpb, skpb, ssb, ssh, stab_h, stab_t, sbb, sbh, sbm, sbn, bias_nb, rel_hs,
+                    B, Hq, Nq, Nk, D, GROUP, BH, BM_, BN_, NUM_N, qk_scale, rope_factor,
+                    win_l, win_r, tab_l, tab_r, rel_k,
                     CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_POS: tl.constexpr,
                     ROPE: tl.constexpr, ROT_DIM: tl.constexpr, INTERLEAVED: tl.constexpr,
                     ALIBI: tl.constexpr, TABLE: tl.constexpr,
-                    HEAD_BCAST: tl.constexpr,
-                    ROW_BCAST: tl.constexpr, COL_BCAST: tl.constexpr,
-                    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                    REL_K: tl.constexpr, REL_V: tl.constexpr, REL_U: tl.constexpr, REL_W: tl.constexpr,
+                    HEAD_BCAST: tl.constexpr, ROW_BCAST: tl.constexpr, COL_BCAST: tl.constexpr,
+                    UPCAST: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
     """d(bias) in the bias's own shape [nB, 1|Hq, 1|Nq, 1|Nk] (float32): one program
     per output tile sums dS over every batch, head, row and column that broadcasting
     folds onto it, in a fixed order (deterministic, no atomics)."""
@@ -493,16 +704,16 @@ def _attn_bwd_dbias(Q, K, V, DO, Lse, Delta, DBias, QPos, KPos, InvFreq, Slopes,
             off_h = tl.cast(h, tl.int64)
             off_hk = off_h // GROUP
             row0 = (off_b * Hq + off_h) * Nq
-            slope = 0.0
-            if ALIBI:
-                slope = tl.load(Slopes + off_b * ssb + off_h * ssh).to(tl.float32)
-            table_ptr = Table + off_h * stab_h
-            bias_ptr = Bias + (off_b % bias_nb) * sbb + off_h * sbh
+            slope, table_ptr, bias_ptr, ak_ptr, av_ptr, u_ptr, w_ptr = _head_params(
+                off_b, off_h, Slopes, ssb, ssh, Table, stab_h, Bias, sbb, sbh, bias_nb, AK, AV, U, W,
+                rel_hs, rel_k, D, ALIBI)
             for start_m in range(m_lo, m_hi, BLOCK_M):
                 offs_m = start_m + offs_m0
                 qp = _positions(QPos + off_b * sqpb, offs_m, Nq, Nk - Nq, HAS_POS)
                 q = _load_rotated(Q + off_b * sqb + off_h * sqh, offs_m, offs_d, sqm, sqd, Nq, D, qp,
                                   InvFreq, rope_factor, ROPE, ROT_DIM, INTERLEAVED)
+                qu = _add_row(q, u_ptr, offs_d, D, REL_U)
+                qw = _add_row(q, w_ptr, offs_d, D, REL_W)
                 do = _load_tile(DO + off_b * sdob + off_h * sdoh, offs_m, offs_d, sdom, sdod, Nq, D)
                 lse2, delta = _load_row_stats(Lse, Delta, row0, offs_m, Nq)
                 for start_n in range(n_lo, n_hi, BLOCK_N):
@@ -511,10 +722,11 @@ def _attn_bwd_dbias(Q, K, V, DO, Lse, Delta, DBias, QPos, KPos, InvFreq, Slopes,
                     k = _load_rotated(K + off_b * skb + off_hk * skh, offs_n, offs_d, skn, skd, Nk, D, kp,
                                       InvFreq, rope_factor, ROPE, ROT_DIM, INTERLEAVED)
                     v = _load_tile(V + off_b * svb + off_hk * svh, offs_n, offs_d, svn, svd, Nk, D)
-                    p, ds, rel = _probs_and_ds(q, k, v, do, qp, kp, lse2, delta, offs_m, offs_n, Nq, Nk,
-                                               qk_scale, slope, table_ptr, stab_t, tab_l, tab_r, bias_ptr,
-                                               sbm, sbn, win_l, win_r, CAUSAL, HAS_WL, HAS_WR, ALIBI,
-                                               TABLE, True, False, UPCAST)
+                    p, ds, rel, ak = _probs_and_ds(
+                        qu, qw, k, v, do, ak_ptr, av_ptr, qp, kp, lse2, delta, start_m, start_n, offs_m,
+                        offs_n, offs_d, Nq, Nk, D, rel_k, qk_scale, slope, table_ptr, stab_t, tab_l, tab_r,
+                        bias_ptr, sbm, sbn, win_l, win_r, CAUSAL, HAS_WL, HAS_WR, ALIBI, TABLE, True, False,
+                        REL_K, REL_V, UPCAST, BLOCK_M, BLOCK_N, BLOCK_R)
                     acc += ds
 
     offs_m = pid_m * BLOCK_M + offs_m0

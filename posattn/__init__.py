@@ -1,7 +1,7 @@
 """posattn: fused attention kernels with positional encodings built in."""
 from . import reference
-from .encodings import DistanceBias, GridBias, RoPE, alibi_slopes
+from .encodings import DistanceBias, GridBias, RelativeEmbeddings, RoPE, alibi_slopes
 from .interface import attention, select_backend
 
-__all__ = ["attention", "select_backend", "reference", "RoPE", "DistanceBias", "GridBias", "alibi_slopes"]
+__all__ = ["attention", "select_backend", "reference", "RoPE", "DistanceBias", "GridBias", "RelativeEmbeddings", "alibi_slopes"]
 __version__ = "0.1.0"

@@ -29,6 +29,9 @@ def refusal(p: Problem) -> Optional[str]:
         return "CPU tensors need TRITON_INTERPRET=1 (Triton's interpreter)"
     if dev.type not in ("cuda", "cpu"):
         return f"tensors on {dev.type} are not supported"
+    if p.rel_emb is not None and (p.q_pos is not None or p.k_pos is not None):
+        return ("rel_emb with explicit q_pos / k_pos (the relative tables are sliced per tile "
+                "assuming the default positions)")
     if p.rel_bias is not None and p.rel_bias.table.numel() // p.Hq > _MAX_TABLE_COLUMNS:
         return (f"{type(p.rel_bias).__name__} with {p.rel_bias.table.numel() // p.Hq} entries per head "
                 f"> {_MAX_TABLE_COLUMNS} (the table gradient is reduced in registers)")
@@ -39,11 +42,13 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-def _config(D: int, backward: bool):
+def _config(D: int, backward: bool, rel_emb: bool = False):
     """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) for a head dim."""
     block_d = max(16, _next_pow2(D))
     if interpreting():
         return 64, 32, block_d, 4, 1
+    if rel_emb:  # the [BLOCK_M, BLOCK_M + BLOCK_N] slice of q . aK must fit in registers
+        return (64, 64, block_d, 4, 2) if block_d <= 128 else (32, 32, block_d, 4, 1)
     if not backward:
         if block_d <= 64:
             return 128, 64, block_d, 4, 3
@@ -61,59 +66,77 @@ def _cdiv(a, b):
     return (a + b - 1) // b
 
 
+LOG2E = 1.4426950408889634
+
+# Differentiable inputs of the autograd Function, in order (after q, k, v).
+_PARAMS = ("alibi", "table", "bias", "rel_key", "rel_value", "rel_u", "rel_w")
+
+
 class _Launch:
     """Everything the kernels share: pointers, strides, scalars and constexpr flags,
     built once per call from a validated Problem."""
 
-    def __init__(self, p: Problem, q, k, v, alibi, table, bias):
+    def __init__(self, p: Problem, q, alibi, table, bias, rel_key, rel_value, rel_u, rel_w):
         dev = q.device
         self.p = p
         dummy = q
-        self.qpos = p.q_pos.contiguous() if p.q_pos is not None else dummy
-        self.kpos = p.k_pos.contiguous() if p.k_pos is not None else dummy
         has_pos = p.q_pos is not None or p.k_pos is not None
+        qpos = kpos = dummy
         if has_pos:  # one explicit side: materialise the other's default (O(N))
-            dq_pos, dk_pos = p.default_positions(dev)
-            self.qpos, self.kpos = dq_pos.contiguous(), dk_pos.contiguous()
-        self.inv_freq = p.rope.inv_freq_for(p.D, dev).contiguous() if p.rope is not None else dummy
+            qpos, kpos = (x.contiguous() for x in p.default_positions(dev))
+        inv_freq = p.rope.inv_freq_for(p.D, dev).contiguous() if p.rope is not None else dummy
+
         grid_table = isinstance(p.rel_bias, GridBias)
         # (head stride, column stride): DistanceBias is [Hq, T], GridBias [T, Hq].
         table_strides = (0, 0) if table is None else \
             (table.stride(1), table.stride(0)) if grid_table else (table.stride(0), table.stride(1))
         self.table_columns = 0 if table is None else table.shape[0 if grid_table else 1]
         self.grid_table = grid_table
-        self.alibi = alibi if alibi is not None else dummy
-        self.table = table if table is not None else dummy
-        self.bias = bias if bias is not None else dummy
         # Size-1 axes broadcast (stride 0); the batch axis may also be periodic
         # (batch b reads bias[b % nB], Swin's shifted-window masks).
         bias_strides = tuple(st if n > 1 else 0 for n, st in zip(bias.shape, bias.stride())) \
             if bias is not None else (0, 0, 0, 0)
         bias_nb = bias.shape[0] if bias is not None else 1
-        self.ptrs = (self.qpos, self.kpos, self.inv_freq, self.alibi, self.table, self.bias)
+
+        # Relative embeddings: contiguous [Ha, 2K+1, D] tables and [Hq, D] biases.
+        re = p.rel_emb
+        rel_tables = [t for t in (rel_key, rel_value) if t is not None]
+        self.rel_heads = rel_tables[0].shape[0] if rel_tables else 1
+        rel_hs = 1 if self.rel_heads > 1 else 0
+        ak, av, u, w = (x.contiguous() if x is not None else dummy for x in (rel_key, rel_value, rel_u, rel_w))
+
+        self.alibi, self.table, self.bias = alibi, table, bias
+        self.ptrs = tuple(x if x is not None else dummy for x in (qpos, kpos, inv_freq, alibi, table, bias)) + \
+            (ak, av, u, w)
         self.enc_strides = (
-            self.qpos.stride(0) if has_pos and self.qpos.shape[0] > 1 else 0,
-            self.kpos.stride(0) if has_pos and self.kpos.shape[0] > 1 else 0,
+            qpos.stride(0) if has_pos and qpos.shape[0] > 1 else 0,
+            kpos.stride(0) if has_pos and kpos.shape[0] > 1 else 0,
             alibi.stride(0) if alibi is not None and alibi.shape[0] > 1 else 0,
             alibi.stride(1) if alibi is not None else 0,
             *table_strides,
-            *bias_strides, bias_nb,
+            *bias_strides, bias_nb, rel_hs,
         )
         self.flags = dict(
             CAUSAL=p.causal, HAS_WL=p.window_left is not None, HAS_WR=p.window_right is not None,
             HAS_POS=has_pos, ROPE=p.rope is not None, ROT_DIM=p.rotary_dim,
             INTERLEAVED=bool(p.rope is not None and p.rope.interleaved),
             ALIBI=alibi is not None, TABLE=0 if table is None else 2 if grid_table else 1,
+            REL_K=rel_key is not None, REL_V=rel_value is not None,
+            REL_U=rel_u is not None, REL_W=rel_w is not None,
         )
         self.bias_flags = dict(BIAS=bias is not None, BIAS_MASK=p.bias_is_mask)
         self.upcast = interpreting() and q.dtype == torch.bfloat16
-        self.rope_factor = p.rope.attention_factor if p.rope is not None else 1.0
         rb = p.rel_bias
         tab_a, tab_b = (0, 0) if rb is None else rb.window if grid_table else (rb.left, rb.right)
-        self.scalars = (p.window_left or 0, p.window_right or 0, tab_a, tab_b)
+        self.rel_k = re.clip if re is not None else 0
+        # qk_scale, rope factor, window, table parameters, clip
+        self.scalars = (p.scale * LOG2E, p.rope.attention_factor if p.rope is not None else 1.0,
+                        p.window_left or 0, p.window_right or 0, tab_a, tab_b, self.rel_k)
+        self.has_rel = re is not None
 
-
-LOG2E = 1.4426950408889634
+    def config(self, backward):
+        bm, bn, bd, warps, stages = _config(self.p.D, backward, self.has_rel)
+        return bm, bn, bd, _next_pow2(bm + bn - 1), dict(num_warps=warps, num_stages=stages)
 
 
 def _forward(L: _Launch, q, k, v, keep_f32=False):
@@ -124,24 +147,26 @@ def _forward(L: _Launch, q, k, v, keep_f32=False):
     lse = torch.empty(p.B, p.Hq, p.Nq, device=q.device, dtype=torch.float32)
     store_f32 = keep_f32 and q.dtype != torch.float32
     out32 = torch.empty(p.B, p.Hq, p.Nq, p.D, device=q.device, dtype=torch.float32) if store_f32 else out
-    bm, bn, bd, warps, stages = _config(p.D, backward=False)
-    grid = (_cdiv(p.Nq, bm), p.Hq, p.B)
-    _attn_fwd[grid](q, k, v, out, out32, lse, *L.ptrs,
-                    *q.stride(), *k.stride(), *v.stride(), *out.stride(), *L.enc_strides,
-                    p.Hq, p.Nq, p.Nk, p.D, p.group, p.scale * LOG2E, L.rope_factor, *L.scalars,
-                    **L.flags, **L.bias_flags, STORE_F32=store_f32, UPCAST=L.upcast,
-                    BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, num_stages=stages)
+    bm, bn, bd, br, launch = L.config(backward=False)
+    _attn_fwd[(_cdiv(p.Nq, bm), p.Hq, p.B)](
+        q, k, v, out, out32, lse, *L.ptrs,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *L.enc_strides,
+        p.Hq, p.Nq, p.Nk, p.D, p.group, *L.scalars,
+        **L.flags, **L.bias_flags, STORE_F32=store_f32, UPCAST=L.upcast,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_R=br, **launch)
     return out, lse, out32
 
 
 def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need):
-    """need: which of (alibi, table, bias) gradients are wanted."""
-    from .kernels.attention import _attn_bwd_dbias, _attn_bwd_delta, _attn_bwd_dkdv, _attn_bwd_dq
+    """need: {name in _PARAMS: whether its gradient is wanted}. Returns dq, dk, dv and
+    the parameter gradients in _PARAMS order (None where not wanted)."""
+    from .kernels.attention import (_attn_bwd_dbias, _attn_bwd_delta, _attn_bwd_dkdv, _attn_bwd_dq,
+                                    _attn_bwd_rel)
     p = L.p
     dev = q.device
-    bm, bn, bd, warps, stages = _config(p.D, backward=True)
-    launch = dict(num_warps=warps, num_stages=stages)
-    common_scalars = (p.scale * LOG2E, L.rope_factor, *L.scalars)
+    bm, bn, bd, br, launch = L.config(backward=True)
+    blocks = dict(UPCAST=L.upcast, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_R=br)
+    f32 = dict(device=dev, dtype=torch.float32)
 
     delta = torch.empty_like(lse)
     has_dlse = dlse is not None
@@ -155,53 +180,85 @@ def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need):
     _attn_bwd_dkdv[(_cdiv(p.Nk, bn), p.Hkv, p.B)](
         q, k, v, do, lse, delta, dk, dv, *L.ptrs,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *L.enc_strides,
-        p.Hq, p.Hkv, p.Nq, p.Nk, p.D, p.group, p.scale, *common_scalars,
-        **L.flags, **L.bias_flags, UPCAST=L.upcast, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, **launch)
+        p.Hq, p.Hkv, p.Nq, p.Nk, p.D, p.group, p.scale, *L.scalars,
+        **L.flags, **L.bias_flags, **blocks, **launch)
 
+    # dQ and the per-program partial sums of the small parameters' gradients.
     num_m = _cdiv(p.Nq, bm)
-    want_slope, want_table, want_bias = need
+    slots = (p.B, p.Hq, num_m)
     tab_t = max(L.table_columns, 1)
-    d_slope = torch.zeros(p.B, p.Hq, num_m, device=dev, dtype=torch.float32) if want_slope else delta
-    d_table = torch.zeros(p.B, p.Hq, num_m, tab_t, device=dev, dtype=torch.float32) if want_table else delta
-    _attn_bwd_dq[(num_m, p.Hq, p.B)](
-        q, k, v, do, lse, delta, dq, d_slope, d_table, *L.ptrs,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *L.enc_strides,
-        p.Hq, p.Nq, p.Nk, p.D, p.group, num_m, tab_t, p.scale, *common_scalars,
-        **L.flags, **L.bias_flags, D_SLOPE=want_slope, D_TABLE=want_table,
-        BLOCK_T=_next_pow2(tab_t) if want_table else 16,
-        UPCAST=L.upcast, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, **launch)
 
-    g_slope = g_table = g_bias = None
-    if want_slope:
+    def buf(want, *shape):
+        return torch.zeros(*slots, *shape, **f32) if want else delta
+
+    d_slope = buf(need["alibi"])
+    d_table = buf(need["table"], tab_t)
+    d_u, d_w = buf(need["rel_u"], p.D), buf(need["rel_w"], p.D)
+    d_key_end, d_value_end = buf(need["rel_key"], 2, p.D), buf(need["rel_value"], 2, p.D)
+    _attn_bwd_dq[(num_m, p.Hq, p.B)](
+        q, k, v, do, lse, delta, dq, d_slope, d_table, d_u, d_w, d_key_end, d_value_end, *L.ptrs,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *L.enc_strides,
+        p.Hq, p.Nq, p.Nk, p.D, p.group, num_m, tab_t, p.scale, *L.scalars,
+        **L.flags, **L.bias_flags, D_SLOPE=need["alibi"], D_TABLE=need["table"],
+        D_U=need["rel_u"], D_W=need["rel_w"], D_AK=need["rel_key"], D_AV=need["rel_value"],
+        BLOCK_T=_next_pow2(tab_t) if need["table"] else 16, **blocks, **launch)
+
+    grads = dict.fromkeys(_PARAMS)
+    if need["alibi"]:
         g = d_slope.sum(-1)                                         # [B, Hq]
         if L.alibi.shape[0] == 1:
             g = g.sum(0, keepdim=True)
-        g_slope = g.to(L.alibi.dtype)
-    if want_table:
-        g_table = d_table.sum(dim=(0, 2))                           # [Hq, T]
-        g_table = (g_table.t() if L.grid_table else g_table).to(L.table.dtype)
-    if want_bias:
+        grads["alibi"] = g.to(L.alibi.dtype)
+    if need["table"]:
+        g = d_table.sum(dim=(0, 2))                                 # [Hq, T]
+        grads["table"] = (g.t() if L.grid_table else g).to(L.table.dtype)
+    if need["bias"]:
         bias = L.bias
         bb, bh, bmq, bnk = bias.shape  # size-1 axes are summed over (broadcast)
-        g = torch.empty(bb, bh, bmq, bnk, device=dev, dtype=torch.float32)
+        g = torch.empty(bb, bh, bmq, bnk, **f32)
         num_n = 1 if bnk == 1 else _cdiv(p.Nk, bn)
-        grid = ((1 if bmq == 1 else _cdiv(p.Nq, bm)) * num_n, bh, bb)
-        _attn_bwd_dbias[grid](
+        _attn_bwd_dbias[((1 if bmq == 1 else _cdiv(p.Nq, bm)) * num_n, bh, bb)](
             q, k, v, do, lse, delta, g, *L.ptrs,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *L.enc_strides,
-            p.B, p.Hq, p.Nq, p.Nk, p.D, p.group, bh, bmq, bnk, num_n, *common_scalars,
+            p.B, p.Hq, p.Nq, p.Nk, p.D, p.group, bh, bmq, bnk, num_n, *L.scalars,
             **L.flags, HEAD_BCAST=bh == 1 and p.Hq > 1,
-            ROW_BCAST=bmq == 1 and p.Nq > 1, COL_BCAST=bnk == 1 and p.Nk > 1,
-            UPCAST=L.upcast, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, **launch)
-        g_bias = g.to(bias.dtype)
-    return dq, dk, dv, g_slope, g_table, g_bias
+            ROW_BCAST=bmq == 1 and p.Nq > 1, COL_BCAST=bnk == 1 and p.Nk > 1, **blocks, **launch)
+        grads["bias"] = g.to(bias.dtype)
+    re = p.rel_emb
+    for name, vec in (("rel_u", d_u), ("rel_w", d_w)):
+        if need[name]:
+            grads[name] = vec.sum(dim=(0, 2)).to(getattr(re, "content_bias" if name == "rel_u" else "position_bias").dtype)
+    if need["rel_key"] or need["rel_value"]:
+        K = L.rel_k
+        ha = L.rel_heads
+        # interior rows -K < rel < K that some (query, key) pair reaches: rel in [1 - Nk, Nq - 1]
+        rel_first, rel_last = max(1 - K, 1 - p.Nk), min(K - 1, p.Nq - 1)
+        tables = {n: torch.zeros(p.B, ha, 2 * K + 1, p.D, **f32) if need[n] else delta
+                  for n in ("rel_key", "rel_value")}
+        if rel_last >= rel_first:
+            _attn_bwd_rel[(_cdiv(rel_last - rel_first + 1, bn), ha, p.B)](
+                q, k, v, do, lse, delta, tables["rel_key"], tables["rel_value"], *L.ptrs,
+                *q.stride(), *k.stride(), *v.stride(), *do.stride(), *L.enc_strides,
+                p.Hq, p.Nq, p.Nk, p.D, p.group, rel_first, p.Hq if ha > 1 else 1, p.scale, *L.scalars,
+                **L.flags, **L.bias_flags, D_AK=need["rel_key"], D_AV=need["rel_value"], **blocks, **launch)
+        for name, ends, attr in (("rel_key", d_key_end, "key"), ("rel_value", d_value_end, "value")):
+            if not need[name]:
+                continue
+            g = tables[name].sum(0)                                 # [Ha, 2K+1, D]
+            e = ends.sum(dim=(0, 2))                                # [Hq, 2, D]: rows 0 and 2K
+            if ha == 1:
+                e = e.sum(0, keepdim=True)
+            g[:, 0] += e[:, 0]
+            g[:, 2 * K] += e[:, 1]
+            grads[name] = g.to(getattr(re, attr).dtype)
+    return (dq, dk, dv, *(grads[n] for n in _PARAMS))
 
 
 class _TritonAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, alibi, table, bias, p: Problem):
-        L = _Launch(p, q, k, v, alibi, table, bias)
-        params_need_grad = any(x is not None and x.requires_grad for x in (alibi, table, bias))
+    def forward(ctx, p: Problem, q, k, v, *params):
+        L = _Launch(p, q, *params)
+        params_need_grad = any(x is not None and x.requires_grad for x in params)
         out, lse, out_saved = _forward(L, q, k, v, keep_f32=params_need_grad)
         ctx.launch = L
         ctx.save_for_backward(q, k, v, out_saved, lse)
@@ -210,12 +267,10 @@ class _TritonAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        L = ctx.launch
-        need = (ctx.needs_input_grad[3], ctx.needs_input_grad[4], ctx.needs_input_grad[5])
+        need = dict(zip(_PARAMS, ctx.needs_input_grad[4:]))
         if dout is None:
             dout = torch.zeros(out.shape, device=q.device, dtype=q.dtype)
-        dq, dk, dv, g_slope, g_table, g_bias = _backward(L, q, k, v, out, lse, dout, dlse, need)
-        return dq, dk, dv, g_slope, g_table, g_bias, None
+        return (None, *_backward(ctx.launch, q, k, v, out, lse, dout, dlse, need))
 
 
 def attention(p: Problem):
@@ -223,5 +278,7 @@ def attention(p: Problem):
     bias = p.bias
     if bias is not None and p.bias_is_mask and bias.requires_grad:
         bias = bias.detach()
-    out, lse = _TritonAttention.apply(p.q, p.k, p.v, p.alibi, table, bias, p)
+    re = p.rel_emb
+    rel = (re.key, re.value, re.content_bias, re.position_bias) if re is not None else (None,) * 4
+    out, lse = _TritonAttention.apply(p, p.q, p.k, p.v, p.alibi, table, bias, *rel)
     return (out, lse) if p.return_lse else out

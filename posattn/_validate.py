@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .encodings import DistanceBias, GridBias, RoPE
+from .encodings import DistanceBias, GridBias, RelativeEmbeddings, RoPE
 
 MAX_HEAD_DIM = 256
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # float64: reference only
@@ -44,6 +44,7 @@ class Problem:
     bias: Optional[torch.Tensor]        # 4-D, each dim 1 or full (not expanded)
     bias_is_mask: bool
     return_lse: bool
+    rel_emb: Optional[RelativeEmbeddings] = None
 
     @property
     def group(self) -> int:
@@ -92,7 +93,7 @@ def _positions(name, pos, B, N, device):
 
 
 def check(q, k, v, *, causal=False, scale=None, window=None, q_pos=None, k_pos=None, rope=None,
-          alibi_slopes=None, rel_bias=None, bias=None, return_lse=False) -> Problem:
+          alibi_slopes=None, rel_bias=None, bias=None, return_lse=False, rel_emb=None) -> Problem:
     for name, x in (("q", q), ("k", k), ("v", v)):
         _tensor(name, x)
         if x.dim() != 4:
@@ -201,5 +202,24 @@ def check(q, k, v, *, causal=False, scale=None, window=None, q_pos=None, k_pos=N
                              f"size may also divide B: batch b reads bias[b % nB]), got shape "
                              f"{tuple(bias.shape)}")
 
+    if rel_emb is not None:
+        if not isinstance(rel_emb, RelativeEmbeddings):
+            raise TypeError(f"rel_emb must be a posattn.RelativeEmbeddings, got {type(rel_emb).__name__}")
+        for name in ("key", "value"):
+            t = getattr(rel_emb, name)
+            if t is None:
+                continue
+            _same_device(f"rel_emb.{name}", t, q.device)
+            if t.shape[0] not in (1, Hq) or t.shape[2] != D:
+                raise ValueError(f"rel_emb.{name} must have shape [1 or Hq={Hq}, 2K+1, D={D}], got "
+                                 f"{tuple(t.shape)}")
+        for name in ("content_bias", "position_bias"):
+            t = getattr(rel_emb, name)
+            if t is None:
+                continue
+            _same_device(f"rel_emb.{name}", t, q.device)
+            if tuple(t.shape) != (Hq, D):
+                raise ValueError(f"rel_emb.{name} must have shape [Hq, D] = [{Hq}, {D}], got {tuple(t.shape)}")
+
     return Problem(q, k, v, B, Hq, Hkv, Nq, Nk, D, causal, float(scale), wl, wr, q_pos, k_pos,
-                   rope, rotary_dim, alibi_slopes, rel_bias, bias, bias_is_mask, return_lse)
+                   rope, rotary_dim, alibi_slopes, rel_bias, bias, bias_is_mask, return_lse, rel_emb)

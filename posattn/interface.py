@@ -29,7 +29,7 @@ def _select(p: _validate.Problem, backend=None) -> str:
 
 
 def attention(q, k, v, *, causal=False, scale=None, window=None, q_pos=None, k_pos=None, rope=None,
-              alibi_slopes=None, rel_bias=None, bias=None, return_lse=False, backend=None):
+              alibi_slopes=None, rel_bias=None, bias=None, return_lse=False, rel_emb=None, backend=None):
     """Fused attention with positional encodings (SPEC.md).
 
     q ``[B, Hq, Nq, D]``, k and v ``[B, Hkv, Nk, D]`` (any strides, ``Hq % Hkv == 0``).
@@ -38,7 +38,7 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, q_pos=None, k_p
     """
     p = _validate.check(q, k, v, causal=causal, scale=scale, window=window, q_pos=q_pos, k_pos=k_pos,
                         rope=rope, alibi_slopes=alibi_slopes, rel_bias=rel_bias, bias=bias,
-                        return_lse=return_lse)
+                        return_lse=return_lse, rel_emb=rel_emb)
     name = _select(p, backend)
     if p.B == 0 or p.Hq == 0 or p.Nq == 0 or p.Nk == 0:
         return reference.empty_result(p)

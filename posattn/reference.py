@@ -44,13 +44,13 @@ def apply_rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, inter
 
 
 def attention(q, k, v, *, causal=False, scale=None, window=None, q_pos=None, k_pos=None, rope=None,
-              alibi_slopes=None, rel_bias=None, bias=None, return_lse=False, backend=None,
+              alibi_slopes=None, rel_bias=None, bias=None, return_lse=False, rel_emb=None, backend=None,
               upcast=False):
     if backend not in (None, "reference"):
         raise ValueError(f"posattn.reference.attention runs the reference backend only, got backend={backend!r}")
     p = _validate.check(q, k, v, causal=causal, scale=scale, window=window, q_pos=q_pos, k_pos=k_pos,
                         rope=rope, alibi_slopes=alibi_slopes, rel_bias=rel_bias, bias=bias,
-                        return_lse=return_lse)
+                        return_lse=return_lse, rel_emb=rel_emb)
     return _run(p, upcast)
 
 
@@ -82,8 +82,20 @@ def _run(p: _validate.Problem, upcast: bool):
         k = k.repeat_interleave(p.group, dim=1)
         v = v.repeat_interleave(p.group, dim=1)
 
-    scores = torch.matmul(q, k.transpose(-1, -2)) * p.scale        # [B, Hq, Nq, Nk]
     rel = relative_positions(p, dev)                                # [1|B, 1, Nq, Nk]
+    re = p.rel_emb
+    if re is not None:  # Shaw / Transformer-XL: c = clamp(rel, -K, K) + K
+        c = (rel.clamp(-re.clip, re.clip) + re.clip).expand(p.B, p.Hq, p.Nq, p.Nk)
+        u, w = re.content_bias, re.position_bias
+        qu = q + u.to(dt)[None, :, None, :] if u is not None else q
+        scores = torch.matmul(qu, k.transpose(-1, -2))
+        if re.key is not None:
+            qw = q + w.to(dt)[None, :, None, :] if w is not None else q
+            qa = torch.matmul(qw, re.key.to(dt)[None].transpose(-1, -2))   # [B, Hq, Nq, 2K+1]
+            scores = scores + qa.gather(-1, c)
+        scores = scores * p.scale
+    else:
+        scores = torch.matmul(q, k.transpose(-1, -2)) * p.scale    # [B, Hq, Nq, Nk]
     keep = torch.ones_like(rel, dtype=torch.bool)
     if p.causal:
         keep = keep & (rel <= 0)
@@ -119,6 +131,10 @@ def _run(p: _validate.Problem, upcast: bool):
     l = e.sum(dim=-1, keepdim=True)
     probs = e / torch.where(l == 0, torch.ones_like(l), l)
     out = torch.matmul(probs.to(v.dtype), v)
+    if re is not None and re.value is not None:  # per-row bucket sums of P times aV
+        buckets = torch.zeros(p.B, p.Hq, p.Nq, 2 * re.clip + 1, device=dev, dtype=probs.dtype)
+        buckets = buckets.scatter_add(-1, c, probs)
+        out = out + torch.matmul(buckets.to(v.dtype), re.value.to(dt)[None])
     if not p.return_lse:
         return out
     lse = (torch.log(l) + m).squeeze(-1)

@@ -46,6 +46,9 @@ def _rebuild(kw, params):
         kw["rel_bias"] = kw["rel_bias"].with_table(params["table"])
     if "bias" in params:
         kw["bias"] = params["bias"]
+    rel = {n[4:]: t for n, t in params.items() if n.startswith("rel_")}
+    if rel:
+        kw["rel_emb"] = kw["rel_emb"].with_tensors(**rel)
     return kw
 
 
@@ -60,6 +63,11 @@ def _params(kw):
     b = kw.get("bias")
     if b is not None and b.requires_grad:
         out["bias"] = b
+    re = kw.get("rel_emb")
+    for name in ("key", "value", "content_bias", "position_bias"):
+        t = getattr(re, name, None)
+        if t is not None and t.requires_grad:
+            out["rel_" + name] = t
     return out
 
 

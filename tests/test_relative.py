@@ -107,3 +107,144 @@ def test_grid_bias_errors():
     with pytest.raises(ValueError, match="bias"):
         posattn.attention(torch.randn(4, 2, 10, 8), *(torch.randn(4, 2, 10, 8) for _ in range(2)),
                           bias=torch.randn(3, 1, 10, 10))
+
+
+# ----------------------------------------------------------------------------- Shaw et al.
+
+def shaw_textbook(q, k, v, aK, aV, K):
+    """Shaw et al. (2018) as the seed documents write it: materialise the [N, N, D]
+    clipped relative embeddings a_ij, then e_ij = q_i.(k_j + aK_ij) / sqrt(D) and
+    z_i = sum_j softmax(e)_ij (v_j + aV_ij). One head, no batch."""
+    Nq, D = q.shape
+    Nk = k.shape[0]
+    off = Nk - Nq
+    idx = torch.tensor([[min(max(j - (i + off), -K), K) + K for j in range(Nk)] for i in range(Nq)])
+    a_k, a_v = aK[idx], aV[idx]                                    # [Nq, Nk, D]
+    e = (q[:, None, :] * (k[None, :, :] + a_k)).sum(-1) / math.sqrt(D)
+    p = e.softmax(-1)
+    return (p[:, :, None] * (v[None, :, :] + a_v)).sum(1)
+
+
+@pytest.mark.parametrize("K", [0, 2, 6, 40])
+def test_reference_shaw_matches_textbook(K):
+    H, Nq, Nk, D = 2, 9, 13, 8
+    q, k, v = torch.randn(1, H, Nq, D, dtype=f64), torch.randn(1, H, Nk, D, dtype=f64), torch.randn(1, H, Nk, D, dtype=f64)
+    aK, aV = torch.randn(H, 2 * K + 1, D, dtype=f64), torch.randn(H, 2 * K + 1, D, dtype=f64)
+    got = reference.attention(q, k, v, rel_emb=posattn.RelativeEmbeddings(aK, aV, K))
+    want = torch.stack([shaw_textbook(q[0, h], k[0, h], v[0, h], aK[h], aV[h], K) for h in range(H)])[None]
+    assert close(got, want)
+
+
+def txl_textbook(q, k, v, r_proj, r_w_bias, r_r_bias):
+    """Transformer-XL's RelPartialLearnableMultiHeadAttn without memory: AC + BD with
+    the _rel_shift trick, causal mask, 1/sqrt(d_head) scale. q, k, v: [N, H, D]."""
+    N, H, D = q.shape
+    d_model = r_proj.shape[1]
+    pos_seq = torch.arange(N - 1, -1, -1.0, dtype=f64)
+    inv_freq = 1 / (10000 ** (torch.arange(0.0, d_model, 2.0, dtype=f64) / d_model))
+    sinusoid = torch.outer(pos_seq, inv_freq)
+    r = torch.cat([sinusoid.sin(), sinusoid.cos()], -1)           # [N, d_model]
+    r_head_k = (r @ r_proj.T).view(N, H, D)
+    ac = torch.einsum("ibnd,jbnd->ijbn", (q + r_w_bias)[:, None], k[:, None])
+    bd = torch.einsum("ibnd,jnd->ijbn", (q + r_r_bias)[:, None], r_head_k)
+    zero_pad = torch.zeros((bd.size(0), 1, *bd.size()[2:]), dtype=f64)
+    bd = torch.cat([zero_pad, bd], 1).view(bd.size(1) + 1, bd.size(0), *bd.size()[2:])[1:].view_as(bd)
+    score = (ac + bd) / math.sqrt(D)
+    mask = torch.triu(torch.ones(N, N, dtype=torch.bool), diagonal=1)[:, :, None, None]
+    prob = score.masked_fill(mask, float("-inf")).softmax(1)
+    return torch.einsum("ijbn,jbnd->ibnd", prob, v[:, None])[:, 0]   # [N, H, D]
+
+
+def test_reference_transformer_xl_matches_rel_shift():
+    N, H, D, d_model = 11, 2, 8, 12
+    q, k, v = (torch.randn(N, H, D, dtype=f64) for _ in range(3))
+    r_proj = torch.randn(H * D, d_model, dtype=f64)
+    u, w = torch.randn(H, D, dtype=f64), torch.randn(H, D, dtype=f64)
+    want = txl_textbook(q, k, v, r_proj, u, w)
+    rel = posattn.RelativeEmbeddings.transformer_xl(r_proj, u, w, clip=N - 1)
+    got = reference.attention(*(x.permute(1, 0, 2)[None] for x in (q, k, v)), causal=True, rel_emb=rel)
+    assert close(got[0].permute(1, 0, 2), want)
+
+
+def shaw(Hq, K, D, device, shared=False, value=True, u=False, w=False):
+    h = 1 if shared else Hq
+    rnd = lambda *s: (0.5 * torch.randn(*s, device=device)).requires_grad_()  # noqa: E731
+    return posattn.RelativeEmbeddings(rnd(h, 2 * K + 1, D), rnd(h, 2 * K + 1, D) if value else None, K,
+                                      rnd(Hq, D) if u else None, rnd(Hq, D) if w else None)
+
+
+MASKS = {"full": {}, "causal": {"causal": True}, "window": {"window": (9, 4)}}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("mask", list(MASKS))
+def test_shaw_kernel(mask, dtype, device):
+    q, k, v = make(2, 4, 2, 45, 24, dtype, device, Nk=70)
+    check(q, k, v, rel_emb=shaw(4, 6, 24, device), **MASKS[mask])
+
+
+@pytest.mark.parametrize("K", [0, 1, 16, 300])
+def test_shaw_clips_and_shared_tables(K, device):
+    q, k, v = make(1, 2, 2, 70, 16, torch.float32, device, Nk=60)
+    check(q, k, v, rel_emb=shaw(2, K, 16, device, shared=K % 2 == 0), return_lse=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_transformer_xl_kernel(dtype, device):
+    """u, w and a key table spanning every distance (K = Nk - 1), causal, GQA."""
+    N, H, D = 67, 4, 32
+    q, k, v = make(2, H, 2, N, D, dtype, device)
+    r_proj = (0.1 * torch.randn(H * D, 48, device=device)).requires_grad_()
+    u, w = (torch.randn(H, D, device=device) * 0.3).requires_grad_(), (torch.randn(H, D, device=device) * 0.3).requires_grad_()
+    rel = posattn.RelativeEmbeddings.transformer_xl(r_proj, u, w, clip=N - 1)
+    check(q, k, v, causal=True, rel_emb=rel, return_lse=True)
+    # the gradient reaches W_R through the table, like the textbook
+    out = posattn.attention(q, k, v, causal=True, rel_emb=rel, backend="triton")
+    (g,) = torch.autograd.grad(out.float().sum(), r_proj)
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+def test_shaw_with_rope_alibi_and_dense_bias(device):
+    q, k, v = make(2, 2, 1, 40, 32, torch.float32, device, Nk=52)
+    bias = torch.randn(2, 1, 40, 52, device=device, requires_grad=True)
+    check(q, k, v, rel_emb=shaw(2, 5, 32, device, u=True, w=True), rope=posattn.RoPE(dim=16),
+          alibi_slopes=posattn.alibi_slopes(2, device=device), bias=bias, causal=True)
+
+
+def test_shaw_only_content_bias(device):
+    q, k, v = make(1, 2, 2, 30, 16, torch.float32, device)
+    u = torch.randn(2, 16, device=device, requires_grad=True)
+    check(q, k, v, rel_emb=posattn.RelativeEmbeddings(content_bias=u, clip=0))
+
+
+def test_shaw_explicit_positions_fall_back_to_reference(device):
+    q, k, v = make(1, 2, 2, 10, 16, torch.float32, device)
+    pos = torch.arange(10, device=device)
+    rel = shaw(2, 3, 16, device)
+    with pytest.raises(ValueError, match="triton.*refused.*rel_emb"):
+        posattn.attention(q, k, v, rel_emb=rel, q_pos=pos, backend="triton")
+    assert posattn.select_backend(q, k, v, rel_emb=rel, q_pos=pos) != "triton"
+
+
+def test_relative_embeddings_errors():
+    q, k, v = (torch.randn(1, 2, 10, 8) for _ in range(3))
+    with pytest.raises(ValueError, match="clip"):
+        posattn.RelativeEmbeddings(torch.randn(2, 5, 8), clip=-1)
+    with pytest.raises(ValueError, match="2K\\+1"):
+        posattn.RelativeEmbeddings(torch.randn(2, 6, 8), clip=2)
+    with pytest.raises(ValueError, match="at least one"):
+        posattn.RelativeEmbeddings(clip=2)
+    with pytest.raises(ValueError, match="position_bias"):
+        posattn.RelativeEmbeddings(value=torch.randn(2, 5, 8), clip=2, position_bias=torch.randn(2, 8))
+    with pytest.raises(TypeError, match="key"):
+        posattn.RelativeEmbeddings(torch.zeros(2, 5, 8, dtype=torch.long), clip=2)
+    with pytest.raises(TypeError, match="rel_emb"):
+        posattn.attention(q, k, v, rel_emb=torch.randn(2, 5, 8))
+    with pytest.raises(ValueError, match="rel_emb.key"):
+        posattn.attention(q, k, v, rel_emb=posattn.RelativeEmbeddings(torch.randn(3, 5, 8), clip=2))
+    with pytest.raises(ValueError, match="rel_emb.key"):
+        posattn.attention(q, k, v, rel_emb=posattn.RelativeEmbeddings(torch.randn(2, 5, 4), clip=2))
+    with pytest.raises(ValueError, match="rel_emb.content_bias"):
+        posattn.attention(q, k, v, rel_emb=posattn.RelativeEmbeddings(content_bias=torch.randn(3, 8), clip=0))
+    with pytest.raises(ValueError, match="r_proj"):
+        posattn.RelativeEmbeddings.transformer_xl(torch.randn(15, 4), torch.randn(2, 8), torch.randn(2, 8), 3)
