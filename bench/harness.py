@@ -97,7 +97,8 @@ PROTOCOL_NOTES = (
     "flex: torch.compile(flex_attention, dynamic=False); causal via create_block_mask (built outside the "
     "timing); ALiBi score_mod: score - slope[h] * |q_idx - kv_idx|; distance score_mod: "
     "score + table[h, clamp(kv_idx - q_idx, -L, R) + L], the table captured with its gradient.",
-    "max|dout| (max_abs_diff) is each method's forward output against posattn's on the same inputs.",
+    "max abs diff (max_abs_diff): the max abs difference of each method's forward output from posattn's "
+    "on the same inputs.",
 )
 
 
@@ -377,14 +378,14 @@ def _md_escape(s: str) -> str:
 
 
 def md_table(header: Sequence[str], body: Iterable[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines = ["| " + " | ".join(_md_escape(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for cells in body:
         lines.append("| " + " | ".join(_md_escape(c) for c in cells) + " |")
     return "\n".join(lines)
 
 
 ROW_HEADER = ("D", "N", "B", "H", "mask", "encoding", "mode", "method", "backend", "ms", "TFLOP/s",
-              "% matmul", "peak MiB", "x posattn", "max|dout|", "status")
+              "% matmul", "peak MiB", "x posattn", "max abs diff", "status")
 
 
 def row_cells(r: dict) -> List[str]:
@@ -403,7 +404,7 @@ def format_console_row(r: dict) -> str:
     return (f"{r['id']:<52} {_f(r['ms'], '{:9.4f}'):>9} ms {_f(r['tflops'], '{:7.1f}'):>7} TFLOP/s "
             f"{_f(None if r['frac_matmul'] is None else 100 * r['frac_matmul'], '{:5.1f}'):>5}% mm "
             f"peak {_f(r['peak_mib'], '{:.0f}'):>6} MiB  x posattn {_f(r.get('vs_posattn'), '{:.2f}'):>5}  "
-            f"max|dout| {_f(r['max_abs_diff'], '{:.2g}')}  [{r.get('backend', '')}]")
+            f"maxdiff {_f(r['max_abs_diff'], '{:.2g}')}  [{r.get('backend', '')}]")
 
 
 def render_markdown(env: dict, protocol: dict, matmul: dict, rows: List[dict], *, smoke: bool = False) -> str:
@@ -482,7 +483,7 @@ def render_markdown(env: dict, protocol: dict, matmul: dict, rows: List[dict], *
 
     parts.append("## All rows\n")
     parts.append("'x posattn' = this row's ms / posattn's ms in its group (> 1: slower than posattn). "
-                 "max|dout| = max abs difference of the forward output from posattn's.\n")
+                 "'max abs diff' = max abs difference of the forward output from posattn's.\n")
     parts.append(md_table(ROW_HEADER, [row_cells(r) for r in rows]))
     parts.append("")
     return "\n".join(parts)
