@@ -2,30 +2,48 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
-from . import _triton, _validate, reference
+from . import _cuda, _triton, _validate, reference
 
-BACKENDS = ("triton", "reference")
+BACKENDS = ("triton", "cuda", "reference")
+_REFUSALS = {"triton": lambda p: _triton.refusal(p), "cuda": lambda p: _cuda.refusal(p)}
 
 
 def _select(p: _validate.Problem, backend=None) -> str:
     """The backend that will run ``p``: the requested one (error if it refuses),
-    else POSATTN_BACKEND, else triton when it accepts the problem, else reference."""
+    else POSATTN_BACKEND, else the first of triton, cuda that accepts the problem,
+    else reference. Falling back for CUDA tensors warns, naming each refused backend
+    and why; CPU tensors (without TRITON_INTERPRET) and float64 go to the reference
+    silently, as documented."""
     requested = backend if backend is not None else (os.environ.get("POSATTN_BACKEND") or None)
     if requested is not None and requested not in BACKENDS:
         src = "backend" if backend is not None else "POSATTN_BACKEND"
         raise ValueError(f"{src} must be one of {BACKENDS} or None, got {requested!r}")
     if requested == "reference":
         return "reference"
-    why = _triton.refusal(p)
-    if requested == "triton":
+    if requested is not None:
+        why = _REFUSALS[requested](p)
         if why is not None:
             src = "" if backend is not None else " (from POSATTN_BACKEND)"
-            raise ValueError(f"backend 'triton'{src} refused: {why}")
-        return "triton"
-    return "triton" if why is None else "reference"
+            raise ValueError(f"backend {requested!r}{src} refused: {why}")
+        return requested
+    refused = []
+    for name in ("triton", "cuda"):
+        if name == "cuda" and (p.q.device.type != "cuda" or p.q.dtype == torch.float64):
+            break  # the documented reference cases: no fused backend was expected
+        why = _REFUSALS[name](p)
+        if why is None:
+            if refused:
+                warnings.warn(f"posattn: {'; '.join(refused)}; using backend {name!r}", stacklevel=3)
+            return name
+        refused.append(f"backend {name!r} refused: {why}")
+    if refused and p.q.device.type == "cuda" and p.q.dtype != torch.float64:
+        warnings.warn(f"posattn: {'; '.join(refused)}; using the reference backend (plain PyTorch, "
+                      f"O(Nq * Nk) memory)", stacklevel=3)
+    return "reference"
 
 
 def attention(q, k, v, *, causal=False, scale=None, window=None, q_pos=None, k_pos=None, rope=None,
@@ -44,6 +62,8 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, q_pos=None, k_p
         return reference.empty_result(p)
     if name == "triton":
         return _triton.attention(p)
+    if name == "cuda":
+        return _cuda.attention(p)
     return reference._run(p, upcast=False)
 
 
