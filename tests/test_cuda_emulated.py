@@ -1,0 +1,136 @@
+"""The CUDA fallback's kernels run on CPU, without a GPU: csrc/ compiled with a host
+compiler against csrc/emulate.h (CUDA threads as OS threads, __syncthreads as a
+barrier, WMMA fragments with their documented semantics and alignment checks), and
+registered as torch.ops.posattn_cuda_emu for CPU tensors. posattn/_cuda.py's
+autograd wrapper and csrc/ops.cpp's argument checks run unchanged.
+
+What this does not check: nvcc's code generation, the real tensor-core fragment
+layouts, the CUDA launch configuration and shared-memory limits on a device (see
+test_cuda_backend.py on a GPU, and test_cuda_build.py for the nvcc compile).
+The build (about 15 s) is cached in build/ and skipped, with the reason, when it
+fails (e.g. no C++20 compiler).
+"""
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+import test_cuda_backend as cases
+from posattn import _cuda
+from test_kernels import DTYPES, ENCODINGS, MASKS, SHAPES
+
+ROOT = Path(__file__).resolve().parent.parent
+_lock = threading.Lock()
+_state = {}
+
+
+def _build():
+    """None when torch.ops.posattn_cuda_emu is loaded, else why not."""
+    with _lock:
+        if "error" not in _state:
+            try:
+                from torch.utils import cpp_extension
+                out = ROOT / "build" / f"emulated-torch{torch.__version__.replace('+', '_')}"
+                out.mkdir(parents=True, exist_ok=True)
+                cpp_extension.load(name="posattn_cuda_emu",
+                                   sources=[str(ROOT / "csrc" / "ops.cpp"), str(ROOT / "csrc" / "emulate.cpp")],
+                                   extra_cflags=["-DPOSATTN_EMULATE", "-O2", "-std=c++20"],
+                                   extra_ldflags=["-pthread"], build_directory=str(out),
+                                   is_python_module=False)
+                _state["error"] = None
+            except Exception as e:  # no compiler, no ninja, no C++20, ...
+                lines = str(e).strip().splitlines()
+                _state["error"] = f"{type(e).__name__}: {lines[-1] if lines else ''}"
+        return _state["error"]
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    why = _build()
+    if why is not None:
+        pytest.skip(f"the emulated CUDA kernels could not be built: {why}")
+    # Keep the backend's own feature refusals; only the device and build checks go.
+    monkeypatch.setattr(_cuda, "refusal", _cuda.unsupported)
+    monkeypatch.setattr(_cuda, "_ops", lambda: torch.ops.posattn_cuda_emu)
+    return "cpu"
+
+
+# Every encoding x mask; the dtype rotates so that each meets all three across the
+# matrix (the GPU runs the full cross product).
+@pytest.mark.parametrize("enc,mask", [(e, m) for e in ENCODINGS for m in MASKS])
+def test_encoding_mask(enc, mask, emulated):
+    dtype = DTYPES[(ENCODINGS.index(enc) + list(MASKS).index(mask)) % len(DTYPES)]
+    cases.case_encoding_mask_dtype(emulated, enc, mask, dtype)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:6])) + ("T" if s[6] else ""))
+def test_shapes_all_encodings(shape, emulated):
+    dtype = [torch.bfloat16, torch.float32, torch.float16, torch.bfloat16][SHAPES.index(shape)]
+    cases.case_shapes_all_encodings(emulated, shape, dtype)
+
+
+# Head dims, including those whose tiles shrink to fit shared memory (float32, 256).
+@pytest.mark.parametrize("D,dtype", [(8, torch.float16), (40, torch.bfloat16), (80, torch.float32),
+                                     (128, torch.float16), (256, torch.bfloat16), (256, torch.float32)],
+                         ids=str)
+def test_head_dims(D, dtype, emulated):
+    cases.case_head_dim(emulated, D, dtype)
+
+
+def test_explicit_positions_packed(emulated):
+    cases.case_explicit_positions_packed(emulated, torch.bfloat16)
+
+
+def test_kv_cache_decoding(emulated):
+    cases.case_kv_cache_decoding(emulated, torch.float32)
+
+
+def test_shuffled_positions_window(emulated):
+    cases.case_shuffled_positions_window(emulated)
+
+
+@pytest.mark.parametrize("bshape", [(2, 3, 40, 70), (3, 1, 70), (1, 1, 1, 70), (2, 3, 40, 1), (1, 1, 1, 1)])
+def test_dense_bias_broadcast_gradient(bshape, emulated):
+    cases.case_dense_bias_broadcast_gradient(emulated, bshape)
+
+
+def test_bias_float32_with_half_inputs(emulated):
+    cases.case_bias_float32_with_half_inputs(emulated, torch.float16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_empty_rows_are_zero_without_nan(dtype, emulated):
+    cases.case_empty_rows_are_zero_without_nan(emulated, dtype)
+
+
+def test_fully_masked_everything(emulated):
+    cases.case_fully_masked_everything(emulated)
+
+
+def test_lse_and_its_gradient(emulated):
+    cases.case_lse_and_its_gradient(emulated)
+
+
+def test_scale_and_t5(emulated):
+    cases.case_scale_and_t5(emulated)
+
+
+def test_wide_distance_table(emulated):
+    cases.case_wide_distance_table(emulated)
+
+
+def test_parameter_gradients_are_deterministic(emulated):
+    cases.case_parameter_gradients_are_deterministic(emulated)
+
+
+def test_inputs_not_mutated(emulated):
+    cases.case_inputs_not_mutated(emulated)
+
+
+def test_single_key(emulated):
+    cases.case_single_key(emulated)
+
+
+def test_operator_checks_arguments(emulated):
+    cases.case_operator_checks_arguments(emulated)
