@@ -92,6 +92,28 @@ def _rope_distance(n, dev, dt, g):
                                "rel_bias": posattn.DistanceBias(p[0], left=left, right=right)}
 
 
+def _grid(n, dev, dt, g):
+    wh = max(d for d in range(1, int(n ** 0.5) + 1) if n % d == 0)   # a Wh x Ww window of n tokens
+    ww = n // wh
+    table = 0.5 * torch.randn((2 * wh - 1) * (2 * ww - 1), HQ, generator=g).to(dev)
+    return [table], lambda p: {"rel_bias": posattn.GridBias(p[0], (wh, ww))}
+
+
+def _shaw(n, dev, dt, g):
+    K = 16
+    a_k = 0.5 * torch.randn(HQ, 2 * K + 1, D, generator=g).to(dev)
+    a_v = 0.5 * torch.randn(HQ, 2 * K + 1, D, generator=g).to(dev)
+    return [a_k, a_v], lambda p: {"rel_emb": posattn.RelativeEmbeddings(p[0], p[1], clip=K)}
+
+
+def _transformer_xl(n, dev, dt, g):
+    r_proj = 0.1 * torch.randn(HQ * D, 128, generator=g).to(dev)
+    u = 0.3 * torch.randn(HQ, D, generator=g).to(dev)
+    w = 0.3 * torch.randn(HQ, D, generator=g).to(dev)
+    return [r_proj, u, w], lambda p: {
+        "causal": True, "rel_emb": posattn.RelativeEmbeddings.transformer_xl(p[0], p[1], p[2], clip=n - 1)}
+
+
 CONFIGS = [
     ("none", _none),
     ("causal", _causal),
@@ -104,6 +126,9 @@ CONFIGS = [
     ("bool mask", _bool_mask),
     ("rope+alibi", _rope_alibi),
     ("rope+DistanceBias", _rope_distance),
+    ("GridBias (Swin)", _grid),
+    ("Shaw K=16", _shaw),
+    ("Transformer-XL", _transformer_xl),
 ]
 
 
