@@ -119,7 +119,7 @@ def quick_protocol() -> Protocol:
 def smoke_protocol() -> Protocol:
     """The CPU smoke run: a tiny problem to exercise the code paths, numbers meaningless."""
     return Protocol(name="cpu-smoke", tokens=128, hidden=128, head_dims=(64,), seqlens=(128,),
-                    extra_methods=("reference",), matmul_n=512,
+                    extra_methods=("reference",), matmul_n=512, distance_left=16, distance_right=16,
                     timer="median of Protocol.cpu_reps wall-clock calls after one warm-up call (CPU)",
                     notes=("CPU smoke run: tiny shapes, interpreter or CPU kernels; the numbers mean nothing.",)
                     + PROTOCOL_NOTES)
