@@ -393,7 +393,7 @@ def row_cells(r: dict) -> List[str]:
     return [str(r["D"]), str(r["N"]), str(r["B"]), str(r["H"]), "causal" if r["causal"] else "full",
             r["encoding"], r["mode"], r["method"], r.get("backend", ""), _f(r["ms"], "{:.4g}"),
             _f(r["tflops"], "{:.1f}"), _f(None if r["frac_matmul"] is None else 100 * r["frac_matmul"], "{:.1f}"),
-            _f(r["peak_mib"], "{:.0f}"), _f(r.get("vs_posattn"), "{:.2f}"), _f(r["max_abs_diff"], "{:.2g}"),
+            _f(r["peak_mib"], "{:.0f}"), _f(r.get("vs_posattn"), "{:.3g}"), _f(r["max_abs_diff"], "{:.2g}"),
             status]
 
 
@@ -462,8 +462,8 @@ def render_markdown(env: dict, protocol: dict, matmul: dict, rows: List[dict], *
                          _f(s["posattn_ms"], "{:.4g}"), _f(s["posattn_tflops"], "{:.1f}"),
                          _f(None if s["posattn_frac_matmul"] is None else 100 * s["posattn_frac_matmul"],
                             "{:.1f}")]
-                        + [_f(s["speedup"].get(p), "{:.2f}") for p in peers]
-                        + [_f(s["speedup_vs_best"], "{:.2f}") + (f" ({s['best_peer']})" if s["best_peer"] else "")])
+                        + [_f(s["speedup"].get(p), "{:.3g}") for p in peers]
+                        + [_f(s["speedup_vs_best"], "{:.3g}") + (f" ({s['best_peer']})" if s["best_peer"] else "")])
         parts.append(f"### {enc}\n")
         parts.append(md_table(header, body))
         parts.append("")
@@ -665,8 +665,9 @@ def write_plot(path: str, rows: List[dict], title: str = "", matmul_tflops: Opti
                     ax.plot(xs, ys, marker="o", label=m, color=color[m],
                             linewidth=2.2 if m == POSATTN else 1.2)
             if matmul_tflops:
-                ax.axhline(matmul_tflops, color="grey", linestyle=":", linewidth=1)
+                ax.axhline(matmul_tflops, color="grey", linestyle=":", linewidth=1, label="matmul (same run)")
             ax.set_xscale("log", base=2)
+            ax.set_ylim(bottom=0)
             ax.set_title(f"D={d} {enc} {'causal' if causal else 'full'} {mode}", fontsize=9)
             ax.set_xlabel("N")
             ax.set_ylabel("TFLOP/s")
@@ -675,7 +676,7 @@ def write_plot(path: str, rows: List[dict], title: str = "", matmul_tflops: Opti
                 ax.legend(fontsize=6)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (3.0 * nr)) if title else None)
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
