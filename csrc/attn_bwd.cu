@@ -152,7 +152,7 @@ PA_KERNEL attn_bwd_dq_kernel(const Params P) {
       const int64_t rel = kpos[c] - qpos[r];
       if (P.dslope) d_slope -= ds * static_cast<float>(rel < 0 ? -rel : rel);
       if (want_table && ds != 0.f) {
-        const int64_t col = table_column(P, rel);
+        const int64_t col = table_column(P, qpos[r], kpos[c]);
         c_lo = col < c_lo ? col : c_lo;
         c_hi = col > c_hi ? col : c_hi;
       }
@@ -173,7 +173,7 @@ PA_KERNEL attn_bwd_dq_kernel(const Params P) {
         float acc = 0.f;
         for (int r = 0; r < P.BM; ++r)
           for (int c = 0; c < P.BN; ++c)
-            if (table_column(P, kpos[c] - qpos[r]) == col) acc += dPs[r * L.lds + c];
+            if (table_column(P, qpos[r], kpos[c]) == col) acc += dPs[r * L.lds + c];
         dtab[col] += acc;
       }
     }

@@ -5,8 +5,9 @@
 
 namespace posattn_cuda {
 
-// Grid (row tiles * num_n, bh, bb). Row tiles: 1 when the query axis is broadcast;
-// num_n: 1 when the key axis is broadcast.
+// Grid (row tiles * num_n, bh, bias_nb). Row tiles: 1 when the query axis is
+// broadcast; num_n: 1 when the key axis is broadcast. Block (.., oh, ob) sums the
+// batches ob, ob + bias_nb, ... (all of them for a batch-broadcast bias).
 template <typename T>
 PA_KERNEL attn_bwd_dbias_kernel(const Params P) {
   unsigned char* sm = dyn_smem();
@@ -27,13 +28,12 @@ PA_KERNEL attn_bwd_dbias_kernel(const Params P) {
   const int tid = thread_x();
   const int64_t pid_m = block_x() / P.num_n, pid_n = block_x() % P.num_n;
   const int64_t oh = block_y(), ob = block_z();
-  const int64_t b_lo = P.batch_bcast ? 0 : ob, b_hi = P.batch_bcast ? P.B : ob + 1;
   const int64_t h_lo = P.head_bcast ? 0 : oh, h_hi = P.head_bcast ? P.Hq : oh + 1;
   const int64_t m_lo = P.row_bcast ? 0 : pid_m * P.BM, m_hi = P.row_bcast ? P.Nq : m_lo + 1;
   const int64_t n_lo = P.col_bcast ? 0 : pid_n * P.BN, n_hi = P.col_bcast ? P.Nk : n_lo + 1;
 
   for (int e = tid; e < P.BM * P.BN; e += kThreads) acc[(e / P.BN) * L.lds + e % P.BN] = 0.f;
-  for (int64_t b = b_lo; b < b_hi; ++b) {
+  for (int64_t b = ob; b < P.B; b += P.bias_nb) {
     for (int64_t h = h_lo; h < h_hi; ++h) {
       const int64_t hk = h / P.group;
       const int64_t row0 = (b * P.Hq + h) * P.Nq;
@@ -102,7 +102,7 @@ template <typename T>
 static const char* run_dbias(const Params& P, void* stream) {
   const size_t smem = DBiasLayout(P.BM, P.BN, P.BD, sizeof(T)).total;
   const unsigned row_tiles = P.bmq == 1 ? 1u : cdiv(P.Nq, P.BM);
-  return launch_kernel(attn_bwd_dbias_kernel<T>, Grid{row_tiles * unsigned(P.num_n), unsigned(P.bh), unsigned(P.bb)},
+  return launch_kernel(attn_bwd_dbias_kernel<T>, Grid{row_tiles * unsigned(P.num_n), unsigned(P.bh), unsigned(P.bias_nb)},
                        smem, stream, P);
 }
 

@@ -213,6 +213,20 @@ PA_DEV void store_unrotated(T* dst, int64_t sn, int64_t sd, int64_t row0, int ro
 
 // ------------------------------------------------------------------ scores
 
+// The table column of a (query, key) pair at positions (qp, kp).
+PA_DEV int64_t table_column(const Params& P, int64_t qp, int64_t kp) {
+  if (P.table_kind == kDistTable) {
+    const int64_t rel = kp - qp;
+    return (rel < -P.tab_a ? -P.tab_a : (rel > P.tab_b ? P.tab_b : rel)) + P.tab_a;
+  }
+  // Swin's relative_position_index; clamped into the table for positions outside
+  // the window (validation keeps them inside; this only keeps loads in bounds).
+  const int64_t wh = P.tab_a, ww = P.tab_b;
+  const int64_t dy = qp / ww - kp / ww + wh - 1, dx = qp % ww - kp % ww + ww - 1;
+  const int64_t c = dy * (2 * ww - 1) + dx;
+  return c < 0 ? 0 : (c >= P.tab_t ? P.tab_t - 1 : c);
+}
+
 template <typename T>
 PA_DEV float bias_value(const Params& P, int64_t off) {
   if (P.bias_kind == kF32Bias) return static_cast<const float*>(P.bias)[off];
@@ -231,12 +245,9 @@ PA_DEV float score2(const Params& P, float dot, int64_t b, int64_t h, int64_t i,
   if (P.has_wr && rel > P.win_r) return -kInf;
   float s = dot * P.qk_scale;
   if (P.slopes) s -= (slope * kLog2e) * static_cast<float>(rel < 0 ? -rel : rel);
-  if (P.table) {
-    const int64_t c = (rel < -P.tab_l ? -P.tab_l : (rel > P.tab_r ? P.tab_r : rel)) + P.tab_l;
-    s += P.table[h * P.tab_t + c] * kLog2e;
-  }
+  if (P.table) s += P.table[h * P.tab_t + table_column(P, qp, kp)] * kLog2e;
   if (P.bias_kind != kNoBias) {
-    const int64_t off = b * P.sbb + h * P.sbh + i * P.sbm + j * P.sbn;
+    const int64_t off = (b % P.bias_nb) * P.sbb + h * P.sbh + i * P.sbm + j * P.sbn;
     if (P.bias_kind == kMaskBias) {
       if (!static_cast<const uint8_t*>(P.bias)[off]) return -kInf;
     } else {
@@ -244,10 +255,6 @@ PA_DEV float score2(const Params& P, float dot, int64_t b, int64_t h, int64_t i,
     }
   }
   return s;
-}
-
-PA_DEV int64_t table_column(const Params& P, int64_t rel) {
-  return (rel < -P.tab_l ? -P.tab_l : (rel > P.tab_r ? P.tab_r : rel)) + P.tab_l;
 }
 
 PA_DEV float slope_of(const Params& P, int64_t b, int64_t h) {

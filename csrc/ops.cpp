@@ -91,7 +91,7 @@ void fill_common(const char* op, Params& P, Keep& keep, const Tensor& q, const T
                  const OptTensor& q_pos, const OptTensor& k_pos, const OptTensor& inv_freq, const OptTensor& alibi,
                  const OptTensor& table, const OptTensor& bias, bool causal, double scale,
                  std::optional<int64_t> window_left, std::optional<int64_t> window_right, int64_t rotary_dim,
-                 bool interleaved, double rope_factor, int64_t table_left, int64_t table_right) {
+                 bool interleaved, double rope_factor, int64_t table_kind, int64_t table_a, int64_t table_b) {
   TORCH_CHECK(on_device(q), op, ": q must be a ", kDeviceName, " tensor, got one on ", q.device());
   check_on_device(op, "k", k, q);
   check_on_device(op, "v", v, q);
@@ -132,6 +132,7 @@ void fill_common(const char* op, Params& P, Keep& keep, const Tensor& q, const T
   P.qk_scale = static_cast<float>(scale * 1.4426950408889634);
 
   P.causal = causal;
+  P.bias_nb = 1;
   P.has_wl = window_left.has_value();
   P.has_wr = window_right.has_value();
   TORCH_CHECK(!P.has_wl || *window_left >= 0, op, ": window_left must be >= 0, got ", *window_left);
@@ -195,15 +196,28 @@ void fill_common(const char* op, Params& P, Keep& keep, const Tensor& q, const T
   if (table.has_value()) {
     check_on_device(op, "table", *table, q);
     check_float(op, "table", *table);
-    TORCH_CHECK(table_left >= 0 && table_right >= 0, op, ": table_left and table_right must be >= 0, got ",
-                table_left, ", ", table_right);
-    TORCH_CHECK(table->dim() == 2 && table->size(0) == Hq && table->size(1) == table_left + table_right + 1, op,
-                ": table must be [Hq=", Hq, ", table_left + table_right + 1 = ", table_left + table_right + 1,
-                "], got ", table->sizes());
+    TORCH_CHECK(table_kind == kDistTable || table_kind == kGridTable, op,
+                ": table_kind must be 1 (distance) or 2 (grid) with a table, got ", table_kind);
+    int64_t columns;
+    if (table_kind == kDistTable) {
+      TORCH_CHECK(table_a >= 0 && table_b >= 0, op, ": a distance table needs left, right >= 0, got ", table_a,
+                  ", ", table_b);
+      columns = table_a + table_b + 1;
+    } else {
+      TORCH_CHECK(table_a >= 1 && table_b >= 1, op, ": a grid table needs a window Wh, Ww >= 1, got ", table_a,
+                  ", ", table_b);
+      columns = (2 * table_a - 1) * (2 * table_b - 1);
+    }
+    TORCH_CHECK(table->dim() == 2 && table->size(0) == Hq && table->size(1) == columns, op, ": table must be [Hq=",
+                Hq, ", ", columns, "] (", table_kind == kDistTable ? "left + right + 1" : "(2 Wh - 1)(2 Ww - 1)",
+                "), got ", table->sizes());
     P.table = keep(table->to(at::kFloat).contiguous()).data_ptr<float>();
-    P.tab_l = table_left;
-    P.tab_r = table_right;
-    P.tab_t = table_left + table_right + 1;
+    P.table_kind = static_cast<int>(table_kind);
+    P.tab_a = table_a;
+    P.tab_b = table_b;
+    P.tab_t = columns;
+  } else {
+    TORCH_CHECK(table_kind == kNoTable, op, ": table_kind ", table_kind, " without a table");
   }
 
   if (bias.has_value()) {
@@ -222,10 +236,13 @@ void fill_common(const char* op, Params& P, Keep& keep, const Tensor& q, const T
     TORCH_CHECK(t.dim() == 4, op, ": bias must be 4-D (size 1 on broadcast axes), got ", t.sizes());
     int64_t strides[4];
     for (int d = 0; d < 4; ++d) {
-      TORCH_CHECK(t.size(d) == 1 || t.size(d) == full[d], op, ": bias must be broadcastable to [", B, ", ", Hq,
-                  ", ", Nq, ", ", Nk, "], got ", t.sizes());
+      // The batch axis may also be periodic: a size nB dividing B, batch b reads bias[b % nB].
+      const bool ok = t.size(d) == 1 || t.size(d) == full[d] || (d == 0 && t.size(0) > 0 && B % t.size(0) == 0);
+      TORCH_CHECK(ok, op, ": bias must be broadcastable to [", B, ", ", Hq, ", ", Nq, ", ", Nk,
+                  "] (its batch size may also divide B), got ", t.sizes());
       strides[d] = t.size(d) == 1 ? 0 : t.stride(d);
     }
+    P.bias_nb = static_cast<int>(t.size(0));
     P.bias = t.data_ptr();
     P.sbb = strides[0]; P.sbh = strides[1]; P.sbm = strides[2]; P.sbn = strides[3];
   }
@@ -246,13 +263,13 @@ std::tuple<Tensor, Tensor, Tensor> fwd(const Tensor& q, const Tensor& k, const T
                                        const OptTensor& k_pos, const OptTensor& inv_freq, const OptTensor& alibi,
                                        const OptTensor& table, const OptTensor& bias, bool causal, double scale,
                                        std::optional<int64_t> window_left, std::optional<int64_t> window_right,
-                                       int64_t rotary_dim, bool interleaved, double rope_factor, int64_t table_left,
-                                       int64_t table_right, bool store_f32) {
+                                       int64_t rotary_dim, bool interleaved, double rope_factor, int64_t table_kind,
+                                       int64_t table_a, int64_t table_b, bool store_f32) {
   const char* op = "posattn_cuda.fwd";
   Params P{};
   Keep keep;
   fill_common(op, P, keep, q, k, v, q_pos, k_pos, inv_freq, alibi, table, bias, causal, scale, window_left,
-              window_right, rotary_dim, interleaved, rope_factor, table_left, table_right);
+              window_right, rotary_dim, interleaved, rope_factor, table_kind, table_a, table_b);
   DeviceGuard guard(q);
   const auto f32 = q.options().dtype(at::kFloat);
   Tensor out = at::empty({P.B, P.Hq, P.Nq, P.D}, q.options());
@@ -273,12 +290,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bwd(
     const OptTensor& dlse, const OptTensor& q_pos, const OptTensor& k_pos, const OptTensor& inv_freq,
     const OptTensor& alibi, const OptTensor& table, const OptTensor& bias, bool causal, double scale,
     std::optional<int64_t> window_left, std::optional<int64_t> window_right, int64_t rotary_dim, bool interleaved,
-    double rope_factor, int64_t table_left, int64_t table_right, bool want_slope, bool want_table, bool want_bias) {
+    double rope_factor, int64_t table_kind, int64_t table_a, int64_t table_b, bool want_slope, bool want_table,
+    bool want_bias) {
   const char* op = "posattn_cuda.bwd";
   Params P{};
   Keep keep;
   fill_common(op, P, keep, q, k, v, q_pos, k_pos, inv_freq, alibi, table, bias, causal, scale, window_left,
-              window_right, rotary_dim, interleaved, rope_factor, table_left, table_right);
+              window_right, rotary_dim, interleaved, rope_factor, table_kind, table_a, table_b);
   const std::vector<int64_t> rows{P.B, P.Hq, P.Nq};
   check_on_device(op, "out", out, q);
   check_on_device(op, "lse", lse, q);
@@ -346,11 +364,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bwd(
     const Tensor& t = *bias;
     g_bias = at::empty(t.sizes(), f32);  // the bias's own (broadcast) shape
     P.dbias = g_bias.data_ptr<float>();
-    P.bb = static_cast<int>(t.size(0));
     P.bh = static_cast<int>(t.size(1));
     P.bmq = t.size(2);
     P.bnk = t.size(3);
-    P.batch_bcast = P.bb == 1 && P.B > 1;
     P.head_bcast = P.bh == 1 && P.Hq > 1;
     P.row_bcast = P.bmq == 1 && P.Nq > 1;
     P.col_bcast = P.bnk == 1 && P.Nk > 1;
@@ -379,13 +395,14 @@ PA_TORCH_LIBRARY(PA_LIBRARY, m) {
   m.def(
       "fwd(Tensor q, Tensor k, Tensor v, Tensor? q_pos, Tensor? k_pos, Tensor? inv_freq, Tensor? alibi, "
       "Tensor? table, Tensor? bias, bool causal, float scale, int? window_left, int? window_right, "
-      "int rotary_dim, bool interleaved, float rope_factor, int table_left, int table_right, bool store_f32) "
+      "int rotary_dim, bool interleaved, float rope_factor, int table_kind, int table_a, int table_b, "
+      "bool store_f32) "
       "-> (Tensor out, Tensor lse, Tensor out32)");
   m.def(
       "bwd(Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor dout, Tensor? dlse, Tensor? q_pos, "
       "Tensor? k_pos, Tensor? inv_freq, Tensor? alibi, Tensor? table, Tensor? bias, bool causal, float scale, "
-      "int? window_left, int? window_right, int rotary_dim, bool interleaved, float rope_factor, int table_left, "
-      "int table_right, bool want_slope, bool want_table, bool want_bias) "
+      "int? window_left, int? window_right, int rotary_dim, bool interleaved, float rope_factor, int table_kind, "
+      "int table_a, int table_b, bool want_slope, bool want_table, bool want_bias) "
       "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dslope, Tensor dtable, Tensor dbias)");
 }
 

@@ -22,6 +22,7 @@ constexpr int kWarps = kThreads / 32;
 
 enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 enum BiasKind : int { kNoBias = 0, kMaskBias = 1, kF32Bias = 2, kSameBias = 3 };  // kSameBias: q's dtype
+enum TableKind : int { kNoTable = 0, kDistTable = 1, kGridTable = 2 };
 
 // Everything a kernel reads: one struct, passed by value. Strides are in elements.
 // Positions are int64 (converted on the host), null for the default bottom-right
@@ -52,12 +53,17 @@ struct Params {
   const float* slopes;  // ALiBi [1|B, Hq] or null
   int64_t ssb, ssh;
 
-  const float* table;  // DistanceBias [Hq, tab_t] contiguous, or null
-  int64_t tab_l, tab_r, tab_t;
+  // Per-head bias table [Hq, tab_t] contiguous float32, or null. kDistTable
+  // (DistanceBias): column clamp(rel, -tab_a, tab_b) + tab_a. kGridTable (GridBias,
+  // Swin): tokens at (pos / Ww, pos % Ww) with (tab_a, tab_b) = (Wh, Ww).
+  const float* table;
+  int table_kind;
+  int64_t tab_a, tab_b, tab_t;
 
   const void* bias;  // dense bias / bool mask, 4-D with stride 0 on broadcast axes
   int bias_kind;
   int64_t sbb, sbh, sbm, sbn;
+  int bias_nb;  // the bias's batch size: batch b reads bias[b % bias_nb]
 
   // forward outputs
   void* out;  // [B, Hq, Nq, D], q's dtype
@@ -85,11 +91,12 @@ struct Params {
   float* dtable;  // [B, Hq, num_m, tab_t] per-program partial sums (zero-filled), or null
   int num_m;      // query blocks of the dQ kernel
 
-  // dense-bias gradient [bb, bh, bmq, bnk] float32
+  // dense-bias gradient [bias_nb, bh, bmq, bnk] float32 (block (.., h, b) sums the
+  // batches b, b + bias_nb, ...)
   float* dbias;
-  int bb, bh;
+  int bh;
   int64_t bmq, bnk;
-  bool batch_bcast, head_bcast, row_bcast, col_bcast;
+  bool head_bcast, row_bcast, col_bcast;
   int num_n;  // key tiles per output row of tiles (1 when the key axis is broadcast)
 
   // tiling of the kernel being launched: BM query rows, BN keys, BD = D rounded up to 16

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from ._validate import Problem
-from .encodings import DistanceBias
+from .encodings import DistanceBias, GridBias
 
 JIT_SOURCES = ("ops.cpp", "attn_fwd.cu", "attn_bwd.cu", "attn_dbias.cu")
 _INT64_MAX = 2 ** 63 - 1
@@ -107,11 +107,8 @@ def unsupported(p: Problem) -> Optional[str]:
         return f"{p.q.dtype} is not supported (float16, bfloat16, float32)"
     if getattr(p, "rel_emb", None) is not None:
         return "relative position representations (rel_emb) are not implemented in the CUDA fallback"
-    if p.rel_bias is not None and not isinstance(p.rel_bias, DistanceBias):
-        return f"rel_bias {type(p.rel_bias).__name__} is not implemented in the CUDA fallback (DistanceBias is)"
-    if p.bias is not None and p.bias.shape[0] not in (1, p.B):
-        return (f"a bias whose batch size {p.bias.shape[0]} divides B={p.B} (periodic) is not implemented "
-                f"in the CUDA fallback (1 or B is)")
+    if p.rel_bias is not None and not isinstance(p.rel_bias, (DistanceBias, GridBias)):
+        return f"rel_bias {type(p.rel_bias).__name__} is not implemented in the CUDA fallback"
     if p.B > 65535 or p.Hq > 65535:
         return f"B={p.B}, Hq={p.Hq}: at most 65535 each (CUDA grid)"
     return None
@@ -151,17 +148,21 @@ class _Args:
             self.q_pos, self.k_pos = p.default_positions(dev)
         self.inv_freq = p.rope.inv_freq_for(p.D, dev) if p.rope is not None else None
         rb = p.rel_bias
+        # The kernels read a per-head table [Hq, T]: DistanceBias's layout; GridBias
+        # (Swin's [T, Hq]) goes in transposed and its gradient comes back transposed.
+        self.grid_table = isinstance(rb, GridBias)
+        table = (0, 0, 0) if rb is None else (2, *rb.window) if self.grid_table else (1, rb.left, rb.right)
         self.scalars = (p.causal, p.scale, _window(p.window_left), _window(p.window_right), p.rotary_dim,
                         bool(p.rope is not None and p.rope.interleaved),
-                        p.rope.attention_factor if p.rope is not None else 1.0,
-                        rb.left if rb is not None else 0, rb.right if rb is not None else 0)
+                        p.rope.attention_factor if p.rope is not None else 1.0, *table)
 
 
 class _CudaAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, alibi, table, bias, args: _Args):
         params_need_grad = any(x is not None and x.requires_grad for x in (alibi, table, bias))
-        out, lse, out32 = _ops().fwd(q, k, v, args.q_pos, args.k_pos, args.inv_freq, alibi, table, bias,
+        head_table = table.t() if table is not None and args.grid_table else table
+        out, lse, out32 = _ops().fwd(q, k, v, args.q_pos, args.k_pos, args.inv_freq, alibi, head_table, bias,
                                      *args.scalars, params_need_grad)
         # With a parameter gradient wanted in fp16/bf16, the backward's delta uses the
         # unrounded output (as in the Triton backend).
@@ -176,8 +177,9 @@ class _CudaAttention(torch.autograd.Function):
         need = tuple(bool(x) for x in ctx.needs_input_grad[3:6])
         if dout is None:
             dout = torch.zeros(q.shape, device=q.device, dtype=q.dtype)
+        head_table = table.t() if table is not None and args.grid_table else table
         dq, dk, dv, g_slope, g_table, g_bias = _ops().bwd(
-            q, k, v, out, lse, dout, dlse, args.q_pos, args.k_pos, args.inv_freq, alibi, table, bias,
+            q, k, v, out, lse, dout, dlse, args.q_pos, args.k_pos, args.inv_freq, alibi, head_table, bias,
             *args.scalars, *need)
         if need[0]:
             if alibi.shape[0] == 1:
@@ -185,7 +187,10 @@ class _CudaAttention(torch.autograd.Function):
             g_slope = g_slope.to(alibi.dtype)
         else:
             g_slope = None
-        g_table = g_table.to(table.dtype) if need[1] else None
+        if need[1]:
+            g_table = (g_table.t() if args.grid_table else g_table).to(table.dtype)
+        else:
+            g_table = None
         g_bias = g_bias.to(bias.dtype) if need[2] else None
         return dq, dk, dv, g_slope, g_table, g_bias, None
 

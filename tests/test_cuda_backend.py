@@ -188,12 +188,45 @@ def case_single_key(device):
     assert torch.allclose(dv, g.sum(dim=(1, 2), keepdim=True), atol=1e-5)
 
 
+def _qkv(B, Hq, Hkv, N, D, dtype, device, Nk=None):
+    Nk = N if Nk is None else Nk
+    return (torch.randn(B, Hq, N, D, device=device, dtype=dtype, requires_grad=True),
+            torch.randn(B, Hkv, Nk, D, device=device, dtype=dtype, requires_grad=True),
+            torch.randn(B, Hkv, Nk, D, device=device, dtype=dtype, requires_grad=True))
+
+
+def case_grid_bias(device, dtype):
+    """Swin block: 7x7 windows, a shifted-window mask repeating over the batch of
+    windows (periodic bias batch), gradients to q, k, v and the [T, H] table."""
+    q, k, v = _qkv(4, 3, 3, 49, 32, dtype, device)
+    table = (0.5 * torch.randn(13 * 13, 3, device=device)).requires_grad_()
+    mask = torch.where(torch.rand(2, 1, 49, 49, device=device) < 0.3, -100.0, 0.0).to(dtype)
+    check(q, k, v, backend="cuda", rel_bias=posattn.GridBias(table, (7, 7)), bias=mask)
+
+
+def case_grid_bias_with_masks_and_gqa(device, mask):
+    q, k, v = _qkv(2, 4, 2, 30, 16, torch.float32, device, Nk=35)
+    table = torch.randn(9 * 13, 4, device=device, requires_grad=True)
+    kw = {"causal": True} if mask == "causal" else {"window": (6, 3)}
+    check(q, k, v, backend="cuda", rel_bias=posattn.GridBias(table, (5, 7)), return_lse=True, **kw)
+
+
+def case_periodic_bias_batch(device):
+    """bias [nB, ...] with B % nB == 0: batch b reads bias[b % nB]; the gradient sums
+    over the batches that share it."""
+    q, k, v = _qkv(6, 2, 2, 20, 16, torch.float32, device)
+    bias = torch.randn(3, 1, 20, 20, device=device, requires_grad=True)
+    check(q, k, v, backend="cuda", bias=bias)
+    mask = torch.rand(3, 2, 20, 20, device=device) < 0.7
+    check(q, k, v, backend="cuda", bias=mask, causal=True)
+
+
 def case_operator_checks_arguments(device):
     """The operators check their arguments themselves (TORCH_CHECK), with clear messages."""
     ops = _cuda._ops()
     q, k, v = make_qkv((1, 2, 1, 8, 8, 16, False), torch.float32, device, requires_grad=False)
     none = (None,) * 6
-    scalars = (False, 0.25, None, None, 0, False, 1.0, 0, 0, False)
+    scalars = (False, 0.25, None, None, 0, False, 1.0, 0, 0, 0, False)
     ops.fwd(q, k, v, *none, *scalars)
     with pytest.raises(RuntimeError, match="multiple of k/v heads"):
         ops.fwd(q, k[:, :, :, :].repeat(1, 3, 1, 1), v.repeat(1, 3, 1, 1), *none, *scalars)
@@ -205,9 +238,14 @@ def case_operator_checks_arguments(device):
     with pytest.raises(RuntimeError, match="both q_pos and k_pos"):
         ops.fwd(q, k, v, torch.arange(8, device=device)[None], *none[1:], *scalars)
     with pytest.raises(RuntimeError, match="needs inv_freq"):
-        ops.fwd(q, k, v, *none, False, 0.25, None, None, 16, False, 1.0, 0, 0, False)
+        ops.fwd(q, k, v, *none, False, 0.25, None, None, 16, False, 1.0, 0, 0, 0, False)
+    with pytest.raises(RuntimeError, match=r"table must be \[Hq=2, 9\]"):
+        ops.fwd(q, k, v, *none[:4], torch.zeros(2, 8, device=device), None, False, 0.25, None, None, 0,
+                False, 1.0, 2, 2, 2, False)
     with pytest.raises(RuntimeError, match="bias must be broadcastable"):
         ops.fwd(q, k, v, *none[:5], torch.zeros(1, 1, 3, 8, device=device), *scalars)
+    with pytest.raises(RuntimeError, match="bias must be broadcastable"):  # batch 2 does not divide B = 1
+        ops.fwd(q, k, v, *none[:5], torch.zeros(2, 1, 8, 8, device=device), *scalars)
 
 
 # ----------------------------------------------------------------------------- on a GPU
@@ -287,6 +325,20 @@ def test_inputs_not_mutated(cuda_device):
 
 def test_single_key(cuda_device):
     case_single_key(cuda_device)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_grid_bias(dtype, cuda_device):
+    case_grid_bias(cuda_device, dtype)
+
+
+@pytest.mark.parametrize("mask", ["causal", "window"])
+def test_grid_bias_with_masks_and_gqa(mask, cuda_device):
+    case_grid_bias_with_masks_and_gqa(cuda_device, mask)
+
+
+def test_periodic_bias_batch(cuda_device):
+    case_periodic_bias_batch(cuda_device)
 
 
 def test_operator_checks_arguments(cuda_device):

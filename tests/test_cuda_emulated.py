@@ -132,5 +132,18 @@ def test_single_key(emulated):
     cases.case_single_key(emulated)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_grid_bias(dtype, emulated):
+    cases.case_grid_bias(emulated, dtype)
+
+
+def test_grid_bias_with_masks_and_gqa(emulated):
+    cases.case_grid_bias_with_masks_and_gqa(emulated, "window")
+
+
+def test_periodic_bias_batch(emulated):
+    cases.case_periodic_bias_batch(emulated)
+
+
 def test_operator_checks_arguments(emulated):
     cases.case_operator_checks_arguments(emulated)
