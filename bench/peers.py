@@ -90,18 +90,19 @@ class Inputs:
 
 def make_inputs(B: int, H: int, N: int, D: int, *, causal: bool, encoding: str, mode: str, dtype, device,
                 seed: int, left: int = 128, right: int = 128, rope_base: float = 10000.0) -> Inputs:
-    """Fresh random inputs (torch.randn, seeded per group) on ``device``."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    """Fresh random inputs (torch.randn, seeded per group), drawn on ``device`` itself."""
+    device = torch.device(device)
+    g = torch.Generator(device=device).manual_seed(seed)
     grad = mode == "fwd+bwd"
 
-    def rnd(*shape, scale=1.0):
-        return (scale * torch.randn(*shape, generator=g)).to(device=device, dtype=dtype)
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, device=device, dtype=torch.float32).to(dtype)
 
     q, k, v, dout = rnd(B, H, N, D), rnd(B, H, N, D), rnd(B, H, N, D), rnd(B, H, N, D)
     for t in (q, k, v):
         t.requires_grad_(grad)
     slopes = posattn.alibi_slopes(H).to(device)
-    table = (0.5 * torch.randn(H, left + right + 1, generator=g)).to(device).requires_grad_(grad)
+    table = (0.5 * torch.randn(H, left + right + 1, generator=g, device=device)).requires_grad_(grad)
     return Inputs(q, k, v, dout, causal, encoding, mode, slopes, table, left, right, rope_base)
 
 

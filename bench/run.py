@@ -117,9 +117,9 @@ def measure_matmul(dev: torch.device, protocol: harness.Protocol) -> dict:
     res = {"n": n, "dtype": protocol.dtype, "flops": harness.matmul_flops(n), "ms": None, "tflops": None,
            "note": ""}
     try:
-        g = torch.Generator(device="cpu").manual_seed(protocol.seed)
-        a = torch.randn(n, n, generator=g).to(dev, dt)
-        b = torch.randn(n, n, generator=g).to(dev, dt)
+        g = torch.Generator(device=dev).manual_seed(protocol.seed)
+        a = torch.randn(n, n, generator=g, device=dev).to(dt)
+        b = torch.randn(n, n, generator=g, device=dev).to(dt)
         fn = lambda: torch.matmul(a, b)
         fn()
         _sync(dev)
@@ -134,15 +134,20 @@ def measure_matmul(dev: torch.device, protocol: harness.Protocol) -> dict:
     return res
 
 
-def _warning_hint(caught) -> str:
-    """The first line of the first warning that explains a failure (SDPA says why a backend
-    was not used only as warnings)."""
+def _warning_hint(caught, limit: int = 4) -> str:
+    """The first lines of the first few distinct warnings raised during a failed row: SDPA says
+    why a forced backend cannot run only in warnings ('Flash attention kernel not used because:',
+    then one warning per reason)."""
+    lines = []
     for w in caught:
         msg = str(w.message).strip()
-        if msg:
-            line = msg.splitlines()[0].strip()
-            return line[:200]
-    return ""
+        line = msg.splitlines()[0].strip() if msg else ""
+        if line and line not in lines:
+            lines.append(line)
+        if len(lines) >= limit:
+            break
+    hint = " ".join(lines)
+    return hint if len(hint) <= 400 else hint[:397] + "..."
 
 
 def measure(p: harness.Planned, inp: peers.Inputs, dev: torch.device, protocol: harness.Protocol,
@@ -152,11 +157,13 @@ def measure(p: harness.Planned, inp: peers.Inputs, dev: torch.device, protocol: 
         b = peers.build(p.method, inp)
     except Exception as e:
         return harness.make_row(p, status="error", note=harness.error_note(e), matmul_tflops=matmul_tflops), None
+    backend = b.backend
     if b.skip:
-        return harness.make_row(p, status="skipped", backend=b.backend, note=b.skip,
+        return harness.make_row(p, status="skipped", backend=backend, note=b.skip,
                                 matmul_tflops=matmul_tflops), None
     grads = inp.leaves()
     out = None
+    note = None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
         try:
@@ -167,15 +174,14 @@ def measure(p: harness.Planned, inp: peers.Inputs, dev: torch.device, protocol: 
                 diff = max_abs_diff(out, ref_out)
                 ms = time_ms(b.fn, dev, protocol, grads)
                 peak, base = peak_memory(b.fn, dev, grads)
-        except Exception as e:
-            out = None
-            _reset_grads(grads)
-            _free(dev)
-            return harness.make_row(p, status="error", backend=b.backend,
-                                    note=harness.error_note(e, _warning_hint(caught)),
-                                    matmul_tflops=matmul_tflops), None
+        except Exception as e:                    # OOM, no kernel for this backend, compile error...
+            note = harness.error_note(e, _warning_hint(caught))
     _reset_grads(grads)
-    return harness.make_row(p, status="ok", ms=ms, backend=b.backend, peak_bytes=peak, base_bytes=base,
+    if note is not None:                          # the exception (and its frames' tensors) is gone here
+        del b, out
+        _free(dev)
+        return harness.make_row(p, status="error", backend=backend, note=note, matmul_tflops=matmul_tflops), None
+    return harness.make_row(p, status="ok", ms=ms, backend=backend, peak_bytes=peak, base_bytes=base,
                             max_abs_diff=diff, matmul_tflops=matmul_tflops), out
 
 
