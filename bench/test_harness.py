@@ -508,3 +508,90 @@ def test_max_minutes_then_resume(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     doc = json.load(open(path))
     assert doc["complete"] is True and len(doc["rows"]) == 12
+
+
+# --------------------------------------------------------------------------
+# run.py's measuring functions (CUDA calls faked: their arguments, not the GPU)
+# --------------------------------------------------------------------------
+
+def test_time_ms_cuda_uses_do_bench_median(monkeypatch):
+    import triton.testing
+
+    import run
+    seen = {}
+
+    def fake_do_bench(fn, warmup, rep, grad_to_none, return_mode):
+        seen.update(warmup=warmup, rep=rep, grads=grad_to_none, mode=return_mode)
+        fn()
+        return 1.25
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    t = torch.zeros(1, requires_grad=True)
+    calls = []
+    ms = run.time_ms(lambda: calls.append(1), torch.device("cuda"), harness.full_protocol(), [t])
+    assert ms == 1.25 and calls == [1]
+    assert seen == {"warmup": 25, "rep": 100, "grads": [t], "mode": "median"}
+
+
+def test_time_ms_cpu_resets_grads():
+    import run
+    t = torch.zeros(1, requires_grad=True)
+    seen = []
+
+    def fn():
+        seen.append(t.grad)
+        t.grad = torch.ones(1)
+    ms = run.time_ms(fn, torch.device("cpu"), harness.smoke_protocol(), [t])
+    assert ms >= 0 and seen == [None] * harness.smoke_protocol().cpu_reps
+
+
+def test_peak_memory_cuda_protocol(monkeypatch):
+    import run
+    log = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: log.append("sync"))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: log.append("empty"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: log.append("reset"))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 100)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 300)
+    peak, base = run.peak_memory(lambda: log.append("call"), torch.device("cuda"), [])
+    assert (peak, base) == (300, 100)
+    assert log.index("empty") < log.index("reset") < log.index("call") < len(log) - 1 and log[-1] == "sync"
+    assert run.peak_memory(lambda: None, torch.device("cpu"), []) == (None, None)
+
+
+def test_measure_failure_is_a_row(monkeypatch):
+    import warnings
+
+    import run
+    p = harness.Planned(16, 32, 1, 2, False, "none", "fwd", "sdpa-flash")
+    inp = _fresh("none", False, "fwd", N=32, D=16, H=2, B=1)
+
+    def boom():
+        warnings.warn("Flash attention kernel not used because:")
+        warnings.warn("Flash attention requires q, k, v on CUDA")
+        raise RuntimeError("No available kernel. Aborting execution.\nmore")
+    monkeypatch.setattr(peers, "build", lambda m, i: peers.Bench(boom, "sdpa:FLASH_ATTENTION"))
+    row, out = run.measure(p, inp, torch.device("cpu"), harness.smoke_protocol(), 1.0, None)
+    assert out is None and row["status"] == "error" and row["ms"] is None
+    assert row["note"] == ("RuntimeError: No available kernel. Aborting execution. [Flash attention kernel not "
+                           "used because: Flash attention requires q, k, v on CUDA]")
+    monkeypatch.setattr(peers, "build", lambda m, i: peers.Bench(None, "flex", skip="why"))
+    row, _ = run.measure(p, inp, torch.device("cpu"), harness.smoke_protocol(), 1.0, None)
+    assert row["status"] == "skipped" and row["note"] == "why"
+
+    def bad_build(m, i):
+        raise ValueError("unknown method")
+    monkeypatch.setattr(peers, "build", bad_build)
+    row, _ = run.measure(p, inp, torch.device("cpu"), harness.smoke_protocol(), 1.0, None)
+    assert row["status"] == "error" and row["note"] == "ValueError: unknown method"
+
+
+def test_measure_ok_row():
+    import run
+    p = harness.Planned(16, 32, 1, 2, True, "alibi", "fwd+bwd", "posattn")
+    inp = _fresh("alibi", True, "fwd+bwd", N=32, D=16, H=2, B=1)
+    row, out = run.measure(p, inp, torch.device("cpu"), harness.smoke_protocol(), 1.0, None)
+    assert row["status"] == "ok" and row["ms"] > 0 and out.shape == (1, 2, 32, 16)
+    assert all(t.grad is None for t in inp.leaves())        # reset after measuring
+    row2, _ = run.measure(harness.Planned(16, 32, 1, 2, True, "alibi", "fwd+bwd", "reference"), inp,
+                          torch.device("cpu"), harness.smoke_protocol(), 1.0, out)
+    assert row2["status"] == "ok" and row2["max_abs_diff"] < 1e-4
