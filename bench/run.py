@@ -24,7 +24,8 @@ writes into a temporary directory, never into bench/results/.
 
 A long run can be cut into pieces: --max-minutes M stops starting groups after M
 minutes (the files say PARTIAL), and --resume FILE.json measures only the groups
-that file lacks and rewrites it.
+that file lacks and rewrites it. The exit status is 1 when posattn itself failed
+on some row (the files are written all the same), else 0.
 """
 from __future__ import annotations
 
@@ -383,8 +384,9 @@ def main(argv=None) -> int:
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     if smoke:
-        print("CPU smoke run: the numbers above mean nothing; nothing was written to bench/results/."
-              if dev.type == "cpu" and not args.out else "smoke run: the numbers above mean nothing.")
+        in_results = os.path.abspath(out_dir) == os.path.join(HERE, "results")
+        print(("CPU smoke run" if dev.type == "cpu" else "smoke run") + ": the numbers above mean nothing"
+              + ("." if in_results else "; nothing was written to bench/results/."))
     bad = harness.failures(rows, harness.POSATTN)
     if bad:
         print(f"posattn itself failed on {len(bad)} rows: " + ", ".join(r["id"] for r in bad[:5]))
