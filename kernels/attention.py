@@ -265,7 +265,7 @@ def _query_range(start_n, BLOCK_N: tl.constexpr, Nq, Nk, win_l, win_r,
 # ----------------------------------------------------------------------------- forward
 
 @triton.jit
-def _attn_fwd(Q, K, V, Out, Out32, Lse,
+def _attn_fwd(Q, K, V, Out, Lse, Lse2,
               QPos, KPos, InvFreq, Slopes, Table, Bias, AK, AV, U, W,
               sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
               sqpb, skpb, ssb, ssh, stab_h, stab_t, sbb, sbh, sbm, sbn, bias_nb, rel_hs,
@@ -274,12 +274,10 @@ def _attn_fwd(Q, K, V, Out, Out32, Lse,
               ROPE: tl.constexpr, ROT_DIM: tl.constexpr, INTERLEAVED: tl.constexpr,
               ALIBI: tl.constexpr, TABLE: tl.constexpr, BIAS: tl.constexpr, BIAS_MASK: tl.constexpr,
               REL_K: tl.constexpr, REL_V: tl.constexpr, REL_U: tl.constexpr, REL_W: tl.constexpr,
-              STORE_F32: tl.constexpr, UPCAST: tl.constexpr,
+              UPCAST: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
-    """One program per (query block, head, batch). With STORE_F32 it also writes the
-    output unrounded (contiguous float32) for the backward's delta = rowsum(dO * O):
-    gradients of slopes, tables and biases weight dS by large factors, and an O
-    rounded to 8 bits of mantissa makes their error 10x that of PyTorch."""
+    """One program per (query block, head, batch): out, the natural-log lse (returned)
+    and the log2-domain one the backward recomputes P from (no round trip)."""
     start_m = tl.program_id(0) * BLOCK_M
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
@@ -331,13 +329,11 @@ def _attn_fwd(Q, K, V, Out, Out32, Lse,
     # Rows that saw no key: output 0, lse = -inf.
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / LOG2E)
+    lse2 = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
     o_ptrs = Out + off_b * sob + off_h * soh + offs_m[:, None] * som + offs_d[None, :] * sod
-    o_mask = (offs_m[:, None] < Nq) & (offs_d[None, :] < D)
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=o_mask)
-    if STORE_F32:
-        tl.store(Out32 + (off_bh * Nq + offs_m[:, None]) * D + offs_d[None, :], out, mask=o_mask)
-    tl.store(Lse + off_bh * Nq + offs_m, lse, mask=offs_m < Nq)
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < D))
+    tl.store(Lse + off_bh * Nq + offs_m, lse2 / LOG2E, mask=offs_m < Nq)
+    tl.store(Lse2 + off_bh * Nq + offs_m, lse2, mask=offs_m < Nq)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -345,7 +341,8 @@ def _attn_fwd(Q, K, V, Out, Out32, Lse,
 @triton.jit
 def _attn_bwd_delta(Out, DO, Delta, DLse, sob, soh, som, sod, sdob, sdoh, sdom, sdod,
                     Hq, Nq, D, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """delta_i = sum_d dO_id * O_id (minus dLse_i when lse is differentiated too)."""
+    """delta_i = sum_d dO_id * O_id (minus dLse_i when lse is differentiated too),
+    FlashAttention's shortcut for sum_j P_ij dP_ij (see _attn_bwd_dq's DELTA_PASS)."""
     start_m = tl.program_id(0) * BLOCK_M
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
@@ -362,11 +359,11 @@ def _attn_bwd_delta(Out, DO, Delta, DLse, sob, soh, som, sod, sdob, sdoh, sdom, 
 
 
 @triton.jit
-def _load_row_stats(Lse, Delta, row0, offs_m, Nq):
+def _load_row_stats(Lse2, Delta, row0, offs_m, Nq):
     """lse (log2 domain) and delta of rows; rows with no visible key or past Nq get
     lse = +inf so that their recomputed probabilities are exactly 0."""
-    lse = tl.load(Lse + row0 + offs_m, mask=offs_m < Nq, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
+    lse = tl.load(Lse2 + row0 + offs_m, mask=offs_m < Nq, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
     delta = tl.load(Delta + row0 + offs_m, mask=offs_m < Nq, other=0.0)
     return lse, delta
 
@@ -473,11 +470,19 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, DSlope, DTable, DU, DW, DAKEnd, DA
                  ALIBI: tl.constexpr, TABLE: tl.constexpr, BIAS: tl.constexpr, BIAS_MASK: tl.constexpr,
                  REL_K: tl.constexpr, REL_V: tl.constexpr, REL_U: tl.constexpr, REL_W: tl.constexpr,
                  D_SLOPE: tl.constexpr, D_TABLE: tl.constexpr, D_U: tl.constexpr, D_W: tl.constexpr,
-                 D_AK: tl.constexpr, D_AV: tl.constexpr, BLOCK_T: tl.constexpr, UPCAST: tl.constexpr,
+                 D_AK: tl.constexpr, D_AV: tl.constexpr, BLOCK_T: tl.constexpr, DELTA_PASS: tl.constexpr,
+                 UPCAST: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
     """One program per (query block, q head, batch): dQ, and this program's partial
     sums of d(slope), d(table), du, dw and the two clipped end rows of d(aK), d(aV),
-    each written to its own slot (the host adds the slots in a fixed order)."""
+    each written to its own slot (the host adds the slots in a fixed order).
+
+    With DELTA_PASS it only computes, from the same P and dP tiles the gradient
+    uses, l_i = sum_j P_ij and delta_i = sum_j P_ij dP_ij / l_i, and folds log2(l_i)
+    into the row's lse: the recomputed P then sums to 1 to float32 rounding and
+    delta is the exact sum the softmax gradient subtracts. In rows where attention
+    is nearly one-hot, rowsum(dO * O) or an lse off by eps * |lse| differ from it
+    by as much as dS itself, and slope / table gradients inherit that error."""
     pid_m = tl.program_id(0)
     start_m = pid_m * BLOCK_M
     off_h = tl.program_id(1).to(tl.int64)
@@ -498,6 +503,10 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, DSlope, DTable, DU, DW, DAKEnd, DA
     qw = _add_row(q, w_ptr, offs_d, D, REL_W)
     do = _load_tile(DO + off_b * sdob + off_h * sdoh, offs_m, offs_d, sdom, sdod, Nq, D)
     lse2, delta = _load_row_stats(Lse, Delta, off_bh * Nq, offs_m, Nq)
+    if DELTA_PASS:
+        delta = tl.zeros([BLOCK_M], tl.float32)   # then dS = P * dP
+        p_dp = tl.zeros([BLOCK_M], tl.float32)
+        p_sum = tl.zeros([BLOCK_M], tl.float32)
     k_base = K + off_b * skb + off_hk * skh
     v_base = V + off_b * svb + off_hk * svh
 
@@ -523,55 +532,64 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, DSlope, DTable, DU, DW, DAKEnd, DA
             offs_d, Nq, Nk, D, rel_k, qk_scale, slope, table_ptr, stab_t, tab_l, tab_r, bias_ptr, sbm, sbn,
             win_l, win_r, CAUSAL, HAS_WL, HAS_WR, ALIBI, TABLE, BIAS, BIAS_MASK, REL_K, REL_V, UPCAST,
             BLOCK_M, BLOCK_N, BLOCK_R)
-        dq_c += _dot(ds.to(k.dtype), k, UPCAST)
-        if REL_K:
-            dq_p += _dot(_keys_to_rel(ds, BLOCK_M, BLOCK_N, BLOCK_R).to(k.dtype), ak, UPCAST)
+        if DELTA_PASS:
+            p_dp += tl.sum(ds, 1)
+            p_sum += tl.sum(p, 1)
+        else:
+            dq_c += _dot(ds.to(k.dtype), k, UPCAST)
+            if REL_K:
+                dq_p += _dot(_keys_to_rel(ds, BLOCK_M, BLOCK_N, BLOCK_R).to(k.dtype), ak, UPCAST)
+            if D_SLOPE:
+                d_slope -= tl.sum(ds * tl.abs(rel).to(tl.float32), 1)
+            if D_TABLE:
+                # Histogram of dS by table column, over only the columns this tile
+                # touches: far from the diagonal every entry clamps to one column.
+                idx = _table_index(rel, qp, kp, tab_l, tab_r, TABLE)
+                live = ds != 0.0
+                c_lo = tl.min(tl.where(live, idx, TAB_T))
+                c_hi = tl.max(tl.where(live, idx, -1))
+                for c in range(c_lo, c_hi + 1):
+                    d_tab += tl.where(offs_t == c, tl.sum(tl.sum(tl.where(idx == c, ds, 0.0), 1), 0), 0.0)
+            if D_AK or D_AV:
+                left = rel <= -rel_k
+                right = (rel >= rel_k) & (rel > -rel_k)
+                if D_AK:
+                    ds_left += tl.sum(tl.where(left, ds, 0.0), 1)
+                    ds_right += tl.sum(tl.where(right, ds, 0.0), 1)
+                if D_AV:
+                    p_left += tl.sum(tl.where(left, p, 0.0), 1)
+                    p_right += tl.sum(tl.where(right, p, 0.0), 1)
+
+    if DELTA_PASS:
+        live = (offs_m < Nq) & (p_sum > 0.0)
+        tl.store(Delta + off_bh * Nq + offs_m, p_dp / tl.where(live, p_sum, 1.0), mask=offs_m < Nq)
+        tl.store(Lse + off_bh * Nq + offs_m, lse2 + tl.math.log2(tl.where(live, p_sum, 1.0)), mask=live)
+    else:
+        slot = off_bh * NUM_M + pid_m
+        in_d = offs_d < D
+        if D_U:
+            tl.store(DU + slot * D + offs_d, tl.sum(dq_c, 0) * sm_scale, mask=in_d)
+        if D_W:
+            tl.store(DW + slot * D + offs_d, tl.sum(dq_p, 0) * sm_scale, mask=in_d)
+        if D_AK:
+            qw32 = qw.to(tl.float32)
+            tl.store(DAKEnd + slot * 2 * D + offs_d, tl.sum(ds_left[:, None] * qw32, 0) * sm_scale, mask=in_d)
+            tl.store(DAKEnd + (slot * 2 + 1) * D + offs_d, tl.sum(ds_right[:, None] * qw32, 0) * sm_scale,
+                     mask=in_d)
+        if D_AV:
+            do32 = do.to(tl.float32)
+            tl.store(DAVEnd + slot * 2 * D + offs_d, tl.sum(p_left[:, None] * do32, 0), mask=in_d)
+            tl.store(DAVEnd + (slot * 2 + 1) * D + offs_d, tl.sum(p_right[:, None] * do32, 0), mask=in_d)
         if D_SLOPE:
-            d_slope -= tl.sum(ds * tl.abs(rel).to(tl.float32), 1)
+            tl.store(DSlope + slot, tl.sum(d_slope, 0))
         if D_TABLE:
-            # Histogram of dS by table column, over only the columns this tile
-            # touches: far from the diagonal every entry clamps to one column.
-            idx = _table_index(rel, qp, kp, tab_l, tab_r, TABLE)
-            live = ds != 0.0
-            c_lo = tl.min(tl.where(live, idx, TAB_T))
-            c_hi = tl.max(tl.where(live, idx, -1))
-            for c in range(c_lo, c_hi + 1):
-                d_tab += tl.where(offs_t == c, tl.sum(tl.sum(tl.where(idx == c, ds, 0.0), 1), 0), 0.0)
-        if D_AK or D_AV:
-            left = rel <= -rel_k
-            right = (rel >= rel_k) & (rel > -rel_k)
-            if D_AK:
-                ds_left += tl.sum(tl.where(left, ds, 0.0), 1)
-                ds_right += tl.sum(tl.where(right, ds, 0.0), 1)
-            if D_AV:
-                p_left += tl.sum(tl.where(left, p, 0.0), 1)
-                p_right += tl.sum(tl.where(right, p, 0.0), 1)
+            tl.store(DTable + slot * TAB_T + offs_t, d_tab, mask=offs_t < TAB_T)
 
-    slot = off_bh * NUM_M + pid_m
-    in_d = offs_d < D
-    if D_U:
-        tl.store(DU + slot * D + offs_d, tl.sum(dq_c, 0) * sm_scale, mask=in_d)
-    if D_W:
-        tl.store(DW + slot * D + offs_d, tl.sum(dq_p, 0) * sm_scale, mask=in_d)
-    if D_AK:
-        qw32 = qw.to(tl.float32)
-        tl.store(DAKEnd + slot * 2 * D + offs_d, tl.sum(ds_left[:, None] * qw32, 0) * sm_scale, mask=in_d)
-        tl.store(DAKEnd + (slot * 2 + 1) * D + offs_d, tl.sum(ds_right[:, None] * qw32, 0) * sm_scale,
-                 mask=in_d)
-    if D_AV:
-        do32 = do.to(tl.float32)
-        tl.store(DAVEnd + slot * 2 * D + offs_d, tl.sum(p_left[:, None] * do32, 0), mask=in_d)
-        tl.store(DAVEnd + (slot * 2 + 1) * D + offs_d, tl.sum(p_right[:, None] * do32, 0), mask=in_d)
-    if D_SLOPE:
-        tl.store(DSlope + slot, tl.sum(d_slope, 0))
-    if D_TABLE:
-        tl.store(DTable + slot * TAB_T + offs_t, d_tab, mask=offs_t < TAB_T)
-
-    dq = (dq_c + dq_p) * sm_scale
-    if ROPE:
-        dq = _unrotate(dq, offs_d, qp, InvFreq, rope_factor, ROT_DIM, INTERLEAVED)
-    tl.store(DQ + off_b * sdqb + off_h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
-             dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < Nq) & in_d[None, :])
+        dq = (dq_c + dq_p) * sm_scale
+        if ROPE:
+            dq = _unrotate(dq, offs_d, qp, InvFreq, rope_factor, ROT_DIM, INTERLEAVED)
+        tl.store(DQ + off_b * sdqb + off_h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
+                 dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < Nq) & in_d[None, :])
 
 
 @triton.jit

@@ -139,25 +139,24 @@ class _Launch:
         return bm, bn, bd, _next_pow2(bm + bn - 1), dict(num_warps=warps, num_stages=stages)
 
 
-def _forward(L: _Launch, q, k, v, keep_f32=False):
-    """out, lse, and the float32 output for the backward when keep_f32 (else out)."""
+def _forward(L: _Launch, q, k, v):
     from .kernels.attention import _attn_fwd
     p = L.p
     out = torch.empty(p.B, p.Hq, p.Nq, p.D, device=q.device, dtype=q.dtype)
     lse = torch.empty(p.B, p.Hq, p.Nq, device=q.device, dtype=torch.float32)
-    store_f32 = keep_f32 and q.dtype != torch.float32
-    out32 = torch.empty(p.B, p.Hq, p.Nq, p.D, device=q.device, dtype=torch.float32) if store_f32 else out
+    lse2 = torch.empty_like(lse)
     bm, bn, bd, br, launch = L.config(backward=False)
     _attn_fwd[(_cdiv(p.Nq, bm), p.Hq, p.B)](
-        q, k, v, out, out32, lse, *L.ptrs,
+        q, k, v, out, lse, lse2, *L.ptrs,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *L.enc_strides,
         p.Hq, p.Nq, p.Nk, p.D, p.group, *L.scalars,
-        **L.flags, **L.bias_flags, STORE_F32=store_f32, UPCAST=L.upcast,
+        **L.flags, **L.bias_flags, UPCAST=L.upcast,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_R=br, **launch)
-    return out, lse, out32
+    return out, lse, lse2
 
 
 def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need):
+    # lse: the log2-domain row statistics saved by the forward
     """need: {name in _PARAMS: whether its gradient is wanted}. Returns dq, dk, dv and
     the parameter gradients in _PARAMS order (None where not wanted)."""
     from .kernels.attention import (_attn_bwd_dbias, _attn_bwd_delta, _attn_bwd_dkdv, _attn_bwd_dq,
@@ -170,9 +169,26 @@ def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need):
 
     delta = torch.empty_like(lse)
     has_dlse = dlse is not None
-    _attn_bwd_delta[(_cdiv(p.Nq, 64), p.Hq, p.B)](
-        out, do, delta, dlse.contiguous() if has_dlse else delta, *out.stride(), *do.stride(),
-        p.Hq, p.Nq, p.D, HAS_DLSE=has_dlse, BLOCK_M=64, BLOCK_D=bd)
+    exact_delta = any(need.values())
+    if not exact_delta:
+        _attn_bwd_delta[(_cdiv(p.Nq, 64), p.Hq, p.B)](
+            out, do, delta, dlse.contiguous() if has_dlse else delta, *out.stride(), *do.stride(),
+            p.Hq, p.Nq, p.D, HAS_DLSE=has_dlse, BLOCK_M=64, BLOCK_D=bd)
+
+    num_m = _cdiv(p.Nq, bm)
+    dq_args = (*L.ptrs, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *q.stride(), *L.enc_strides,
+               p.Hq, p.Nq, p.Nk, p.D, p.group, num_m)
+    if exact_delta:
+        # Parameter gradients weight dS by large factors (|rel|, table columns), so
+        # delta is summed from the same P and dP tiles the gradient uses, and lse is
+        # renormalised with them (a copy: a second backward must see the original).
+        lse = lse.clone()
+        _attn_bwd_dq[(num_m, p.Hq, p.B)](
+            q, k, v, do, lse, delta, q, delta, delta, delta, delta, delta, delta, *dq_args,
+            1, p.scale, *L.scalars, **L.flags, **L.bias_flags, D_SLOPE=False, D_TABLE=False,
+            D_U=False, D_W=False, D_AK=False, D_AV=False, BLOCK_T=16, DELTA_PASS=True, **blocks, **launch)
+        if has_dlse:
+            delta -= dlse.to(torch.float32)
 
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
@@ -184,7 +200,6 @@ def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need):
         **L.flags, **L.bias_flags, **blocks, **launch)
 
     # dQ and the per-program partial sums of the small parameters' gradients.
-    num_m = _cdiv(p.Nq, bm)
     slots = (p.B, p.Hq, num_m)
     tab_t = max(L.table_columns, 1)
 
@@ -201,7 +216,7 @@ def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need):
         p.Hq, p.Nq, p.Nk, p.D, p.group, num_m, tab_t, p.scale, *L.scalars,
         **L.flags, **L.bias_flags, D_SLOPE=need["alibi"], D_TABLE=need["table"],
         D_U=need["rel_u"], D_W=need["rel_w"], D_AK=need["rel_key"], D_AV=need["rel_value"],
-        BLOCK_T=_next_pow2(tab_t) if need["table"] else 16, **blocks, **launch)
+        BLOCK_T=_next_pow2(tab_t) if need["table"] else 16, DELTA_PASS=False, **blocks, **launch)
 
     grads = dict.fromkeys(_PARAMS)
     if need["alibi"]:
@@ -258,10 +273,9 @@ class _TritonAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, p: Problem, q, k, v, *params):
         L = _Launch(p, q, *params)
-        params_need_grad = any(x is not None and x.requires_grad for x in params)
-        out, lse, out_saved = _forward(L, q, k, v, keep_f32=params_need_grad)
+        out, lse, lse2 = _forward(L, q, k, v)
         ctx.launch = L
-        ctx.save_for_backward(q, k, v, out_saved, lse)
+        ctx.save_for_backward(q, k, v, out, lse2)
         return out, lse
 
     @staticmethod

@@ -27,8 +27,10 @@ def configs(draw):
         dim = draw(st.sampled_from([d for d in (8, 16, D) if d <= D]))
         kw["rope"] = posattn.RoPE(dim=dim, interleaved=draw(st.booleans()),
                                   base=draw(st.sampled_from([100.0, 10000.0, 500000.0])))
-    enc = draw(st.sampled_from(["none", "alibi", "dist", "bias", "mask"]))
-    explicit_pos = draw(st.booleans())
+    enc = draw(st.sampled_from(["none", "alibi", "dist", "bias", "mask", "grid", "shaw"]))
+    explicit_pos = draw(st.booleans()) and enc != "shaw"  # Shaw in Triton: default positions
+    if enc == "grid":  # one window per batch row: Nq <= Nk <= Wh * Ww
+        Nq = min(Nq, Nk)
     kw["return_lse"] = draw(st.booleans())
     seed = draw(st.integers(0, 2 ** 31 - 1))
     return (B, Hq, Hkv, Nq, Nk, D, dtype, enc, explicit_pos, seed), kw
@@ -50,7 +52,10 @@ def test_random_configurations(device, cfg):
         kw["q_pos"] = torch.randint(0, 200, (B, Nq), generator=g).to(device)
         kw["k_pos"] = torch.randint(0, 200, (Nk,), generator=g).to(device)
     if enc == "alibi":
-        kw["alibi_slopes"] = rnd(Hq, dt=torch.float32).abs().requires_grad_()
+        # the standard slopes, perturbed (|randn| slopes make rows one-hot and the
+        # slope gradient ill-conditioned for every implementation, PyTorch's too)
+        scale = 0.5 + torch.rand(Hq, generator=g).to(device)
+        kw["alibi_slopes"] = (posattn.alibi_slopes(Hq, device=device) * scale).requires_grad_()
     elif enc == "dist":
         left, right = int(torch.randint(0, 40, (1,), generator=g)), int(torch.randint(0, 40, (1,), generator=g))
         kw["rel_bias"] = posattn.DistanceBias(rnd(Hq, left + right + 1, dt=torch.float32).requires_grad_(),
@@ -59,4 +64,19 @@ def test_random_configurations(device, cfg):
         kw["bias"] = rnd(1, Hq, Nq, Nk).requires_grad_()
     elif enc == "mask":
         kw["bias"] = (torch.rand(B, 1, Nq, Nk, generator=g) < 0.7).to(device)
+    elif enc == "grid":
+        ww = int(torch.randint(1, 13, (1,), generator=g))
+        wh = -(-Nk // ww)
+        kw["rel_bias"] = posattn.GridBias(rnd((2 * wh - 1) * (2 * ww - 1), Hq, dt=torch.float32).requires_grad_(),
+                                          (wh, ww))
+        if explicit_pos:  # positions inside the window
+            kw["q_pos"] = torch.randint(0, wh * ww, (B, Nq), generator=g).to(device)
+            kw["k_pos"] = torch.randint(0, wh * ww, (Nk,), generator=g).to(device)
+    elif enc == "shaw":
+        K = int(torch.randint(0, 50, (1,), generator=g))
+        heads = Hq if bool(torch.randint(0, 2, (1,), generator=g)) else 1
+        kw["rel_emb"] = posattn.RelativeEmbeddings(
+            rnd(heads, 2 * K + 1, D, dt=torch.float32).requires_grad_(),
+            rnd(heads, 2 * K + 1, D, dt=torch.float32).requires_grad_(), K,
+            rnd(Hq, D, dt=torch.float32).requires_grad_(), rnd(Hq, D, dt=torch.float32).requires_grad_())
     check(q, k, v, **kw)
