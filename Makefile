@@ -3,7 +3,7 @@
 #   make venv    create .venv and install torch + the package with test extras
 #   make test    run the test suite (PYTEST_ARGS="..." adds pytest arguments)
 #   make demo    run bench/demo.py
-#   make bench   run bench/run.py (benchmarks come in a later issue)
+#   make bench   run bench/run.py (peer benchmark on a GPU; a CPU smoke run without one)
 #   make clean   remove build and cache outputs (distclean also removes .venv)
 #
 # With no NVIDIA GPU (`nvidia-smi -L` fails or is missing), TRITON_INTERPRET=1
