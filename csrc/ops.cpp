@@ -10,6 +10,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <deque>
 #include <optional>
@@ -137,8 +138,11 @@ void fill_common(const char* op, Params& P, Keep& keep, const Tensor& q, const T
   P.has_wr = window_right.has_value();
   TORCH_CHECK(!P.has_wl || *window_left >= 0, op, ": window_left must be >= 0, got ", *window_left);
   TORCH_CHECK(!P.has_wr || *window_right >= 0, op, ": window_right must be >= 0, got ", *window_right);
-  P.win_l = window_left.value_or(0);
-  P.win_r = window_right.value_or(0);
+  // Wider than any distance, and small enough that the kernels' range arithmetic
+  // (index + tile + window) cannot overflow int64.
+  const int64_t kMaxWindow = int64_t(1) << 62;
+  P.win_l = std::min(window_left.value_or(0), kMaxWindow);
+  P.win_r = std::min(window_right.value_or(0), kMaxWindow);
 
   TORCH_CHECK(q_pos.has_value() == k_pos.has_value(), op,
               ": pass both q_pos and k_pos or neither (materialise the default of the other side)");

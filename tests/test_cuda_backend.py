@@ -112,6 +112,14 @@ def case_empty_rows_are_zero_without_nan(device, dtype):
           rel_bias=posattn.DistanceBias(table, 3, 3), return_lse=True)
 
 
+def case_huge_windows(device):
+    """Windows as wide as int64 allows behave as unbounded (no overflow in the
+    kernels' tile ranges: index + tile + window)."""
+    q, k, v = make_qkv((1, 2, 1, 50, 70, 32, False), torch.float32, device)
+    check(q, k, v, backend="cuda", window=(2 ** 63 - 1, 2 ** 63 - 1), return_lse=True)
+    check(q, k, v, backend="cuda", window=(2 ** 62 + 5, 3), causal=True)
+
+
 def case_fully_masked_everything(device):
     q, k, v = make_qkv((1, 1, 1, 20, 30, 16, False), torch.float32, device)
     mask = torch.zeros(20, 30, dtype=torch.bool, device=device)
@@ -297,6 +305,10 @@ def test_bias_float32_with_half_inputs(dtype, cuda_device):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_empty_rows_are_zero_without_nan(dtype, cuda_device):
     case_empty_rows_are_zero_without_nan(cuda_device, dtype)
+
+
+def test_huge_windows(cuda_device):
+    case_huge_windows(cuda_device)
 
 
 def test_fully_masked_everything(cuda_device):

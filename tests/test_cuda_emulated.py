@@ -104,6 +104,10 @@ def test_empty_rows_are_zero_without_nan(dtype, emulated):
     cases.case_empty_rows_are_zero_without_nan(emulated, dtype)
 
 
+def test_huge_windows(emulated):
+    cases.case_huge_windows(emulated)
+
+
 def test_fully_masked_everything(emulated):
     cases.case_fully_masked_everything(emulated)
 
