@@ -90,6 +90,19 @@ def case_dense_bias_broadcast_gradient(device, bshape):
     assert "dbias" in errors
 
 
+def case_key_constant_bias_has_zero_gradient(device, bshape):
+    """A bias constant along the keys shifts each softmax row by a constant: the output
+    does not change and its gradient is exactly 0 (the kernel sums dS over the keys,
+    which cancels to rounding noise; a relative error is meaningless there)."""
+    q, k, v = make_qkv((2, 3, 1, 40, 70, 32, False), torch.float32, device)
+    bias = torch.randn(bshape, device=device).requires_grad_()
+    out = attn(q, k, v, causal=True, bias=bias)
+    ref = posattn.reference.attention(q, k, v, causal=True)
+    assert torch.allclose(out, ref, atol=1e-5)
+    (g,) = torch.autograd.grad(out, bias, torch.randn_like(out))
+    assert g.shape == bias.shape and g.abs().max() < 1e-3
+
+
 def case_bias_float32_with_half_inputs(device, dtype):
     q, k, v = make_qkv((1, 2, 2, 60, 60, 32, False), dtype, device)
     check(q, k, v, backend="cuda", bias=torch.randn(2, 60, 60, device=device).requires_grad_())
@@ -292,9 +305,14 @@ def test_shuffled_positions_window(cuda_device):
 
 
 @pytest.mark.parametrize("bshape", [(2, 3, 40, 70), (3, 1, 70), (40, 70), (2, 1, 40, 70), (1, 1, 1, 70),
-                                    (2, 3, 40, 1), (1, 1, 1, 1)])
+                                    (2, 1, 1, 70), (1, 3, 40, 70)])
 def test_dense_bias_broadcast_gradient(bshape, cuda_device):
     case_dense_bias_broadcast_gradient(cuda_device, bshape)
+
+
+@pytest.mark.parametrize("bshape", [(2, 3, 40, 1), (1, 1, 1, 1)])
+def test_key_constant_bias_has_zero_gradient(bshape, cuda_device):
+    case_key_constant_bias_has_zero_gradient(cuda_device, bshape)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
