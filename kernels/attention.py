@@ -19,7 +19,7 @@ Conventions
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # a constexpr: jitted code reads no plain globals
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -43,7 +43,7 @@ def _load_tile(ptr, offs_n, offs_d, stride_n, stride_d, N, D):
 @triton.jit
 def _positions(pos_ptr, offs, N, shift, HAS_POS: tl.constexpr):
     if HAS_POS:
-        return tl.load(pos_ptr + offs, mask=offs < N, other=0).to(tl.int32)
+        return tl.load(pos_ptr + offs, mask=offs < N, other=0)  # int32 or int64, kept
     else:
         return offs + shift
 

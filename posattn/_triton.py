@@ -10,6 +10,9 @@ from ._validate import Problem
 from .encodings import GridBias
 
 _MAX_TABLE_COLUMNS = 8192
+# A window wider than any int64 distance is unbounded; clamping keeps the kernels'
+# tile-range arithmetic (start + shift +- window) inside int64.
+_WINDOW_MAX = 2 ** 62
 
 
 def interpreting() -> bool:
@@ -39,25 +42,34 @@ def refusal(p: Problem) -> Optional[str]:
 
 
 def _next_pow2(x: int) -> int:
+    x = int(x)  # a symbolic size (torch.compile) is specialised here
     return 1 << max(0, (x - 1).bit_length())
 
 
-def _config(D: int, backward: bool, rel_emb: bool = False):
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) for a head dim."""
+def _config(D: int, backward: bool, rel_emb: bool = False, gpu: bool = None, fp32: bool = False):
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) for a head dim; the
+    interpreter's unless gpu (default: unless TRITON_INTERPRET is set). Sizes follow
+    the tile bytes (float32 counts double) so that shared memory fits an A100's
+    164 KiB: tests/aot_compile.py checks every kernel against it."""
     block_d = max(16, _next_pow2(D))
-    if interpreting():
+    if not (gpu if gpu is not None else not interpreting()):
         return 64, 32, block_d, 4, 1
-    if rel_emb:  # the [BLOCK_M, BLOCK_M + BLOCK_N] slice of q . aK must fit in registers
-        return (64, 64, block_d, 4, 2) if block_d <= 128 else (32, 32, block_d, 4, 1)
+    width = block_d * (2 if fp32 else 1)
+    if rel_emb:  # the aK / aV slices ([BLOCK_M + BLOCK_N, D] each) also live in shared memory
+        if width <= 64:
+            return 64, 64, block_d, 4, 2
+        if not backward:
+            return (64, 32, block_d, 4, 1) if width <= 128 else (32, 32, block_d, 4, 1)
+        return (32, 32, block_d, 4, 1) if width <= 256 else (16, 16, block_d, 4, 1)
     if not backward:
-        if block_d <= 64:
+        if width <= 64:
             return 128, 64, block_d, 4, 3
-        if block_d <= 128:
+        if width <= 128:
             return 128, 64, block_d, 8, 3
         return 64, 32, block_d, 8, 2
-    if block_d <= 64:
+    if width <= 64:
         return 64, 64, block_d, 4, 2
-    if block_d <= 128:
+    if width <= 128:
         return 64, 64, block_d, 8, 2
     return 32, 32, block_d, 4, 1
 
@@ -131,22 +143,28 @@ class _Launch:
         self.rel_k = re.clip if re is not None else 0
         # qk_scale, rope factor, window, table parameters, clip
         self.scalars = (p.scale * LOG2E, p.rope.attention_factor if p.rope is not None else 1.0,
-                        p.window_left or 0, p.window_right or 0, tab_a, tab_b, self.rel_k)
+                        *(min(w or 0, _WINDOW_MAX) for w in (p.window_left, p.window_right)),
+                        tab_a, tab_b, self.rel_k)
         self.has_rel = re is not None
 
     def config(self, backward):
-        bm, bn, bd, warps, stages = _config(self.p.D, backward, self.has_rel)
+        bm, bn, bd, warps, stages = _config(self.p.D, backward, self.has_rel, fp32=self.p.q.dtype == torch.float32)
         return bm, bn, bd, _next_pow2(bm + bn - 1), dict(num_warps=warps, num_stages=stages)
 
 
-def _forward(L: _Launch, q, k, v):
+def _direct(kernel):
+    """The default launcher: the kernel itself (posattn/_op.py passes torch.library.wrap_triton)."""
+    return kernel
+
+
+def _forward(L: _Launch, q, k, v, wrap=_direct):
     from .kernels.attention import _attn_fwd
     p = L.p
     out = torch.empty(p.B, p.Hq, p.Nq, p.D, device=q.device, dtype=q.dtype)
     lse = torch.empty(p.B, p.Hq, p.Nq, device=q.device, dtype=torch.float32)
     lse2 = torch.empty_like(lse)
     bm, bn, bd, br, launch = L.config(backward=False)
-    _attn_fwd[(_cdiv(p.Nq, bm), p.Hq, p.B)](
+    wrap(_attn_fwd)[(_cdiv(p.Nq, bm), p.Hq, p.B)](
         q, k, v, out, lse, lse2, *L.ptrs,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *L.enc_strides,
         p.Hq, p.Nq, p.Nk, p.D, p.group, *L.scalars,
@@ -155,7 +173,7 @@ def _forward(L: _Launch, q, k, v):
     return out, lse, lse2
 
 
-def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need):
+def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need, wrap=_direct):
     # lse: the log2-domain row statistics saved by the forward
     """need: {name in _PARAMS: whether its gradient is wanted}. Returns dq, dk, dv and
     the parameter gradients in _PARAMS order (None where not wanted)."""
@@ -171,7 +189,7 @@ def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need):
     has_dlse = dlse is not None
     exact_delta = any(need.values())
     if not exact_delta:
-        _attn_bwd_delta[(_cdiv(p.Nq, 64), p.Hq, p.B)](
+        wrap(_attn_bwd_delta)[(_cdiv(p.Nq, 64), p.Hq, p.B)](
             out, do, delta, dlse.contiguous() if has_dlse else delta, *out.stride(), *do.stride(),
             p.Hq, p.Nq, p.D, HAS_DLSE=has_dlse, BLOCK_M=64, BLOCK_D=bd)
 
@@ -183,7 +201,7 @@ def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need):
         # delta is summed from the same P and dP tiles the gradient uses, and lse is
         # renormalised with them (a copy: a second backward must see the original).
         lse = lse.clone()
-        _attn_bwd_dq[(num_m, p.Hq, p.B)](
+        wrap(_attn_bwd_dq)[(num_m, p.Hq, p.B)](
             q, k, v, do, lse, delta, q, delta, delta, delta, delta, delta, delta, *dq_args,
             1, p.scale, *L.scalars, **L.flags, **L.bias_flags, D_SLOPE=False, D_TABLE=False,
             D_U=False, D_W=False, D_AK=False, D_AV=False, BLOCK_T=16, DELTA_PASS=True, **blocks, **launch)
@@ -193,7 +211,7 @@ def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need):
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    _attn_bwd_dkdv[(_cdiv(p.Nk, bn), p.Hkv, p.B)](
+    wrap(_attn_bwd_dkdv)[(_cdiv(p.Nk, bn), p.Hkv, p.B)](
         q, k, v, do, lse, delta, dk, dv, *L.ptrs,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *L.enc_strides,
         p.Hq, p.Hkv, p.Nq, p.Nk, p.D, p.group, p.scale, *L.scalars,
@@ -210,7 +228,7 @@ def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need):
     d_table = buf(need["table"], tab_t)
     d_u, d_w = buf(need["rel_u"], p.D), buf(need["rel_w"], p.D)
     d_key_end, d_value_end = buf(need["rel_key"], 2, p.D), buf(need["rel_value"], 2, p.D)
-    _attn_bwd_dq[(num_m, p.Hq, p.B)](
+    wrap(_attn_bwd_dq)[(num_m, p.Hq, p.B)](
         q, k, v, do, lse, delta, dq, d_slope, d_table, d_u, d_w, d_key_end, d_value_end, *L.ptrs,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *L.enc_strides,
         p.Hq, p.Nq, p.Nk, p.D, p.group, num_m, tab_t, p.scale, *L.scalars,
@@ -232,7 +250,7 @@ def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need):
         bb, bh, bmq, bnk = bias.shape  # size-1 axes are summed over (broadcast)
         g = torch.empty(bb, bh, bmq, bnk, **f32)
         num_n = 1 if bnk == 1 else _cdiv(p.Nk, bn)
-        _attn_bwd_dbias[((1 if bmq == 1 else _cdiv(p.Nq, bm)) * num_n, bh, bb)](
+        wrap(_attn_bwd_dbias)[((1 if bmq == 1 else _cdiv(p.Nq, bm)) * num_n, bh, bb)](
             q, k, v, do, lse, delta, g, *L.ptrs,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *L.enc_strides,
             p.B, p.Hq, p.Nq, p.Nk, p.D, p.group, bh, bmq, bnk, num_n, *L.scalars,
@@ -251,7 +269,7 @@ def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need):
         tables = {n: torch.zeros(p.B, ha, 2 * K + 1, p.D, **f32) if need[n] else delta
                   for n in ("rel_key", "rel_value")}
         if rel_last >= rel_first:
-            _attn_bwd_rel[(_cdiv(rel_last - rel_first + 1, bn), ha, p.B)](
+            wrap(_attn_bwd_rel)[(_cdiv(rel_last - rel_first + 1, bn), ha, p.B)](
                 q, k, v, do, lse, delta, tables["rel_key"], tables["rel_value"], *L.ptrs,
                 *q.stride(), *k.stride(), *v.stride(), *do.stride(), *L.enc_strides,
                 p.Hq, p.Nq, p.Nk, p.D, p.group, rel_first, p.Hq if ha > 1 else 1, p.scale, *L.scalars,
