@@ -10,9 +10,6 @@ from ._validate import Problem
 from .encodings import GridBias
 
 _MAX_TABLE_COLUMNS = 8192
-# A window wider than any int64 distance is unbounded; clamping keeps the kernels'
-# tile-range arithmetic (start + shift +- window) inside int64.
-_WINDOW_MAX = 2 ** 62
 
 
 def interpreting() -> bool:
@@ -60,7 +57,7 @@ def _config(D: int, backward: bool, rel_emb: bool = False, gpu: bool = None, fp3
             return 64, 64, block_d, 4, 2
         if not backward:
             return (64, 32, block_d, 4, 1) if width <= 128 else (32, 32, block_d, 4, 1)
-        return (32, 32, block_d, 4, 1) if width <= 256 else (16, 16, block_d, 4, 1)
+        return (32, 32, block_d, 4, 1) if width <= 128 else (16, 16, block_d, 4, 1)
     if not backward:
         if width <= 64:
             return 128, 64, block_d, 4, 3
@@ -71,7 +68,7 @@ def _config(D: int, backward: bool, rel_emb: bool = False, gpu: bool = None, fp3
         return 64, 64, block_d, 4, 2
     if width <= 128:
         return 64, 64, block_d, 8, 2
-    return 32, 32, block_d, 4, 1
+    return (32, 32, block_d, 4, 1) if width <= 256 else (16, 16, block_d, 4, 1)
 
 
 def _cdiv(a, b):
@@ -143,8 +140,7 @@ class _Launch:
         self.rel_k = re.clip if re is not None else 0
         # qk_scale, rope factor, window, table parameters, clip
         self.scalars = (p.scale * LOG2E, p.rope.attention_factor if p.rope is not None else 1.0,
-                        *(min(w or 0, _WINDOW_MAX) for w in (p.window_left, p.window_right)),
-                        tab_a, tab_b, self.rel_k)
+                        p.window_left or 0, p.window_right or 0, tab_a, tab_b, self.rel_k)
         self.has_rel = re is not None
 
     def config(self, backward):

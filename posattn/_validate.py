@@ -16,6 +16,7 @@ import torch
 from .encodings import DistanceBias, GridBias, RelativeEmbeddings, RoPE
 
 MAX_HEAD_DIM = 256
+WINDOW_MAX = 2 ** 62
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # float64: reference only
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -141,7 +142,9 @@ def check(q, k, v, *, causal=False, scale=None, window=None, q_pos=None, k_pos=N
         for name, w in zip(("left", "right"), window):
             if w is not None and (not _is_int(w) or w < 0):
                 raise ValueError(f"window {name} must be an int >= 0 or None, got {w!r}")
-        wl, wr = (None if w is None else int(w) for w in window)
+        # A side wider than any int64 distance is unbounded: clamping keeps every
+        # backend's arithmetic (tile ranges, tensor comparisons) inside int64.
+        wl, wr = (None if w is None else min(int(w), WINDOW_MAX) for w in window)
 
     q_pos = _positions("q_pos", q_pos, B, Nq, q.device)
     k_pos = _positions("k_pos", k_pos, B, Nk, q.device)
