@@ -16,14 +16,14 @@ import pytest
 SCRIPT = Path(__file__).with_name("aot_compile.py")
 
 
-def test_kernels_compile_for_sm80_and_sm90():
+def test_kernels_compile_for_sm80_and_sm90(tmp_path):
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # really compile, and leave no cache behind
     args = [sys.executable, str(SCRIPT)]
     if os.environ.get("POSATTN_AOT_FULL") != "1":
-        args += ["--only=causal+rope+alibi+table+bias/bf16/64", "--only=causal+shaw+xl/bf16/64",
-                 "--only=window+pos+ropei+grid+mask/fp32/128"]
+        args += ["--only=causal+rope+alibi+table+bias/bf16/64", "--only=causal+shaw+xl/bf16/64"]
     res = subprocess.run(args, env=env, capture_output=True, text=True, timeout=1800)
     report = "\n".join(line for line in res.stdout.splitlines() if line.startswith(("ok", "FAIL", "0 ", "1", "2")))
     assert res.returncode == 0, f"{report}\n{res.stderr[-3000:]}"
-    assert " 0 failed" in "\n" + res.stdout.splitlines()[-1] or res.stdout.strip().endswith("0 failed"), report
+    assert res.stdout.strip().endswith("\n0 failed"), report
