@@ -162,6 +162,17 @@ def _add_row(x, ptr, offs_d, D, FLAG: tl.constexpr):
 
 
 @triton.jit
+def _load_queries(q_ptr, pos_ptr, offs_m, offs_d, sqm, sqd, Nq, Nk, D, InvFreq, rope_factor, u_ptr, w_ptr,
+                  HAS_POS: tl.constexpr, ROPE: tl.constexpr, ROT_DIM: tl.constexpr, INTERLEAVED: tl.constexpr,
+                  REL_U: tl.constexpr, REL_W: tl.constexpr):
+    """A query block: its positions, its tile (rotated by RoPE) and the tile plus
+    Transformer-XL's u (for the content term) and w (for the position term)."""
+    qp = _positions(pos_ptr, offs_m, Nq, Nk - Nq, HAS_POS)
+    q = _load_rotated(q_ptr, offs_m, offs_d, sqm, sqd, Nq, D, qp, InvFreq, rope_factor, ROPE, ROT_DIM, INTERLEAVED)
+    return qp, q, _add_row(q, u_ptr, offs_d, D, REL_U), _add_row(q, w_ptr, offs_d, D, REL_W)
+
+
+@triton.jit
 def _logits(qu, qw, k, ak_ptr, start_m, start_n, Nq, Nk, rel_k, offs_d, D,
             REL_K: tl.constexpr, UPCAST: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
@@ -290,11 +301,9 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2,
     slope, table_ptr, bias_ptr, ak_ptr, av_ptr, u_ptr, w_ptr = _head_params(
         off_b, off_h, Slopes, ssb, ssh, Table, stab_h, Bias, sbb, sbh, bias_nb, AK, AV, U, W,
         rel_hs, rel_k, D, ALIBI)
-    qp = _positions(QPos + off_b * sqpb, offs_m, Nq, Nk - Nq, HAS_POS)
-    q = _load_rotated(Q + off_b * sqb + off_h * sqh, offs_m, offs_d, sqm, sqd, Nq, D, qp, InvFreq,
-                      rope_factor, ROPE, ROT_DIM, INTERLEAVED)
-    qu = _add_row(q, u_ptr, offs_d, D, REL_U)
-    qw = _add_row(q, w_ptr, offs_d, D, REL_W)
+    qp, q, qu, qw = _load_queries(Q + off_b * sqb + off_h * sqh, QPos + off_b * sqpb, offs_m, offs_d, sqm, sqd,
+                                  Nq, Nk, D, InvFreq, rope_factor, u_ptr, w_ptr,
+                                  HAS_POS, ROPE, ROT_DIM, INTERLEAVED, REL_U, REL_W)
     k_base = K + off_b * skb + off_hk * skh
     v_base = V + off_b * svb + off_hk * svh
 
@@ -432,11 +441,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV,
         row0 = (off_b * Hq + off_h) * Nq
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + offs_m0
-            qp = _positions(QPos + off_b * sqpb, offs_m, Nq, Nk - Nq, HAS_POS)
-            q = _load_rotated(q_base, offs_m, offs_d, sqm, sqd, Nq, D, qp, InvFreq, rope_factor,
-                              ROPE, ROT_DIM, INTERLEAVED)
-            qu = _add_row(q, u_ptr, offs_d, D, REL_U)
-            qw = _add_row(q, w_ptr, offs_d, D, REL_W)
+            qp, q, qu, qw = _load_queries(q_base, QPos + off_b * sqpb, offs_m, offs_d, sqm, sqd, Nq, Nk, D,
+                                          InvFreq, rope_factor, u_ptr, w_ptr,
+                                          HAS_POS, ROPE, ROT_DIM, INTERLEAVED, REL_U, REL_W)
             do = _load_tile(do_base, offs_m, offs_d, sdom, sdod, Nq, D)
             lse2, delta = _load_row_stats(Lse, Delta, row0, offs_m, Nq)
             p, ds, rel, ak = _probs_and_ds(
@@ -496,11 +503,9 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, DSlope, DTable, DU, DW, DAKEnd, DA
     slope, table_ptr, bias_ptr, ak_ptr, av_ptr, u_ptr, w_ptr = _head_params(
         off_b, off_h, Slopes, ssb, ssh, Table, stab_h, Bias, sbb, sbh, bias_nb, AK, AV, U, W,
         rel_hs, rel_k, D, ALIBI)
-    qp = _positions(QPos + off_b * sqpb, offs_m, Nq, Nk - Nq, HAS_POS)
-    q = _load_rotated(Q + off_b * sqb + off_h * sqh, offs_m, offs_d, sqm, sqd, Nq, D, qp, InvFreq,
-                      rope_factor, ROPE, ROT_DIM, INTERLEAVED)
-    qu = _add_row(q, u_ptr, offs_d, D, REL_U)
-    qw = _add_row(q, w_ptr, offs_d, D, REL_W)
+    qp, q, qu, qw = _load_queries(Q + off_b * sqb + off_h * sqh, QPos + off_b * sqpb, offs_m, offs_d, sqm, sqd,
+                                  Nq, Nk, D, InvFreq, rope_factor, u_ptr, w_ptr,
+                                  HAS_POS, ROPE, ROT_DIM, INTERLEAVED, REL_U, REL_W)
     do = _load_tile(DO + off_b * sdob + off_h * sdoh, offs_m, offs_d, sdom, sdod, Nq, D)
     lse2, delta = _load_row_stats(Lse, Delta, off_bh * Nq, offs_m, Nq)
     if DELTA_PASS:
@@ -633,11 +638,9 @@ def _attn_bwd_rel(Q, K, V, DO, Lse, Delta, DAK, DAV,
             j_lo = tl.maximum(lo, start_m + shift + rel0)
             j_hi = tl.minimum(hi, start_m + BLOCK_M + shift + rel0 + BLOCK_N - 1)
             offs_m = start_m + offs_m0
-            qp = _positions(QPos + off_b * sqpb, offs_m, Nq, shift, HAS_POS)
-            q = _load_rotated(Q + off_b * sqb + off_h * sqh, offs_m, offs_d, sqm, sqd, Nq, D, qp,
-                              InvFreq, rope_factor, ROPE, ROT_DIM, INTERLEAVED)
-            qu = _add_row(q, u_ptr, offs_d, D, REL_U)
-            qw = _add_row(q, w_ptr, offs_d, D, REL_W)
+            qp, q, qu, qw = _load_queries(Q + off_b * sqb + off_h * sqh, QPos + off_b * sqpb, offs_m, offs_d,
+                                          sqm, sqd, Nq, Nk, D, InvFreq, rope_factor, u_ptr, w_ptr,
+                                          HAS_POS, ROPE, ROT_DIM, INTERLEAVED, REL_U, REL_W)
             do = _load_tile(DO + off_b * sdob + off_h * sdoh, offs_m, offs_d, sdom, sdod, Nq, D)
             lse2, delta = _load_row_stats(Lse, Delta, row0, offs_m, Nq)
             for start_n in range((tl.maximum(j_lo, 0) // BLOCK_N) * BLOCK_N, j_hi, BLOCK_N):
@@ -727,11 +730,9 @@ def _attn_bwd_dbias(Q, K, V, DO, Lse, Delta, DBias,
                 rel_hs, rel_k, D, ALIBI)
             for start_m in range(m_lo, m_hi, BLOCK_M):
                 offs_m = start_m + offs_m0
-                qp = _positions(QPos + off_b * sqpb, offs_m, Nq, Nk - Nq, HAS_POS)
-                q = _load_rotated(Q + off_b * sqb + off_h * sqh, offs_m, offs_d, sqm, sqd, Nq, D, qp,
-                                  InvFreq, rope_factor, ROPE, ROT_DIM, INTERLEAVED)
-                qu = _add_row(q, u_ptr, offs_d, D, REL_U)
-                qw = _add_row(q, w_ptr, offs_d, D, REL_W)
+                qp, q, qu, qw = _load_queries(Q + off_b * sqb + off_h * sqh, QPos + off_b * sqpb, offs_m,
+                                              offs_d, sqm, sqd, Nq, Nk, D, InvFreq, rope_factor, u_ptr, w_ptr,
+                                              HAS_POS, ROPE, ROT_DIM, INTERLEAVED, REL_U, REL_W)
                 do = _load_tile(DO + off_b * sdob + off_h * sdoh, offs_m, offs_d, sdom, sdod, Nq, D)
                 lse2, delta = _load_row_stats(Lse, Delta, row0, offs_m, Nq)
                 for start_n in range(n_lo, n_hi, BLOCK_N):
