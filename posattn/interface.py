@@ -8,6 +8,12 @@ import torch
 
 from . import _cuda, _triton, _validate, reference
 
+try:  # the Triton backend as torch.library operators, for torch.compile (posattn/_op.py)
+    from . import _op
+    _OP_ERROR = None
+except Exception as e:  # no working triton, or a torch without torch.library.triton_op (< 2.6)
+    _op, _OP_ERROR = None, e  # torch.compile then traces the eager path
+
 BACKENDS = ("triton", "cuda", "reference")
 _REFUSALS = {"triton": lambda p: _triton.refusal(p), "cuda": lambda p: _cuda.refusal(p)}
 
@@ -61,6 +67,8 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, q_pos=None, k_p
     if p.B == 0 or p.Hq == 0 or p.Nq == 0 or p.Nk == 0:
         return reference.empty_result(p)
     if name == "triton":
+        if _op is not None and torch.compiler.is_compiling():
+            return _op.attention(p)  # custom operators: no graph break under torch.compile
         return _triton.attention(p)
     if name == "cuda":
         return _cuda.attention(p)
