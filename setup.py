@@ -60,7 +60,7 @@ def _cuda_extension():
 
 
 setup(
-    packages=["posattn", "posattn.kernels", "posattn.csrc"],
+    packages=["posattn", "posattn.integrations", "posattn.kernels", "posattn.csrc"],
     package_dir={"posattn": "posattn", "posattn.kernels": "kernels", "posattn.csrc": "csrc"},
     package_data={"posattn.csrc": ["*.cu", "*.cuh", "*.h", "*.cpp"]},
     **_cuda_extension(),

@@ -1,0 +1,175 @@
+"""Hugging Face transformers integration (posattn/integrations/hf.py).
+
+Small randomly initialised models built from their configs (no download, no
+network), float32 on CPU: logits and every parameter gradient with
+attn_implementation="posattn" against "eager". posattn runs on the reference
+backend, or the Triton kernels under TRITON_INTERPRET=1. Skipped when
+transformers is not installed (pip install -e ".[hf]").
+"""
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import posattn  # noqa: E402
+from posattn.integrations import hf  # noqa: E402
+
+N = 12
+
+
+@pytest.fixture(autouse=True)
+def registered(monkeypatch):
+    """Register posattn and count the calls that reach posattn.attention."""
+    hf.register()
+    calls = []
+    orig = posattn.attention
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs)
+        return orig(*args, **kwargs)
+
+    monkeypatch.setattr(posattn, "attention", counting)
+    return calls
+
+
+def _llama_config():
+    return transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                    num_hidden_layers=2, intermediate_size=128, vocab_size=100,
+                                    max_position_embeddings=64)
+
+
+def _t5_config():
+    return transformers.T5Config(vocab_size=100, d_model=64, d_kv=16, d_ff=128, num_layers=2,
+                                 num_decoder_layers=2, num_heads=4, relative_attention_num_buckets=8,
+                                 relative_attention_max_distance=16, dropout_rate=0.0)
+
+
+def _build(cls, config, impl):
+    torch.manual_seed(0)  # the same weights for every implementation
+    model = cls._from_config(config, attn_implementation=impl).float()
+    assert model.config._attn_implementation == impl
+    return model.train()
+
+
+def _run(cls, config, impl, inputs, keep=None):
+    """Logits and the gradients of a loss over the kept positions."""
+    model = _build(cls, config, impl)
+    logits = model(**inputs).logits
+    w = torch.randn(logits.shape, generator=torch.Generator().manual_seed(1))
+    if keep is not None:
+        w = w * keep[..., None]
+    (logits * w).sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return logits.detach(), grads
+
+
+def _compare(cls, config, inputs, keep=None):
+    l1, g1 = _run(cls, config, "eager", inputs, keep)
+    l2, g2 = _run(cls, config, "posattn", inputs, keep)
+    if keep is not None:
+        l1, l2 = l1[keep.bool()], l2[keep.bool()]
+    torch.testing.assert_close(l2, l1, rtol=1e-4, atol=1e-5)
+    assert g1.keys() == g2.keys() and g1
+    for name in g1:
+        torch.testing.assert_close(g2[name], g1[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_llama_gqa_causal(registered):
+    """RoPE applied by the model, GQA (4 query heads, 2 k/v heads), no padding: the
+    mask is None and posattn runs causal=True with the k/v heads as they are."""
+    ids = torch.randint(0, 100, (2, N))
+    _compare(transformers.LlamaForCausalLM, _llama_config(), dict(input_ids=ids))
+    assert len(registered) == 2 * 1 and all(c["causal"] and c["bias"] is None for c in registered)
+
+
+def test_llama_left_padding(registered):
+    """A padding mask: SDPA's bool keep-mask [B, 1, Nq, Nk] as posattn's bias. Padded
+    query rows that see no key are not compared (posattn gives zeros there, eager an
+    average): the loss only reads real positions."""
+    ids = torch.randint(0, 100, (2, N))
+    mask = torch.ones(2, N, dtype=torch.long)
+    mask[1, :4] = 0
+    _compare(transformers.LlamaForCausalLM, _llama_config(), dict(input_ids=ids, attention_mask=mask), keep=mask)
+    assert registered and all(c["bias"] is not None and c["bias"].dtype == torch.bool for c in registered)
+
+
+def test_t5_relative_bias_and_padding(registered):
+    """T5: the relative-position bias arrives as a dense position_bias [1, H, Nq, Nk]
+    (posattn's dense bias, its gradient reaching relative_attention_bias), scale 1,
+    a padded encoder, a causal decoder and cross-attention."""
+    ids = torch.randint(0, 100, (2, N))
+    mask = torch.ones(2, N, dtype=torch.long)
+    mask[0, 9:] = 0
+    inputs = dict(input_ids=ids, attention_mask=mask, decoder_input_ids=torch.randint(0, 100, (2, N - 2)))
+    _compare(transformers.T5ForConditionalGeneration, _t5_config(), inputs)
+    assert len(registered) == 2 + 2 * 2  # encoder self, decoder self and cross, per layer
+    assert all(c["scale"] == 1.0 for c in registered)
+
+
+def test_llama_compiled_fullgraph(registered):
+    """torch.compile(fullgraph=True) of a LLaMA forward+backward with posattn: no graph
+    break (the custom operators under TRITON_INTERPRET=1, plain PyTorch on the
+    reference backend), same loss and gradients as eager posattn."""
+    model = _build(transformers.LlamaForCausalLM, _llama_config(), "posattn")
+    ids = torch.randint(0, 100, (2, N))
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loss(ids):
+        return model(input_ids=ids).logits.pow(2).mean()
+
+    l1 = loss(ids)
+    g1 = torch.autograd.grad(l1, params)
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    l2 = compiled(ids)
+    g2 = torch.autograd.grad(l2, params)
+    torch._dynamo.reset()
+    torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g2, g1):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_alibi_families_do_not_route(registered):
+    """BLOOM computes its ALiBi attention itself (no AttentionInterface in
+    transformers 5.x): attn_implementation="posattn" is accepted and has no effect.
+    If this starts failing, transformers began routing BLOOM: update README."""
+    config = transformers.BloomConfig(vocab_size=100, hidden_size=64, n_layer=2, n_head=4)
+    model = _build(transformers.BloomForCausalLM, config, "posattn")
+    model(input_ids=torch.randint(0, 100, (1, 8)))
+    assert registered == []
+
+
+def test_refusals():
+    """What posattn cannot do is an error, not a silent difference."""
+    q = torch.randn(1, 2, 4, 8)
+
+    class Module(torch.nn.Module):
+        is_causal = True
+
+    m = Module()
+    with pytest.raises(ValueError, match="dropout"):
+        hf.attention_forward(m.train(), q, q, q, None, dropout=0.1)
+    out, weights = hf.attention_forward(m.eval(), q, q, q, None, dropout=0.1)
+    assert out.shape == (1, 4, 2, 8) and weights is None
+    with pytest.raises(ValueError, match="softcap"):
+        hf.attention_forward(m, q, q, q, None, softcap=30.0)
+    with pytest.raises(ValueError, match="sinks"):
+        hf.attention_forward(m, q, q, q, None, s_aux=torch.zeros(2))
+
+
+def test_mask_and_position_bias_combined():
+    """A bool mask with a position bias: -inf where masked, the bias elsewhere (as the
+    mask alone would mask), against eager's formula on the kept entries."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 5, 8) for _ in range(3))
+    pb = torch.randn(1, 2, 5, 5, requires_grad=True)
+    keep = torch.ones(2, 1, 5, 5, dtype=torch.bool)
+    keep[1, ..., 3:] = False
+
+    class Module(torch.nn.Module):
+        is_causal = False
+
+    out, _ = hf.attention_forward(Module(), q, k, v, keep, scaling=1.0, position_bias=pb)
+    scores = q @ k.transpose(-1, -2) + pb
+    ref = (scores.masked_fill(~keep, float("-inf")).softmax(-1) @ v).transpose(1, 2)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
