@@ -91,7 +91,7 @@ def _launcher(q: Tensor):
             return _NoLaunch() if fake else kernel
         return torch.library.wrap_triton(kernel)
 
-    return fake, wrap
+    return wrap
 
 
 def _problem(q, k, v, q_pos, k_pos, inv_freq, alibi, table, bias, rel_key, rel_value, rel_u, rel_w,
@@ -152,9 +152,8 @@ def fwd(q: Tensor, k: Tensor, v: Tensor, q_pos: Optional[Tensor], k_pos: Optiona
     p = _problem(q, k, v, q_pos, k_pos, inv_freq, alibi, table, bias, rel_key, rel_value, rel_u, rel_w,
                  causal, scale, window_left, window_right, rope_interleaved, rope_factor, table_kind, table_a,
                  table_b, rel_clip)
-    _, wrap = _launcher(q)
     L = _triton._Launch(p, q, *_launch_inputs(p))
-    return _triton._forward(L, q, k, v, wrap=wrap)
+    return _triton._forward(L, q, k, v, wrap=_launcher(q))
 
 
 @torch.library.triton_op("posattn::attn_bwd", mutates_args=())
@@ -181,9 +180,8 @@ def bwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse2: Tensor, dout: Tensor
     need = dict(zip(_triton._PARAMS, flags))
     if need["bias"] and p.bias_is_mask:
         raise ValueError("posattn::attn_bwd: a bool mask has no gradient (need_bias must be False)")
-    _, wrap = _launcher(q)
     L = _triton._Launch(p, q, *inputs)
-    grads = _triton._backward(L, q, k, v, out, lse2, dout, dlse, need, wrap=wrap)
+    grads = _triton._backward(L, q, k, v, out, lse2, dout, dlse, need, wrap=_launcher(q))
     return tuple(g if g is not None else q.new_empty(0) for g in grads)
 
 
