@@ -2,7 +2,8 @@
 #
 #   make venv    create .venv and install torch + the package with test extras
 #   make test    run the test suite (PYTEST_ARGS="..." adds pytest arguments)
-#   make demo    run bench/demo.py
+#   make demo    run bench/train_demo.py (train a tiny LM with each encoding; accuracy by length)
+#   make check   run bench/demo.py (each encoding vs the reference: errors and timings)
 #   make bench   run bench/run.py (peer benchmark on a GPU; a CPU smoke run without one)
 #   make clean   remove build and cache outputs (distclean also removes .venv)
 #
@@ -23,7 +24,7 @@ ifeq ($(HAVE_NVIDIA_GPU),)
 export TRITON_INTERPRET ?= 1
 endif
 
-.PHONY: venv test demo bench clean distclean
+.PHONY: venv test demo check bench clean distclean
 
 venv: $(STAMP)
 
@@ -43,6 +44,10 @@ test: $(STAMP)
 	$(VPY) -m pytest tests -q $(PYTEST_ARGS)
 
 demo: $(STAMP)
+	@echo "TRITON_INTERPRET=$${TRITON_INTERPRET:-<unset>}"
+	$(VPY) bench/train_demo.py
+
+check: $(STAMP)
 	@echo "TRITON_INTERPRET=$${TRITON_INTERPRET:-<unset>}"
 	$(VPY) bench/demo.py
 
