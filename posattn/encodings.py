@@ -255,6 +255,9 @@ class RelativeEmbeddings:
             if not t.is_floating_point() or t.dim() != 2:
                 raise ValueError(f"RelativeEmbeddings: {name} must be a float tensor [H, D], got "
                                  f"{t.dtype} {tuple(t.shape)}")
+        if key is not None and value is not None and key.shape[0] != value.shape[0]:
+            raise ValueError(f"RelativeEmbeddings: key and value must have the same number of heads, got "
+                             f"{key.shape[0]} and {value.shape[0]}")
         if key is None and value is None and content_bias is None:
             raise ValueError("RelativeEmbeddings: give at least one of key, value or content_bias")
         if position_bias is not None and key is None:

@@ -14,7 +14,13 @@ import torch
 import posattn
 from posattn import reference
 
-FLOOR = {torch.float16: 2e-4, torch.bfloat16: 2e-3}
+# The floor is one unit roundoff of the dtype (2^-11, 2^-8): the result is rounded to
+# it at least once. Gradients of the encodings' own parameters (slopes, tables, bias,
+# relative embeddings) are sums over all Nq x Nk pairs that cancel almost exactly
+# (each row of dS sums to 0), so a single sample of PyTorch's error there ranges over
+# 50x (measured: rope+alibi bf16, 41 draws, 1e-3 to 5e-2) and they get two.
+FLOOR = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
+PARAM_FLOOR_ROUNDOFFS = 2
 
 
 # A reference whose RMS is below this is "zero" (e.g. dq when every row sees a single
@@ -129,7 +135,9 @@ def check(q, k, v, *, backend="triton", grad_lse=False, fp32_tol=None, **kw):
         lx, ref = low[name], ref64[name]
         if name == "lse":
             lx, ref = lx[torch.isfinite(ref)], ref[torch.isfinite(ref)]
-        limits[name] = 2 * rel_err(lx, ref) + floor
+        is_param = name not in ("out", "lse", "dq", "dk", "dv")
+        limits[name] = 2 * rel_err(lx, ref) + floor * (PARAM_FLOOR_ROUNDOFFS if is_param and dtype != torch.float32
+                                                       else 1)
     bad = {n: (errors[n], limits[n]) for n in errors if not errors[n] <= limits[n]}
     assert not bad, "errors above tolerance (err, limit): " + ", ".join(
         f"{n}: {e:.3g} > {l:.3g}" for n, (e, l) in bad.items())

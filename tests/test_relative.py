@@ -232,6 +232,8 @@ def test_relative_embeddings_errors():
         posattn.RelativeEmbeddings(torch.randn(2, 5, 8), clip=-1)
     with pytest.raises(ValueError, match="2K\\+1"):
         posattn.RelativeEmbeddings(torch.randn(2, 6, 8), clip=2)
+    with pytest.raises(ValueError, match="same number of heads"):
+        posattn.RelativeEmbeddings(torch.randn(2, 5, 8), torch.randn(1, 5, 8), clip=2)
     with pytest.raises(ValueError, match="at least one"):
         posattn.RelativeEmbeddings(clip=2)
     with pytest.raises(ValueError, match="position_bias"):
