@@ -129,12 +129,33 @@ def test_llama_compiled_fullgraph(registered):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_alibi_families_do_not_route(registered):
-    """BLOOM computes its ALiBi attention itself (no AttentionInterface in
-    transformers 5.x): attn_implementation="posattn" is accepted and has no effect.
-    If this starts failing, transformers began routing BLOOM: update README."""
-    config = transformers.BloomConfig(vocab_size=100, hidden_size=64, n_layer=2, n_head=4)
-    model = _build(transformers.BloomForCausalLM, config, "posattn")
+def _bloom_config():
+    return transformers.BloomConfig(vocab_size=100, hidden_size=64, n_layer=2, n_head=4,
+                                    attention_dropout=0.0, hidden_dropout=0.0)
+
+
+def test_bloom_alibi(registered):
+    """BLOOM computes attention itself (no AttentionInterface); register() routes its
+    modules through posattn's fused ALiBi (slopes from posattn.alibi_slopes,
+    BLOOM's positions), no padding: logits and every gradient equal eager's."""
+    ids = torch.randint(0, 100, (2, N))
+    _compare(transformers.BloomForCausalLM, _bloom_config(), dict(input_ids=ids))
+    assert len(registered) == 2 and all(c["causal"] and c["alibi_slopes"] is not None for c in registered)
+
+
+def test_bloom_left_padding(registered):
+    """Left padding: BLOOM counts positions over real tokens only; the keep-mask is
+    the dense mask and those positions go to posattn as q_pos / k_pos."""
+    ids = torch.randint(0, 100, (2, N))
+    mask = torch.ones(2, N, dtype=torch.long)
+    mask[0, :5] = 0
+    _compare(transformers.BloomForCausalLM, _bloom_config(), dict(input_ids=ids, attention_mask=mask), keep=mask)
+    assert registered and all(c["k_pos"] is not None for c in registered)
+
+
+def test_bloom_eager_models_untouched(registered):
+    """Routing is per model: a BLOOM built with "eager" never calls posattn."""
+    model = _build(transformers.BloomForCausalLM, _bloom_config(), "eager")
     model(input_ids=torch.randint(0, 100, (1, 8)))
     assert registered == []
 

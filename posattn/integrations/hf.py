@@ -33,10 +33,11 @@ Refused with an error: attention dropout while training (``dropout > 0``;
 posattn has no dropout), ``softcap``, attention sinks (``s_aux``) and paged caches.
 ``output_attentions`` is not supported (the weights are returned as ``None``).
 
-Models that compute attention themselves do not route through the interface
-and are unaffected by ``attn_implementation="posattn"``: in transformers 5.x
-the ALiBi families (BLOOM, Falcon with ``alibi=True``, MPT) do; use
-``posattn.attention(..., alibi_slopes=...)`` directly there. See README.
+BLOOM computes its attention itself (no AttentionInterface in transformers
+5.x): ``register()`` routes the ``BloomAttention`` modules of models built with
+``attn_implementation="posattn"`` through posattn's fused ALiBi instead
+(``_bloom_attention_forward``). Other ALiBi families that bypass the interface
+(Falcon with ``alibi=True``, MPT) are not routed. See README.
 """
 from __future__ import annotations
 
@@ -96,6 +97,69 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     return out.transpose(1, 2).contiguous(), None
 
 
+def _bloom_attention_forward(self, hidden_states, residual, alibi, attention_mask, layer_past=None,
+                             use_cache=False, output_attentions=False, **kwargs):
+    """BloomAttention.forward through posattn: BLOOM computes its attention itself
+    (no AttentionInterface), so register() routes its modules here when their
+    model was built with attn_implementation="posattn".
+
+    BLOOM adds ``slope * k_pos`` (positions counted over real tokens) to every row;
+    under its causal mask that equals ALiBi's ``-slope * |k_pos - q_pos|`` plus a
+    per-row constant, which softmax ignores: posattn's fused ALiBi with those
+    positions, the mask as the dense keep-mask, no [N, N] bias."""
+    from transformers.models.bloom.modeling_bloom import dropout_add
+
+    if self.training and self.attention_dropout.p > 0:
+        raise ValueError(f"posattn: attention dropout is not supported (attention_dropout="
+                         f"{self.attention_dropout.p} in training mode)")
+    if output_attentions:
+        warnings.warn("posattn does not return attention weights (output_attentions=True): they are None",
+                      stacklevel=2)
+    batch, q_len, _ = hidden_states.shape
+    query, key, value = self._reshape(self.query_key_value(hidden_states))
+    if layer_past is not None:
+        key, value = layer_past.update(key, value, self.layer_idx)
+    kv_len = key.shape[2]
+    slopes = posattn.alibi_slopes(self.num_heads, device=query.device)   # BLOOM's list (tested)
+    if attention_mask is None:  # no padding: positions 0..Nk-1, queries last
+        kw = dict(causal=True)
+    else:
+        keep = attention_mask if attention_mask.dtype == torch.bool else \
+            attention_mask > torch.finfo(attention_mask.dtype).min / 2
+        real = keep.expand(batch, 1, q_len, kv_len)[:, 0, -1].long()         # the last query sees every real key
+        k_pos = (real.cumsum(-1) - 1) * real                                  # BLOOM's build_alibi_tensor
+        kw = dict(bias=attention_mask, q_pos=k_pos[:, kv_len - q_len:], k_pos=k_pos)
+    out = posattn.attention(query, key, value, scale=self.inv_norm_factor, alibi_slopes=slopes, **kw)
+    context = out.transpose(1, 2).reshape(batch, q_len, self.num_heads * self.head_dim)
+    return dropout_add(self.dense(context), residual, self.hidden_dropout, self.training), None
+
+
+def _route_bloom(name):
+    """Make BloomAttention modules of models built with attn_implementation=name run
+    through posattn (they keep their config; others are untouched)."""
+    try:
+        from transformers.models.bloom import modeling_bloom
+    except ImportError:
+        return
+    cls = modeling_bloom.BloomAttention
+    if getattr(cls, "_posattn_routed", None) is not None:
+        cls._posattn_routed.add(name)
+        return
+    init, forward = cls.__init__, cls.forward
+
+    def __init__(self, config, *args, **kwargs):
+        init(self, config, *args, **kwargs)
+        self._posattn_config = config
+
+    def routed_forward(self, *args, **kwargs):
+        config = getattr(self, "_posattn_config", None)
+        if config is not None and getattr(config, "_attn_implementation", None) in cls._posattn_routed:
+            return _bloom_attention_forward(self, *args, **kwargs)
+        return forward(self, *args, **kwargs)
+
+    cls.__init__, cls.forward, cls._posattn_routed = __init__, routed_forward, {name}
+
+
 def register(name: str = NAME) -> str:
     """Register posattn with transformers under ``name`` (default ``"posattn"``);
     returns the name to pass as ``attn_implementation``. Idempotent."""
@@ -111,4 +175,5 @@ def register(name: str = NAME) -> str:
         pass
     else:
         AttentionMaskInterface.register(name, sdpa_mask)
+    _route_bloom(name)
     return name
