@@ -70,8 +70,8 @@ def _compare(cls, config, inputs, keep=None):
         l1, l2 = l1[keep.bool()], l2[keep.bool()]
     torch.testing.assert_close(l2, l1, rtol=1e-4, atol=1e-5)
     assert g1.keys() == g2.keys() and g1
-    for name in g1:
-        torch.testing.assert_close(g2[name], g1[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    for name in g1:  # fp32 sums over every (query, key) pair in another order: atol 1e-4
+        torch.testing.assert_close(g2[name], g1[name], rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
 def test_llama_gqa_causal(registered):
