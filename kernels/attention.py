@@ -43,7 +43,8 @@ def _load_tile(ptr, offs_n, offs_d, stride_n, stride_d, N, D):
 @triton.jit
 def _positions(pos_ptr, offs, N, shift, HAS_POS: tl.constexpr):
     if HAS_POS:
-        return tl.load(pos_ptr + offs, mask=offs < N, other=0)  # int32 or int64, kept
+        # int64: the distance of two int32 positions can pass 2^31
+        return tl.load(pos_ptr + offs, mask=offs < N, other=0).to(tl.int64)
     else:
         return offs + shift
 
@@ -243,10 +244,12 @@ def _key_range(start_m, BLOCK_M: tl.constexpr, Nq, Nk, win_l, win_r,
         shift = Nk - Nq
         if CAUSAL:
             hi = tl.minimum(hi, start_m + BLOCK_M + shift)
+        # A window side may be as wide as 2^62: sum it in int64, clamp into [0, Nk],
+        # and keep the loop bounds int32.
         if HAS_WR:
-            hi = tl.minimum(hi, start_m + BLOCK_M + shift + win_r)
+            hi = tl.minimum(hi, tl.minimum(start_m + BLOCK_M + shift + tl.cast(win_r, tl.int64), Nk).to(tl.int32))
         if HAS_WL:
-            lo = tl.maximum(0, start_m + shift - win_l)
+            lo = tl.maximum(start_m + shift - tl.cast(win_l, tl.int64), 0).to(tl.int32)
             lo = (lo // BLOCK_N) * BLOCK_N
         hi = tl.maximum(hi, lo)
     return lo, hi
@@ -264,11 +267,11 @@ def _query_range(start_n, BLOCK_N: tl.constexpr, Nq, Nk, win_l, win_r,
         # row i sees key j when j - i - shift <= right and >= -left
         if CAUSAL:
             lo = tl.maximum(lo, start_n - shift)
-        if HAS_WR:
-            lo = tl.maximum(lo, start_n - shift - win_r)
+        if HAS_WR:  # int64 and clamped, as in _key_range
+            lo = tl.maximum(lo, tl.maximum(start_n - shift - tl.cast(win_r, tl.int64), 0).to(tl.int32))
         lo = (tl.maximum(lo, 0) // BLOCK_M) * BLOCK_M
         if HAS_WL:
-            hi = tl.minimum(hi, start_n + BLOCK_N - shift + win_l)
+            hi = tl.minimum(hi, tl.minimum(start_n + BLOCK_N - shift + tl.cast(win_l, tl.int64), Nq).to(tl.int32))
         hi = tl.maximum(hi, lo)
     return lo, hi
 

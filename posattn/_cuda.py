@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 
+from . import _autograd
 from ._validate import Problem
 from .encodings import DistanceBias, GridBias
 
@@ -158,41 +159,61 @@ class _Args:
 
 
 class _CudaAttention(torch.autograd.Function):
+    """The fused forward; its backward is wrapped in :class:`posattn._autograd.FusedBackward`
+    (differentiable: double backward through the reference's ops)."""
+
     @staticmethod
-    def forward(ctx, q, k, v, alibi, table, bias, args: _Args):
+    def forward(p: Problem, args: _Args, q, k, v, alibi, table, bias):
         params_need_grad = any(x is not None and x.requires_grad for x in (alibi, table, bias))
         head_table = table.t() if table is not None and args.grid_table else table
         out, lse, out32 = _ops().fwd(q, k, v, args.q_pos, args.k_pos, args.inv_freq, alibi, head_table, bias,
                                      *args.scalars, params_need_grad)
         # With a parameter gradient wanted in fp16/bf16, the backward's delta uses the
         # unrounded output (as in the Triton backend).
-        ctx.save_for_backward(q, k, v, out32 if out32.numel() else out, lse, alibi, table, bias)
-        ctx.args = args
-        return out, lse
+        return out, lse, out32   # out32: empty unless a parameter gradient is wanted
 
     @staticmethod
-    def backward(ctx, dout, dlse):
+    def setup_context(ctx, inputs, output):
+        p, args, q, k, v, alibi, table, bias = inputs
+        out, lse, out32 = output
+        ctx.mark_non_differentiable(out32)
+        ctx.problem, ctx.args = p, args
+        ctx.save_for_backward(q, k, v, out32 if out32.numel() else out, lse, alibi, table, bias)
+
+    @staticmethod
+    def backward(ctx, dout, dlse, _dout32):
         q, k, v, out, lse, alibi, table, bias = ctx.saved_tensors
-        args = ctx.args
-        need = tuple(bool(x) for x in ctx.needs_input_grad[3:6])
+        need = tuple(bool(x) for x in ctx.needs_input_grad[5:8])
         if dout is None:
             dout = torch.zeros(q.shape, device=q.device, dtype=q.dtype)
-        head_table = table.t() if table is not None and args.grid_table else table
-        dq, dk, dv, g_slope, g_table, g_bias = _ops().bwd(
-            q, k, v, out, lse, dout, dlse, args.q_pos, args.k_pos, args.inv_freq, alibi, head_table, bias,
-            *args.scalars, *need)
-        if need[0]:
-            if alibi.shape[0] == 1:
-                g_slope = g_slope.sum(0, keepdim=True)
-            g_slope = g_slope.to(alibi.dtype)
-        else:
-            g_slope = None
-        if need[1]:
-            g_table = (g_table.t() if args.grid_table else g_table).to(table.dtype)
-        else:
-            g_table = None
-        g_bias = g_bias.to(bias.dtype) if need[2] else None
-        return dq, dk, dv, g_slope, g_table, g_bias, None
+        args = ctx.args
+
+        def first(out, lse, q, k, v, dout, dlse, alibi, table, bias):
+            return _backward(args, need, q, k, v, out, lse, dout, dlse, alibi, table, bias)
+        return (None, None, *_autograd.FusedBackward.apply(ctx.problem, ("alibi", "table", "bias"), first, out, lse,
+                                                           q, k, v, dout, dlse, alibi, table, bias))
+
+    vmap = staticmethod(_autograd.refuse_vmap("cuda"))
+    jvp = staticmethod(_autograd.refuse_jvp("cuda"))
+
+
+def _backward(args: _Args, need, q, k, v, out, lse, dout, dlse, alibi, table, bias):
+    head_table = table.t() if table is not None and args.grid_table else table
+    dq, dk, dv, g_slope, g_table, g_bias = _ops().bwd(
+        q, k, v, out, lse, dout, dlse, args.q_pos, args.k_pos, args.inv_freq, alibi, head_table, bias,
+        *args.scalars, *need)
+    if need[0]:
+        if alibi.shape[0] == 1:
+            g_slope = g_slope.sum(0, keepdim=True)
+        g_slope = g_slope.to(alibi.dtype)
+    else:
+        g_slope = None
+    if need[1]:
+        g_table = (g_table.t() if args.grid_table else g_table).to(table.dtype)
+    else:
+        g_table = None
+    g_bias = g_bias.to(bias.dtype) if need[2] else None
+    return dq, dk, dv, g_slope, g_table, g_bias
 
 
 def attention(p: Problem):
@@ -200,5 +221,5 @@ def attention(p: Problem):
     bias = p.bias
     if bias is not None and p.bias_is_mask and bias.requires_grad:
         bias = bias.detach()
-    out, lse = _CudaAttention.apply(p.q, p.k, p.v, p.alibi, table, bias, _Args(p))
+    out, lse, _ = _CudaAttention.apply(p, _Args(p), p.q, p.k, p.v, p.alibi, table, bias)
     return (out, lse) if p.return_lse else out

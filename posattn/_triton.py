@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 
+from . import _autograd
 from ._validate import Problem
 from .encodings import GridBias
 
@@ -32,9 +33,33 @@ def refusal(p: Problem) -> Optional[str]:
     if p.rel_emb is not None and (p.q_pos is not None or p.k_pos is not None):
         return ("rel_emb with explicit q_pos / k_pos (the relative tables are sliced per tile "
                 "assuming the default positions)")
+    big = _int32_overflow(p)
+    if big is not None:
+        return big
     if p.rel_bias is not None and p.rel_bias.table.numel() // p.Hq > _MAX_TABLE_COLUMNS:
         return (f"{type(p.rel_bias).__name__} with {p.rel_bias.table.numel() // p.Hq} entries per head "
                 f"> {_MAX_TABLE_COLUMNS} (the table gradient is reduced in registers)")
+    return None
+
+
+_INT32_LIMIT = 2 ** 31
+
+
+def _int32_overflow(p: Problem) -> Optional[str]:
+    """The kernels index inside one (batch, head) slice with int32 (batch and head
+    offsets are int64): refuse a slice whose last element lies at 2^31 or more."""
+    if max(p.Nq, p.Nk) >= _INT32_LIMIT:
+        return f"sequence lengths Nq={p.Nq}, Nk={p.Nk} reach 2^31 (int32 row indices)"
+    tensors = [("q", p.q, (2, 3)), ("k", p.k, (2, 3)), ("v", p.v, (2, 3))]
+    if p.bias is not None:
+        tensors.append(("bias", p.bias, (2, 3)))
+    for name, t, dims in tensors:
+        extent = sum((t.shape[d] - 1) * abs(t.stride(d)) for d in dims if t.shape[d] > 0)
+        if name in "qkv":  # out, dq, dk, dv are allocated [N, D] contiguous per slice
+            extent = max(extent, t.shape[2] * t.shape[3] - 1)
+        if extent >= _INT32_LIMIT:
+            return (f"{name} spans {extent + 1} elements within one (batch, head) slice, past 2^31 (the "
+                    f"kernels' in-slice offsets are int32)")
     return None
 
 
@@ -76,6 +101,12 @@ def _cdiv(a, b):
 
 
 LOG2E = 1.4426950408889634
+
+# float32 backward: always the exact-delta pass (one extra pass over the tiles). In rows
+# near one-hot (logits thousands apart) FlashAttention's delta = rowsum(dO * O) and the
+# lse round-trip leave dq / dk errors of ~1e-4 where PyTorch's float32 is exact (0);
+# float32 is the dtype of gradient checks, so it pays for the pass (bench/NOTES.md).
+EXACT_DELTA_FP32 = True
 
 # Differentiable inputs of the autograd Function, in order (after q, k, v).
 _PARAMS = ("alibi", "table", "bias", "rel_key", "rel_value", "rel_u", "rel_w")
@@ -183,7 +214,7 @@ def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need, wrap=_direct):
 
     delta = torch.empty_like(lse)
     has_dlse = dlse is not None
-    exact_delta = any(need.values())
+    exact_delta = any(need.values()) or EXACT_DELTA_FP32 and q.dtype == torch.float32
     if not exact_delta:
         wrap(_attn_bwd_delta)[(_cdiv(p.Nq, 64), p.Hq, p.B)](
             out, do, delta, dlse.contiguous() if has_dlse else delta, *out.stride(), *do.stride(),
@@ -284,21 +315,35 @@ def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need, wrap=_direct):
 
 
 class _TritonAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, p: Problem, q, k, v, *params):
-        L = _Launch(p, q, *params)
-        out, lse, lse2 = _forward(L, q, k, v)
-        ctx.launch = L
-        ctx.save_for_backward(q, k, v, out, lse2)
-        return out, lse
+    """The fused forward; its backward is the fused backward wrapped in
+    :class:`posattn._autograd.FusedBackward`, itself differentiable (double backward)."""
 
     @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        need = dict(zip(_PARAMS, ctx.needs_input_grad[4:]))
+    def forward(p: Problem, q, k, v, *params):
+        return _forward(_Launch(p, q, *params), q, k, v)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        p, q, k, v, *params = inputs
+        out, _, lse2 = output
+        ctx.mark_non_differentiable(lse2)
+        ctx.problem = p
+        ctx.save_for_backward(q, k, v, out, lse2, *params)
+
+    @staticmethod
+    def backward(ctx, dout, dlse, _dlse2):
+        q, k, v, out, lse2, *params = ctx.saved_tensors
+        need = tuple(ctx.needs_input_grad[4:])
         if dout is None:
             dout = torch.zeros(out.shape, device=q.device, dtype=q.dtype)
-        return (None, *_backward(ctx.launch, q, k, v, out, lse, dout, dlse, need))
+        p = ctx.problem
+
+        def first(out, lse2, q, k, v, dout, dlse, *params):
+            return _backward(_Launch(p, q, *params), q, k, v, out, lse2, dout, dlse, dict(zip(_PARAMS, need)))
+        return (None, *_autograd.FusedBackward.apply(p, _PARAMS, first, out, lse2, q, k, v, dout, dlse, *params))
+
+    vmap = staticmethod(_autograd.refuse_vmap("triton"))
+    jvp = staticmethod(_autograd.refuse_jvp("triton"))
 
 
 def attention(p: Problem):
@@ -308,5 +353,5 @@ def attention(p: Problem):
         bias = bias.detach()
     re = p.rel_emb
     rel = (re.key, re.value, re.content_bias, re.position_bias) if re is not None else (None,) * 4
-    out, lse = _TritonAttention.apply(p, p.q, p.k, p.v, p.alibi, table, bias, *rel)
+    out, lse, _ = _TritonAttention.apply(p, p.q, p.k, p.v, p.alibi, table, bias, *rel)
     return (out, lse) if p.return_lse else out

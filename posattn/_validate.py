@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .encodings import DistanceBias, GridBias, RelativeEmbeddings, RoPE
+from .encodings import DistanceBias, GridBias, RelativeEmbeddings, RoPE, is_int
 
 MAX_HEAD_DIM = 256
 WINDOW_MAX = 2 ** 62
@@ -61,7 +61,7 @@ class Problem:
 
 def _is_int(x):
     """A Python or NumPy integer, not a bool."""
-    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
+    return is_int(x) and not isinstance(x, torch.Tensor)
 
 
 def _is_bool(x):
@@ -91,6 +91,19 @@ def _positions(name, pos, B, N, device):
     if pos.dim() != 2 or pos.shape[1] != N or pos.shape[0] not in (1, B):
         raise ValueError(f"{name} must have shape [{N}] or [{B}, {N}], got {tuple(pos.shape)}")
     return pos
+
+
+def _grid_positions(tokens, **positions):
+    """GridBias reads token p at (p // Ww, p % Ww): explicit positions must lie in the
+    window, [0, Wh * Ww). This reads the values (one device sync, only for GridBias with
+    explicit positions); under torch.compile the values are unknown and not checked."""
+    for name, pos in positions.items():
+        if pos is None or pos.numel() == 0 or torch.compiler.is_compiling():
+            continue
+        lo, hi = int(pos.min()), int(pos.max())
+        if lo < 0 or hi >= tokens:
+            raise ValueError(f"{name} must lie in [0, Wh * Ww) = [0, {tokens}) with a GridBias (token p sits at "
+                             f"(p // Ww, p % Ww) in the window), got values from {lo} to {hi}")
 
 
 def check(q, k, v, *, causal=False, scale=None, window=None, q_pos=None, k_pos=None, rope=None,
@@ -184,6 +197,7 @@ def check(q, k, v, *, causal=False, scale=None, window=None, q_pos=None, k_pos=N
             if not Nq <= Nk <= wh * ww:
                 raise ValueError(f"rel_bias: GridBias{(wh, ww)} needs Nq <= Nk <= Wh * Ww = {wh * ww} "
                                  f"(one window per batch row), got Nq={Nq}, Nk={Nk}")
+            _grid_positions(wh * ww, q_pos=q_pos, k_pos=k_pos)
 
     bias_is_mask = False
     if bias is not None:

@@ -6,10 +6,24 @@ reference, the Triton kernels and (later) the CUDA kernels agree by construction
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
 __all__ = ["RoPE", "DistanceBias", "GridBias", "RelativeEmbeddings", "alibi_slopes", "t5_relative_bucket"]
+
+
+def is_int(x) -> bool:
+    """A Python or NumPy integer (or a 0-d integer tensor, as torch.jit.trace hands out
+    sizes), not a bool: the numbers the API accepts wherever it takes an int."""
+    if isinstance(x, torch.Tensor):
+        return x.dim() == 0 and not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool) and type(x).__name__ != "bool_"
+
+
+def is_real(x) -> bool:
+    """A Python or NumPy real number (ints included), not a bool."""
+    return (isinstance(x, numbers.Real) and not isinstance(x, bool) and type(x).__name__ != "bool_") or is_int(x)
 
 
 class RoPE:
@@ -20,7 +34,8 @@ class RoPE:
     dimension when ``dim`` is None). ``interleaved`` pairs ``(x[2i], x[2i+1])``
     (GPT-J) instead of ``(x[i], x[i + R/2])`` (GPT-NeoX / LLaMA). Scaled variants
     (linear, NTK, llama3, YaRN, LongRoPE) are a choice of ``inv_freq`` and
-    ``attention_factor`` (cos and sin are both multiplied by it).
+    ``attention_factor`` (cos and sin are both multiplied by it). ``inv_freq`` is a
+    constant: one that requires grad is detached (no gradient reaches it).
     """
 
     def __init__(self, inv_freq=None, *, dim=None, base=10000.0, interleaved=False,
@@ -35,17 +50,16 @@ class RoPE:
             if dim is not None and dim != 2 * inv_freq.numel():
                 raise ValueError(f"RoPE: dim={dim} does not match inv_freq of length {inv_freq.numel()} "
                                  f"(expected dim = 2 * len(inv_freq))")
-            dim = 2 * inv_freq.numel()
+            dim = 2 * int(inv_freq.numel())
         if dim is not None:
-            if not isinstance(dim, int) or isinstance(dim, bool) or dim <= 0 or dim % 2:
+            if not is_int(dim) or dim <= 0 or dim % 2:
                 raise ValueError(f"RoPE: dim must be a positive even int, got {dim!r}")
-        if not isinstance(base, (int, float)) or isinstance(base, bool) or not base > 0:
+        if not is_real(base) or not base > 0:
             raise ValueError(f"RoPE: base must be a positive number, got {base!r}")
-        if not isinstance(attention_factor, (int, float)) or isinstance(attention_factor, bool) \
-                or not math.isfinite(attention_factor):
+        if not is_real(attention_factor) or not math.isfinite(attention_factor):
             raise ValueError(f"RoPE: attention_factor must be a finite number, got {attention_factor!r}")
         self.inv_freq = inv_freq
-        self.dim = dim
+        self.dim = None if dim is None else int(dim)
         self.base = float(base)
         self.interleaved = bool(interleaved)
         self.attention_factor = float(attention_factor)
@@ -75,8 +89,9 @@ class RoPE:
 
 def alibi_slopes(num_heads: int, *, device=None, dtype=torch.float32) -> torch.Tensor:
     """The standard ALiBi slopes ``[num_heads]`` (Press et al.; BLOOM's list for any H)."""
-    if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads <= 0:
+    if not is_int(num_heads) or num_heads <= 0:
         raise ValueError(f"alibi_slopes: num_heads must be a positive int, got {num_heads!r}")
+    num_heads = int(num_heads)
 
     def power_of_two(n):
         return [2.0 ** (-8.0 * (h + 1) / n) for h in range(n)]
@@ -116,8 +131,9 @@ class DistanceBias:
 
     def __init__(self, table: torch.Tensor, left: int, right: int):
         for name, val in (("left", left), ("right", right)):
-            if not isinstance(val, int) or isinstance(val, bool) or val < 0:
+            if not is_int(val) or val < 0:
                 raise ValueError(f"DistanceBias: {name} must be an int >= 0, got {val!r}")
+        left, right = int(left), int(right)
         if not isinstance(table, torch.Tensor):
             raise TypeError(f"DistanceBias: table must be a torch.Tensor, got {type(table).__name__}")
         if not table.is_floating_point():
@@ -178,9 +194,9 @@ class GridBias:
 
     def __init__(self, table: torch.Tensor, window):
         if not isinstance(window, (tuple, list)) or len(window) != 2 or not all(
-                isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in window):
+                is_int(w) and w >= 1 for w in window):
             raise ValueError(f"GridBias: window must be a pair of ints >= 1 (Wh, Ww), got {window!r}")
-        wh, ww = window
+        wh, ww = int(window[0]), int(window[1])
         if not isinstance(table, torch.Tensor):
             raise TypeError(f"GridBias: table must be a torch.Tensor, got {type(table).__name__}")
         if not table.is_floating_point():
@@ -235,8 +251,9 @@ class RelativeEmbeddings:
     """
 
     def __init__(self, key=None, value=None, clip=None, content_bias=None, position_bias=None):
-        if not isinstance(clip, int) or isinstance(clip, bool) or clip < 0:
+        if not is_int(clip) or clip < 0:
             raise ValueError(f"RelativeEmbeddings: clip must be an int K >= 0, got {clip!r}")
+        clip = int(clip)
         for name, t in (("key", key), ("value", value)):
             if t is None:
                 continue
@@ -284,8 +301,9 @@ class RelativeEmbeddings:
         if r_proj.shape[0] != H * D:
             raise ValueError(f"RelativeEmbeddings.transformer_xl: r_proj has {r_proj.shape[0]} rows, "
                              f"expected H * D = {H * D}")
-        if not isinstance(clip, int) or isinstance(clip, bool) or clip < 0:
+        if not is_int(clip) or clip < 0:
             raise ValueError(f"RelativeEmbeddings.transformer_xl: clip must be an int >= 0, got {clip!r}")
+        clip = int(clip)
         d_model = r_proj.shape[1]
         if d_model % 2:
             raise ValueError(f"RelativeEmbeddings.transformer_xl: d_model must be even, got {d_model}")

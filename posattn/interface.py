@@ -60,10 +60,23 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, q_pos=None, k_p
     Returns ``out [B, Hq, Nq, D]`` and, with ``return_lse``, the natural-log
     log-sum-exp ``[B, Hq, Nq]`` in float32. See README for every argument.
     """
+    amp = _autocast_dtype(q)
+    if amp is not None:  # as SDPA under autocast: q, k, v (and a half-precision bias) in the autocast dtype
+        q, k, v = (x.to(amp) if x.dtype != amp else x for x in (q, k, v))
+        if isinstance(bias, torch.Tensor) and bias.dtype in (torch.float16, torch.bfloat16):
+            bias = bias.to(amp)
+        with torch.autocast(q.device.type, enabled=False):
+            return attention(q, k, v, causal=causal, scale=scale, window=window, q_pos=q_pos, k_pos=k_pos,
+                             rope=rope, alibi_slopes=alibi_slopes, rel_bias=rel_bias, bias=bias,
+                             return_lse=return_lse, rel_emb=rel_emb, backend=backend)
     p = _validate.check(q, k, v, causal=causal, scale=scale, window=window, q_pos=q_pos, k_pos=k_pos,
                         rope=rope, alibi_slopes=alibi_slopes, rel_bias=rel_bias, bias=bias,
                         return_lse=return_lse, rel_emb=rel_emb)
     name = _select(p, backend)
+    if name != "reference" and torch.jit.is_tracing():
+        raise RuntimeError(f"posattn: torch.jit.trace cannot record the {name!r} backend's kernels (the trace "
+                           f"would silently leave them out); use torch.compile, or backend='reference' to trace "
+                           f"plain PyTorch ops")
     if p.B == 0 or p.Hq == 0 or p.Nq == 0 or p.Nk == 0:
         return reference.empty_result(p)
     if name == "triton":
@@ -73,6 +86,22 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, q_pos=None, k_p
     if name == "cuda":
         return _cuda.attention(p)
     return reference._run(p, upcast=False)
+
+
+def _autocast_dtype(q):
+    """The autocast dtype that applies to q's device, or None: float32 (and float16 /
+    bfloat16 of the other kind) inputs are cast to it; float64 is left alone, as
+    autocast does."""
+    if not isinstance(q, torch.Tensor) or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return None
+    dev = q.device.type
+    try:
+        if not torch.is_autocast_enabled(dev):
+            return None
+        amp = torch.get_autocast_dtype(dev)
+    except (RuntimeError, TypeError):  # a device type autocast does not know
+        return None
+    return amp
 
 
 def select_backend(q, k, v, *, backend=None, **kwargs) -> str:

@@ -36,9 +36,9 @@ __all__ = [
 
 
 def _pos_int(name, value, owner, minimum=1):
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+    if not _enc.is_int(value) or value < minimum:
         raise ValueError(f"{owner}: {name} must be an int >= {minimum}, got {value!r}")
-    return value
+    return int(value)
 
 
 class _AttentionEncoding(nn.Module):
@@ -78,16 +78,17 @@ class RotaryEmbedding(_AttentionEncoding):
     def __init__(self, dim: int, base: float = 10000.0, interleaved: bool = False, scaling: Optional[dict] = None,
                  attention_factor: float = 1.0, device=None):
         super().__init__()
-        if not isinstance(dim, int) or isinstance(dim, bool) or dim <= 0 or dim % 2:
+        if not _enc.is_int(dim) or dim <= 0 or dim % 2:
             raise ValueError(f"RotaryEmbedding: dim must be a positive even int, got {dim!r}")
-        if not isinstance(base, (int, float)) or isinstance(base, bool) or not base > 0:
+        dim = int(dim)
+        if not _enc.is_real(base) or not base > 0:
             raise ValueError(f"RotaryEmbedding: base must be a positive number, got {base!r}")
         if scaling is not None:
             if not isinstance(scaling, dict) or scaling.get("type") not in ("linear", "ntk", "llama3"):
                 raise ValueError(f"RotaryEmbedding: scaling must be None or a dict with type 'linear', 'ntk' "
                                  f"or 'llama3', got {scaling!r}")
             factor = scaling.get("factor")
-            if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not factor > 0:
+            if not _enc.is_real(factor) or not factor > 0:
                 raise ValueError(f"RotaryEmbedding: scaling['factor'] must be a positive number, got {factor!r}")
             scaling = dict(scaling)
         self.dim = dim
@@ -229,7 +230,7 @@ class SwinRelativeBias(_AttentionEncoding):
     def __init__(self, window, num_heads: int, device=None, dtype=None):
         super().__init__()
         if not isinstance(window, (tuple, list)) or len(window) != 2 or not all(
-                isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in window):
+                _enc.is_int(w) and w >= 1 for w in window):
             raise ValueError(f"SwinRelativeBias: window must be a pair of ints >= 1 (Wh, Ww), got {window!r}")
         self.window = (int(window[0]), int(window[1]))
         self.num_heads = _pos_int("num_heads", num_heads, "SwinRelativeBias")
@@ -439,7 +440,7 @@ class MultiheadAttention(nn.Module):
     several layers.
 
     ``forward(query, key=None, value=None, *, attn_mask=None, need_weights=False,
-    q_pos=None, k_pos=None) -> (out, None)``:
+    q_pos=None, k_pos=None, key_padding_mask=None) -> (out, None)``:
 
     - ``query [B, Nq, E]``, ``key`` / ``value [B, Nk, E]`` with ``batch_first=True``
       (``[N, B, E]`` otherwise; ``[N, E]`` unbatched); ``key`` defaults to
@@ -451,6 +452,10 @@ class MultiheadAttention(nn.Module):
       attention is *not* allowed: pass ``~torch_mask``. Shapes: broadcastable to
       ``[B, H, Nq, Nk]``, or torch's ``[B*H, Nq, Nk]``. A query row with no key
       left gives zeros (torch gives NaN).
+    - ``key_padding_mask``: ``[B, Nk]``, as in ``torch.nn.MultiheadAttention``: bool
+      **True = padding** (that key is ignored), or float (added to every row).
+      Combined with ``attn_mask`` (a float mask then; a bool and a float mask add
+      as ``-inf`` / the float values).
     - ``q_pos`` / ``k_pos``: token positions (``[N]`` or ``[B, N]`` ints) used by
       causality and the positional encoding; default ``k_pos = 0..Nk-1`` and
       ``q_pos`` bottom-right aligned (see :func:`posattn.attention`).
@@ -543,9 +548,38 @@ class MultiheadAttention(nn.Module):
             attn_mask = attn_mask.to(dtype)
         return attn_mask
 
+    @staticmethod
+    def _with_padding(bias, key_padding_mask, B, Nk, dtype):
+        """Fold torch's key_padding_mask ([B, Nk]; bool True = padding, ignored; float:
+        added) into the keep-mask / bias passed to the kernel as [B, 1, 1, Nk]."""
+        if key_padding_mask is None:
+            return bias
+        kpm = key_padding_mask
+        if not isinstance(kpm, torch.Tensor):
+            raise TypeError(f"MultiheadAttention: key_padding_mask must be a tensor, got {type(kpm).__name__}")
+        if kpm.dim() == 1 and B == 1:
+            kpm = kpm[None]
+        if tuple(kpm.shape) != (B, Nk):
+            raise ValueError(f"MultiheadAttention: key_padding_mask must have shape [B, Nk] = [{B}, {Nk}], got "
+                             f"{tuple(kpm.shape)}")
+        if kpm.dtype != torch.bool and not kpm.is_floating_point():
+            raise TypeError(f"MultiheadAttention: key_padding_mask must be bool (True = padding) or float, got "
+                            f"{kpm.dtype}")
+        kpm = kpm[:, None, None, :]
+        if kpm.dtype == torch.bool and (bias is None or bias.dtype == torch.bool):
+            return ~kpm if bias is None else bias & ~kpm
+        pad = torch.zeros(kpm.shape, dtype=torch.float32, device=kpm.device).masked_fill(kpm, float("-inf")) \
+            if kpm.dtype == torch.bool else kpm.to(torch.float32)
+        if bias is None:
+            return pad
+        if bias.dtype == torch.bool:
+            bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device).masked_fill(~bias, float("-inf"))
+        return bias.to(torch.float32) + pad
+
     def forward(self, query: torch.Tensor, key: Optional[torch.Tensor] = None, value: Optional[torch.Tensor] = None,
                 *, attn_mask: Optional[torch.Tensor] = None, need_weights: bool = False,
-                q_pos: Optional[torch.Tensor] = None, k_pos: Optional[torch.Tensor] = None):
+                q_pos: Optional[torch.Tensor] = None, k_pos: Optional[torch.Tensor] = None,
+                key_padding_mask: Optional[torch.Tensor] = None):
         if need_weights:
             raise ValueError("MultiheadAttention: need_weights=True is not supported: the fused kernels never "
                              "form the attention weights (use posattn.reference.attention to inspect them)")
@@ -575,9 +609,9 @@ class MultiheadAttention(nn.Module):
         kwargs = {}
         if self.positional is not None:
             kwargs[self.positional.attention_keyword] = self.positional()
+        bias = self._with_padding(self._mask(attn_mask, B, Nq, Nk, q.dtype), key_padding_mask, B, Nk, q.dtype)
         out = _attention(q, k, v, causal=self.causal, scale=self.scale, window=self.window, q_pos=q_pos,
-                         k_pos=k_pos, bias=self._mask(attn_mask, B, Nq, Nk, q.dtype), backend=self.backend,
-                         **kwargs)
+                         k_pos=k_pos, bias=bias, backend=self.backend, **kwargs)
         out = self.out_proj(out.transpose(1, 2).reshape(B, Nq, H * D))
         if not batch_first:
             out = out.transpose(0, 1)

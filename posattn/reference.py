@@ -61,7 +61,7 @@ def empty_result(p: _validate.Problem, upcast: bool = False):
     out = torch.zeros(p.B, p.Hq, p.Nq, p.D, device=p.q.device, dtype=dt) + zero.to(dt)
     if not p.return_lse:
         return out
-    lse_dt = torch.float64 if upcast else torch.float32
+    lse_dt = torch.float64 if upcast or p.q.dtype == torch.float64 else torch.float32
     return out, torch.full((p.B, p.Hq, p.Nq), float("-inf"), device=p.q.device, dtype=lse_dt)
 
 
@@ -138,4 +138,4 @@ def _run(p: _validate.Problem, upcast: bool):
     if not p.return_lse:
         return out
     lse = (torch.log(l) + m).squeeze(-1)
-    return out, lse.to(torch.float64 if upcast else torch.float32)
+    return out, lse.to(torch.float64 if dt == torch.float64 else torch.float32)
