@@ -5,6 +5,12 @@
 #   make demo    run bench/train_demo.py (train a tiny LM with each encoding; accuracy by length)
 #   make check   run bench/demo.py (each encoding vs the reference: errors and timings)
 #   make bench   run bench/run.py (peer benchmark on a GPU; a CPU smoke run without one)
+#   make gpu     on a lent GPU machine (no network): bench/gpu_check.py with $(PYTHON) itself, no venv:
+#                install -e ., the CUDA build, the kernel tests (xdist), compute-sanitizer, the quick
+#                benchmark, in under 9 min; results in $(GPU_OUT)/gpu_<device>_<date>/ (GPU_OUT=dir,
+#                default bench/results). DRY_RUN=1 prints the plan and checks it (no GPU needed);
+#                GPU_COMMIT=<sha> records the commit where the tree has no .git; GPU_ARGS adds
+#                arguments (e.g. GPU_ARGS="--steps install,bench").
 #   make clean   remove build and cache outputs (distclean also removes .venv)
 #
 # With no NVIDIA GPU (`nvidia-smi -L` fails or is missing), TRITON_INTERPRET=1
@@ -14,6 +20,10 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
+GPU_OUT ?=
+GPU_COMMIT ?=
+GPU_ARGS ?=
+DRY_RUN ?=
 
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.stamp
@@ -24,7 +34,7 @@ ifeq ($(HAVE_NVIDIA_GPU),)
 export TRITON_INTERPRET ?= 1
 endif
 
-.PHONY: venv test demo check bench clean distclean
+.PHONY: venv test demo check bench gpu clean distclean
 
 venv: $(STAMP)
 
@@ -54,6 +64,11 @@ check: $(STAMP)
 bench: venv
 	@echo "TRITON_INTERPRET=$${TRITON_INTERPRET:-<unset>}"
 	$(VPY) bench/run.py
+
+# No venv and no TRITON_INTERPRET: gpu_check.py removes it from every step's environment.
+gpu:
+	$(PYTHON) bench/gpu_check.py $(if $(filter-out 0,$(DRY_RUN)),--dry-run) \
+		$(if $(GPU_OUT),--out "$(GPU_OUT)") $(if $(GPU_COMMIT),--commit "$(GPU_COMMIT)") $(GPU_ARGS)
 
 clean:
 	rm -rf build dist .pytest_cache .hypothesis .benchmarks

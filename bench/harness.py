@@ -46,7 +46,13 @@ class Protocol:
     hidden: int = 2048               # H * D
     head_dims: Tuple[int, ...] = (64, 128)
     seqlens: Tuple[int, ...] = (512, 1024, 2048, 4096, 8192, 16384)
+    # Explicit (D, N) pairs measured, in this order, instead of head_dims x seqlens
+    # (the quick protocol: both head dims and both ends of N without the cross product).
+    pairs: Tuple[Tuple[int, int], ...] = ()
     causal: Tuple[bool, ...] = (False, True)
+    # Encodings measured with the causal mask only (the quick protocol: the full mask is
+    # kept for "none" alone).
+    causal_only: Tuple[str, ...] = ()
     modes: Tuple[str, ...] = MODES
     encodings: Tuple[str, ...] = ENCODINGS
     extra_methods: Tuple[str, ...] = ()    # appended to every encoding's methods ("reference" on CPU)
@@ -68,12 +74,24 @@ class Protocol:
     def methods(self, encoding: str) -> Tuple[str, ...]:
         return tuple(METHODS[encoding]) + tuple(m for m in self.extra_methods if m not in METHODS[encoding])
 
+    def dn_pairs(self) -> List[Tuple[int, int]]:
+        """The (D, N) shapes measured, in plan order: ``pairs`` when given, else
+        head_dims x seqlens."""
+        if self.pairs:
+            return [(int(d), int(n)) for d, n in self.pairs]
+        return [(d, n) for d in self.head_dims for n in self.seqlens]
+
+    def masks(self, encoding: str) -> Tuple[bool, ...]:
+        """The causal values measured for an encoding."""
+        if encoding in self.causal_only:
+            return tuple(c for c in self.causal if c)
+        return tuple(self.causal)
+
     def as_dict(self) -> dict:
         d = asdict(self)
         d["flops"] = FLOP_RULE
         d["methods"] = {e: list(self.methods(e)) for e in self.encodings}
-        d["shapes"] = {f"D{dd}/N{n}": dict(zip(("B", "H"), self.shape(n, dd)))
-                       for dd in self.head_dims for n in self.seqlens}
+        d["shapes"] = {f"D{dd}/N{n}": dict(zip(("B", "H"), self.shape(n, dd))) for dd, n in self.dn_pairs()}
         return d
 
 
@@ -112,8 +130,19 @@ def full_protocol() -> Protocol:
     return Protocol(notes=PROTOCOL_NOTES)
 
 
+QUICK_NOTES = (
+    "Quick protocol: two (D, N) shapes, (128, 8192) then (64, 1024), instead of the 2 x 6 grid; "
+    "encoding 'none' with the full and the causal mask, RoPE / ALiBi / DistanceBias causal only. "
+    "About 3 minutes on an H200, mostly compilation (FlexAttention compiles once per shape, mask, "
+    "encoding and mode; posattn once per head dim, mask and encoding).",
+)
+
+
 def quick_protocol() -> Protocol:
-    return Protocol(name="quick", head_dims=(128,), seqlens=(1024, 4096), notes=PROTOCOL_NOTES)
+    """A fast GPU run (about 3 minutes, see QUICK_NOTES): both head dims, N from 1k to 8k,
+    every method and encoding, forward and forward+backward, 80 rows in 20 groups."""
+    return Protocol(name="quick", head_dims=(128, 64), seqlens=(8192, 1024), pairs=((128, 8192), (64, 1024)),
+                    causal_only=("rope", "alibi", "distance"), notes=QUICK_NOTES + PROTOCOL_NOTES)
 
 
 def smoke_protocol() -> Protocol:
@@ -200,18 +229,20 @@ class Planned:
 
 
 def plan(protocol: Protocol, only: Optional[Sequence[str]] = None) -> List[Planned]:
-    """Every row to measure, in order: by D, N, mask, encoding, mode, then method (posattn first)."""
+    """Every row to measure, in order: by (D, N) (protocol.dn_pairs()), mask, encoding, mode,
+    then method (posattn first)."""
     out = []
-    for d in protocol.head_dims:
-        for n in protocol.seqlens:
-            b, h = protocol.shape(n, d)
-            for causal in protocol.causal:
-                for enc in protocol.encodings:
-                    for mode in protocol.modes:
-                        for m in protocol.methods(enc):
-                            p = Planned(d, n, b, h, causal, enc, mode, m)
-                            if matches(p.id, only):
-                                out.append(p)
+    for d, n in protocol.dn_pairs():
+        b, h = protocol.shape(n, d)
+        for causal in protocol.causal:
+            for enc in protocol.encodings:
+                if causal not in protocol.masks(enc):
+                    continue
+                for mode in protocol.modes:
+                    for m in protocol.methods(enc):
+                        p = Planned(d, n, b, h, causal, enc, mode, m)
+                        if matches(p.id, only):
+                            out.append(p)
     return out
 
 
@@ -425,10 +456,13 @@ def render_markdown(env: dict, protocol: dict, matmul: dict, rows: List[dict], *
     ]))
     parts.append("")
     parts.append("## Protocol\n")
+    pairs = [tuple(x) for x in protocol.get("pairs") or ()]
+    shapes = (f"(D, N) in {pairs}" if pairs else
+              f"D in {list(protocol.get('head_dims', []))}; N in {list(protocol.get('seqlens', []))}")
     parts.append(f"- dtype {protocol.get('dtype')}; B*N = {protocol.get('tokens')} tokens; H*D = "
-                 f"{protocol.get('hidden')}; D in {list(protocol.get('head_dims', []))}; N in "
-                 f"{list(protocol.get('seqlens', []))}; causal in {list(protocol.get('causal', []))}; "
-                 f"modes {list(protocol.get('modes', []))}.")
+                 f"{protocol.get('hidden')}; {shapes}; causal in {list(protocol.get('causal', []))}"
+                 + (f" (causal only: {list(protocol['causal_only'])})" if protocol.get("causal_only") else "")
+                 + f"; modes {list(protocol.get('modes', []))}.")
     parts.append(f"- FLOPs: {protocol.get('flops')}.")
     parts.append(f"- Timer: {protocol.get('timer')}.")
     parts.append(f"- DistanceBias: L = {protocol.get('distance_left')}, R = {protocol.get('distance_right')}; "

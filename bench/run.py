@@ -8,7 +8,9 @@ not; forward and forward+backward.
 
 Protocol (FlashAttention-3 paper): bfloat16, B*N = 16k tokens, H*D = 2048,
 D in {64, 128}, N in {512 .. 16k}; FLOPs 4*B*H*N*N*D forward (halved when
-causal), fwd+bwd = 3.5x forward; median of triton.testing.do_bench.
+causal), fwd+bwd = 3.5x forward; median of triton.testing.do_bench. --quick:
+(D, N) in {(128, 8k), (64, 1k)}, the encodings other than none causal only (80
+rows, about 3 minutes on an H200; bench/gpu_check.py runs it).
 
 Results: bench/results/<gpu-name-slug>_<YYYY-MM-DD>[_quick][_only-...].{md,json,png}
 (--out DIR to put them elsewhere), rewritten after every group so that an
@@ -227,7 +229,9 @@ def parse_args(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="Row ids look like D128/N4096/causal/alibi/fwd+bwd/flex "
                                         "(mask: full|causal; mode: fwd|fwd+bwd).")
-    ap.add_argument("--quick", action="store_true", help="small subset for a fast GPU run: D=128, N in {1k, 4k}")
+    ap.add_argument("--quick", action="store_true",
+                    help="small subset for a fast GPU run (about 3 min on an H200): (D, N) in "
+                         "{(128, 8k), (64, 1k)}; none full + causal, RoPE / ALiBi / DistanceBias causal")
     ap.add_argument("--only", action="append", default=[], metavar="TEXT",
                     help="run only rows whose id contains TEXT; repeat to require several "
                          "(e.g. --only D64/ --only /alibi/ ; '/fwd/' selects forward only)")
@@ -271,9 +275,12 @@ def main(argv=None) -> int:
         if dev.type == "cpu" and args.quick:
             print("(--quick is ignored without a GPU: the smoke protocol is already tiny)")
         print("=" * 78)
+    shapes = (f"(D, N) in {[tuple(x) for x in protocol.pairs]}" if protocol.pairs else
+              f"D in {list(protocol.head_dims)}, N in {list(protocol.seqlens)}")
     print(f"protocol {protocol.name}: {len(planned)} rows in {len(grouped)} groups "
-          f"({protocol.dtype}, B*N={protocol.tokens}, H*D={protocol.hidden}, D in {list(protocol.head_dims)}, "
-          f"N in {list(protocol.seqlens)})" + (f", --only {args.only}" if args.only else ""))
+          f"({protocol.dtype}, B*N={protocol.tokens}, H*D={protocol.hidden}, {shapes}"
+          + (f", causal only: {list(protocol.causal_only)}" if protocol.causal_only else "") + ")"
+          + (f", --only {args.only}" if args.only else ""))
     if args.list:
         for p in planned:
             print(p.id)

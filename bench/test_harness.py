@@ -79,7 +79,10 @@ def test_protocols():
     assert set(full.causal) == {False, True} and full.modes == ("fwd", "fwd+bwd")
     assert full.matmul_n == 8192
     quick = harness.quick_protocol()
-    assert quick.head_dims == (128,) and quick.seqlens == (1024, 4096)
+    assert quick.dn_pairs() == [(128, 8192), (64, 1024)]      # both head dims, N from 1k to 8k
+    assert set(quick.head_dims) == {64, 128} and set(quick.seqlens) == {1024, 8192}
+    assert quick.masks("none") == (False, True) and quick.masks("alibi") == (True,)
+    assert full.masks("alibi") == (False, True) and len(full.dn_pairs()) == 12
     smoke = harness.smoke_protocol()
     assert smoke.seqlens == (128,) and "reference" in smoke.methods("none")
     assert "reference" not in full.methods("none")
@@ -109,7 +112,22 @@ def test_plan_ids_and_filters():
     grouped = harness.groups(planned)
     assert len(grouped) == 2 * 6 * 2 * 4 * 2
     assert all(len({p.group for p in g}) == 1 and g[0].method == "posattn" for g in grouped)
-    assert len(harness.plan(harness.quick_protocol())) == 1 * 2 * 2 * 2 * n_methods
+    # quick: 2 shapes; none with both masks, the other encodings causal only; 2 modes
+    quick = harness.quick_protocol()
+    planned = harness.plan(quick)
+    per_mask = {e: len(quick.methods(e)) for e in quick.encodings}
+    assert len(planned) == 2 * 2 * (2 * per_mask["none"] + per_mask["rope"] + per_mask["alibi"]
+                                    + per_mask["distance"]) == 80
+    assert len(harness.groups(planned)) == 20
+    assert [p.id for p in planned[:2]] == ["D128/N8192/full/none/fwd/posattn", "D128/N8192/full/none/fwd/sdpa-cudnn"]
+    assert planned[-1].id == "D64/N1024/causal/distance/fwd+bwd/dense-bias+sdpa-efficient"
+    assert not [p for p in planned if p.encoding != "none" and not p.causal]
+    assert all((p.B, p.H) == ((2, 16) if p.D == 128 else (16, 32)) for p in planned)
+    d = quick.as_dict()
+    json.dumps(d)
+    assert list(d["shapes"]) == ["D128/N8192", "D64/N1024"]
+    md = harness.render_markdown(ENV, d, {"n": 8192, "dtype": "bfloat16", "ms": None, "tflops": None}, [])
+    assert "(D, N) in [(128, 8192), (64, 1024)]" in md and "causal only" in md
 
 
 # --------------------------------------------------------------------------
