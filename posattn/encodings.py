@@ -1,4 +1,4 @@
-"""Positional-encoding objects passed to :func:`posattn.attention` (see SPEC.md).
+"""Positional-encoding objects passed to :func:`posattn.attention` (see docs/SPEC.md).
 
 They only hold parameters; every backend reads the same fields, so the
 reference, the Triton kernels and (later) the CUDA kernels agree by construction.

@@ -54,11 +54,47 @@ def _select(p: _validate.Problem, backend=None) -> str:
 
 def attention(q, k, v, *, causal=False, scale=None, window=None, q_pos=None, k_pos=None, rope=None,
               alibi_slopes=None, rel_bias=None, bias=None, return_lse=False, rel_emb=None, backend=None):
-    """Fused attention with positional encodings (SPEC.md).
+    """Fused attention with positional encodings: ``softmax(scale * q'k'^T + bias) v``
+    with the encodings computed inside the kernel (docs/SPEC.md defines each term).
 
-    q ``[B, Hq, Nq, D]``, k and v ``[B, Hkv, Nk, D]`` (any strides, ``Hq % Hkv == 0``).
-    Returns ``out [B, Hq, Nq, D]`` and, with ``return_lse``, the natural-log
-    log-sum-exp ``[B, Hq, Nq]`` in float32. See README for every argument.
+    Args:
+        q: ``[B, Hq, Nq, D]``; k, v: ``[B, Hkv, Nk, D]``. Any strides; float16,
+            bfloat16 or float32 (float64 on the reference backend); ``Hq % Hkv == 0``
+            (GQA / MQA); ``1 <= D <= 256``; ``Nq`` may differ from ``Nk``.
+        causal: keep keys with ``k_pos - q_pos <= 0``.
+        scale: multiplies ``q . k`` (default ``1 / sqrt(D)``); biases are added after it.
+        window: ``(left, right)``: keep ``-left <= k_pos - q_pos <= right``; ints
+            ``>= 0`` or None (unbounded side).
+        q_pos, k_pos: int32 / int64 positions, ``[N]`` or ``[B, N]``; default
+            ``k_pos = arange(Nk)``, ``q_pos = arange(Nk - Nq, Nk)`` (bottom-right).
+            Masks and every relative encoding read them.
+        rope: :class:`posattn.RoPE`: q and k rotated at their positions.
+        alibi_slopes: ``[Hq]`` or ``[B, Hq]`` float: ``-slope * |k_pos - q_pos|``
+            (:func:`posattn.alibi_slopes` gives the standard ones); differentiable.
+        rel_bias: :class:`posattn.DistanceBias` (T5 / clipped distance table) or
+            :class:`posattn.GridBias` (Swin / BEiT 2-D table); the table is differentiable.
+        bias: float (float32 or q's dtype) tensor broadcastable to ``[B, Hq, Nq, Nk]``
+            (never expanded; its batch may divide ``B``: batch ``b`` reads
+            ``bias[b % nB]``), added to the scores and differentiable; or a bool
+            keep-mask (True = attend).
+        return_lse: also return the natural-log log-sum-exp ``[B, Hq, Nq]``
+            (float32; float64 for float64 inputs; ``-inf`` for rows with no key),
+            differentiable.
+        rel_emb: :class:`posattn.RelativeEmbeddings`: Shaw's key / value relative
+            embeddings and Transformer-XL's ``u`` / ``w``; all differentiable.
+        backend: ``"triton"``, ``"cuda"``, ``"reference"`` or None (automatic:
+            Triton for CUDA tensors, else the CUDA fallback, else the reference;
+            ``POSATTN_BACKEND`` overrides; a forced backend that cannot run the
+            problem raises ``ValueError`` with its reasons).
+
+    Returns:
+        ``out [B, Hq, Nq, D]`` in q's dtype, or ``(out, lse)`` with ``return_lse``.
+        Rows with no visible key give zeros (and ``lse = -inf``), never NaN.
+
+    Autograd: gradients to q, k, v and every float tensor of the encodings; double
+    backward (through the reference's ops on the fused backends); ``torch.func.grad``.
+    Under ``torch.autocast`` the inputs are cast to the autocast dtype, as SDPA does.
+    Invalid arguments raise ``ValueError`` / ``TypeError`` naming the argument.
     """
     amp = _autocast_dtype(q)
     if amp is not None:  # as SDPA under autocast: q, k, v (and a half-precision bias) in the autocast dtype

@@ -15,7 +15,7 @@ Two kinds of positional modules:
   :class:`LearnedPositionalEncoding`), added to the token embeddings
   (``x + PE[positions]``) before the first layer; they never enter the kernel.
 
-See SPEC.md for what each encoding computes.
+See docs/SPEC.md for what each encoding computes.
 """
 from __future__ import annotations
 

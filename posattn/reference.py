@@ -1,7 +1,7 @@
 """Plain-PyTorch attention with positional encodings: the oracle and the CPU path.
 
 Same signature as :func:`posattn.attention` plus ``upcast``. It builds the dense
-``[B, Hq, Nq, Nk]`` terms straight from SPEC.md, on any device, and is
+``[B, Hq, Nq, Nk]`` terms straight from docs/SPEC.md, on any device, and is
 differentiable through ordinary autograd. With ``upcast=True`` everything is
 computed in float64 and the results are returned in float64.
 """
@@ -24,7 +24,7 @@ def relative_positions(p: _validate.Problem, device) -> torch.Tensor:
 
 def apply_rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, interleaved: bool,
                attention_factor: float, compute_dtype) -> torch.Tensor:
-    """Rotate ``x`` ``[B, H, N, D]`` at positions ``pos`` ``[1 or B, N]`` (SPEC.md's RoPE)."""
+    """Rotate ``x`` ``[B, H, N, D]`` at positions ``pos`` ``[1 or B, N]`` (docs/SPEC.md's RoPE)."""
     r = 2 * inv_freq.numel()
     theta = pos.to(compute_dtype)[:, None, :, None] * inv_freq.to(compute_dtype)  # [B, 1, N, R/2]
     cos = torch.cos(theta) * attention_factor

@@ -1,4 +1,4 @@
-"""Kernel-vs-reference checking with SPEC.md's precision rule.
+"""Kernel-vs-reference checking with docs/SPEC.md's precision rule.
 
 The error of every output and gradient is ||x - ref64|| / ||ref64|| against the
 reference run in float64. A kernel in float16/bfloat16 may be at most twice as far

@@ -18,7 +18,7 @@ with dk and dv about 16 GiB of GPU memory per case):
 Both run causal with window=(WINDOW, 0), so each query sees only the last
 WINDOW + 1 keys: the kernels skip every other tile, and the float64 reference on
 the last S keys (with the matching explicit positions) is the whole answer. Checked:
-out and dq, dk / dv on those keys (SPEC.md's rule, as in attn_check), and dk / dv
+out and dq, dk / dv on those keys (docs/SPEC.md's rule, as in attn_check), and dk / dv
 exactly zero on every other key. A few seconds per case on an H200.
 
 Skipped without a CUDA GPU, under TRITON_INTERPRET (the interpreter would copy
@@ -87,7 +87,7 @@ def _triton_refusal(B, Hq, Hkv, Nq, Nk, kw):
 
 
 def _within_rule(name, got, ref64, low):
-    """SPEC.md's rule (attn_check.check): at most twice PyTorch's own bf16 error, plus
+    """docs/SPEC.md's rule (attn_check.check): at most twice PyTorch's own bf16 error, plus
     one bf16 unit roundoff."""
     err = rel_err(got, ref64)
     limit = 2 * rel_err(low, ref64) + FLOOR[DTYPE]
