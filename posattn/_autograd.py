@@ -17,19 +17,16 @@ import torch
 
 from ._validate import Problem
 
-_PARAM_FIELDS = ("alibi", "table", "bias", "rel_key", "rel_value", "rel_u", "rel_w")
+# The backends' parameter slots -> (encoding keyword, tensor name) (Problem.params()).
+SLOTS = {"alibi": ("alibi_slopes", "alibi_slopes"), "table": ("rel_bias", "table"), "bias": ("bias", "bias"),
+         "rel_key": ("rel_emb", "rel_key"), "rel_value": ("rel_emb", "rel_value"),
+         "rel_u": ("rel_emb", "rel_content_bias"), "rel_w": ("rel_emb", "rel_position_bias")}
 
 
 def problem_with(p: Problem, q, k, v, params: dict) -> Problem:
     """``p`` with its differentiable tensors replaced (same encodings, positions, masks);
-    ``params`` maps names of ``_PARAM_FIELDS`` to tensors (absent or None: keep)."""
-    get = lambda name, old: params.get(name) if params.get(name) is not None else old  # noqa: E731
-    rb = p.rel_bias.with_table(get("table", p.rel_bias.table)) if p.rel_bias is not None else None
-    re = p.rel_emb
-    if re is not None:
-        re = re.with_tensors(params.get("rel_key"), params.get("rel_value"), params.get("rel_u"), params.get("rel_w"))
-    return dataclasses.replace(p, q=q, k=k, v=v, alibi=get("alibi", p.alibi), rel_bias=rb, bias=get("bias", p.bias),
-                               rel_emb=re)
+    ``params`` maps slot names (``SLOTS``) to tensors (absent or None: keep)."""
+    return p.with_tensors(q, k, v, {SLOTS[n]: t for n, t in params.items() if t is not None})
 
 
 def _message(transform, backend, rule):

@@ -21,7 +21,8 @@ import torch
 
 from . import _autograd
 from ._validate import Problem
-from .encodings import DistanceBias, GridBias
+from .backends import Declaration
+from .encodings import ALiBi, DenseBias, DistanceBias, GridBias, RoPE
 
 JIT_SOURCES = ("ops.cpp", "attn_fwd.cu", "attn_bwd.cu", "attn_dbias.cu")
 _INT64_MAX = 2 ** 63 - 1
@@ -102,17 +103,25 @@ def load_error() -> Optional[str]:
         return _load_error
 
 
-def unsupported(p: Problem) -> Optional[str]:
-    """Why the kernels cannot compute this problem (whatever the machine), or None."""
-    if p.q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"{p.q.dtype} is not supported (float16, bfloat16, float32)"
-    if getattr(p, "rel_emb", None) is not None:
-        return "relative position representations (rel_emb) are not implemented in the CUDA fallback"
-    if p.rel_bias is not None and not isinstance(p.rel_bias, (DistanceBias, GridBias)):
-        return f"rel_bias {type(p.rel_bias).__name__} is not implemented in the CUDA fallback"
+def _grid_limits(p: Problem) -> Optional[str]:
     if p.B > 65535 or p.Hq > 65535:
         return f"B={p.B}, Hq={p.Hq}: at most 65535 each (CUDA grid)"
     return None
+
+
+DECLARATION = Declaration(
+    name="cuda",
+    dtypes=(torch.float16, torch.bfloat16, torch.float32),
+    max_head_dim=256,
+    encodings={RoPE: None, ALiBi: None, DistanceBias: None, GridBias: None, DenseBias: None},
+    checks=(_grid_limits,),
+)
+
+
+def unsupported(p: Problem) -> Optional[str]:
+    """Why the kernels cannot compute this problem (whatever the machine), or None:
+    every reason, from the declaration (anything it does not list is refused)."""
+    return DECLARATION.refusal(p)
 
 
 def refusal(p: Problem) -> Optional[str]:

@@ -23,21 +23,126 @@ On CPU the operators run the same kernels under ``TRITON_INTERPRET=1``
 then the operators stay opaque under torch.compile: the compiled graph calls
 them like any extern operator and the fake kernel skips the launches.
 """
+import inspect
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from . import _triton, _validate
-from .encodings import DistanceBias, GridBias, RelativeEmbeddings, RoPE
+from .encodings import ALiBi, DenseBias, DistanceBias, GridBias, RelativeEmbeddings, RoPE
 from .kernels.attention import (_attn_bwd_dbias, _attn_bwd_delta, _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_rel,
                                 _attn_fwd)
 
-__all__ = ["attention", "op_args", "fwd", "bwd"]
+__all__ = ["attention", "op_args", "fwd", "bwd", "CODECS"]
 
 LOG2E = _triton.LOG2E
-NUM_TENSORS = 13  # q, k, v, q_pos, k_pos, inv_freq, alibi, table, bias, rel_key, rel_value, rel_u, rel_w
-_PARAM_SLOTS = (6, 7, 8, 9, 10, 11, 12)  # positions of _triton._PARAMS among the tensors
+
+
+class Codec:
+    """How one encoding keyword travels through the operators' flat arguments: its
+    tensor fields (in the tensors block), its scalar fields (after the common
+    scalars), ``encode(e, p)`` -> (tensors, scalars) and ``decode(tensors, scalars)``
+    -> the Encoding (or None when absent). Every field is in the schema: an option
+    an encoding gains must be added here, or tests/test_design.py's round trip
+    (reference output of the decoded problem == the original's) fails."""
+
+    def __init__(self, keyword, types, tensors, scalars, encode, decode):
+        self.keyword, self.types = keyword, types
+        self.tensors, self.scalars = tensors, scalars      # ((name, schema type), ...)
+        self.encode, self.decode = encode, decode
+
+
+def _rope_encode(e, p):
+    if e is None:
+        return (None,), (False, 1.0)
+    return (e.inv_freq_for(p.D, p.q.device),), (e.interleaved, e.attention_factor)
+
+
+def _rope_decode(t, sc):
+    (inv_freq,), (interleaved, factor) = t, sc
+    if inv_freq is None:
+        return None
+    if inv_freq.dim() != 1 or not inv_freq.is_floating_point():
+        raise ValueError(f"posattn op: inv_freq must be a 1-D float tensor, got {inv_freq.dtype} "
+                         f"{tuple(inv_freq.shape)}")
+    # The rotary dim is a constexpr of the kernels: a symbolic length is specialised here.
+    rope = RoPE(dim=2 * int(inv_freq.shape[0]), interleaved=interleaved, attention_factor=factor)
+    rope.inv_freq = inv_freq
+    return rope
+
+
+def _table_encode(e, p):
+    if e is None:
+        return (None,), (0, 0, 0)
+    if isinstance(e, GridBias):
+        return (e.table,), (2, *e.window)
+    return (e.table,), (1, e.left, e.right)
+
+
+def _table_decode(t, sc):
+    (table,), (kind, a, b) = t, sc
+    if table is None:
+        return None
+    a, b = int(a), int(b)
+    if kind == 1:
+        return DistanceBias(table, a, b)
+    if kind == 2:
+        return GridBias(table, (a, b))
+    raise ValueError(f"posattn op: table_kind must be 1 (DistanceBias) or 2 (GridBias) with a table, got {kind}")
+
+
+def _rel_encode(e, p):
+    if e is None:
+        return (None,) * 4, (0,)
+    return (e.key, e.value, e.content_bias, e.position_bias), (e.clip,)
+
+
+def _rel_decode(t, sc):
+    key, value, u, w = t
+    if key is None and value is None and u is None:
+        if w is not None:
+            raise ValueError("posattn op: rel_w (position_bias) needs rel_key")
+        return None
+    return RelativeEmbeddings(key=key, value=value, clip=int(sc[0]), content_bias=u, position_bias=w)
+
+
+def _dense_encode(e, p):
+    if e is None:
+        return (None,), ()
+    bias = e.bias_tensor
+    return (bias.detach() if e.is_mask and bias.requires_grad else bias,), ()
+
+
+CODECS = (
+    Codec("rope", (RoPE,), (("inv_freq", "Tensor?"),), (("rope_interleaved", "bool"), ("rope_factor", "float")),
+          _rope_encode, _rope_decode),
+    Codec("alibi_slopes", (ALiBi,), (("alibi", "Tensor?"),), (),
+          lambda e, p: ((None if e is None else e.slopes,), ()),
+          lambda t, sc: None if t[0] is None else ALiBi(t[0])),
+    Codec("rel_bias", (DistanceBias, GridBias), (("table", "Tensor?"),),
+          (("table_kind", "int"), ("table_a", "int"), ("table_b", "int")), _table_encode, _table_decode),
+    Codec("bias", (DenseBias,), (("bias", "Tensor?"),), (), _dense_encode,
+          lambda t, sc: None if t[0] is None else DenseBias(t[0])),
+    Codec("rel_emb", (RelativeEmbeddings,),
+          (("rel_key", "Tensor?"), ("rel_value", "Tensor?"), ("rel_u", "Tensor?"), ("rel_w", "Tensor?")),
+          (("rel_clip", "int"),), _rel_encode, _rel_decode),
+)
+_COMMON_TENSORS = (("q", "Tensor"), ("k", "Tensor"), ("v", "Tensor"), ("q_pos", "Tensor?"), ("k_pos", "Tensor?"))
+_COMMON_SCALARS = (("causal", "bool"), ("scale", "float"), ("window_left", "int?"), ("window_right", "int?"))
+_ENC_TENSORS = tuple(f for c in CODECS for f in c.tensors)
+_ENC_SCALARS = tuple(f for c in CODECS for f in c.scalars)
+NUM_TENSORS = len(_COMMON_TENSORS) + len(_ENC_TENSORS)
+# The differentiable tensors, in _triton._PARAMS order, and their positions among the tensors.
+_PARAM_NAMES = tuple(n for n, _ in _ENC_TENSORS if n != "inv_freq")
+assert _PARAM_NAMES == _triton._PARAMS, "the operators' parameter tensors must follow _triton._PARAMS"
+_PARAM_SLOTS = tuple(len(_COMMON_TENSORS) + [n for n, _ in _ENC_TENSORS].index(n) for n in _PARAM_NAMES)
+
+
+_FWD_INPUTS = _COMMON_TENSORS + _ENC_TENSORS + _COMMON_SCALARS + _ENC_SCALARS
+_BWD_INPUTS = (_COMMON_TENSORS[:3] + (("out", "Tensor"), ("lse2", "Tensor"), ("dout", "Tensor"), ("dlse", "Tensor?"))
+               + _COMMON_TENSORS[3:] + _ENC_TENSORS + _COMMON_SCALARS + _ENC_SCALARS
+               + tuple((f"need_{n}", "bool") for n in _PARAM_NAMES))
 
 
 def _kernels():
@@ -94,38 +199,23 @@ def _launcher(q: Tensor):
     return wrap
 
 
-def _problem(q, k, v, q_pos, k_pos, inv_freq, alibi, table, bias, rel_key, rel_value, rel_u, rel_w,
-             causal, scale, window_left, window_right, rope_interleaved, rope_factor, table_kind, table_a,
-             table_b, rel_clip) -> _validate.Problem:
+def _split(args, fields):
+    """The leading ``len(fields)`` values of ``args`` as a dict by field name, and the rest."""
+    return dict(zip((n for n, _ in fields), args)), args[len(fields):]
+
+
+def _problem(tensors: dict, scalars: dict) -> _validate.Problem:
     """The flat operator arguments back as a validated Problem (the same check as
     posattn.attention's, so a direct caller of the operators gets its errors)."""
-    rope = None
-    if inv_freq is not None:
-        if inv_freq.dim() != 1 or not inv_freq.is_floating_point():
-            raise ValueError(f"posattn op: inv_freq must be a 1-D float tensor, got {inv_freq.dtype} "
-                             f"{tuple(inv_freq.shape)}")
-        # The rotary dim is a constexpr of the kernels: a symbolic length is specialised here.
-        rope = RoPE(dim=2 * int(inv_freq.shape[0]), interleaved=rope_interleaved, attention_factor=rope_factor)
-        rope.inv_freq = inv_freq
-    table_a, table_b, rel_clip = int(table_a), int(table_b), int(rel_clip)
-    window = tuple(None if w is None else int(w) for w in (window_left, window_right))
-    if table is None:
-        rel_bias = None
-    elif table_kind == 1:
-        rel_bias = DistanceBias(table, table_a, table_b)
-    elif table_kind == 2:
-        rel_bias = GridBias(table, (table_a, table_b))
-    else:
-        raise ValueError(f"posattn op: table_kind must be 1 (DistanceBias) or 2 (GridBias) with a table, "
-                         f"got {table_kind}")
-    rel_emb = None
-    if rel_key is not None or rel_value is not None or rel_u is not None:
-        rel_emb = RelativeEmbeddings(key=rel_key, value=rel_value, clip=rel_clip, content_bias=rel_u,
-                                     position_bias=rel_w)
-    elif rel_w is not None:
-        raise ValueError("posattn op: rel_w (position_bias) needs rel_key")
-    p = _validate.check(q, k, v, causal=causal, scale=scale, window=window, q_pos=q_pos,
-                        k_pos=k_pos, rope=rope, alibi_slopes=alibi, rel_bias=rel_bias, bias=bias, rel_emb=rel_emb)
+    encodings = {}
+    for c in CODECS:
+        e = c.decode(tuple(tensors[n] for n, _ in c.tensors), tuple(scalars[n] for n, _ in c.scalars))
+        if e is not None:
+            encodings[c.keyword] = e
+    window = tuple(None if w is None else int(w) for w in (scalars["window_left"], scalars["window_right"]))
+    q = tensors["q"]
+    p = _validate.check(q, tensors["k"], tensors["v"], causal=scalars["causal"], scale=scalars["scale"],
+                        window=window, q_pos=tensors["q_pos"], k_pos=tensors["k_pos"], **encodings)
     why = _triton.refusal(p)
     if why is not None and not _is_fake(q):
         raise ValueError(f"posattn op: the Triton backend refused: {why}")
@@ -134,45 +224,30 @@ def _problem(q, k, v, q_pos, k_pos, inv_freq, alibi, table, bias, rel_key, rel_v
 
 def _launch_inputs(p: _validate.Problem):
     """The tensors _triton._Launch takes after q (the parameters, in _triton._PARAMS order)."""
-    table = p.rel_bias.table if p.rel_bias is not None else None
-    re = p.rel_emb
-    rel = (re.key, re.value, re.content_bias, re.position_bias) if re is not None else (None,) * 4
-    return (p.alibi, table, p.bias, *rel)
+    return _triton._launch_params(p)
 
 
-@torch.library.triton_op("posattn::attn_fwd", mutates_args=())
-def fwd(q: Tensor, k: Tensor, v: Tensor, q_pos: Optional[Tensor], k_pos: Optional[Tensor],
-        inv_freq: Optional[Tensor], alibi: Optional[Tensor], table: Optional[Tensor], bias: Optional[Tensor],
-        rel_key: Optional[Tensor], rel_value: Optional[Tensor], rel_u: Optional[Tensor], rel_w: Optional[Tensor],
-        causal: bool, scale: float, window_left: Optional[int], window_right: Optional[int],
-        rope_interleaved: bool, rope_factor: float, table_kind: int, table_a: int, table_b: int,
-        rel_clip: int) -> Tuple[Tensor, Tensor, Tensor]:
+def _fwd(*args):
     """Forward: ``(out, lse, lse2)``; lse is natural-log ``[B, Hq, Nq]`` float32, lse2
     the log2-domain row statistics the backward reads (``lse2 = lse * log2(e)``)."""
-    p = _problem(q, k, v, q_pos, k_pos, inv_freq, alibi, table, bias, rel_key, rel_value, rel_u, rel_w,
-                 causal, scale, window_left, window_right, rope_interleaved, rope_factor, table_kind, table_a,
-                 table_b, rel_clip)
+    tensors, rest = _split(args, _COMMON_TENSORS + _ENC_TENSORS)
+    scalars, _ = _split(rest, _COMMON_SCALARS + _ENC_SCALARS)
+    p = _problem(tensors, scalars)
+    q = tensors["q"]
     L = _triton._Launch(p, q, *_launch_inputs(p))
-    return _triton._forward(L, q, k, v, wrap=_launcher(q))
+    return _triton._forward(L, q, tensors["k"], tensors["v"], wrap=_launcher(q))
 
 
-@torch.library.triton_op("posattn::attn_bwd", mutates_args=())
-def bwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse2: Tensor, dout: Tensor, dlse: Optional[Tensor],
-        q_pos: Optional[Tensor], k_pos: Optional[Tensor], inv_freq: Optional[Tensor], alibi: Optional[Tensor],
-        table: Optional[Tensor], bias: Optional[Tensor], rel_key: Optional[Tensor], rel_value: Optional[Tensor],
-        rel_u: Optional[Tensor], rel_w: Optional[Tensor],
-        causal: bool, scale: float, window_left: Optional[int], window_right: Optional[int],
-        rope_interleaved: bool, rope_factor: float, table_kind: int, table_a: int, table_b: int,
-        rel_clip: int, need_alibi: bool, need_table: bool, need_bias: bool, need_rel_key: bool,
-        need_rel_value: bool, need_rel_u: bool, need_rel_w: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
-                                                                          Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Backward: ``(dq, dk, dv, d_alibi, d_table, d_bias, d_rel_key, d_rel_value,
-    d_rel_u, d_rel_w)``; a parameter gradient that was not asked for (``need_*``
-    false) is an empty tensor. ``dlse`` (natural log) may be None."""
-    p = _problem(q, k, v, q_pos, k_pos, inv_freq, alibi, table, bias, rel_key, rel_value, rel_u, rel_w,
-                 causal, scale, window_left, window_right, rope_interleaved, rope_factor, table_kind, table_a,
-                 table_b, rel_clip)
-    flags = (need_alibi, need_table, need_bias, need_rel_key, need_rel_value, need_rel_u, need_rel_w)
+def _bwd(*args):
+    """Backward: ``(dq, dk, dv, *d_params)`` in _triton._PARAMS order; a parameter
+    gradient that was not asked for (``need_*`` false) is an empty tensor. ``dlse``
+    (natural log) may be None."""
+    head, rest = _split(args, _BWD_INPUTS[:7])
+    tensors, rest = _split(rest, _COMMON_TENSORS[3:] + _ENC_TENSORS)
+    scalars, rest = _split(rest, _COMMON_SCALARS + _ENC_SCALARS)
+    flags = tuple(bool(x) for x in rest)
+    tensors.update(q=head["q"], k=head["k"], v=head["v"])
+    p = _problem(tensors, scalars)
     inputs = _launch_inputs(p)
     for name, want, t in zip(_triton._PARAMS, flags, inputs):
         if want and t is None:
@@ -180,9 +255,27 @@ def bwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse2: Tensor, dout: Tensor
     need = dict(zip(_triton._PARAMS, flags))
     if need["bias"] and p.bias_is_mask:
         raise ValueError("posattn::attn_bwd: a bool mask has no gradient (need_bias must be False)")
+    q = head["q"]
     L = _triton._Launch(p, q, *inputs)
-    grads = _triton._backward(L, q, k, v, out, lse2, dout, dlse, need, wrap=_launcher(q))
+    grads = _triton._backward(L, q, head["k"], head["v"], head["out"], head["lse2"], head["dout"], head["dlse"],
+                              need, wrap=_launcher(q))
     return tuple(g if g is not None else q.new_empty(0) for g in grads)
+
+
+def _signed(fn, inputs, n_returns):
+    """``fn(*args)`` with the signature ``inputs`` (what torch.library reads the schema from)."""
+    types = {"Tensor": Tensor, "Tensor?": Optional[Tensor], "bool": bool, "float": float, "int": int,
+             "int?": Optional[int]}
+    fn.__signature__ = inspect.Signature(
+        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=types[t]) for n, t in inputs],
+        return_annotation=Tuple[(Tensor,) * n_returns])
+    return fn
+
+
+# The schemas are generated from the codecs: an encoding's fields cannot be left out.
+fwd = torch.library.triton_op("posattn::attn_fwd", _signed(_fwd, _FWD_INPUTS, 3), mutates_args=())
+bwd = torch.library.triton_op("posattn::attn_bwd", _signed(_bwd, _BWD_INPUTS, 3 + len(_PARAM_NAMES)),
+                              mutates_args=())
 
 
 def _setup_context(ctx, inputs, output):
@@ -226,22 +319,17 @@ if INTERPRETED:
 
 def op_args(p: _validate.Problem) -> tuple:
     """``posattn::attn_fwd``'s arguments for a validated problem."""
-    rb = p.rel_bias
-    if rb is None:
-        kind, tab_a, tab_b = 0, 0, 0
-    elif isinstance(rb, GridBias):
-        kind, (tab_a, tab_b) = 2, rb.window
-    else:
-        kind, tab_a, tab_b = 1, rb.left, rb.right
-    inv_freq = p.rope.inv_freq_for(p.D, p.q.device) if p.rope is not None else None
-    bias = p.bias
-    if bias is not None and p.bias_is_mask and bias.requires_grad:
-        bias = bias.detach()
-    alibi, table, _, *rel = _launch_inputs(p)
-    return (p.q, p.k, p.v, p.q_pos, p.k_pos, inv_freq, alibi, table, bias, *rel,
-            p.causal, p.scale, p.window_left, p.window_right,
-            bool(p.rope is not None and p.rope.interleaved), p.rope.attention_factor if p.rope is not None else 1.0,
-            kind, tab_a, tab_b, p.rel_emb.clip if p.rel_emb is not None else 0)
+    by_keyword = {e.keyword: e for e in p.encodings}
+    known = {t for c in CODECS for t in c.types}
+    for e in p.encodings:
+        if type(e) not in known:
+            raise ValueError(f"posattn op: {type(e).__name__} ({e.keyword}=) has no operator codec in posattn/_op.py")
+    tensors, scalars = [], []
+    for c in CODECS:
+        t, sc = c.encode(by_keyword.get(c.keyword), p)
+        tensors += t
+        scalars += sc
+    return (p.q, p.k, p.v, p.q_pos, p.k_pos, *tensors, p.causal, p.scale, p.window_left, p.window_right, *scalars)
 
 
 def attention(p: _validate.Problem):

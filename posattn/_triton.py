@@ -8,7 +8,8 @@ import torch
 
 from . import _autograd
 from ._validate import Problem
-from .encodings import GridBias
+from .backends import Declaration
+from .encodings import ALiBi, DenseBias, DistanceBias, GridBias, RelativeEmbeddings, RoPE
 
 _MAX_TABLE_COLUMNS = 8192
 
@@ -18,27 +19,31 @@ def interpreting() -> bool:
 
 
 def refusal(p: Problem) -> Optional[str]:
-    """Why the Triton backend cannot run this problem, or None when it can."""
+    """Why the Triton backend cannot run this problem (every reason), or None when it can."""
     try:
         import triton  # noqa: F401
     except Exception as e:  # pragma: no cover - depends on the machine
         return f"triton is not importable ({type(e).__name__}: {e})"
+    reasons = []
     dev = p.q.device
-    if p.q.dtype == torch.float64:
-        return "float64 is not supported (float16, bfloat16, float32)"
     if dev.type == "cpu" and not interpreting():
-        return "CPU tensors need TRITON_INTERPRET=1 (Triton's interpreter)"
-    if dev.type not in ("cuda", "cpu"):
-        return f"tensors on {dev.type} are not supported"
-    if p.rel_emb is not None and (p.q_pos is not None or p.k_pos is not None):
+        reasons.append("CPU tensors need TRITON_INTERPRET=1 (Triton's interpreter)")
+    elif dev.type not in ("cuda", "cpu"):
+        reasons.append(f"tensors on {dev.type} are not supported")
+    return "; ".join(reasons + DECLARATION.reasons(p)) or None
+
+
+def _table_columns(e, p: Problem) -> Optional[str]:
+    if e.table.numel() // p.Hq > _MAX_TABLE_COLUMNS:
+        return (f"{type(e).__name__} with {e.table.numel() // p.Hq} entries per head > {_MAX_TABLE_COLUMNS} "
+                f"(the table gradient is reduced in registers)")
+    return None
+
+
+def _relative_positions(e, p: Problem) -> Optional[str]:
+    if p.q_pos is not None or p.k_pos is not None:
         return ("rel_emb with explicit q_pos / k_pos (the relative tables are sliced per tile "
                 "assuming the default positions)")
-    big = _int32_overflow(p)
-    if big is not None:
-        return big
-    if p.rel_bias is not None and p.rel_bias.table.numel() // p.Hq > _MAX_TABLE_COLUMNS:
-        return (f"{type(p.rel_bias).__name__} with {p.rel_bias.table.numel() // p.Hq} entries per head "
-                f"> {_MAX_TABLE_COLUMNS} (the table gradient is reduced in registers)")
     return None
 
 
@@ -61,6 +66,16 @@ def _int32_overflow(p: Problem) -> Optional[str]:
             return (f"{name} spans {extent + 1} elements within one (batch, head) slice, past 2^31 (the "
                     f"kernels' in-slice offsets are int32)")
     return None
+
+
+DECLARATION = Declaration(
+    name="triton",
+    dtypes=(torch.float16, torch.bfloat16, torch.float32),
+    max_head_dim=256,
+    encodings={RoPE: None, ALiBi: None, DistanceBias: _table_columns, GridBias: _table_columns, DenseBias: None,
+               RelativeEmbeddings: _relative_positions},
+    checks=(_int32_overflow,),
+)
 
 
 def _next_pow2(x: int) -> int:
@@ -176,6 +191,12 @@ class _Launch:
 
     def config(self, backward):
         bm, bn, bd, warps, stages = _config(self.p.D, backward, self.has_rel, fp32=self.p.q.dtype == torch.float32)
+        if not backward and (self.table is not None or self.bias is not None) and stages > 2:
+            # Triton pipelines the per-element table / bias gathers too ([BLOCK_M, BLOCK_N]
+            # per stage): with 3 stages the forward needs 172 KiB of shared memory at
+            # D=64, past an A100's 163 KiB (found by the AOT check with launch
+            # specialisation). Two stages fit both architectures.
+            stages = 2
         return bm, bn, bd, _next_pow2(bm + bn - 1), dict(num_warps=warps, num_stages=stages)
 
 
@@ -346,12 +367,17 @@ class _TritonAttention(torch.autograd.Function):
     jvp = staticmethod(_autograd.refuse_jvp("triton"))
 
 
-def attention(p: Problem):
+def _launch_params(p: Problem):
+    """The problem's tensors in _PARAMS order (None where absent)."""
     table = p.rel_bias.table if p.rel_bias is not None else None
     bias = p.bias
     if bias is not None and p.bias_is_mask and bias.requires_grad:
         bias = bias.detach()
     re = p.rel_emb
     rel = (re.key, re.value, re.content_bias, re.position_bias) if re is not None else (None,) * 4
-    out, lse, _ = _TritonAttention.apply(p, p.q, p.k, p.v, p.alibi, table, bias, *rel)
+    return (p.alibi, table, bias, *rel)
+
+
+def attention(p: Problem):
+    out, lse, _ = _TritonAttention.apply(p, p.q, p.k, p.v, *_launch_params(p))
     return (out, lse) if p.return_lse else out

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import math
 import numbers
+import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
-import numpy as np
 import torch
 
-from .encodings import DistanceBias, GridBias, RelativeEmbeddings, RoPE, is_int
+from . import encodings as _encodings
+from .encodings import Encoding, RelativeEmbeddings, RoPE, Shape, is_int
 
 MAX_HEAD_DIM = 256
 WINDOW_MAX = 2 ** 62
@@ -21,8 +22,10 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # float
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class Problem:
+    """A validated call: shapes, masks, positions and the bound encodings (in the
+    order of posattn.attention's keywords). Frozen: change it with ``replace``."""
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
@@ -38,14 +41,8 @@ class Problem:
     window_right: Optional[int]
     q_pos: Optional[torch.Tensor]       # [1 or B, Nq] int, None = default alignment
     k_pos: Optional[torch.Tensor]       # [1 or B, Nk]
-    rope: Optional[RoPE]
-    rotary_dim: int                     # 0 without rope
-    alibi: Optional[torch.Tensor]       # [1 or B, Hq] float
-    rel_bias: Optional[object]          # DistanceBias or GridBias
-    bias: Optional[torch.Tensor]        # 4-D, each dim 1 or full (not expanded)
-    bias_is_mask: bool
     return_lse: bool
-    rel_emb: Optional[RelativeEmbeddings] = None
+    encodings: Tuple[Encoding, ...] = ()
 
     @property
     def group(self) -> int:
@@ -58,6 +55,59 @@ class Problem:
             torch.arange(self.Nk - self.Nq, self.Nk, device=device)[None]
         return q_pos, k_pos
 
+    def get(self, keyword: str) -> Optional[Encoding]:
+        """The bound encoding given by ``keyword`` (e.g. "rope"), or None."""
+        for e in self.encodings:
+            if e.keyword == keyword:
+                return e
+        return None
+
+    def replace(self, **fields) -> "Problem":
+        return dataclasses.replace(self, **fields)
+
+    def with_tensors(self, q, k, v, params: dict) -> "Problem":
+        """The same problem at other q, k, v and encoding tensors: ``params`` maps
+        ``(keyword, name)`` (as in :meth:`params`) to a tensor; absent keeps the current."""
+        encs = tuple(e.replace(**{n: params[(e.keyword, n)] for n in e.tensors() if (e.keyword, n) in params})
+                     for e in self.encodings)
+        return dataclasses.replace(self, q=q, k=k, v=v, encodings=encs)
+
+    def params(self):
+        """The encodings' differentiable tensors: ``[((keyword, name), tensor)]`` in order."""
+        return [((e.keyword, n), t) for e in self.encodings for n, t in e.tensors().items() if t is not None]
+
+    # Shorthands for the backends (None when absent).
+    @property
+    def rope(self) -> Optional[RoPE]:
+        return self.get("rope")
+
+    @property
+    def rotary_dim(self) -> int:
+        return self.rope.rotary_dim(self.D) if self.rope is not None else 0
+
+    @property
+    def alibi(self) -> Optional[torch.Tensor]:        # [1 or B, Hq]
+        e = self.get("alibi_slopes")
+        return e.slopes if e is not None else None
+
+    @property
+    def rel_bias(self):                                 # DistanceBias or GridBias
+        return self.get("rel_bias")
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:         # 4-D, each axis 1 or full (never expanded)
+        e = self.get("bias")
+        return e.bias_tensor if e is not None else None
+
+    @property
+    def bias_is_mask(self) -> bool:
+        e = self.get("bias")
+        return e is not None and e.is_mask
+
+    @property
+    def rel_emb(self) -> Optional[RelativeEmbeddings]:
+        return self.get("rel_emb")
+
 
 def _is_int(x):
     """A Python or NumPy integer, not a bool."""
@@ -65,7 +115,7 @@ def _is_int(x):
 
 
 def _is_bool(x):
-    return isinstance(x, (bool, np.bool_))
+    return isinstance(x, bool) or type(x).__name__ == "bool_"
 
 
 def _tensor(name, x):
@@ -93,21 +143,9 @@ def _positions(name, pos, B, N, device):
     return pos
 
 
-def _grid_positions(tokens, **positions):
-    """GridBias reads token p at (p // Ww, p % Ww): explicit positions must lie in the
-    window, [0, Wh * Ww). This reads the values (one device sync, only for GridBias with
-    explicit positions); under torch.compile the values are unknown and not checked."""
-    for name, pos in positions.items():
-        if pos is None or pos.numel() == 0 or torch.compiler.is_compiling():
-            continue
-        lo, hi = int(pos.min()), int(pos.max())
-        if lo < 0 or hi >= tokens:
-            raise ValueError(f"{name} must lie in [0, Wh * Ww) = [0, {tokens}) with a GridBias (token p sits at "
-                             f"(p // Ww, p % Ww) in the window), got values from {lo} to {hi}")
-
-
 def check(q, k, v, *, causal=False, scale=None, window=None, q_pos=None, k_pos=None, rope=None,
-          alibi_slopes=None, rel_bias=None, bias=None, return_lse=False, rel_emb=None) -> Problem:
+          alibi_slopes=None, rel_bias=None, bias=None, return_lse=False, rel_emb=None,
+          **encodings) -> Problem:
     for name, x in (("q", q), ("k", k), ("v", v)):
         _tensor(name, x)
         if x.dim() != 4:
@@ -162,81 +200,15 @@ def check(q, k, v, *, causal=False, scale=None, window=None, q_pos=None, k_pos=N
     q_pos = _positions("q_pos", q_pos, B, Nq, q.device)
     k_pos = _positions("k_pos", k_pos, B, Nk, q.device)
 
-    rotary_dim = 0
-    if rope is not None:
-        if not isinstance(rope, RoPE):
-            raise TypeError(f"rope must be a posattn.RoPE, got {type(rope).__name__}")
-        rotary_dim = rope.rotary_dim(D)
-        if rope.inv_freq is not None:
-            _same_device("rope.inv_freq", rope.inv_freq, q.device)
+    shape = Shape(B, Hq, Hkv, Nq, Nk, D, q.dtype, q.device, q_pos, k_pos)
+    given = dict(rope=rope, alibi_slopes=alibi_slopes, rel_bias=rel_bias, bias=bias, rel_emb=rel_emb, **encodings)
+    unknown = set(given) - set(_encodings.keywords())
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {sorted(unknown)}: the encodings are "
+                        f"{list(_encodings.keywords())}")
+    bound = tuple(_encodings.wrap(kw, given[kw]).bind(shape) for kw in _encodings.keywords()
+                  if given.get(kw) is not None)
 
-    if alibi_slopes is not None:
-        _tensor("alibi_slopes", alibi_slopes)
-        _same_device("alibi_slopes", alibi_slopes, q.device)
-        if alibi_slopes.dtype not in _DTYPES:
-            raise TypeError(f"alibi_slopes must be a floating-point tensor, got {alibi_slopes.dtype}")
-        if alibi_slopes.dim() == 1:
-            alibi_slopes = alibi_slopes[None]
-        if alibi_slopes.dim() != 2 or alibi_slopes.shape[1] != Hq or alibi_slopes.shape[0] not in (1, B):
-            raise ValueError(f"alibi_slopes must have shape [{Hq}] or [{B}, {Hq}], got "
-                             f"{tuple(alibi_slopes.shape)}")
-
-    if rel_bias is not None:
-        if not isinstance(rel_bias, (DistanceBias, GridBias)):
-            raise TypeError(f"rel_bias must be a posattn.DistanceBias or posattn.GridBias, got "
-                            f"{type(rel_bias).__name__}")
-        t = rel_bias.table
-        _same_device("rel_bias.table", t, q.device)
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"rel_bias.table must be a floating-point tensor, got {t.dtype}")
-        if rel_bias.num_heads != Hq:
-            what = "rows" if isinstance(rel_bias, DistanceBias) else "columns"
-            raise ValueError(f"rel_bias.table must have {Hq} {what} (one per query head), got {tuple(t.shape)}")
-        if isinstance(rel_bias, GridBias):
-            wh, ww = rel_bias.window
-            if not Nq <= Nk <= wh * ww:
-                raise ValueError(f"rel_bias: GridBias{(wh, ww)} needs Nq <= Nk <= Wh * Ww = {wh * ww} "
-                                 f"(one window per batch row), got Nq={Nq}, Nk={Nk}")
-            _grid_positions(wh * ww, q_pos=q_pos, k_pos=k_pos)
-
-    bias_is_mask = False
-    if bias is not None:
-        _tensor("bias", bias)
-        _same_device("bias", bias, q.device)
-        if bias.dtype == torch.bool:
-            bias_is_mask = True
-        elif bias.dtype not in (q.dtype, torch.float32) and not (
-                q.dtype == torch.float64 and bias.is_floating_point()):  # float64: the oracle
-            raise TypeError(f"bias must be bool, float32 or q's dtype {q.dtype}, got {bias.dtype}")
-        full = (B, Hq, Nq, Nk)
-        if bias.dim() > 4:
-            raise ValueError(f"bias must be broadcastable to [B, Hq, Nq, Nk] = {list(full)}, "
-                             f"got shape {tuple(bias.shape)}")
-        bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape)) if bias.dim() < 4 else bias
-        batch_ok = bias.shape[0] >= 1 and B % bias.shape[0] == 0
-        if not batch_ok or any(s not in (1, f) for s, f in zip(bias.shape[1:], full[1:])):
-            raise ValueError(f"bias must be broadcastable to [B, Hq, Nq, Nk] = {list(full)} (its batch "
-                             f"size may also divide B: batch b reads bias[b % nB]), got shape "
-                             f"{tuple(bias.shape)}")
-
-    if rel_emb is not None:
-        if not isinstance(rel_emb, RelativeEmbeddings):
-            raise TypeError(f"rel_emb must be a posattn.RelativeEmbeddings, got {type(rel_emb).__name__}")
-        for name in ("key", "value"):
-            t = getattr(rel_emb, name)
-            if t is None:
-                continue
-            _same_device(f"rel_emb.{name}", t, q.device)
-            if t.shape[0] not in (1, Hq) or t.shape[2] != D:
-                raise ValueError(f"rel_emb.{name} must have shape [1 or Hq={Hq}, 2K+1, D={D}], got "
-                                 f"{tuple(t.shape)}")
-        for name in ("content_bias", "position_bias"):
-            t = getattr(rel_emb, name)
-            if t is None:
-                continue
-            _same_device(f"rel_emb.{name}", t, q.device)
-            if tuple(t.shape) != (Hq, D):
-                raise ValueError(f"rel_emb.{name} must have shape [Hq, D] = [{Hq}, {D}], got {tuple(t.shape)}")
-
-    return Problem(q, k, v, B, Hq, Hkv, Nq, Nk, D, causal, float(scale), wl, wr, q_pos, k_pos,
-                   rope, rotary_dim, alibi_slopes, rel_bias, bias, bias_is_mask, return_lse, rel_emb)
+    return Problem(q=q, k=k, v=v, B=B, Hq=Hq, Hkv=Hkv, Nq=Nq, Nk=Nk, D=D, causal=causal, scale=float(scale),
+                   window_left=wl, window_right=wr, q_pos=q_pos, k_pos=k_pos, return_lse=return_lse,
+                   encodings=bound)

@@ -8,11 +8,26 @@ import torch
 
 from . import _cuda, _triton, _validate, reference
 
-try:  # the Triton backend as torch.library operators, for torch.compile (posattn/_op.py)
+
+
+def _op_unavailable():
+    """Why posattn/_op.py (the Triton backend as torch.library operators, for
+    torch.compile) cannot be used here, or None. Only these two reasons: any other
+    error importing it is a bug, raised at import, never a silent skip."""
+    if not hasattr(torch.library, "triton_op") or not hasattr(torch.library, "wrap_triton"):
+        return f"torch {torch.__version__} has no torch.library.triton_op (torch >= 2.6)"
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return f"triton is not importable ({e})"
+    return None
+
+
+_OP_ERROR = _op_unavailable()
+if _OP_ERROR is None:
     from . import _op
-    _OP_ERROR = None
-except Exception as e:  # no working triton, or a torch without torch.library.triton_op (< 2.6)
-    _op, _OP_ERROR = None, e  # torch.compile then traces the eager path
+else:  # torch.compile then traces the eager path
+    _op = None
 
 BACKENDS = ("triton", "cuda", "reference")
 _REFUSALS = {"triton": lambda p: _triton.refusal(p), "cuda": lambda p: _cuda.refusal(p)}
@@ -53,7 +68,8 @@ def _select(p: _validate.Problem, backend=None) -> str:
 
 
 def attention(q, k, v, *, causal=False, scale=None, window=None, q_pos=None, k_pos=None, rope=None,
-              alibi_slopes=None, rel_bias=None, bias=None, return_lse=False, rel_emb=None, backend=None):
+              alibi_slopes=None, rel_bias=None, bias=None, return_lse=False, rel_emb=None, backend=None,
+              **encodings):
     """Fused attention with positional encodings: ``softmax(scale * q'k'^T + bias) v``
     with the encodings computed inside the kernel (docs/SPEC.md defines each term).
 
@@ -82,6 +98,8 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, q_pos=None, k_p
             differentiable.
         rel_emb: :class:`posattn.RelativeEmbeddings`: Shaw's key / value relative
             embeddings and Transformer-XL's ``u`` / ``w``; all differentiable.
+        **encodings: any further encoding registered in posattn.encodings, by its
+            keyword (an unknown keyword raises ``TypeError`` listing them).
         backend: ``"triton"``, ``"cuda"``, ``"reference"`` or None (automatic:
             Triton for CUDA tensors, else the CUDA fallback, else the reference;
             ``POSATTN_BACKEND`` overrides; a forced backend that cannot run the
@@ -104,10 +122,10 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, q_pos=None, k_p
         with torch.autocast(q.device.type, enabled=False):
             return attention(q, k, v, causal=causal, scale=scale, window=window, q_pos=q_pos, k_pos=k_pos,
                              rope=rope, alibi_slopes=alibi_slopes, rel_bias=rel_bias, bias=bias,
-                             return_lse=return_lse, rel_emb=rel_emb, backend=backend)
+                             return_lse=return_lse, rel_emb=rel_emb, backend=backend, **encodings)
     p = _validate.check(q, k, v, causal=causal, scale=scale, window=window, q_pos=q_pos, k_pos=k_pos,
                         rope=rope, alibi_slopes=alibi_slopes, rel_bias=rel_bias, bias=bias,
-                        return_lse=return_lse, rel_emb=rel_emb)
+                        return_lse=return_lse, rel_emb=rel_emb, **encodings)
     name = _select(p, backend)
     if name != "reference" and torch.jit.is_tracing():
         raise RuntimeError(f"posattn: torch.jit.trace cannot record the {name!r} backend's kernels (the trace "

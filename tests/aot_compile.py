@@ -4,36 +4,90 @@ The CPU interpreter runs the kernels' Python, not Triton's compiler: code the
 compiler rejects (a plain global read in a kernel, an op with no GPU lowering,
 a layout it cannot convert) would pass every interpreter test. This script
 builds each kernel for a representative set of encodings, dtypes and head dims
-with the launch configurations posattn uses on a GPU, and checks that shared
-memory fits the architecture. Run it without TRITON_INTERPRET (the kernels must
+exactly as a GPU launch would: posattn's own launchers run on CPU tensors with a
+capturing launcher, and Triton's own binder turns each launch into the signature,
+constexprs and divisibility specialisation it would compile (no hand-written
+argument types: a new argument is typed by its value). Shared memory must fit the
+architecture. Run it without TRITON_INTERPRET (the kernels must
 be JIT functions, not interpreted ones); tests/test_aot_compile.py does.
 
     python tests/aot_compile.py [--quick]
 """
-import inspect
 import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-SHARED_LIMIT = {80: 166912, 90: 232448}   # bytes of shared memory a block may use
-POINTERS = set("Q K V Out Lse Lse2 QPos KPos InvFreq Slopes Table Bias AK AV U W DO DK DV DQ Delta DLse "
-               "DSlope DTable DU DW DAKEnd DAVEnd DAK DAV DBias".split())
-FLOAT_POINTERS = set("Lse Lse2 Delta DLse DSlope DTable DU DW DAKEnd DAVEnd DAK DAV DBias InvFreq Slopes "
-                     "Table AK AV U W".split())
-FLOATS = {"qk_scale", "rope_factor", "sm_scale"}
+import torch
 
-NONE = dict(CAUSAL=False, HAS_WL=False, HAS_WR=False, HAS_POS=False, ROPE=False, ROT_DIM=0, INTERLEAVED=False,
-            ALIBI=False, TABLE=0, BIAS=False, BIAS_MASK=False, REL_K=False, REL_V=False, REL_U=False,
-            REL_W=False, UPCAST=False)
-ENCODINGS = {
-    "plain": {},
-    "causal+rope+alibi+table+bias": dict(CAUSAL=True, ROPE=True, ROT_DIM=-1, ALIBI=True, TABLE=1, BIAS=True),
-    "window+pos+ropei+grid+mask": dict(HAS_WL=True, HAS_WR=True, HAS_POS=True, ROPE=True, ROT_DIM=32,
-                                       INTERLEAVED=True, TABLE=2, BIAS=True, BIAS_MASK=True),
-    "causal+shaw+xl": dict(CAUSAL=True, REL_K=True, REL_V=True, REL_U=True, REL_W=True),
-}
-GRADS = dict(D_SLOPE=True, D_TABLE=True, D_U=True, D_W=True, D_AK=True, D_AV=True, BLOCK_T=256)
+import posattn
+
+SHARED_LIMIT = {80: 166912, 90: 232448}   # bytes of shared memory a block may use
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+B, HQ, HKV, N = 1, 2, 1, 160              # not a multiple of any block; GridBias window (16, 10)
+
+
+def _problem(enc, dt, D):
+    """posattn.attention's arguments for an encoding set (every parameter requires grad)."""
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=g).to(dtype).requires_grad_()
+
+    q, k, v = r(B, HQ, N, D, dtype=dt), r(B, HKV, N, D, dtype=dt), r(B, HKV, N, D, dtype=dt)
+    kw = {}
+    if enc == "causal+rope+alibi+table+bias":
+        kw = dict(causal=True, rope=posattn.RoPE(), alibi_slopes=r(HQ), rel_bias=posattn.DistanceBias(r(HQ, 24), 15, 8),
+                  bias=r(1, HQ, N, N, dtype=dt))
+    elif enc == "window+pos+ropei+grid+mask":
+        kw = dict(window=(40, 9), q_pos=torch.arange(N), k_pos=torch.arange(N),
+                  rope=posattn.RoPE(dim=32, interleaved=True), rel_bias=posattn.GridBias(r(31 * 19, HQ), (16, 10)),
+                  bias=torch.rand(N, N, generator=g) < 0.8)
+    elif enc == "causal+shaw+xl":
+        kw = dict(causal=True, rel_emb=posattn.RelativeEmbeddings(r(HQ, 9, D), r(HQ, 9, D), 4, r(HQ, D), r(HQ, D)))
+    elif enc != "plain":
+        raise ValueError(enc)
+    return q, k, v, kw
+
+
+def launches(enc, dt, D):
+    """Every (kernel, args, kwargs) posattn's own host code launches for this problem,
+    forward and backward (without and with the parameters' gradients), captured
+    instead of run: the arguments a GPU launch gets."""
+    from posattn import _triton, _validate
+    q, k, v, kw = _problem(enc, dt, D)
+    p = _validate.check(q, k, v, **kw)
+    calls = []
+
+    class Capture:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *a, **k2: calls.append((self.kernel, a, k2))
+
+    params = _triton._launch_params(p)
+    L = _triton._Launch(p, q, *params)
+    out, lse, lse2 = _triton._forward(L, q, k, v, wrap=Capture)
+    out, lse2 = torch.randn(out.shape).to(dt), torch.zeros(lse2.shape)
+    for want in (False, True):
+        need = {n: want and t is not None and t.is_floating_point() for n, t in zip(_triton._PARAMS, params)}
+        _triton._backward(L, q, k, v, out, lse2, torch.randn(out.shape).to(dt), torch.zeros(lse.shape), need,
+                          wrap=Capture)
+    return calls
+
+
+def specialise(kernel, args, kwargs, arch):
+    """What JITFunction.run hands triton.compile for this launch (signature, constexprs,
+    divisibility attributes, options), from Triton's own binder, without a driver."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    kwargs = dict(kwargs, debug=False, instrumentation_mode="")
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    return kernel._pack_args(backend, kwargs, bound, specialization, options)
 
 
 def cases(quick, only=None):
@@ -46,54 +100,33 @@ def cases(quick, only=None):
                     yield enc, dt, D
 
 
+ENCODINGS = ["plain", "causal+rope+alibi+table+bias", "window+pos+ropei+grid+mask", "causal+shaw+xl"]
+
+
 def compile_case(args):
     enc, dt, D, arch = args
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from posattn import _triton as T
-    from posattn.kernels import attention as A
-
-    flags = dict(NONE, **ENCODINGS[enc])
-    if flags["ROT_DIM"] == -1:
-        flags["ROT_DIM"] = D
-    rel = flags["REL_K"] or flags["REL_V"]
-    out = []
-    for backward, kernels in ((False, ["_attn_fwd"]),
-                              (True, ["_attn_bwd_delta", "_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_bwd_dq_delta",
-                                      "_attn_bwd_dbias"] + (["_attn_bwd_rel"] if rel else []))):
-        bm, bn, bd, warps, stages = T._config(D, backward, rel, gpu=True, fp32=dt == "fp32")
-        blocks = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_R=T._next_pow2(bm + bn - 1))
-        for name in kernels:
-            fn = getattr(A, name.replace("_dq_delta", "_dq"))
-            cx = dict(flags, **blocks, **GRADS, DELTA_PASS=name.endswith("_delta") and name != "_attn_bwd_delta",
-                      HAS_DLSE=True, HEAD_BCAST=True, ROW_BCAST=False, COL_BCAST=True)
-            if name == "_attn_bwd_delta":
-                cx["BLOCK_M"] = 64
-            params = inspect.signature(fn.fn).parameters
-            cx = {k: v for k, v in cx.items() if k in params}
-            sig = {}
-            for p, prm in params.items():
-                if "constexpr" in str(prm.annotation):
-                    sig[p] = "constexpr"
-                elif p in POINTERS:
-                    sig[p] = "*fp32" if p in FLOAT_POINTERS else ("*i64" if p.endswith("Pos") else "*" + dt)
-                else:
-                    sig[p] = "fp32" if p in FLOATS else "i32"
-            if "Bias" in sig and flags["BIAS"]:
-                sig["Bias"] = "*i1" if flags["BIAS_MASK"] else "*" + dt
-            t = time.time()
-            try:
-                k = triton.compile(ASTSource(fn, sig, constexprs=cx), target=GPUTarget("cuda", arch, 32),
-                                   options=dict(num_warps=warps if name != "_attn_bwd_delta" else 4,
-                                                num_stages=stages))
-                shared = k.metadata.shared
-                ok = shared <= SHARED_LIMIT[arch]
-                out.append((name, enc, dt, D, arch, ok, f"shared {shared} B, {time.time() - t:.1f}s"))
-            except Exception as e:  # report every failure, not only the first
-                msg = str(e).strip().splitlines()
-                out.append((name, enc, dt, D, arch, False, f"{type(e).__name__}: {msg[-1] if msg else ''}"))
+    out, seen = [], set()
+    for kernel, a, kw in launches(enc, DTYPES[dt], D):
+        options, signature, constexprs, attrs = specialise(kernel, a, kw, arch)
+        key = (kernel.__name__, tuple(sorted(signature.items())), tuple(sorted(map(str, constexprs.items()))))
+        if key in seen:
+            continue
+        seen.add(key)
+        name = kernel.__name__ + ("_delta" if kernel.__name__ == "_attn_bwd_dq" and kw.get("DELTA_PASS") else "")
+        t = time.time()
+        try:
+            k = triton.compile(ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs),
+                               target=GPUTarget("cuda", arch, 32), options=options.__dict__)
+            shared = k.metadata.shared
+            ok = shared <= SHARED_LIMIT[arch]
+            out.append((name, enc, dt, D, arch, ok, f"shared {shared} B, {time.time() - t:.1f}s"))
+        except Exception as e:  # report every failure, not only the first
+            msg = str(e).strip().splitlines()
+            out.append((name, enc, dt, D, arch, False, f"{type(e).__name__}: {msg[-1] if msg else ''}"))
     return out
 
 

@@ -13,6 +13,7 @@ import torch
 
 import posattn
 from posattn import reference
+from posattn.encodings import keywords, wrap
 
 # The floor is one unit roundoff of the dtype (2^-11, 2^-8): the result is rounded to
 # it at least once. Gradients of the encodings' own parameters (slopes, tables, bias,
@@ -43,37 +44,31 @@ def _clone(x, dtype=None):
     return y.requires_grad_(x.requires_grad)
 
 
+def _encodings(kw):
+    """The encodings among the keyword arguments, as posattn binds them (the registry:
+    an encoding added to posattn.encodings is picked up here with no edit)."""
+    return {name: wrap(name, value) for name, value in kw.items() if name in keywords() and value is not None}
+
+
 def _rebuild(kw, params):
     """kw with the differentiable encoding tensors replaced by `params`."""
     kw = dict(kw)
-    if "alibi_slopes" in params:
-        kw["alibi_slopes"] = params["alibi_slopes"]
-    if "table" in params:
-        kw["rel_bias"] = kw["rel_bias"].with_table(params["table"])
-    if "bias" in params:
-        kw["bias"] = params["bias"]
-    rel = {n[4:]: t for n, t in params.items() if n.startswith("rel_")}
-    if rel:
-        kw["rel_emb"] = kw["rel_emb"].with_tensors(**rel)
+    for keyword, enc in _encodings(kw).items():
+        new = {n: params[n] for n in enc.tensors() if n in params}
+        if new:
+            kw[keyword] = enc.replace(**new)
     return kw
 
 
 def _params(kw):
+    """Every tensor of every encoding that requires grad, by its name (unique across
+    encodings: "alibi_slopes", "table", "bias", "rel_key", ...)."""
     out = {}
-    a = kw.get("alibi_slopes")
-    if a is not None and a.requires_grad:
-        out["alibi_slopes"] = a
-    rb = kw.get("rel_bias")
-    if rb is not None and rb.table.requires_grad:
-        out["table"] = rb.table
-    b = kw.get("bias")
-    if b is not None and b.requires_grad:
-        out["bias"] = b
-    re = kw.get("rel_emb")
-    for name in ("key", "value", "content_bias", "position_bias"):
-        t = getattr(re, name, None)
-        if t is not None and t.requires_grad:
-            out["rel_" + name] = t
+    for enc in _encodings(kw).values():
+        for n, t in enc.tensors().items():
+            if t is not None and t.requires_grad:
+                assert n not in out, f"two encodings name a tensor {n!r}"
+                out[n] = t
     return out
 
 
