@@ -21,6 +21,35 @@ import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)  # a constexpr: jitted code reads no plain globals
 
+# Bit offsets of the FLAGS constexpr (what the problem has: masks, positions, encodings;
+# TABLE takes two bits: 0 none, 1 DistanceBias, 2 GridBias) and of GRADS (what the
+# backward computes). posattn/_triton.py packs them with these same constants.
+_CAUSAL = tl.constexpr(0)
+_HAS_WL = tl.constexpr(1)
+_HAS_WR = tl.constexpr(2)
+_HAS_POS = tl.constexpr(3)
+_ROPE = tl.constexpr(4)
+_INTERLEAVED = tl.constexpr(5)
+_ALIBI = tl.constexpr(6)
+_TABLE = tl.constexpr(7)
+_BIAS = tl.constexpr(9)
+_BIAS_MASK = tl.constexpr(10)
+_REL_K = tl.constexpr(11)
+_REL_V = tl.constexpr(12)
+_REL_U = tl.constexpr(13)
+_REL_W = tl.constexpr(14)
+_UPCAST = tl.constexpr(15)
+_D_SLOPE = tl.constexpr(0)
+_D_TABLE = tl.constexpr(1)
+_D_U = tl.constexpr(2)
+_D_W = tl.constexpr(3)
+_D_AK = tl.constexpr(4)
+_D_AV = tl.constexpr(5)
+_DELTA_PASS = tl.constexpr(6)
+_HEAD_BCAST = tl.constexpr(7)
+_ROW_BCAST = tl.constexpr(8)
+_COL_BCAST = tl.constexpr(9)
+
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -41,7 +70,8 @@ def _load_tile(ptr, offs_n, offs_d, stride_n, stride_d, N, D):
 
 
 @triton.jit
-def _positions(pos_ptr, offs, N, shift, HAS_POS: tl.constexpr):
+def _positions(pos_ptr, offs, N, shift, FLAGS: tl.constexpr):
+    HAS_POS: tl.constexpr = (FLAGS >> _HAS_POS.value) & 1
     if HAS_POS:
         # int64: the distance of two int32 positions can pass 2^31
         return tl.load(pos_ptr + offs, mask=offs < N, other=0).to(tl.int64)
@@ -81,10 +111,12 @@ def _rope_cos_sin(pos, freq, sign, in_rot, factor):
 
 @triton.jit
 def _load_rotated(ptr, offs_n, offs_d, stride_n, stride_d, N, D, pos, inv_freq_ptr, factor,
-                  ROPE: tl.constexpr, ROT_DIM: tl.constexpr, INTERLEAVED: tl.constexpr):
+                  FLAGS: tl.constexpr, ROT_DIM: tl.constexpr):
     """Load a [rows, BLOCK_D] tile of q or k, rotated by RoPE at `pos` when ROPE.
     The partner channels are read as a second (cache-hot) load: no rotated copy of
     q or k ever exists in memory."""
+    ROPE: tl.constexpr = (FLAGS >> _ROPE.value) & 1
+    INTERLEAVED: tl.constexpr = (FLAGS >> _INTERLEAVED.value) & 1
     x = _load_tile(ptr, offs_n, offs_d, stride_n, stride_d, N, D)
     if ROPE:
         partner, sign, freq, in_rot = _rope_channels(offs_d, inv_freq_ptr, ROT_DIM, INTERLEAVED)
@@ -95,8 +127,9 @@ def _load_rotated(ptr, offs_n, offs_d, stride_n, stride_d, N, D, pos, inv_freq_p
 
 
 @triton.jit
-def _unrotate(g, offs_d, pos, inv_freq_ptr, factor, ROT_DIM: tl.constexpr, INTERLEAVED: tl.constexpr):
+def _unrotate(g, offs_d, pos, inv_freq_ptr, factor, FLAGS: tl.constexpr, ROT_DIM: tl.constexpr):
     """Gradient w.r.t. the rotated rows -> gradient w.r.t. the raw rows (rotate by -theta)."""
+    INTERLEAVED: tl.constexpr = (FLAGS >> _INTERLEAVED.value) & 1
     partner, sign, freq, in_rot = _rope_channels(offs_d, inv_freq_ptr, ROT_DIM, INTERLEAVED)
     cos, sin = _rope_cos_sin(pos, freq, sign, in_rot, factor)
     gp = tl.gather(g, tl.broadcast_to(partner[None, :], g.shape), axis=1)
@@ -164,22 +197,25 @@ def _add_row(x, ptr, offs_d, D, FLAG: tl.constexpr):
 
 @triton.jit
 def _load_queries(q_ptr, pos_ptr, offs_m, offs_d, sqm, sqd, Nq, Nk, D, InvFreq, rope_factor, u_ptr, w_ptr,
-                  HAS_POS: tl.constexpr, ROPE: tl.constexpr, ROT_DIM: tl.constexpr, INTERLEAVED: tl.constexpr,
-                  REL_U: tl.constexpr, REL_W: tl.constexpr):
+                  FLAGS: tl.constexpr, ROT_DIM: tl.constexpr):
     """A query block: its positions, its tile (rotated by RoPE) and the tile plus
     Transformer-XL's u (for the content term) and w (for the position term)."""
-    qp = _positions(pos_ptr, offs_m, Nq, Nk - Nq, HAS_POS)
-    q = _load_rotated(q_ptr, offs_m, offs_d, sqm, sqd, Nq, D, qp, InvFreq, rope_factor, ROPE, ROT_DIM, INTERLEAVED)
+    REL_U: tl.constexpr = (FLAGS >> _REL_U.value) & 1
+    REL_W: tl.constexpr = (FLAGS >> _REL_W.value) & 1
+    qp = _positions(pos_ptr, offs_m, Nq, Nk - Nq, FLAGS)
+    q = _load_rotated(q_ptr, offs_m, offs_d, sqm, sqd, Nq, D, qp, InvFreq, rope_factor, FLAGS, ROT_DIM)
     return qp, q, _add_row(q, u_ptr, offs_d, D, REL_U), _add_row(q, w_ptr, offs_d, D, REL_W)
 
 
 @triton.jit
 def _logits(qu, qw, k, ak_ptr, start_m, start_n, Nq, Nk, rel_k, offs_d, D,
-            REL_K: tl.constexpr, UPCAST: tl.constexpr,
+            FLAGS: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     """(q + u) . k, plus (q + w) . aK[c(i, j)] with Shaw's key table: one product of
     the q tile with the tile's BLOCK_R-row slice of aK, then a per-row shift.
     Returns the logits and the aK slice (0.0 without a key table)."""
+    REL_K: tl.constexpr = (FLAGS >> _REL_K.value) & 1
+    UPCAST: tl.constexpr = (FLAGS >> _UPCAST.value) & 1
     qk = _dot(qu, tl.trans(k), UPCAST)
     ak = 0.0
     if REL_K:
@@ -192,9 +228,15 @@ def _logits(qu, qw, k, ak_ptr, start_m, start_n, Nq, Nk, rel_k, offs_d, D,
 @triton.jit
 def _scores(qk, qp, kp, offs_m, offs_n, Nq, Nk, qk_scale, slope, table_ptr, stride_tab,
             tab_l, tab_r, bias_ptr, stride_bm, stride_bn, win_l, win_r,
-            CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
-            ALIBI: tl.constexpr, TABLE: tl.constexpr, BIAS: tl.constexpr, BIAS_MASK: tl.constexpr):
+            FLAGS: tl.constexpr):
     """The [BLOCK_M, BLOCK_N] score tile in the log2 domain, masked entries = -inf."""
+    CAUSAL: tl.constexpr = (FLAGS >> _CAUSAL.value) & 1
+    HAS_WL: tl.constexpr = (FLAGS >> _HAS_WL.value) & 1
+    HAS_WR: tl.constexpr = (FLAGS >> _HAS_WR.value) & 1
+    ALIBI: tl.constexpr = (FLAGS >> _ALIBI.value) & 1
+    TABLE: tl.constexpr = (FLAGS >> _TABLE.value) & 3
+    BIAS: tl.constexpr = (FLAGS >> _BIAS.value) & 1
+    BIAS_MASK: tl.constexpr = (FLAGS >> _BIAS_MASK.value) & 1
     s = qk * qk_scale
     rel = kp[None, :] - qp[:, None]
     keep = (offs_n[None, :] < Nk) & (offs_m[:, None] < Nq)
@@ -221,9 +263,10 @@ def _scores(qk, qp, kp, offs_m, offs_n, Nq, Nk, qk_scale, slope, table_ptr, stri
 
 @triton.jit
 def _head_params(off_b, off_h, Slopes, ssb, ssh, Table, stab_h, Bias, sbb, sbh, bias_nb,
-                 AK, AV, U, W, rel_hs, rel_k, D, ALIBI: tl.constexpr):
+                 AK, AV, U, W, rel_hs, rel_k, D, FLAGS: tl.constexpr):
     """Per (batch, query head): ALiBi slope and the bases of the bias table, the dense
     bias, the relative tables (shared by all heads when rel_hs == 0) and u / w."""
+    ALIBI: tl.constexpr = (FLAGS >> _ALIBI.value) & 1
     slope = 0.0
     if ALIBI:
         slope = tl.load(Slopes + off_b * ssb + off_h * ssh).to(tl.float32)
@@ -234,10 +277,13 @@ def _head_params(off_b, off_h, Slopes, ssb, ssh, Table, stab_h, Bias, sbb, sbh, 
 
 @triton.jit
 def _key_range(start_m, BLOCK_M: tl.constexpr, Nq, Nk, win_l, win_r,
-               CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
-               HAS_POS: tl.constexpr, BLOCK_N: tl.constexpr):
+               FLAGS: tl.constexpr, BLOCK_N: tl.constexpr):
     """[lo, hi) of keys that rows start_m.. can see; with default positions the
     causal / window masks bound it, so hidden tiles are never visited."""
+    CAUSAL: tl.constexpr = (FLAGS >> _CAUSAL.value) & 1
+    HAS_WL: tl.constexpr = (FLAGS >> _HAS_WL.value) & 1
+    HAS_WR: tl.constexpr = (FLAGS >> _HAS_WR.value) & 1
+    HAS_POS: tl.constexpr = (FLAGS >> _HAS_POS.value) & 1
     lo = 0
     hi = Nk
     if not HAS_POS:
@@ -257,9 +303,12 @@ def _key_range(start_m, BLOCK_M: tl.constexpr, Nq, Nk, win_l, win_r,
 
 @triton.jit
 def _query_range(start_n, BLOCK_N: tl.constexpr, Nq, Nk, win_l, win_r,
-                 CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
-                 HAS_POS: tl.constexpr, BLOCK_M: tl.constexpr):
+                 FLAGS: tl.constexpr, BLOCK_M: tl.constexpr):
     """[lo, hi) of query rows that can see keys start_n.. (the transpose of _key_range)."""
+    CAUSAL: tl.constexpr = (FLAGS >> _CAUSAL.value) & 1
+    HAS_WL: tl.constexpr = (FLAGS >> _HAS_WL.value) & 1
+    HAS_WR: tl.constexpr = (FLAGS >> _HAS_WR.value) & 1
+    HAS_POS: tl.constexpr = (FLAGS >> _HAS_POS.value) & 1
     lo = 0
     hi = Nq
     if not HAS_POS:
@@ -284,14 +333,11 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2,
               sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
               sqpb, skpb, ssb, ssh, stab_h, stab_t, sbb, sbh, sbm, sbn, bias_nb, rel_hs,
               Hq, Nq, Nk, D, GROUP, qk_scale, rope_factor, win_l, win_r, tab_l, tab_r, rel_k,
-              CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_POS: tl.constexpr,
-              ROPE: tl.constexpr, ROT_DIM: tl.constexpr, INTERLEAVED: tl.constexpr,
-              ALIBI: tl.constexpr, TABLE: tl.constexpr, BIAS: tl.constexpr, BIAS_MASK: tl.constexpr,
-              REL_K: tl.constexpr, REL_V: tl.constexpr, REL_U: tl.constexpr, REL_W: tl.constexpr,
-              UPCAST: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+              FLAGS: tl.constexpr, ROT_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
     """One program per (query block, head, batch): out, the natural-log lse (returned)
     and the log2-domain one the backward recomputes P from (no round trip)."""
+    REL_V: tl.constexpr = (FLAGS >> _REL_V.value) & 1
+    UPCAST: tl.constexpr = (FLAGS >> _UPCAST.value) & 1
     start_m = tl.program_id(0) * BLOCK_M
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
@@ -303,27 +349,26 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2,
 
     slope, table_ptr, bias_ptr, ak_ptr, av_ptr, u_ptr, w_ptr = _head_params(
         off_b, off_h, Slopes, ssb, ssh, Table, stab_h, Bias, sbb, sbh, bias_nb, AK, AV, U, W,
-        rel_hs, rel_k, D, ALIBI)
+        rel_hs, rel_k, D, FLAGS)
     qp, q, qu, qw = _load_queries(Q + off_b * sqb + off_h * sqh, QPos + off_b * sqpb, offs_m, offs_d, sqm, sqd,
                                   Nq, Nk, D, InvFreq, rope_factor, u_ptr, w_ptr,
-                                  HAS_POS, ROPE, ROT_DIM, INTERLEAVED, REL_U, REL_W)
+                                  FLAGS, ROT_DIM)
     k_base = K + off_b * skb + off_hk * skh
     v_base = V + off_b * svb + off_hk * svh
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo, hi = _key_range(start_m, BLOCK_M, Nq, Nk, win_l, win_r, CAUSAL, HAS_WL, HAS_WR, HAS_POS, BLOCK_N)
+    lo, hi = _key_range(start_m, BLOCK_M, Nq, Nk, win_l, win_r, FLAGS, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        kp = _positions(KPos + off_b * skpb, offs_n, Nk, 0, HAS_POS)
+        kp = _positions(KPos + off_b * skpb, offs_n, Nk, 0, FLAGS)
         k = _load_rotated(k_base, offs_n, offs_d, skn, skd, Nk, D, kp, InvFreq, rope_factor,
-                          ROPE, ROT_DIM, INTERLEAVED)
-        qk, ak = _logits(qu, qw, k, ak_ptr, start_m, start_n, Nq, Nk, rel_k, offs_d, D, REL_K, UPCAST,
+                          FLAGS, ROT_DIM)
+        qk, ak = _logits(qu, qw, k, ak_ptr, start_m, start_n, Nq, Nk, rel_k, offs_d, D, FLAGS,
                          BLOCK_M, BLOCK_N, BLOCK_R)
         s, rel = _scores(qk, qp, kp, offs_m, offs_n, Nq, Nk, qk_scale, slope, table_ptr, stab_t,
-                         tab_l, tab_r, bias_ptr, sbm, sbn, win_l, win_r, CAUSAL, HAS_WL, HAS_WR,
-                         ALIBI, TABLE, BIAS, BIAS_MASK)
+                         tab_l, tab_r, bias_ptr, sbm, sbn, win_l, win_r, FLAGS)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with nothing visible yet keeps m = -inf; subtract 0 instead so that
         # exp2(-inf - -inf) never makes a NaN.
@@ -384,18 +429,17 @@ def _load_row_stats(Lse2, Delta, row0, offs_m, Nq):
 def _probs_and_ds(qu, qw, k, v, do, ak_ptr, av_ptr, qp, kp, lse2, delta, start_m, start_n, offs_m, offs_n,
                   offs_d, Nq, Nk, D, rel_k, qk_scale, slope, table_ptr, stab_t, tab_l, tab_r,
                   bias_ptr, sbm, sbn, win_l, win_r,
-                  CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
-                  ALIBI: tl.constexpr, TABLE: tl.constexpr, BIAS: tl.constexpr, BIAS_MASK: tl.constexpr,
-                  REL_K: tl.constexpr, REL_V: tl.constexpr, UPCAST: tl.constexpr,
+                  FLAGS: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     """Recompute P from the saved log-sum-exp and dS = P * (dP - delta), the gradient
     w.r.t. the natural-domain score scale * q.k + bias. dP_ij = dO_i . (v_j + aV[c]).
     Also returns rel and the aK slice (for dQ's position term)."""
-    qk, ak = _logits(qu, qw, k, ak_ptr, start_m, start_n, Nq, Nk, rel_k, offs_d, D, REL_K, UPCAST,
+    REL_V: tl.constexpr = (FLAGS >> _REL_V.value) & 1
+    UPCAST: tl.constexpr = (FLAGS >> _UPCAST.value) & 1
+    qk, ak = _logits(qu, qw, k, ak_ptr, start_m, start_n, Nq, Nk, rel_k, offs_d, D, FLAGS,
                      BLOCK_M, BLOCK_N, BLOCK_R)
     s, rel = _scores(qk, qp, kp, offs_m, offs_n, Nq, Nk, qk_scale, slope, table_ptr, stab_t,
-                     tab_l, tab_r, bias_ptr, sbm, sbn, win_l, win_r, CAUSAL, HAS_WL, HAS_WR,
-                     ALIBI, TABLE, BIAS, BIAS_MASK)
+                     tab_l, tab_r, bias_ptr, sbm, sbn, win_l, win_r, FLAGS)
     p = tl.math.exp2(s - lse2[:, None])
     dp = _dot(do, tl.trans(v), UPCAST)
     if REL_V:
@@ -412,14 +456,11 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV,
                    sdob, sdoh, sdom, sdod, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
                    sqpb, skpb, ssb, ssh, stab_h, stab_t, sbb, sbh, sbm, sbn, bias_nb, rel_hs,
                    Hq, Hkv, Nq, Nk, D, GROUP, sm_scale, qk_scale, rope_factor, win_l, win_r, tab_l, tab_r, rel_k,
-                   CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_POS: tl.constexpr,
-                   ROPE: tl.constexpr, ROT_DIM: tl.constexpr, INTERLEAVED: tl.constexpr,
-                   ALIBI: tl.constexpr, TABLE: tl.constexpr, BIAS: tl.constexpr, BIAS_MASK: tl.constexpr,
-                   REL_K: tl.constexpr, REL_V: tl.constexpr, REL_U: tl.constexpr, REL_W: tl.constexpr,
-                   UPCAST: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+                   FLAGS: tl.constexpr, ROT_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
     """One program per (key block, kv head, batch): dK and dV summed over the GROUP
     query heads that share this kv head, in registers (no atomics)."""
+    ROPE: tl.constexpr = (FLAGS >> _ROPE.value) & 1
+    UPCAST: tl.constexpr = (FLAGS >> _UPCAST.value) & 1
     start_n = tl.program_id(0) * BLOCK_N
     off_hk = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
@@ -427,18 +468,18 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV,
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
 
-    kp = _positions(KPos + off_b * skpb, offs_n, Nk, 0, HAS_POS)
+    kp = _positions(KPos + off_b * skpb, offs_n, Nk, 0, FLAGS)
     k = _load_rotated(K + off_b * skb + off_hk * skh, offs_n, offs_d, skn, skd, Nk, D, kp, InvFreq,
-                      rope_factor, ROPE, ROT_DIM, INTERLEAVED)
+                      rope_factor, FLAGS, ROT_DIM)
     v = _load_tile(V + off_b * svb + off_hk * svh, offs_n, offs_d, svn, svd, Nk, D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    lo, hi = _query_range(start_n, BLOCK_N, Nq, Nk, win_l, win_r, CAUSAL, HAS_WL, HAS_WR, HAS_POS, BLOCK_M)
+    lo, hi = _query_range(start_n, BLOCK_N, Nq, Nk, win_l, win_r, FLAGS, BLOCK_M)
     for g in range(0, GROUP):
         off_h = off_hk * GROUP + g
         slope, table_ptr, bias_ptr, ak_ptr, av_ptr, u_ptr, w_ptr = _head_params(
             off_b, off_h, Slopes, ssb, ssh, Table, stab_h, Bias, sbb, sbh, bias_nb, AK, AV, U, W,
-            rel_hs, rel_k, D, ALIBI)
+            rel_hs, rel_k, D, FLAGS)
         q_base = Q + off_b * sqb + off_h * sqh
         do_base = DO + off_b * sdob + off_h * sdoh
         row0 = (off_b * Hq + off_h) * Nq
@@ -446,20 +487,20 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV,
             offs_m = start_m + offs_m0
             qp, q, qu, qw = _load_queries(q_base, QPos + off_b * sqpb, offs_m, offs_d, sqm, sqd, Nq, Nk, D,
                                           InvFreq, rope_factor, u_ptr, w_ptr,
-                                          HAS_POS, ROPE, ROT_DIM, INTERLEAVED, REL_U, REL_W)
+                                          FLAGS, ROT_DIM)
             do = _load_tile(do_base, offs_m, offs_d, sdom, sdod, Nq, D)
             lse2, delta = _load_row_stats(Lse, Delta, row0, offs_m, Nq)
             p, ds, rel, ak = _probs_and_ds(
                 qu, qw, k, v, do, ak_ptr, av_ptr, qp, kp, lse2, delta, start_m, start_n, offs_m, offs_n,
                 offs_d, Nq, Nk, D, rel_k, qk_scale, slope, table_ptr, stab_t, tab_l, tab_r, bias_ptr, sbm, sbn,
-                win_l, win_r, CAUSAL, HAS_WL, HAS_WR, ALIBI, TABLE, BIAS, BIAS_MASK, REL_K, REL_V, UPCAST,
+                win_l, win_r, FLAGS,
                 BLOCK_M, BLOCK_N, BLOCK_R)
             dv += _dot(tl.trans(p.to(do.dtype)), do, UPCAST)
             dk += _dot(tl.trans(ds.to(qu.dtype)), qu, UPCAST)
 
     dk *= sm_scale
     if ROPE:
-        dk = _unrotate(dk, offs_d, kp, InvFreq, rope_factor, ROT_DIM, INTERLEAVED)
+        dk = _unrotate(dk, offs_d, kp, InvFreq, rope_factor, FLAGS, ROT_DIM)
     mask = (offs_n[:, None] < Nk) & (offs_d[None, :] < D)
     tl.store(DK + off_b * sdkb + off_hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
              dk.to(DK.dtype.element_ty), mask=mask)
@@ -475,14 +516,7 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, DSlope, DTable, DU, DW, DAKEnd, DA
                  sqpb, skpb, ssb, ssh, stab_h, stab_t, sbb, sbh, sbm, sbn, bias_nb, rel_hs,
                  Hq, Nq, Nk, D, GROUP, NUM_M, TAB_T, sm_scale, qk_scale, rope_factor,
                  win_l, win_r, tab_l, tab_r, rel_k,
-                 CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_POS: tl.constexpr,
-                 ROPE: tl.constexpr, ROT_DIM: tl.constexpr, INTERLEAVED: tl.constexpr,
-                 ALIBI: tl.constexpr, TABLE: tl.constexpr, BIAS: tl.constexpr, BIAS_MASK: tl.constexpr,
-                 REL_K: tl.constexpr, REL_V: tl.constexpr, REL_U: tl.constexpr, REL_W: tl.constexpr,
-                 D_SLOPE: tl.constexpr, D_TABLE: tl.constexpr, D_U: tl.constexpr, D_W: tl.constexpr,
-                 D_AK: tl.constexpr, D_AV: tl.constexpr, BLOCK_T: tl.constexpr, DELTA_PASS: tl.constexpr,
-                 UPCAST: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+                 FLAGS: tl.constexpr, GRADS: tl.constexpr, ROT_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
     """One program per (query block, q head, batch): dQ, and this program's partial
     sums of d(slope), d(table), du, dw and the two clipped end rows of d(aK), d(aV),
     each written to its own slot (the host adds the slots in a fixed order).
@@ -493,6 +527,17 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, DSlope, DTable, DU, DW, DAKEnd, DA
     delta is the exact sum the softmax gradient subtracts. In rows where attention
     is nearly one-hot, rowsum(dO * O) or an lse off by eps * |lse| differ from it
     by as much as dS itself, and slope / table gradients inherit that error."""
+    ROPE: tl.constexpr = (FLAGS >> _ROPE.value) & 1
+    TABLE: tl.constexpr = (FLAGS >> _TABLE.value) & 3
+    REL_K: tl.constexpr = (FLAGS >> _REL_K.value) & 1
+    UPCAST: tl.constexpr = (FLAGS >> _UPCAST.value) & 1
+    D_SLOPE: tl.constexpr = (GRADS >> _D_SLOPE.value) & 1
+    D_TABLE: tl.constexpr = (GRADS >> _D_TABLE.value) & 1
+    D_U: tl.constexpr = (GRADS >> _D_U.value) & 1
+    D_W: tl.constexpr = (GRADS >> _D_W.value) & 1
+    D_AK: tl.constexpr = (GRADS >> _D_AK.value) & 1
+    D_AV: tl.constexpr = (GRADS >> _D_AV.value) & 1
+    DELTA_PASS: tl.constexpr = (GRADS >> _DELTA_PASS.value) & 1
     pid_m = tl.program_id(0)
     start_m = pid_m * BLOCK_M
     off_h = tl.program_id(1).to(tl.int64)
@@ -505,10 +550,10 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, DSlope, DTable, DU, DW, DAKEnd, DA
 
     slope, table_ptr, bias_ptr, ak_ptr, av_ptr, u_ptr, w_ptr = _head_params(
         off_b, off_h, Slopes, ssb, ssh, Table, stab_h, Bias, sbb, sbh, bias_nb, AK, AV, U, W,
-        rel_hs, rel_k, D, ALIBI)
+        rel_hs, rel_k, D, FLAGS)
     qp, q, qu, qw = _load_queries(Q + off_b * sqb + off_h * sqh, QPos + off_b * sqpb, offs_m, offs_d, sqm, sqd,
                                   Nq, Nk, D, InvFreq, rope_factor, u_ptr, w_ptr,
-                                  HAS_POS, ROPE, ROT_DIM, INTERLEAVED, REL_U, REL_W)
+                                  FLAGS, ROT_DIM)
     do = _load_tile(DO + off_b * sdob + off_h * sdoh, offs_m, offs_d, sdom, sdod, Nq, D)
     lse2, delta = _load_row_stats(Lse, Delta, off_bh * Nq, offs_m, Nq)
     if DELTA_PASS:
@@ -528,17 +573,17 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, DSlope, DTable, DU, DW, DAKEnd, DA
     ds_right = tl.zeros([BLOCK_M], tl.float32)
     p_left = tl.zeros([BLOCK_M], tl.float32)
     p_right = tl.zeros([BLOCK_M], tl.float32)
-    lo, hi = _key_range(start_m, BLOCK_M, Nq, Nk, win_l, win_r, CAUSAL, HAS_WL, HAS_WR, HAS_POS, BLOCK_N)
+    lo, hi = _key_range(start_m, BLOCK_M, Nq, Nk, win_l, win_r, FLAGS, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        kp = _positions(KPos + off_b * skpb, offs_n, Nk, 0, HAS_POS)
+        kp = _positions(KPos + off_b * skpb, offs_n, Nk, 0, FLAGS)
         k = _load_rotated(k_base, offs_n, offs_d, skn, skd, Nk, D, kp, InvFreq, rope_factor,
-                          ROPE, ROT_DIM, INTERLEAVED)
+                          FLAGS, ROT_DIM)
         v = _load_tile(v_base, offs_n, offs_d, svn, svd, Nk, D)
         p, ds, rel, ak = _probs_and_ds(
             qu, qw, k, v, do, ak_ptr, av_ptr, qp, kp, lse2, delta, start_m, start_n, offs_m, offs_n,
             offs_d, Nq, Nk, D, rel_k, qk_scale, slope, table_ptr, stab_t, tab_l, tab_r, bias_ptr, sbm, sbn,
-            win_l, win_r, CAUSAL, HAS_WL, HAS_WR, ALIBI, TABLE, BIAS, BIAS_MASK, REL_K, REL_V, UPCAST,
+            win_l, win_r, FLAGS,
             BLOCK_M, BLOCK_N, BLOCK_R)
         if DELTA_PASS:
             p_dp += tl.sum(ds, 1)
@@ -595,7 +640,7 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, DSlope, DTable, DU, DW, DAKEnd, DA
 
         dq = (dq_c + dq_p) * sm_scale
         if ROPE:
-            dq = _unrotate(dq, offs_d, qp, InvFreq, rope_factor, ROT_DIM, INTERLEAVED)
+            dq = _unrotate(dq, offs_d, qp, InvFreq, rope_factor, FLAGS, ROT_DIM)
         tl.store(DQ + off_b * sdqb + off_h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
                  dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < Nq) & in_d[None, :])
 
@@ -607,17 +652,15 @@ def _attn_bwd_rel(Q, K, V, DO, Lse, Delta, DAK, DAV,
                   sqpb, skpb, ssb, ssh, stab_h, stab_t, sbb, sbh, sbm, sbn, bias_nb, rel_hs,
                   Hq, Nq, Nk, D, GROUP, rel_first, head_step, sm_scale, qk_scale, rope_factor,
                   win_l, win_r, tab_l, tab_r, rel_k,
-                  CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_POS: tl.constexpr,
-                  ROPE: tl.constexpr, ROT_DIM: tl.constexpr, INTERLEAVED: tl.constexpr,
-                  ALIBI: tl.constexpr, TABLE: tl.constexpr, BIAS: tl.constexpr, BIAS_MASK: tl.constexpr,
-                  REL_K: tl.constexpr, REL_V: tl.constexpr, REL_U: tl.constexpr, REL_W: tl.constexpr,
-                  D_AK: tl.constexpr, D_AV: tl.constexpr, UPCAST: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+                  FLAGS: tl.constexpr, GRADS: tl.constexpr, ROT_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
     """Interior rows of d(aK) and d(aV) (-K < rel < K), organised by distance: one
     program per (BLOCK_N consecutive distances, table head, batch) visits, for every
     query block, only the key tiles on those diagonals, and sums
     dS_ij (q_i + w) and P_ij dO_i over the pairs at each distance. Each pair has one
     distance, so each row is owned by one program: no atomics, O(K * D) memory."""
+    UPCAST: tl.constexpr = (FLAGS >> _UPCAST.value) & 1
+    D_AK: tl.constexpr = (GRADS >> _D_AK.value) & 1
+    D_AV: tl.constexpr = (GRADS >> _D_AV.value) & 1
     rel0 = rel_first + tl.program_id(0) * BLOCK_N
     ha = tl.program_id(1)
     off_b = tl.program_id(2).to(tl.int64)
@@ -632,31 +675,29 @@ def _attn_bwd_rel(Q, K, V, DO, Lse, Delta, DAK, DAV,
         off_hk = off_h // GROUP
         slope, table_ptr, bias_ptr, ak_ptr, av_ptr, u_ptr, w_ptr = _head_params(
             off_b, off_h, Slopes, ssb, ssh, Table, stab_h, Bias, sbb, sbh, bias_nb, AK, AV, U, W,
-            rel_hs, rel_k, D, ALIBI)
+            rel_hs, rel_k, D, FLAGS)
         row0 = (off_b * Hq + off_h) * Nq
         for start_m in range(0, Nq, BLOCK_M):
             # keys j = i + shift + rel for rows i of the block and rel in [rel0, rel0 + BLOCK_N)
-            lo, hi = _key_range(start_m, BLOCK_M, Nq, Nk, win_l, win_r, CAUSAL, HAS_WL, HAS_WR,
-                                HAS_POS, BLOCK_N)
+            lo, hi = _key_range(start_m, BLOCK_M, Nq, Nk, win_l, win_r, FLAGS, BLOCK_N)
             j_lo = tl.maximum(lo, start_m + shift + rel0)
             j_hi = tl.minimum(hi, start_m + BLOCK_M + shift + rel0 + BLOCK_N - 1)
             offs_m = start_m + offs_m0
             qp, q, qu, qw = _load_queries(Q + off_b * sqb + off_h * sqh, QPos + off_b * sqpb, offs_m, offs_d,
                                           sqm, sqd, Nq, Nk, D, InvFreq, rope_factor, u_ptr, w_ptr,
-                                          HAS_POS, ROPE, ROT_DIM, INTERLEAVED, REL_U, REL_W)
+                                          FLAGS, ROT_DIM)
             do = _load_tile(DO + off_b * sdob + off_h * sdoh, offs_m, offs_d, sdom, sdod, Nq, D)
             lse2, delta = _load_row_stats(Lse, Delta, row0, offs_m, Nq)
             for start_n in range((tl.maximum(j_lo, 0) // BLOCK_N) * BLOCK_N, j_hi, BLOCK_N):
                 offs_n = start_n + offs_n0
-                kp = _positions(KPos + off_b * skpb, offs_n, Nk, 0, HAS_POS)
+                kp = _positions(KPos + off_b * skpb, offs_n, Nk, 0, FLAGS)
                 k = _load_rotated(K + off_b * skb + off_hk * skh, offs_n, offs_d, skn, skd, Nk, D, kp,
-                                  InvFreq, rope_factor, ROPE, ROT_DIM, INTERLEAVED)
+                                  InvFreq, rope_factor, FLAGS, ROT_DIM)
                 v = _load_tile(V + off_b * svb + off_hk * svh, offs_n, offs_d, svn, svd, Nk, D)
                 p, ds, rel, ak = _probs_and_ds(
                     qu, qw, k, v, do, ak_ptr, av_ptr, qp, kp, lse2, delta, start_m, start_n, offs_m,
                     offs_n, offs_d, Nq, Nk, D, rel_k, qk_scale, slope, table_ptr, stab_t, tab_l, tab_r,
-                    bias_ptr, sbm, sbn, win_l, win_r, CAUSAL, HAS_WL, HAS_WR, ALIBI, TABLE, BIAS, BIAS_MASK,
-                    REL_K, REL_V, UPCAST, BLOCK_M, BLOCK_N, BLOCK_R)
+                    bias_ptr, sbm, sbn, win_l, win_r, FLAGS, BLOCK_M, BLOCK_N, BLOCK_R)
                 # column r of row i: the key at distance rel0 + r, if it is in this tile
                 jl = (start_m + shift + rel0 - start_n) + offs_n0[None, :] + offs_m0[:, None]
                 inside = (jl >= 0) & (jl < BLOCK_N)
@@ -685,16 +726,13 @@ def _attn_bwd_dbias(Q, K, V, DO, Lse, Delta, DBias,
                     sqpb, skpb, ssb, ssh, stab_h, stab_t, sbb, sbh, sbm, sbn, bias_nb, rel_hs,
                     B, Hq, Nq, Nk, D, GROUP, BH, BM_, BN_, NUM_N, qk_scale, rope_factor,
                     win_l, win_r, tab_l, tab_r, rel_k,
-                    CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_POS: tl.constexpr,
-                    ROPE: tl.constexpr, ROT_DIM: tl.constexpr, INTERLEAVED: tl.constexpr,
-                    ALIBI: tl.constexpr, TABLE: tl.constexpr,
-                    REL_K: tl.constexpr, REL_V: tl.constexpr, REL_U: tl.constexpr, REL_W: tl.constexpr,
-                    HEAD_BCAST: tl.constexpr, ROW_BCAST: tl.constexpr, COL_BCAST: tl.constexpr,
-                    UPCAST: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+                    FLAGS: tl.constexpr, GRADS: tl.constexpr, ROT_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
     """d(bias) in the bias's own shape [nB, 1|Hq, 1|Nq, 1|Nk] (float32): one program
     per output tile sums dS over every batch, head, row and column that broadcasting
     folds onto it, in a fixed order (deterministic, no atomics)."""
+    HEAD_BCAST: tl.constexpr = (GRADS >> _HEAD_BCAST.value) & 1
+    ROW_BCAST: tl.constexpr = (GRADS >> _ROW_BCAST.value) & 1
+    COL_BCAST: tl.constexpr = (GRADS >> _COL_BCAST.value) & 1
     pid_m = tl.program_id(0) // NUM_N
     pid_n = tl.program_id(0) % NUM_N
     oh = tl.program_id(1)
@@ -730,25 +768,24 @@ def _attn_bwd_dbias(Q, K, V, DO, Lse, Delta, DBias,
             row0 = (off_b * Hq + off_h) * Nq
             slope, table_ptr, bias_ptr, ak_ptr, av_ptr, u_ptr, w_ptr = _head_params(
                 off_b, off_h, Slopes, ssb, ssh, Table, stab_h, Bias, sbb, sbh, bias_nb, AK, AV, U, W,
-                rel_hs, rel_k, D, ALIBI)
+                rel_hs, rel_k, D, FLAGS)
             for start_m in range(m_lo, m_hi, BLOCK_M):
                 offs_m = start_m + offs_m0
                 qp, q, qu, qw = _load_queries(Q + off_b * sqb + off_h * sqh, QPos + off_b * sqpb, offs_m,
                                               offs_d, sqm, sqd, Nq, Nk, D, InvFreq, rope_factor, u_ptr, w_ptr,
-                                              HAS_POS, ROPE, ROT_DIM, INTERLEAVED, REL_U, REL_W)
+                                              FLAGS, ROT_DIM)
                 do = _load_tile(DO + off_b * sdob + off_h * sdoh, offs_m, offs_d, sdom, sdod, Nq, D)
                 lse2, delta = _load_row_stats(Lse, Delta, row0, offs_m, Nq)
                 for start_n in range(n_lo, n_hi, BLOCK_N):
                     offs_n = start_n + offs_n0
-                    kp = _positions(KPos + off_b * skpb, offs_n, Nk, 0, HAS_POS)
+                    kp = _positions(KPos + off_b * skpb, offs_n, Nk, 0, FLAGS)
                     k = _load_rotated(K + off_b * skb + off_hk * skh, offs_n, offs_d, skn, skd, Nk, D, kp,
-                                      InvFreq, rope_factor, ROPE, ROT_DIM, INTERLEAVED)
+                                      InvFreq, rope_factor, FLAGS, ROT_DIM)
                     v = _load_tile(V + off_b * svb + off_hk * svh, offs_n, offs_d, svn, svd, Nk, D)
                     p, ds, rel, ak = _probs_and_ds(
                         qu, qw, k, v, do, ak_ptr, av_ptr, qp, kp, lse2, delta, start_m, start_n, offs_m,
                         offs_n, offs_d, Nq, Nk, D, rel_k, qk_scale, slope, table_ptr, stab_t, tab_l, tab_r,
-                        bias_ptr, sbm, sbn, win_l, win_r, CAUSAL, HAS_WL, HAS_WR, ALIBI, TABLE, True, False,
-                        REL_K, REL_V, UPCAST, BLOCK_M, BLOCK_N, BLOCK_R)
+                        bias_ptr, sbm, sbn, win_l, win_r, FLAGS, BLOCK_M, BLOCK_N, BLOCK_R)
                     acc += ds
 
     offs_m = pid_m * BLOCK_M + offs_m0

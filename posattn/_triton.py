@@ -127,82 +127,145 @@ EXACT_DELTA_FP32 = True
 _PARAMS = ("alibi", "table", "bias", "rel_key", "rel_value", "rel_u", "rel_w")
 
 
+# ----------------------------------------------------------------------------- adapters
+# One per encoding (and one for the positions): the kernels' arguments it owns, by
+# name, with what the kernels read when it is absent (flags off, a dummy pointer the
+# disabled code never dereferences, zero strides).
+
+def _positions_args(p: Problem, dummy):
+    has_pos = p.q_pos is not None or p.k_pos is not None
+    if not has_pos:
+        return dict(HAS_POS=False), dict(QPos=dummy, KPos=dummy, sqpb=0, skpb=0)
+    qpos, kpos = (x.contiguous() for x in p.default_positions(dummy.device))  # one side given: the other, O(N)
+    return dict(HAS_POS=True), dict(QPos=qpos, KPos=kpos, sqpb=qpos.stride(0) if qpos.shape[0] > 1 else 0,
+                                    skpb=kpos.stride(0) if kpos.shape[0] > 1 else 0)
+
+
+def _rope_args(p: Problem, dummy):
+    e = p.rope
+    if e is None:
+        return dict(ROPE=False, INTERLEAVED=False), dict(InvFreq=dummy, rope_factor=1.0, ROT_DIM=0)
+    return (dict(ROPE=True, INTERLEAVED=e.interleaved),
+            dict(InvFreq=e.inv_freq_for(p.D, dummy.device).contiguous(), rope_factor=e.attention_factor,
+                 ROT_DIM=p.rotary_dim))
+
+
+def _alibi_args(slopes, dummy):
+    if slopes is None:
+        return dict(ALIBI=False), dict(Slopes=dummy, ssb=0, ssh=0)
+    return dict(ALIBI=True), dict(Slopes=slopes, ssb=slopes.stride(0) if slopes.shape[0] > 1 else 0,
+                                  ssh=slopes.stride(1))
+
+
+def _table_args(e, table, dummy):
+    if table is None:
+        return dict(TABLE=0), dict(Table=dummy, stab_h=0, stab_t=0, tab_l=0, tab_r=0)
+    if isinstance(e, GridBias):  # [T, Hq]; (Wh, Ww)
+        return dict(TABLE=2), dict(Table=table, stab_h=table.stride(1), stab_t=table.stride(0),
+                                   tab_l=e.window[0], tab_r=e.window[1])
+    return dict(TABLE=1), dict(Table=table, stab_h=table.stride(0), stab_t=table.stride(1),  # [Hq, T]; (L, R)
+                               tab_l=e.left, tab_r=e.right)
+
+
+def _bias_args(p: Problem, bias, dummy):
+    if bias is None:
+        return dict(BIAS=False, BIAS_MASK=False), dict(Bias=dummy, sbb=0, sbh=0, sbm=0, sbn=0, bias_nb=1)
+    # Size-1 axes broadcast (stride 0); the batch axis may also be periodic (batch b
+    # reads bias[b % nB], Swin's shifted-window masks).
+    sbb, sbh, sbm, sbn = (st if n > 1 else 0 for n, st in zip(bias.shape, bias.stride()))
+    return dict(BIAS=True, BIAS_MASK=p.bias_is_mask), dict(Bias=bias, sbb=sbb, sbh=sbh, sbm=sbm, sbn=sbn,
+                                                           bias_nb=bias.shape[0])
+
+
+def _relative_args(p: Problem, rel_key, rel_value, rel_u, rel_w, dummy):
+    """Shaw / Transformer-XL: contiguous [Ha, 2K+1, D] tables and [Hq, D] biases;
+    rel_hs = 0 when every head shares one table."""
+    tables = [t for t in (rel_key, rel_value) if t is not None]
+    heads = tables[0].shape[0] if tables else 1
+    ak, av, u, w = (x.contiguous() if x is not None else dummy for x in (rel_key, rel_value, rel_u, rel_w))
+    flags = dict(REL_K=rel_key is not None, REL_V=rel_value is not None, REL_U=rel_u is not None,
+                 REL_W=rel_w is not None)
+    return flags, dict(AK=ak, AV=av, U=u, W=w, rel_hs=1 if heads > 1 else 0,
+                       rel_k=p.rel_emb.clip if p.rel_emb is not None else 0)
+
+
 class _Launch:
-    """Everything the kernels share: pointers, strides, scalars and constexpr flags,
-    built once per call from a validated Problem."""
+    """The kernels' shared arguments, by name, built once per call from a validated
+    Problem by the adapters above; every launch passes them by keyword."""
 
     def __init__(self, p: Problem, q, alibi, table, bias, rel_key, rel_value, rel_u, rel_w):
-        dev = q.device
         self.p = p
         dummy = q
-        has_pos = p.q_pos is not None or p.k_pos is not None
-        qpos = kpos = dummy
-        if has_pos:  # one explicit side: materialise the other's default (O(N))
-            qpos, kpos = (x.contiguous() for x in p.default_positions(dev))
-        inv_freq = p.rope.inv_freq_for(p.D, dev).contiguous() if p.rope is not None else dummy
-
-        grid_table = isinstance(p.rel_bias, GridBias)
-        # (head stride, column stride): DistanceBias is [Hq, T], GridBias [T, Hq].
-        table_strides = (0, 0) if table is None else \
-            (table.stride(1), table.stride(0)) if grid_table else (table.stride(0), table.stride(1))
-        self.table_columns = 0 if table is None else table.shape[0 if grid_table else 1]
-        self.grid_table = grid_table
-        # Size-1 axes broadcast (stride 0); the batch axis may also be periodic
-        # (batch b reads bias[b % nB], Swin's shifted-window masks).
-        bias_strides = tuple(st if n > 1 else 0 for n, st in zip(bias.shape, bias.stride())) \
-            if bias is not None else (0, 0, 0, 0)
-        bias_nb = bias.shape[0] if bias is not None else 1
-
-        # Relative embeddings: contiguous [Ha, 2K+1, D] tables and [Hq, D] biases.
-        re = p.rel_emb
-        rel_tables = [t for t in (rel_key, rel_value) if t is not None]
-        self.rel_heads = rel_tables[0].shape[0] if rel_tables else 1
-        rel_hs = 1 if self.rel_heads > 1 else 0
-        ak, av, u, w = (x.contiguous() if x is not None else dummy for x in (rel_key, rel_value, rel_u, rel_w))
-
-        self.alibi, self.table, self.bias = alibi, table, bias
-        self.ptrs = tuple(x if x is not None else dummy for x in (qpos, kpos, inv_freq, alibi, table, bias)) + \
-            (ak, av, u, w)
-        self.enc_strides = (
-            qpos.stride(0) if has_pos and qpos.shape[0] > 1 else 0,
-            kpos.stride(0) if has_pos and kpos.shape[0] > 1 else 0,
-            alibi.stride(0) if alibi is not None and alibi.shape[0] > 1 else 0,
-            alibi.stride(1) if alibi is not None else 0,
-            *table_strides,
-            *bias_strides, bias_nb, rel_hs,
-        )
-        self.flags = dict(
-            CAUSAL=p.causal, HAS_WL=p.window_left is not None, HAS_WR=p.window_right is not None,
-            HAS_POS=has_pos, ROPE=p.rope is not None, ROT_DIM=p.rotary_dim,
-            INTERLEAVED=bool(p.rope is not None and p.rope.interleaved),
-            ALIBI=alibi is not None, TABLE=0 if table is None else 2 if grid_table else 1,
-            REL_K=rel_key is not None, REL_V=rel_value is not None,
-            REL_U=rel_u is not None, REL_W=rel_w is not None,
-        )
-        self.bias_flags = dict(BIAS=bias is not None, BIAS_MASK=p.bias_is_mask)
         self.upcast = interpreting() and q.dtype == torch.bfloat16
-        rb = p.rel_bias
-        tab_a, tab_b = (0, 0) if rb is None else rb.window if grid_table else (rb.left, rb.right)
-        self.rel_k = re.clip if re is not None else 0
-        # qk_scale, rope factor, window, table parameters, clip
-        self.scalars = (p.scale * LOG2E, p.rope.attention_factor if p.rope is not None else 1.0,
-                        p.window_left or 0, p.window_right or 0, tab_a, tab_b, self.rel_k)
-        self.has_rel = re is not None
+        flags = dict(CAUSAL=p.causal, HAS_WL=p.window_left is not None, HAS_WR=p.window_right is not None,
+                     UPCAST=self.upcast)
+        args = dict(Hq=p.Hq, Nq=p.Nq, Nk=p.Nk, D=p.D, GROUP=p.group, qk_scale=p.scale * LOG2E, sm_scale=p.scale,
+                    win_l=p.window_left or 0, win_r=p.window_right or 0)
+        for f, a in (_positions_args(p, dummy), _rope_args(p, dummy), _alibi_args(alibi, dummy),
+                     _table_args(p.rel_bias, table, dummy), _bias_args(p, bias, dummy),
+                     _relative_args(p, rel_key, rel_value, rel_u, rel_w, dummy)):
+            flags.update(f)
+            args.update(a)
+        args["FLAGS"] = pack_flags(**flags)
+        self.args = args
+        self.alibi, self.table, self.bias = alibi, table, bias
+        self.grid_table = isinstance(p.rel_bias, GridBias)
+        self.table_columns = 0 if table is None else table.shape[0 if self.grid_table else 1]
+        self.rel_heads = args["AK"].shape[0] if rel_key is not None else args["AV"].shape[0] if rel_value is not None \
+            else 1
+        self.rel_k = args["rel_k"]
+        self.has_rel = p.rel_emb is not None
 
     def config(self, backward):
         bm, bn, bd, warps, stages = _config(self.p.D, backward, self.has_rel, fp32=self.p.q.dtype == torch.float32)
-        if not backward and (self.table is not None or self.bias is not None) and stages > 2:
+        if not backward and (self.table is not None or self.bias is not None):
             # Triton pipelines the per-element table / bias gathers too ([BLOCK_M, BLOCK_N]
-            # per stage): with 3 stages the forward needs 172 KiB of shared memory at
-            # D=64, past an A100's 163 KiB (found by the AOT check with launch
-            # specialisation). Two stages fit both architectures.
-            stages = 2
+            # per stage): with 3 stages the bf16 D=64 forward needs 172 KiB of shared
+            # memory, past an A100's 163 KiB, and float32 D=256 with 2 stages 208-246 KiB,
+            # past an H100's 227 KiB (found by the AOT check with launch specialisation).
+            stages = min(stages, 2 if bd * (2 if self.p.q.dtype == torch.float32 else 1) <= 256 else 1)
         return bm, bn, bd, _next_pow2(bm + bn - 1), dict(num_warps=warps, num_stages=stages)
+
+    def launch(self, wrap, kernel, grid, **named):
+        """Launch ``kernel`` by keyword: its own arguments (``named``, each must be one of
+        its parameters) over the shared ones; a parameter supplied by neither is an error."""
+        names = kernel.arg_names
+        options = {n: named.pop(n) for n in ("num_warps", "num_stages") if n in named}
+        stray = set(named) - set(names)
+        missing = [n for n in names if n not in named and n not in self.args]
+        if stray or missing:
+            raise AssertionError(f"posattn: launching {kernel.__name__}: unknown arguments {sorted(stray)}, "
+                                 f"missing {missing}")
+        wrap(kernel)[grid](**{n: named[n] if n in named else self.args[n] for n in names}, **options)
+
+def _pack(bits, values):
+    word = 0
+    for name, value in values.items():
+        word |= int(value) << getattr(bits, "_" + name).value
+    return word
+
+
+def pack_flags(**values) -> int:
+    """The FLAGS constexpr of the kernels (bit offsets: kernels/attention.py)."""
+    from .kernels import attention as A
+    return _pack(A, values)
+
+
+def pack_grads(**values) -> int:
+    """The GRADS constexpr of the backward kernels."""
+    from .kernels import attention as A
+    return _pack(A, values)
 
 
 def _direct(kernel):
     """The default launcher: the kernel itself (posattn/_op.py passes torch.library.wrap_triton)."""
     return kernel
+
+
+def _strides(prefix, t):
+    """A tensor's four strides by the kernels' names: prefix + b, h, (m or n), d."""
+    return dict(zip((prefix + c for c in ("b", "h", "m" if prefix in ("sq", "so", "sdo", "sdq") else "n", "d")),
+                    t.stride()))
 
 
 def _forward(L: _Launch, q, k, v, wrap=_direct):
@@ -212,12 +275,9 @@ def _forward(L: _Launch, q, k, v, wrap=_direct):
     lse = torch.empty(p.B, p.Hq, p.Nq, device=q.device, dtype=torch.float32)
     lse2 = torch.empty_like(lse)
     bm, bn, bd, br, launch = L.config(backward=False)
-    wrap(_attn_fwd)[(_cdiv(p.Nq, bm), p.Hq, p.B)](
-        q, k, v, out, lse, lse2, *L.ptrs,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *L.enc_strides,
-        p.Hq, p.Nq, p.Nk, p.D, p.group, *L.scalars,
-        **L.flags, **L.bias_flags, UPCAST=L.upcast,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_R=br, **launch)
+    L.launch(wrap, _attn_fwd, (_cdiv(p.Nq, bm), p.Hq, p.B), Q=q, K=k, V=v, Out=out, Lse=lse, Lse2=lse2,
+             **_strides("sq", q), **_strides("sk", k), **_strides("sv", v), **_strides("so", out),
+             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_R=br, **launch)
     return out, lse, lse2
 
 
@@ -230,40 +290,36 @@ def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need, wrap=_direct):
     p = L.p
     dev = q.device
     bm, bn, bd, br, launch = L.config(backward=True)
-    blocks = dict(UPCAST=L.upcast, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_R=br)
+    blocks = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_R=br)
     f32 = dict(device=dev, dtype=torch.float32)
 
     delta = torch.empty_like(lse)
     has_dlse = dlse is not None
     exact_delta = any(need.values()) or EXACT_DELTA_FP32 and q.dtype == torch.float32
     if not exact_delta:
-        wrap(_attn_bwd_delta)[(_cdiv(p.Nq, 64), p.Hq, p.B)](
-            out, do, delta, dlse.contiguous() if has_dlse else delta, *out.stride(), *do.stride(),
-            p.Hq, p.Nq, p.D, HAS_DLSE=has_dlse, BLOCK_M=64, BLOCK_D=bd)
+        L.launch(wrap, _attn_bwd_delta, (_cdiv(p.Nq, 64), p.Hq, p.B), Out=out, DO=do, Delta=delta,
+                 DLse=dlse.contiguous() if has_dlse else delta, **_strides("so", out), **_strides("sdo", do),
+                 HAS_DLSE=has_dlse, BLOCK_M=64, BLOCK_D=bd)
 
     num_m = _cdiv(p.Nq, bm)
-    dq_args = (*L.ptrs, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *q.stride(), *L.enc_strides,
-               p.Hq, p.Nq, p.Nk, p.D, p.group, num_m)
+    inputs = dict(Q=q, K=k, V=v, DO=do, **_strides("sq", q), **_strides("sk", k), **_strides("sv", v),
+                  **_strides("sdo", do), **blocks, **launch)
     if exact_delta:
         # Parameter gradients weight dS by large factors (|rel|, table columns), so
         # delta is summed from the same P and dP tiles the gradient uses, and lse is
         # renormalised with them (a copy: a second backward must see the original).
         lse = lse.clone()
-        wrap(_attn_bwd_dq)[(num_m, p.Hq, p.B)](
-            q, k, v, do, lse, delta, q, delta, delta, delta, delta, delta, delta, *dq_args,
-            1, p.scale, *L.scalars, **L.flags, **L.bias_flags, D_SLOPE=False, D_TABLE=False,
-            D_U=False, D_W=False, D_AK=False, D_AV=False, BLOCK_T=16, DELTA_PASS=True, **blocks, **launch)
+        L.launch(wrap, _attn_bwd_dq, (num_m, p.Hq, p.B), **inputs, Lse=lse, Delta=delta, DQ=q, DSlope=delta,
+                 DTable=delta, DU=delta, DW=delta, DAKEnd=delta, DAVEnd=delta, **_strides("sdq", q), NUM_M=num_m,
+                 TAB_T=1, GRADS=pack_grads(DELTA_PASS=True), BLOCK_T=16)
         if has_dlse:
             delta -= dlse.to(torch.float32)
 
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    wrap(_attn_bwd_dkdv)[(_cdiv(p.Nk, bn), p.Hkv, p.B)](
-        q, k, v, do, lse, delta, dk, dv, *L.ptrs,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *L.enc_strides,
-        p.Hq, p.Hkv, p.Nq, p.Nk, p.D, p.group, p.scale, *L.scalars,
-        **L.flags, **L.bias_flags, **blocks, **launch)
+    L.launch(wrap, _attn_bwd_dkdv, (_cdiv(p.Nk, bn), p.Hkv, p.B), **inputs, Lse=lse, Delta=delta, DK=dk, DV=dv,
+             **_strides("sdk", dk), **_strides("sdv", dv), Hkv=p.Hkv)
 
     # dQ and the per-program partial sums of the small parameters' gradients.
     slots = (p.B, p.Hq, num_m)
@@ -276,13 +332,12 @@ def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need, wrap=_direct):
     d_table = buf(need["table"], tab_t)
     d_u, d_w = buf(need["rel_u"], p.D), buf(need["rel_w"], p.D)
     d_key_end, d_value_end = buf(need["rel_key"], 2, p.D), buf(need["rel_value"], 2, p.D)
-    wrap(_attn_bwd_dq)[(num_m, p.Hq, p.B)](
-        q, k, v, do, lse, delta, dq, d_slope, d_table, d_u, d_w, d_key_end, d_value_end, *L.ptrs,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *L.enc_strides,
-        p.Hq, p.Nq, p.Nk, p.D, p.group, num_m, tab_t, p.scale, *L.scalars,
-        **L.flags, **L.bias_flags, D_SLOPE=need["alibi"], D_TABLE=need["table"],
-        D_U=need["rel_u"], D_W=need["rel_w"], D_AK=need["rel_key"], D_AV=need["rel_value"],
-        BLOCK_T=_next_pow2(tab_t) if need["table"] else 16, DELTA_PASS=False, **blocks, **launch)
+    L.launch(wrap, _attn_bwd_dq, (num_m, p.Hq, p.B), **inputs, Lse=lse, Delta=delta, DQ=dq, DSlope=d_slope,
+             DTable=d_table, DU=d_u, DW=d_w, DAKEnd=d_key_end, DAVEnd=d_value_end, **_strides("sdq", dq),
+             NUM_M=num_m, TAB_T=tab_t,
+             GRADS=pack_grads(D_SLOPE=need["alibi"], D_TABLE=need["table"], D_U=need["rel_u"], D_W=need["rel_w"],
+                              D_AK=need["rel_key"], D_AV=need["rel_value"]),
+             BLOCK_T=_next_pow2(tab_t) if need["table"] else 16)
 
     grads = dict.fromkeys(_PARAMS)
     if need["alibi"]:
@@ -298,12 +353,10 @@ def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need, wrap=_direct):
         bb, bh, bmq, bnk = bias.shape  # size-1 axes are summed over (broadcast)
         g = torch.empty(bb, bh, bmq, bnk, **f32)
         num_n = 1 if bnk == 1 else _cdiv(p.Nk, bn)
-        wrap(_attn_bwd_dbias)[((1 if bmq == 1 else _cdiv(p.Nq, bm)) * num_n, bh, bb)](
-            q, k, v, do, lse, delta, g, *L.ptrs,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *L.enc_strides,
-            p.B, p.Hq, p.Nq, p.Nk, p.D, p.group, bh, bmq, bnk, num_n, *L.scalars,
-            **L.flags, HEAD_BCAST=bh == 1 and p.Hq > 1,
-            ROW_BCAST=bmq == 1 and p.Nq > 1, COL_BCAST=bnk == 1 and p.Nk > 1, **blocks, **launch)
+        L.launch(wrap, _attn_bwd_dbias, ((1 if bmq == 1 else _cdiv(p.Nq, bm)) * num_n, bh, bb), **inputs,
+                 Lse=lse, Delta=delta, DBias=g, B=p.B, BH=bh, BM_=bmq, BN_=bnk, NUM_N=num_n,
+                 GRADS=pack_grads(HEAD_BCAST=bh == 1 and p.Hq > 1, ROW_BCAST=bmq == 1 and p.Nq > 1,
+                                  COL_BCAST=bnk == 1 and p.Nk > 1))
         grads["bias"] = g.to(bias.dtype)
     re = p.rel_emb
     for name, vec in (("rel_u", d_u), ("rel_w", d_w)):
@@ -317,11 +370,9 @@ def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need, wrap=_direct):
         tables = {n: torch.zeros(p.B, ha, 2 * K + 1, p.D, **f32) if need[n] else delta
                   for n in ("rel_key", "rel_value")}
         if rel_last >= rel_first:
-            wrap(_attn_bwd_rel)[(_cdiv(rel_last - rel_first + 1, bn), ha, p.B)](
-                q, k, v, do, lse, delta, tables["rel_key"], tables["rel_value"], *L.ptrs,
-                *q.stride(), *k.stride(), *v.stride(), *do.stride(), *L.enc_strides,
-                p.Hq, p.Nq, p.Nk, p.D, p.group, rel_first, p.Hq if ha > 1 else 1, p.scale, *L.scalars,
-                **L.flags, **L.bias_flags, D_AK=need["rel_key"], D_AV=need["rel_value"], **blocks, **launch)
+            L.launch(wrap, _attn_bwd_rel, (_cdiv(rel_last - rel_first + 1, bn), ha, p.B), **inputs, Lse=lse,
+                     Delta=delta, DAK=tables["rel_key"], DAV=tables["rel_value"], rel_first=rel_first,
+                     head_step=p.Hq if ha > 1 else 1, GRADS=pack_grads(D_AK=need["rel_key"], D_AV=need["rel_value"]))
         for name, ends, attr in (("rel_key", d_key_end, "key"), ("rel_value", d_value_end, "value")):
             if not need[name]:
                 continue
