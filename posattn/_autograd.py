@@ -69,29 +69,35 @@ class FusedBackward(torch.autograd.Function):
         from . import reference
         q, k, v, dout, dlse, *params = ctx.saved_tensors
         slots = [q, k, v, *params]                    # the forward's outputs are their gradients
-        with torch.enable_grad():
-            # One proxy per slot (a view keeps the graph, and `k is v` stays two slots):
-            # the first derivatives rebuilt as a graph of the proxies and the cotangents...
-            proxy = lambda t: None if t is None or not t.is_floating_point() else (  # noqa: E731
-                t.view_as(t) if t.requires_grad else t.detach().requires_grad_())
-            xs, cots = [proxy(t) for t in slots], [proxy(t) for t in (dout, dlse)]
-            use = [x if x is not None else t for x, t in zip(xs, slots)]
-            rp = problem_with(ctx.problem, use[0], use[1], use[2], dict(zip(ctx.names, use[3:])))
-            out, lse = reference._run(dataclasses.replace(rp, return_lse=True), upcast=False)
-            outs = [(o, c) for o, c in ((out, cots[0]), (lse, cots[1])) if c is not None]
-            live = [x for x in xs if x is not None]
-            firsts = iter(torch.autograd.grad([o for o, _ in outs], live, [c for _, c in outs],
-                                              create_graph=True, allow_unused=True))
-            first = [None if x is None else next(firsts) for x in xs]
-            # ...differentiated along the incoming grad_grads.
-            pairs = [(f, g) for f, g in zip(first, grad_grads) if f is not None and g is not None]
-            targets = live + [c for c in cots if c is not None]
-            seconds = torch.autograd.grad([f for f, _ in pairs], targets, [g for _, g in pairs],
-                                          create_graph=torch.is_grad_enabled(), allow_unused=True) \
-                if pairs else [None] * len(targets)
-        seconds = iter(seconds)
-        gx = [None if x is None else next(seconds) for x in xs]
-        gc = [None if c is None else next(seconds) for c in cots]
+        live = [i for i, t in enumerate(slots) if t is not None and t.is_floating_point()]
+        p, names = ctx.problem, ctx.names
+
+        def first(*ins):
+            """The first derivatives at ``ins`` (the live slots, then dout [, dlse]) from
+            the reference's ops: torch.func.vjp, so that this composes with autograd
+            (create_graph) and with torch.func transforms (grad of grad) alike."""
+            xs, cot = ins[:len(live)], ins[len(live):]
+
+            def attend(*xs):
+                use = list(slots)
+                for i, x in zip(live, xs):
+                    use[i] = x
+                rp = problem_with(p, use[0], use[1], use[2], dict(zip(names, use[3:])))
+                out, lse = reference._run(dataclasses.replace(rp, return_lse=True), upcast=False)
+                return (out, lse) if dlse is not None else (out,)
+
+            _, vjp = torch.func.vjp(attend, *xs)
+            return vjp(tuple(cot))
+
+        ins = [slots[i] for i in live] + [t for t in (dout, dlse) if t is not None]
+        _, vjp2 = torch.func.vjp(first, *ins)
+        gg = tuple(grad_grads[i] if grad_grads[i] is not None else torch.zeros_like(slots[i]) for i in live)
+        seconds = vjp2(gg)
+        gx = [None] * len(slots)
+        for i, g in zip(live, seconds):
+            gx[i] = g
+        rest = iter(seconds[len(live):])
+        gc = [None if t is None else next(rest) for t in (dout, dlse)]
         return (None, None, None, None, None, gx[0], gx[1], gx[2], gc[0], gc[1], *gx[3:])
 
     vmap = staticmethod(refuse_vmap("fused"))

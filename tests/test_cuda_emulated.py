@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import posattn
 import test_cuda_backend as cases
 from posattn import _cuda
 from test_kernels import DTYPES, ENCODINGS, MASKS, SHAPES
@@ -156,3 +157,19 @@ def test_periodic_bias_batch(emulated):
 
 def test_operator_checks_arguments(emulated):
     cases.case_operator_checks_arguments(emulated)
+
+
+def test_double_backward_and_func_grad(emulated):
+    """The CUDA backend's backward is differentiable too (posattn._autograd.FusedBackward)."""
+    from attn_check import rel_err
+    q, k, v = (torch.randn(1, 2, 19, 16, requires_grad=True) for _ in range(3))
+    slopes = posattn.alibi_slopes(2).requires_grad_()
+    grads = {}
+    for backend in ("cuda", "reference"):
+        out = posattn.attention(q, k, v, causal=True, rope=posattn.RoPE(), alibi_slopes=slopes, backend=backend)
+        first = torch.autograd.grad(out.pow(2).sum(), (q, k, slopes), create_graph=True)
+        grads[backend] = torch.autograd.grad(sum(g.pow(2).sum() for g in first), (q, k, v, slopes))
+    for a, b in zip(grads["cuda"], grads["reference"]):
+        assert rel_err(a, b) < 1e-4
+    with pytest.raises(NotImplementedError, match="posattn: torch.func.vmap is not supported by the 'cuda'"):
+        torch.func.vmap(lambda x: posattn.attention(x, k.detach(), v.detach(), backend="cuda"))(q.detach()[None])

@@ -161,6 +161,18 @@ def test_torch_func_grad(device, backend):
         assert rel_err(g, r) < 1e-5
 
 
+def test_torch_func_grad_of_grad(device):
+    q, k, v = (x.detach() for x in qkv(device))
+
+    def penalty(q, backend):
+        inner = torch.func.grad(lambda x: posattn.attention(x, k, v, causal=True, backend=backend).pow(2).sum())
+        return inner(q).pow(2).sum()
+
+    got = torch.func.grad(lambda x: penalty(x, "triton"))(q)
+    ref = torch.func.grad(lambda x: penalty(x, "reference"))(q)
+    assert rel_err(got, ref) < 1e-4
+
+
 def test_torch_func_vmap_and_jvp_are_refused_by_name(device):
     q, k, v = (x.detach() for x in qkv(device))
     with pytest.raises(NotImplementedError, match="posattn: torch.func.vmap .* backend='reference'"):
