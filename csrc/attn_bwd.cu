@@ -37,7 +37,7 @@ PA_KERNEL attn_bwd_dkdv_kernel(const Params P) {
   }
   block_sync();
   load_tile<T>(Ks, L.ldt, static_cast<const T*>(P.k) + b * P.skb + hk * P.skh, P.skn, P.skd, n0, P.BN, P.Nk, kpos, P,
-               P.rope);
+               P.rope.on);
   load_tile<T>(Vs, L.ldt, static_cast<const T*>(P.v) + b * P.svb + hk * P.svh, P.svn, P.svd, n0, P.BN, P.Nk, kpos, P,
                false);
 
@@ -54,7 +54,7 @@ PA_KERNEL attn_bwd_dkdv_kernel(const Params P) {
       for (int r = tid; r < P.BM; r += kThreads) qpos[r] = q_position(P, b, m0 + r);
       load_row_stats(P, row0, m0, lse_s, delta_s);
       block_sync();
-      load_tile<T>(Qs, L.ldt, q, P.sqm, P.sqd, m0, P.BM, P.Nq, qpos, P, P.rope);
+      load_tile<T>(Qs, L.ldt, q, P.sqm, P.sqd, m0, P.BM, P.Nq, qpos, P, P.rope.on);
       load_tile<T>(dOs, L.ldt, dout, P.sdom, P.sdod, m0, P.BM, P.Nq, qpos, P, false);
       block_sync();
       mm<T, false, true>(P.BM, P.BN, P.BD, Qs, L.ldt, Ks, L.ldt, Ss, L.lds, false);
@@ -124,7 +124,7 @@ PA_KERNEL attn_bwd_dq_kernel(const Params P) {
   for (int e = tid; e < P.BM * P.BD; e += kThreads) dQs[(e / P.BD) * L.ldf + e % P.BD] = 0.f;
   block_sync();
   load_tile<T>(Qs, L.ldt, static_cast<const T*>(P.q) + b * P.sqb + h * P.sqh, P.sqm, P.sqd, m0, P.BM, P.Nq, qpos, P,
-               P.rope);
+               P.rope.on);
   load_tile<T>(dOs, L.ldt, static_cast<const T*>(P.dout) + b * P.sdob + h * P.sdoh, P.sdom, P.sdod, m0, P.BM, P.Nq,
                qpos, P, false);
 
@@ -135,7 +135,7 @@ PA_KERNEL attn_bwd_dq_kernel(const Params P) {
     block_sync();
     for (int c = tid; c < P.BN; c += kThreads) kpos[c] = k_position(P, b, n0 + c);
     block_sync();
-    load_tile<T>(Ks, L.ldt, k, P.skn, P.skd, n0, P.BN, P.Nk, kpos, P, P.rope);
+    load_tile<T>(Ks, L.ldt, k, P.skn, P.skd, n0, P.BN, P.Nk, kpos, P, P.rope.on);
     load_tile<T>(Vs, L.ldt, v, P.svn, P.svd, n0, P.BN, P.Nk, kpos, P, false);
     block_sync();
     mm<T, false, true>(P.BM, P.BN, P.BD, Qs, L.ldt, Ks, L.ldt, Ss, L.lds, false);
@@ -168,7 +168,7 @@ PA_KERNEL attn_bwd_dq_kernel(const Params P) {
       // Histogram of dS by table column. Column c is owned by one thread, which
       // scans the tile in a fixed order; far from the diagonal every entry clamps to
       // one column and the range is a single column.
-      float* dtab = P.dtable + slot * P.tab_t;
+      float* dtab = P.dtable + slot * P.table.columns;
       for (int64_t col = c_lo + tid; col <= c_hi; col += kThreads) {
         float acc = 0.f;
         for (int r = 0; r < P.BM; ++r)
@@ -201,21 +201,11 @@ static const char* run_dq(const Params& P, void* stream) {
 }
 
 const char* launch_bwd_dkdv(const Params& P, int dtype, void* stream) {
-  switch (dtype) {
-    case kF32: return run_dkdv<float>(P, stream);
-    case kF16: return run_dkdv<half_t>(P, stream);
-    case kBF16: return run_dkdv<bf16_t>(P, stream);
-  }
-  return "posattn_cuda: unknown dtype code";
+  return dispatch_dtype(dtype, [&](auto t) { return run_dkdv<typename decltype(t)::type>(P, stream); });
 }
 
 const char* launch_bwd_dq(const Params& P, int dtype, void* stream) {
-  switch (dtype) {
-    case kF32: return run_dq<float>(P, stream);
-    case kF16: return run_dq<half_t>(P, stream);
-    case kBF16: return run_dq<bf16_t>(P, stream);
-  }
-  return "posattn_cuda: unknown dtype code";
+  return dispatch_dtype(dtype, [&](auto t) { return run_dq<typename decltype(t)::type>(P, stream); });
 }
 
 }  // namespace posattn_cuda

@@ -33,7 +33,7 @@ PA_KERNEL attn_bwd_dbias_kernel(const Params P) {
   const int64_t n_lo = P.col_bcast ? 0 : pid_n * P.BN, n_hi = P.col_bcast ? P.Nk : n_lo + 1;
 
   for (int e = tid; e < P.BM * P.BN; e += kThreads) acc[(e / P.BN) * L.lds + e % P.BN] = 0.f;
-  for (int64_t b = ob; b < P.B; b += P.bias_nb) {
+  for (int64_t b = ob; b < P.B; b += P.bias.nb) {
     for (int64_t h = h_lo; h < h_hi; ++h) {
       const int64_t hk = h / P.group;
       const int64_t row0 = (b * P.Hq + h) * P.Nq;
@@ -47,13 +47,13 @@ PA_KERNEL attn_bwd_dbias_kernel(const Params P) {
         for (int r = tid; r < P.BM; r += kThreads) qpos[r] = q_position(P, b, m0 + r);
         load_row_stats(P, row0, m0, lse_s, delta_s);
         block_sync();
-        load_tile<T>(Qs, L.ldt, q, P.sqm, P.sqd, m0, P.BM, P.Nq, qpos, P, P.rope);
+        load_tile<T>(Qs, L.ldt, q, P.sqm, P.sqd, m0, P.BM, P.Nq, qpos, P, P.rope.on);
         load_tile<T>(dOs, L.ldt, dout, P.sdom, P.sdod, m0, P.BM, P.Nq, qpos, P, false);
         for (int64_t n0 = n_lo; n0 < n_hi; n0 += P.BN) {
           block_sync();
           for (int c = tid; c < P.BN; c += kThreads) kpos[c] = k_position(P, b, n0 + c);
           block_sync();
-          load_tile<T>(Ks, L.ldt, k, P.skn, P.skd, n0, P.BN, P.Nk, kpos, P, P.rope);
+          load_tile<T>(Ks, L.ldt, k, P.skn, P.skd, n0, P.BN, P.Nk, kpos, P, P.rope.on);
           load_tile<T>(Vs, L.ldt, v, P.svn, P.svd, n0, P.BN, P.Nk, kpos, P, false);
           block_sync();
           mm<T, false, true>(P.BM, P.BN, P.BD, Qs, L.ldt, Ks, L.ldt, Ss, L.lds, false);
@@ -102,17 +102,12 @@ template <typename T>
 static const char* run_dbias(const Params& P, void* stream) {
   const size_t smem = DBiasLayout(P.BM, P.BN, P.BD, sizeof(T)).total;
   const unsigned row_tiles = P.bmq == 1 ? 1u : cdiv(P.Nq, P.BM);
-  return launch_kernel(attn_bwd_dbias_kernel<T>, Grid{row_tiles * unsigned(P.num_n), unsigned(P.bh), unsigned(P.bias_nb)},
+  return launch_kernel(attn_bwd_dbias_kernel<T>, Grid{row_tiles * unsigned(P.num_n), unsigned(P.bh), unsigned(P.bias.nb)},
                        smem, stream, P);
 }
 
 const char* launch_bwd_dbias(const Params& P, int dtype, void* stream) {
-  switch (dtype) {
-    case kF32: return run_dbias<float>(P, stream);
-    case kF16: return run_dbias<half_t>(P, stream);
-    case kBF16: return run_dbias<bf16_t>(P, stream);
-  }
-  return "posattn_cuda: unknown dtype code";
+  return dispatch_dtype(dtype, [&](auto t) { return run_dbias<typename decltype(t)::type>(P, stream); });
 }
 
 }  // namespace posattn_cuda

@@ -35,7 +35,7 @@ PA_KERNEL attn_fwd_kernel(const Params P) {
   }
   for (int e = tid; e < P.BM * P.BD; e += kThreads) Os[(e / P.BD) * L.ldo + e % P.BD] = 0.f;
   block_sync();
-  load_tile<T>(Qs, L.ldt, q, P.sqm, P.sqd, m0, P.BM, P.Nq, qpos, P, P.rope);
+  load_tile<T>(Qs, L.ldt, q, P.sqm, P.sqd, m0, P.BM, P.Nq, qpos, P, P.rope.on);
   const float slope = slope_of(P, b, h);
 
   int64_t lo, hi;
@@ -44,7 +44,7 @@ PA_KERNEL attn_fwd_kernel(const Params P) {
     block_sync();  // the previous tile's readers of Ks, Vs, kpos are done
     for (int c = tid; c < P.BN; c += kThreads) kpos[c] = k_position(P, b, n0 + c);
     block_sync();
-    load_tile<T>(Ks, L.ldt, k, P.skn, P.skd, n0, P.BN, P.Nk, kpos, P, P.rope);
+    load_tile<T>(Ks, L.ldt, k, P.skn, P.skd, n0, P.BN, P.Nk, kpos, P, P.rope.on);
     load_tile<T>(Vs, L.ldt, v, P.svn, P.svd, n0, P.BN, P.Nk, kpos, P, false);
     block_sync();
     mm<T, false, true>(P.BM, P.BN, P.BD, Qs, L.ldt, Ks, L.ldt, Ss, L.lds, false);
@@ -137,21 +137,11 @@ static const char* run_delta(const Params& P, void* stream) {
 }
 
 const char* launch_fwd(const Params& P, int dtype, void* stream) {
-  switch (dtype) {
-    case kF32: return run_fwd<float>(P, stream);
-    case kF16: return run_fwd<half_t>(P, stream);
-    case kBF16: return run_fwd<bf16_t>(P, stream);
-  }
-  return "posattn_cuda: unknown dtype code";
+  return dispatch_dtype(dtype, [&](auto t) { return run_fwd<typename decltype(t)::type>(P, stream); });
 }
 
 const char* launch_bwd_delta(const Params& P, int dtype, void* stream) {
-  switch (dtype) {
-    case kF32: return run_delta<float>(P, stream);
-    case kF16: return run_delta<half_t>(P, stream);
-    case kBF16: return run_delta<bf16_t>(P, stream);
-  }
-  return "posattn_cuda: unknown dtype code";
+  return dispatch_dtype(dtype, [&](auto t) { return run_delta<typename decltype(t)::type>(P, stream); });
 }
 
 }  // namespace posattn_cuda

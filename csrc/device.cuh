@@ -118,4 +118,17 @@ inline const char* launch_kernel(Kern kern, Grid g, size_t smem, void*, const Pa
 
 inline unsigned cdiv(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }
 
+// The one dtype dispatch: calls run(Tag<T>{}) for the element type of a DType code.
+template <typename T> struct Tag { using type = T; };
+
+template <typename Run>
+inline const char* dispatch_dtype(int dtype, Run&& run) {
+  switch (dtype) {
+    case kF32: return run(Tag<float>{});
+    case kF16: return run(Tag<half_t>{});
+    case kBF16: return run(Tag<bf16_t>{});
+  }
+  return "posattn_cuda: unknown dtype code";
+}
+
 }  // namespace posattn_cuda

@@ -129,11 +129,11 @@ PA_DEV void mm(int M, int N, int K, const T* A, int lda, const T* B, int ldb, fl
 // ------------------------------------------------------------------ positions
 
 PA_DEV int64_t q_position(const Params& P, int64_t b, int64_t i) {
-  if (P.qpos) return i < P.Nq ? P.qpos[b * P.sqpb + i] : 0;
+  if (P.pos.q) return i < P.Nq ? P.pos.q[b * P.pos.sqb + i] : 0;
   return i + P.Nk - P.Nq;
 }
 PA_DEV int64_t k_position(const Params& P, int64_t b, int64_t j) {
-  if (P.kpos) return j < P.Nk ? P.kpos[b * P.skpb + j] : 0;
+  if (P.pos.k) return j < P.Nk ? P.pos.k[b * P.pos.skb + j] : 0;
   return j;
 }
 
@@ -150,24 +150,24 @@ struct Rot {
 
 PA_DEV Rot rope_at(const Params& P, int d, int64_t pos) {
   Rot r{d, 1.f, 0.f};
-  if (!P.rope || d >= P.rot_dim) return r;
+  if (!P.rope.on || d >= P.rope.rot_dim) return r;
   int fidx;
   bool first;
-  if (P.interleaved) {
+  if (P.rope.interleaved) {
     r.partner = d ^ 1;
     fidx = d >> 1;
     first = (d & 1) == 0;
   } else {
-    const int half = P.rot_dim / 2;
+    const int half = P.rope.rot_dim / 2;
     first = d < half;
     r.partner = first ? d + half : d - half;
     fidx = first ? d : d - half;
   }
-  const float theta = static_cast<float>(pos) * P.inv_freq[fidx];
+  const float theta = static_cast<float>(pos) * P.rope.inv_freq[fidx];
   float s, c;
   sincosf(theta, &s, &c);
-  r.cs = P.rope_factor * c;
-  r.sn = (first ? -P.rope_factor : P.rope_factor) * s;
+  r.cs = P.rope.factor * c;
+  r.sn = (first ? -P.rope.factor : P.rope.factor) * s;
   return r;
 }
 
@@ -203,7 +203,7 @@ PA_DEV void store_unrotated(T* dst, int64_t sn, int64_t sd, int64_t row0, int ro
     const int64_t n = row0 + r;
     if (n >= N || d >= P.D) continue;
     float x = g[r * ld + d] * mul;
-    if (P.rope) {
+    if (P.rope.on) {
       const Rot ro = rope_at(P, d, pos[r]);
       x = x * ro.cs - g[r * ld + ro.partner] * mul * ro.sn;
     }
@@ -215,22 +215,22 @@ PA_DEV void store_unrotated(T* dst, int64_t sn, int64_t sd, int64_t row0, int ro
 
 // The table column of a (query, key) pair at positions (qp, kp).
 PA_DEV int64_t table_column(const Params& P, int64_t qp, int64_t kp) {
-  if (P.table_kind == kDistTable) {
+  if (P.table.kind == kDistTable) {
     const int64_t rel = kp - qp;
-    return (rel < -P.tab_a ? -P.tab_a : (rel > P.tab_b ? P.tab_b : rel)) + P.tab_a;
+    return (rel < -P.table.a ? -P.table.a : (rel > P.table.b ? P.table.b : rel)) + P.table.a;
   }
   // Swin's relative_position_index; clamped into the table for positions outside
   // the window (validation keeps them inside; this only keeps loads in bounds).
-  const int64_t wh = P.tab_a, ww = P.tab_b;
+  const int64_t wh = P.table.a, ww = P.table.b;
   const int64_t dy = qp / ww - kp / ww + wh - 1, dx = qp % ww - kp % ww + ww - 1;
   const int64_t c = dy * (2 * ww - 1) + dx;
-  return c < 0 ? 0 : (c >= P.tab_t ? P.tab_t - 1 : c);
+  return c < 0 ? 0 : (c >= P.table.columns ? P.table.columns - 1 : c);
 }
 
 template <typename T>
 PA_DEV float bias_value(const Params& P, int64_t off) {
-  if (P.bias_kind == kF32Bias) return static_cast<const float*>(P.bias)[off];
-  return to_float(static_cast<const T*>(P.bias)[off]);
+  if (P.bias.kind == kF32Bias) return static_cast<const float*>(P.bias.data)[off];
+  return to_float(static_cast<const T*>(P.bias.data)[off]);
 }
 
 // The log2-domain score of query row i and key j of head h, batch b, from the raw
@@ -244,12 +244,12 @@ PA_DEV float score2(const Params& P, float dot, int64_t b, int64_t h, int64_t i,
   if (P.has_wl && rel < -P.win_l) return -kInf;
   if (P.has_wr && rel > P.win_r) return -kInf;
   float s = dot * P.qk_scale;
-  if (P.slopes) s -= (slope * kLog2e) * static_cast<float>(rel < 0 ? -rel : rel);
-  if (P.table) s += P.table[h * P.tab_t + table_column(P, qp, kp)] * kLog2e;
-  if (P.bias_kind != kNoBias) {
-    const int64_t off = (b % P.bias_nb) * P.sbb + h * P.sbh + i * P.sbm + j * P.sbn;
-    if (P.bias_kind == kMaskBias) {
-      if (!static_cast<const uint8_t*>(P.bias)[off]) return -kInf;
+  if (P.alibi.slopes) s -= (slope * kLog2e) * static_cast<float>(rel < 0 ? -rel : rel);
+  if (P.table.data) s += P.table.data[h * P.table.columns + table_column(P, qp, kp)] * kLog2e;
+  if (P.bias.kind != kNoBias) {
+    const int64_t off = (b % P.bias.nb) * P.bias.sb + h * P.bias.sh + i * P.bias.sm + j * P.bias.sn;
+    if (P.bias.kind == kMaskBias) {
+      if (!static_cast<const uint8_t*>(P.bias.data)[off]) return -kInf;
     } else {
       s += bias_value<T>(P, off) * kLog2e;
     }
@@ -258,7 +258,7 @@ PA_DEV float score2(const Params& P, float dot, int64_t b, int64_t h, int64_t i,
 }
 
 PA_DEV float slope_of(const Params& P, int64_t b, int64_t h) {
-  return P.slopes ? P.slopes[b * P.ssb + h * P.ssh] : 0.f;
+  return P.alibi.slopes ? P.alibi.slopes[b * P.alibi.sb + h * P.alibi.sh] : 0.f;
 }
 
 // ------------------------------------------------------------------ visible ranges
@@ -267,7 +267,7 @@ PA_DEV float slope_of(const Params& P, int64_t b, int64_t h) {
 // positions, causal and window masks bound it, so hidden key tiles are skipped.
 PA_DEV void key_range(const Params& P, int64_t m0, int64_t* lo, int64_t* hi) {
   int64_t l = 0, h = P.Nk;
-  if (!P.qpos) {
+  if (!P.pos.q) {
     const int64_t shift = P.Nk - P.Nq;
     if (P.causal) h = h < m0 + P.BM + shift ? h : m0 + P.BM + shift;
     if (P.has_wr) h = h < m0 + P.BM + shift + P.win_r ? h : m0 + P.BM + shift + P.win_r;
@@ -285,7 +285,7 @@ PA_DEV void key_range(const Params& P, int64_t m0, int64_t* lo, int64_t* hi) {
 // [lo, hi) of the query rows that can see keys n0 .. n0 + BN - 1 (its transpose).
 PA_DEV void query_range(const Params& P, int64_t n0, int64_t* lo, int64_t* hi) {
   int64_t l = 0, h = P.Nq;
-  if (!P.qpos) {
+  if (!P.pos.q) {
     const int64_t shift = P.Nk - P.Nq;
     if (P.causal) l = l > n0 - shift ? l : n0 - shift;
     if (P.has_wr) l = l > n0 - shift - P.win_r ? l : n0 - shift - P.win_r;

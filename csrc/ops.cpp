@@ -87,6 +87,137 @@ struct Keep {
   }
 };
 
+// One setter per encoding (and the positions): its checks and its Params sub-struct.
+void set_positions(const char* op, Params& P, Keep& keep, const Tensor& q, const OptTensor& q_pos,
+                   const OptTensor& k_pos) {
+  const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), Nk = P.Nk, D = q.size(3);
+  (void)B; (void)Hq; (void)Nq; (void)Nk; (void)D;
+  TORCH_CHECK(q_pos.has_value() == k_pos.has_value(), op,
+              ": pass both q_pos and k_pos or neither (materialise the default of the other side)");
+  if (q_pos.has_value()) {
+    const std::pair<const OptTensor*, int64_t> sides[] = {{&q_pos, Nq}, {&k_pos, Nk}};
+    for (int s = 0; s < 2; ++s) {
+      const Tensor& t = **sides[s].first;
+      const char* name = s == 0 ? "q_pos" : "k_pos";
+      check_on_device(op, name, t, q);
+      TORCH_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, op, ": ", name,
+                  " must be int32 or int64, got ", t.scalar_type());
+      TORCH_CHECK(t.dim() == 2 && (t.size(0) == 1 || t.size(0) == B) && t.size(1) == sides[s].second, op, ": ", name,
+                  " must be [1 or ", B, ", ", sides[s].second, "], got ", t.sizes());
+      const Tensor& c = keep(t.to(at::kLong).contiguous());
+      const int64_t stride = c.size(0) > 1 ? c.stride(0) : 0;
+      if (s == 0) {
+        P.pos.q = c.data_ptr<int64_t>();
+        P.pos.sqb = stride;
+      } else {
+        P.pos.k = c.data_ptr<int64_t>();
+        P.pos.skb = stride;
+      }
+    }
+  }
+}
+
+void set_rope(const char* op, Params& P, Keep& keep, const Tensor& q, const OptTensor& inv_freq, int64_t rotary_dim,
+              bool interleaved, double rope_factor) {
+  const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), Nk = P.Nk, D = q.size(3);
+  (void)B; (void)Hq; (void)Nq; (void)Nk; (void)D;
+  P.rope.on = rotary_dim > 0;
+  P.rope.interleaved = interleaved;
+  P.rope.rot_dim = static_cast<int>(rotary_dim);
+  P.rope.factor = static_cast<float>(rope_factor);
+  if (P.rope.on) {
+    TORCH_CHECK(rotary_dim % 2 == 0 && rotary_dim <= D, op, ": rotary_dim must be even and <= D=", D, ", got ",
+                rotary_dim);
+    TORCH_CHECK(inv_freq.has_value(), op, ": rotary_dim > 0 needs inv_freq");
+    check_on_device(op, "inv_freq", *inv_freq, q);
+    check_float(op, "inv_freq", *inv_freq);
+    TORCH_CHECK(inv_freq->dim() == 1 && inv_freq->numel() == rotary_dim / 2, op, ": inv_freq must be [",
+                rotary_dim / 2, "] (rotary_dim / 2), got ", inv_freq->sizes());
+    TORCH_CHECK(std::isfinite(rope_factor), op, ": rope_factor must be finite, got ", rope_factor);
+    P.rope.inv_freq = keep(inv_freq->to(at::kFloat).contiguous()).data_ptr<float>();
+  } else {
+    TORCH_CHECK(rotary_dim == 0, op, ": rotary_dim must be >= 0, got ", rotary_dim);
+  }
+}
+
+void set_alibi(const char* op, Params& P, Keep& keep, const Tensor& q, const OptTensor& alibi) {
+  const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), Nk = P.Nk, D = q.size(3);
+  (void)B; (void)Hq; (void)Nq; (void)Nk; (void)D;
+  if (alibi.has_value()) {
+    check_on_device(op, "alibi", *alibi, q);
+    check_float(op, "alibi", *alibi);
+    TORCH_CHECK(alibi->dim() == 2 && (alibi->size(0) == 1 || alibi->size(0) == B) && alibi->size(1) == Hq, op,
+                ": alibi slopes must be [1 or ", B, ", ", Hq, "], got ", alibi->sizes());
+    const Tensor& s = keep(alibi->to(at::kFloat).contiguous());
+    P.alibi.slopes = s.data_ptr<float>();
+    P.alibi.sb = s.size(0) > 1 ? s.stride(0) : 0;
+    P.alibi.sh = s.stride(1);
+  }
+}
+
+void set_table(const char* op, Params& P, Keep& keep, const Tensor& q, const OptTensor& table, int64_t table_kind,
+               int64_t table_a, int64_t table_b) {
+  const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), Nk = P.Nk, D = q.size(3);
+  (void)B; (void)Hq; (void)Nq; (void)Nk; (void)D;
+  if (table.has_value()) {
+    check_on_device(op, "table", *table, q);
+    check_float(op, "table", *table);
+    TORCH_CHECK(table_kind == kDistTable || table_kind == kGridTable, op,
+                ": table_kind must be 1 (distance) or 2 (grid) with a table, got ", table_kind);
+    int64_t columns;
+    if (table_kind == kDistTable) {
+      TORCH_CHECK(table_a >= 0 && table_b >= 0, op, ": a distance table needs left, right >= 0, got ", table_a,
+                  ", ", table_b);
+      columns = table_a + table_b + 1;
+    } else {
+      TORCH_CHECK(table_a >= 1 && table_b >= 1, op, ": a grid table needs a window Wh, Ww >= 1, got ", table_a,
+                  ", ", table_b);
+      columns = (2 * table_a - 1) * (2 * table_b - 1);
+    }
+    TORCH_CHECK(table->dim() == 2 && table->size(0) == Hq && table->size(1) == columns, op, ": table must be [Hq=",
+                Hq, ", ", columns, "] (", table_kind == kDistTable ? "left + right + 1" : "(2 Wh - 1)(2 Ww - 1)",
+                "), got ", table->sizes());
+    P.table.data = keep(table->to(at::kFloat).contiguous()).data_ptr<float>();
+    P.table.kind = static_cast<int>(table_kind);
+    P.table.a = table_a;
+    P.table.b = table_b;
+    P.table.columns = columns;
+  } else {
+    TORCH_CHECK(table_kind == kNoTable, op, ": table_kind ", table_kind, " without a table");
+  }
+}
+
+void set_bias(const char* op, Params& P, const Tensor& q, const OptTensor& bias) {
+  const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), Nk = P.Nk, D = q.size(3);
+  (void)B; (void)Hq; (void)Nq; (void)Nk; (void)D;
+  if (bias.has_value()) {
+    const Tensor& t = *bias;
+    check_on_device(op, "bias", t, q);
+    if (t.scalar_type() == at::kBool) {
+      P.bias.kind = kMaskBias;
+    } else if (t.scalar_type() == at::kFloat) {
+      P.bias.kind = kF32Bias;
+    } else {
+      TORCH_CHECK(t.scalar_type() == q.scalar_type(), op, ": bias must be bool, float32 or q's dtype ",
+                  q.scalar_type(), ", got ", t.scalar_type());
+      P.bias.kind = kSameBias;
+    }
+    const int64_t full[4] = {B, Hq, Nq, Nk};
+    TORCH_CHECK(t.dim() == 4, op, ": bias must be 4-D (size 1 on broadcast axes), got ", t.sizes());
+    int64_t strides[4];
+    for (int d = 0; d < 4; ++d) {
+      // The batch axis may also be periodic: a size nB dividing B, batch b reads bias[b % nB].
+      const bool ok = t.size(d) == 1 || t.size(d) == full[d] || (d == 0 && t.size(0) > 0 && B % t.size(0) == 0);
+      TORCH_CHECK(ok, op, ": bias must be broadcastable to [", B, ", ", Hq, ", ", Nq, ", ", Nk,
+                  "] (its batch size may also divide B), got ", t.sizes());
+      strides[d] = t.size(d) == 1 ? 0 : t.stride(d);
+    }
+    P.bias.nb = static_cast<int>(t.size(0));
+    P.bias.data = t.data_ptr();
+    P.bias.sb = strides[0]; P.bias.sh = strides[1]; P.bias.sm = strides[2]; P.bias.sn = strides[3];
+  }
+}
+
 // The checks and Params fields that fwd and bwd share.
 void fill_common(const char* op, Params& P, Keep& keep, const Tensor& q, const Tensor& k, const Tensor& v,
                  const OptTensor& q_pos, const OptTensor& k_pos, const OptTensor& inv_freq, const OptTensor& alibi,
@@ -133,7 +264,7 @@ void fill_common(const char* op, Params& P, Keep& keep, const Tensor& q, const T
   P.qk_scale = static_cast<float>(scale * 1.4426950408889634);
 
   P.causal = causal;
-  P.bias_nb = 1;
+  P.bias.nb = 1;
   P.has_wl = window_left.has_value();
   P.has_wr = window_right.has_value();
   TORCH_CHECK(!P.has_wl || *window_left >= 0, op, ": window_left must be >= 0, got ", *window_left);
@@ -144,112 +275,11 @@ void fill_common(const char* op, Params& P, Keep& keep, const Tensor& q, const T
   P.win_l = std::min(window_left.value_or(0), kMaxWindow);
   P.win_r = std::min(window_right.value_or(0), kMaxWindow);
 
-  TORCH_CHECK(q_pos.has_value() == k_pos.has_value(), op,
-              ": pass both q_pos and k_pos or neither (materialise the default of the other side)");
-  if (q_pos.has_value()) {
-    const std::pair<const OptTensor*, int64_t> sides[] = {{&q_pos, Nq}, {&k_pos, Nk}};
-    for (int s = 0; s < 2; ++s) {
-      const Tensor& t = **sides[s].first;
-      const char* name = s == 0 ? "q_pos" : "k_pos";
-      check_on_device(op, name, t, q);
-      TORCH_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, op, ": ", name,
-                  " must be int32 or int64, got ", t.scalar_type());
-      TORCH_CHECK(t.dim() == 2 && (t.size(0) == 1 || t.size(0) == B) && t.size(1) == sides[s].second, op, ": ", name,
-                  " must be [1 or ", B, ", ", sides[s].second, "], got ", t.sizes());
-      const Tensor& c = keep(t.to(at::kLong).contiguous());
-      const int64_t stride = c.size(0) > 1 ? c.stride(0) : 0;
-      if (s == 0) {
-        P.qpos = c.data_ptr<int64_t>();
-        P.sqpb = stride;
-      } else {
-        P.kpos = c.data_ptr<int64_t>();
-        P.skpb = stride;
-      }
-    }
-  }
-
-  P.rope = rotary_dim > 0;
-  P.interleaved = interleaved;
-  P.rot_dim = static_cast<int>(rotary_dim);
-  P.rope_factor = static_cast<float>(rope_factor);
-  if (P.rope) {
-    TORCH_CHECK(rotary_dim % 2 == 0 && rotary_dim <= D, op, ": rotary_dim must be even and <= D=", D, ", got ",
-                rotary_dim);
-    TORCH_CHECK(inv_freq.has_value(), op, ": rotary_dim > 0 needs inv_freq");
-    check_on_device(op, "inv_freq", *inv_freq, q);
-    check_float(op, "inv_freq", *inv_freq);
-    TORCH_CHECK(inv_freq->dim() == 1 && inv_freq->numel() == rotary_dim / 2, op, ": inv_freq must be [",
-                rotary_dim / 2, "] (rotary_dim / 2), got ", inv_freq->sizes());
-    TORCH_CHECK(std::isfinite(rope_factor), op, ": rope_factor must be finite, got ", rope_factor);
-    P.inv_freq = keep(inv_freq->to(at::kFloat).contiguous()).data_ptr<float>();
-  } else {
-    TORCH_CHECK(rotary_dim == 0, op, ": rotary_dim must be >= 0, got ", rotary_dim);
-  }
-
-  if (alibi.has_value()) {
-    check_on_device(op, "alibi", *alibi, q);
-    check_float(op, "alibi", *alibi);
-    TORCH_CHECK(alibi->dim() == 2 && (alibi->size(0) == 1 || alibi->size(0) == B) && alibi->size(1) == Hq, op,
-                ": alibi slopes must be [1 or ", B, ", ", Hq, "], got ", alibi->sizes());
-    const Tensor& s = keep(alibi->to(at::kFloat).contiguous());
-    P.slopes = s.data_ptr<float>();
-    P.ssb = s.size(0) > 1 ? s.stride(0) : 0;
-    P.ssh = s.stride(1);
-  }
-
-  if (table.has_value()) {
-    check_on_device(op, "table", *table, q);
-    check_float(op, "table", *table);
-    TORCH_CHECK(table_kind == kDistTable || table_kind == kGridTable, op,
-                ": table_kind must be 1 (distance) or 2 (grid) with a table, got ", table_kind);
-    int64_t columns;
-    if (table_kind == kDistTable) {
-      TORCH_CHECK(table_a >= 0 && table_b >= 0, op, ": a distance table needs left, right >= 0, got ", table_a,
-                  ", ", table_b);
-      columns = table_a + table_b + 1;
-    } else {
-      TORCH_CHECK(table_a >= 1 && table_b >= 1, op, ": a grid table needs a window Wh, Ww >= 1, got ", table_a,
-                  ", ", table_b);
-      columns = (2 * table_a - 1) * (2 * table_b - 1);
-    }
-    TORCH_CHECK(table->dim() == 2 && table->size(0) == Hq && table->size(1) == columns, op, ": table must be [Hq=",
-                Hq, ", ", columns, "] (", table_kind == kDistTable ? "left + right + 1" : "(2 Wh - 1)(2 Ww - 1)",
-                "), got ", table->sizes());
-    P.table = keep(table->to(at::kFloat).contiguous()).data_ptr<float>();
-    P.table_kind = static_cast<int>(table_kind);
-    P.tab_a = table_a;
-    P.tab_b = table_b;
-    P.tab_t = columns;
-  } else {
-    TORCH_CHECK(table_kind == kNoTable, op, ": table_kind ", table_kind, " without a table");
-  }
-
-  if (bias.has_value()) {
-    const Tensor& t = *bias;
-    check_on_device(op, "bias", t, q);
-    if (t.scalar_type() == at::kBool) {
-      P.bias_kind = kMaskBias;
-    } else if (t.scalar_type() == at::kFloat) {
-      P.bias_kind = kF32Bias;
-    } else {
-      TORCH_CHECK(t.scalar_type() == q.scalar_type(), op, ": bias must be bool, float32 or q's dtype ",
-                  q.scalar_type(), ", got ", t.scalar_type());
-      P.bias_kind = kSameBias;
-    }
-    const int64_t full[4] = {B, Hq, Nq, Nk};
-    TORCH_CHECK(t.dim() == 4, op, ": bias must be 4-D (size 1 on broadcast axes), got ", t.sizes());
-    int64_t strides[4];
-    for (int d = 0; d < 4; ++d) {
-      // The batch axis may also be periodic: a size nB dividing B, batch b reads bias[b % nB].
-      const bool ok = t.size(d) == 1 || t.size(d) == full[d] || (d == 0 && t.size(0) > 0 && B % t.size(0) == 0);
-      TORCH_CHECK(ok, op, ": bias must be broadcastable to [", B, ", ", Hq, ", ", Nq, ", ", Nk,
-                  "] (its batch size may also divide B), got ", t.sizes());
-      strides[d] = t.size(d) == 1 ? 0 : t.stride(d);
-    }
-    P.bias_nb = static_cast<int>(t.size(0));
-    P.bias = t.data_ptr();
-    P.sbb = strides[0]; P.sbh = strides[1]; P.sbm = strides[2]; P.sbn = strides[3];
-  }
+  set_positions(op, P, keep, q, q_pos, k_pos);
+  set_rope(op, P, keep, q, inv_freq, rotary_dim, interleaved, rope_factor);
+  set_alibi(op, P, keep, q, alibi);
+  set_table(op, P, keep, q, table, table_kind, table_a, table_b);
+  set_bias(op, P, q, bias);
 }
 
 void check_launch(const char* op, const char* kernel, const char* err) {
@@ -321,7 +351,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bwd(
   }
   TORCH_CHECK(!want_slope || alibi.has_value(), op, ": want_slope needs alibi slopes");
   TORCH_CHECK(!want_table || table.has_value(), op, ": want_table needs a table");
-  TORCH_CHECK(!want_bias || (bias.has_value() && P.bias_kind != kMaskBias), op,
+  TORCH_CHECK(!want_bias || (bias.has_value() && P.bias.kind != kMaskBias), op,
               ": want_bias needs a float bias (a bool mask has no gradient)");
 
   DeviceGuard guard(q);
@@ -355,7 +385,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bwd(
   pick_tiles(op, kDqKernel, q, P);
   P.num_m = static_cast<int>((P.Nq + P.BM - 1) / P.BM);
   Tensor dslope = want_slope ? at::zeros({P.B, P.Hq, P.num_m}, f32) : at::empty({0}, f32);
-  Tensor dtable = want_table ? at::zeros({P.B, P.Hq, P.num_m, P.tab_t}, f32) : at::empty({0}, f32);
+  Tensor dtable = want_table ? at::zeros({P.B, P.Hq, P.num_m, P.table.columns}, f32) : at::empty({0}, f32);
   P.dslope = want_slope ? dslope.data_ptr<float>() : nullptr;
   P.dtable = want_table ? dtable.data_ptr<float>() : nullptr;
   check_launch(op, "the dQ kernel", launch_bwd_dq(P, dt, stream));

@@ -41,29 +41,43 @@ struct Params {
   bool causal, has_wl, has_wr;
   int64_t win_l, win_r;
 
-  const int64_t* qpos;  // [1|B, Nq] or null
-  const int64_t* kpos;  // [1|B, Nk] or null
-  int64_t sqpb, skpb;   // batch strides (0 when shared by the batch)
+  // One sub-struct per encoding (and one for the positions), each filled by its own
+  // setter in ops.cpp (set_positions, set_rope, set_alibi, set_table, set_bias).
+  struct Positions {
+    const int64_t* q = nullptr;  // [1|B, Nq] or null (default alignment)
+    const int64_t* k = nullptr;  // [1|B, Nk] or null
+    int64_t sqb = 0, skb = 0;    // batch strides (0 when shared by the batch)
+  } pos;
 
-  bool rope, interleaved;
-  int rot_dim;
-  float rope_factor;
-  const float* inv_freq;  // [rot_dim / 2]
+  struct Rope {
+    bool on = false, interleaved = false;
+    int rot_dim = 0;
+    float factor = 1.f;
+    const float* inv_freq = nullptr;  // [rot_dim / 2]
+  } rope;
 
-  const float* slopes;  // ALiBi [1|B, Hq] or null
-  int64_t ssb, ssh;
+  struct Alibi {
+    const float* slopes = nullptr;  // [1|B, Hq] or null
+    int64_t sb = 0, sh = 0;
+  } alibi;
 
-  // Per-head bias table [Hq, tab_t] contiguous float32, or null. kDistTable
-  // (DistanceBias): column clamp(rel, -tab_a, tab_b) + tab_a. kGridTable (GridBias,
-  // Swin): tokens at (pos / Ww, pos % Ww) with (tab_a, tab_b) = (Wh, Ww).
-  const float* table;
-  int table_kind;
-  int64_t tab_a, tab_b, tab_t;
+  // Per-head bias table [Hq, columns] contiguous float32, or null. kDistTable
+  // (DistanceBias): column clamp(rel, -a, b) + a. kGridTable (GridBias, Swin):
+  // tokens at (pos / Ww, pos % Ww) with (a, b) = (Wh, Ww).
+  struct Table {
+    const float* data = nullptr;
+    int kind = kNoTable;
+    int64_t a = 0, b = 0, columns = 0;
+  } table;
 
-  const void* bias;  // dense bias / bool mask, 4-D with stride 0 on broadcast axes
-  int bias_kind;
-  int64_t sbb, sbh, sbm, sbn;
-  int bias_nb;  // the bias's batch size: batch b reads bias[b % bias_nb]
+  // Dense bias / bool mask, 4-D with stride 0 on broadcast axes; batch b reads
+  // bias[b % nb].
+  struct Bias {
+    const void* data = nullptr;
+    int kind = kNoBias;
+    int64_t sb = 0, sh = 0, sm = 0, sn = 0;
+    int nb = 1;
+  } bias;
 
   // forward outputs
   void* out;  // [B, Hq, Nq, D], q's dtype
