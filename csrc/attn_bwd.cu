@@ -87,7 +87,7 @@ PA_KERNEL attn_bwd_dkdv_kernel(const Params P) {
 }
 
 // One block per (query block, q head, batch): dQ, plus this block's partial sums
-// of d(slope) (a scalar) and d(table) (one row of the [B, Hq, num_m, tab_t] buffer,
+// of d(slope) (a scalar) and d(table) (one row of the [B, Hq, num_m, table.columns] buffer,
 // each column owned by one thread for the whole block).
 template <typename T>
 PA_KERNEL attn_bwd_dq_kernel(const Params P) {

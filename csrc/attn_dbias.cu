@@ -5,9 +5,9 @@
 
 namespace posattn_cuda {
 
-// Grid (row tiles * num_n, bh, bias_nb). Row tiles: 1 when the query axis is
+// Grid (row tiles * num_n, bh, bias.nb). Row tiles: 1 when the query axis is
 // broadcast; num_n: 1 when the key axis is broadcast. Block (.., oh, ob) sums the
-// batches ob, ob + bias_nb, ... (all of them for a batch-broadcast bias).
+// batches ob, ob + bias.nb, ... (all of them for a batch-broadcast bias).
 template <typename T>
 PA_KERNEL attn_bwd_dbias_kernel(const Params P) {
   unsigned char* sm = dyn_smem();

@@ -102,11 +102,11 @@ struct Params {
   void* dv;
   int64_t sdvb, sdvh, sdvn, sdvd;
   float* dslope;  // [B, Hq, num_m] per-program partial sums, or null
-  float* dtable;  // [B, Hq, num_m, tab_t] per-program partial sums (zero-filled), or null
+  float* dtable;  // [B, Hq, num_m, table.columns] per-program partial sums (zero-filled), or null
   int num_m;      // query blocks of the dQ kernel
 
-  // dense-bias gradient [bias_nb, bh, bmq, bnk] float32 (block (.., h, b) sums the
-  // batches b, b + bias_nb, ...)
+  // dense-bias gradient [bias.nb, bh, bmq, bnk] float32 (block (.., h, b) sums the
+  // batches b, b + bias.nb, ...)
   float* dbias;
   int bh;
   int64_t bmq, bnk;
