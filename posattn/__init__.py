@@ -1,8 +1,9 @@
 """posattn: fused attention kernels with positional encodings built in."""
 from . import reference
-from .encodings import DistanceBias, GridBias, RelativeEmbeddings, RoPE, alibi_slopes
+from .encodings import *  # noqa: F401,F403  (the encodings' user objects: posattn.encodings.__all__)
+from .encodings import __all__ as _encodings
 from .interface import attention, select_backend
 from . import nn
 
-__all__ = ["attention", "select_backend", "reference", "RoPE", "DistanceBias", "GridBias", "RelativeEmbeddings", "alibi_slopes"]
+__all__ = ["attention", "select_backend", "reference", *_encodings]
 __version__ = "0.1.0"

@@ -17,16 +17,10 @@ import torch
 
 from ._validate import Problem
 
-# The backends' parameter slots -> (encoding keyword, tensor name) (Problem.params()).
-SLOTS = {"alibi": ("alibi_slopes", "alibi_slopes"), "table": ("rel_bias", "table"), "bias": ("bias", "bias"),
-         "rel_key": ("rel_emb", "rel_key"), "rel_value": ("rel_emb", "rel_value"),
-         "rel_u": ("rel_emb", "rel_content_bias"), "rel_w": ("rel_emb", "rel_position_bias")}
-
-
 def problem_with(p: Problem, q, k, v, params: dict) -> Problem:
     """``p`` with its differentiable tensors replaced (same encodings, positions, masks);
-    ``params`` maps slot names (``SLOTS``) to tensors (absent or None: keep)."""
-    return p.with_tensors(q, k, v, {SLOTS[n]: t for n, t in params.items() if t is not None})
+    ``params`` maps ``(keyword, tensor name)`` to tensors (absent or None: keep)."""
+    return p.with_tensors(q, k, v, {n: t for n, t in params.items() if t is not None})
 
 
 def _message(transform, backend, rule):
@@ -56,6 +50,7 @@ class FusedBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(p: Problem, names, first, out, stats, q, k, v, dout, dlse, *params):
+        # names: the (keyword, tensor name) of each of params, as in Problem.params()
         return tuple(first(out, stats, q, k, v, dout, dlse, *params))
 
     @staticmethod

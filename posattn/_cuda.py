@@ -167,6 +167,10 @@ class _Args:
                         p.rope.attention_factor if p.rope is not None else 1.0, *table)
 
 
+# The differentiable inputs after q, k, v, as (keyword, tensor name).
+_PARAM_NAMES = (("alibi_slopes", "alibi_slopes"), ("rel_bias", "table"), ("bias", "bias"))
+
+
 class _CudaAttention(torch.autograd.Function):
     """The fused forward; its backward is wrapped in :class:`posattn._autograd.FusedBackward`
     (differentiable: double backward through the reference's ops)."""
@@ -199,7 +203,7 @@ class _CudaAttention(torch.autograd.Function):
 
         def first(out, lse, q, k, v, dout, dlse, alibi, table, bias):
             return _backward(args, need, q, k, v, out, lse, dout, dlse, alibi, table, bias)
-        return (None, None, *_autograd.FusedBackward.apply(ctx.problem, ("alibi", "table", "bias"), first, out, lse,
+        return (None, None, *_autograd.FusedBackward.apply(ctx.problem, _PARAM_NAMES, first, out, lse,
                                                            q, k, v, dout, dlse, alibi, table, bias))
 
     vmap = staticmethod(_autograd.refuse_vmap("cuda"))

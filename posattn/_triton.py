@@ -124,7 +124,11 @@ LOG2E = 1.4426950408889634
 EXACT_DELTA_FP32 = True
 
 # Differentiable inputs of the autograd Function, in order (after q, k, v).
-_PARAMS = ("alibi", "table", "bias", "rel_key", "rel_value", "rel_u", "rel_w")
+_PARAM_TENSORS = (("alibi", "alibi_slopes", "alibi_slopes"), ("table", "rel_bias", "table"), ("bias", "bias", "bias"),
+                  ("rel_key", "rel_emb", "rel_key"), ("rel_value", "rel_emb", "rel_value"),
+                  ("rel_u", "rel_emb", "rel_content_bias"), ("rel_w", "rel_emb", "rel_position_bias"))
+_PARAMS = tuple(slot for slot, _, _ in _PARAM_TENSORS)                 # the operators' names
+_PARAM_NAMES = tuple((kw, name) for _, kw, name in _PARAM_TENSORS)   # (keyword, tensor name): Problem.params()
 
 
 # ----------------------------------------------------------------------------- adapters
@@ -412,7 +416,8 @@ class _TritonAttention(torch.autograd.Function):
 
         def first(out, lse2, q, k, v, dout, dlse, *params):
             return _backward(_Launch(p, q, *params), q, k, v, out, lse2, dout, dlse, dict(zip(_PARAMS, need)))
-        return (None, *_autograd.FusedBackward.apply(p, _PARAMS, first, out, lse2, q, k, v, dout, dlse, *params))
+        return (None, *_autograd.FusedBackward.apply(p, _PARAM_NAMES, first, out, lse2, q, k, v, dout, dlse,
+                                                     *params))
 
     vmap = staticmethod(_autograd.refuse_vmap("triton"))
     jvp = staticmethod(_autograd.refuse_jvp("triton"))

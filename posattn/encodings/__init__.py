@@ -13,5 +13,5 @@ from .tables import DistanceBias, GridBias, t5_relative_bucket
 from .dense import DenseBias
 from .relative import RelativeEmbeddings
 
-__all__ = ["Encoding", "Shape", "RoPE", "ALiBi", "DistanceBias", "GridBias", "DenseBias", "RelativeEmbeddings",
-           "alibi_slopes", "t5_relative_bucket", "apply_rope", "is_int", "is_real", "keywords", "register", "wrap"]
+# What posattn exports (posattn.RoPE, ...): the objects users build.
+__all__ = ["RoPE", "DistanceBias", "GridBias", "RelativeEmbeddings", "alibi_slopes"]
