@@ -33,6 +33,18 @@ def is_real(x) -> bool:
     return (isinstance(x, numbers.Real) and not isinstance(x, bool) and type(x).__name__ != "bool_") or is_int(x)
 
 
+def readable(t: torch.Tensor) -> bool:
+    """Whether ``t``'s values can be read for a check: not while torch.compile traces,
+    not for meta or fake tensors (opcheck, the operators' fake kernels)."""
+    if torch.compiler.is_compiling() or t.device.type == "meta":
+        return False
+    try:
+        from torch._subclasses.fake_tensor import is_fake
+    except ImportError:  # pragma: no cover
+        return True
+    return not is_fake(t)
+
+
 def same_device(name, x, device):
     if x.device != device:
         raise ValueError(f"{name} is on {x.device} but q is on {device}: all tensors must be on one device")

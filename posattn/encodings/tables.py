@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .base import FLOAT_DTYPES, Encoding, Shape, is_int, register, same_device
+from .base import FLOAT_DTYPES, Encoding, Shape, is_int, readable, register, same_device
 
 
 def _grid_positions(tokens, **positions):
@@ -14,7 +14,7 @@ def _grid_positions(tokens, **positions):
     window, [0, Wh * Ww). This reads the values (one device sync, only for GridBias with
     explicit positions); under torch.compile the values are unknown and not checked."""
     for name, pos in positions.items():
-        if pos is None or pos.numel() == 0 or torch.compiler.is_compiling():
+        if pos is None or pos.numel() == 0 or not readable(pos):
             continue
         lo, hi = int(pos.min()), int(pos.max())
         if lo < 0 or hi >= tokens:
