@@ -39,6 +39,7 @@ _REL_V = tl.constexpr(12)
 _REL_U = tl.constexpr(13)
 _REL_W = tl.constexpr(14)
 _UPCAST = tl.constexpr(15)
+_KERPLE = tl.constexpr(16)
 _D_SLOPE = tl.constexpr(0)
 _D_TABLE = tl.constexpr(1)
 _D_U = tl.constexpr(2)
@@ -49,6 +50,7 @@ _DELTA_PASS = tl.constexpr(6)
 _HEAD_BCAST = tl.constexpr(7)
 _ROW_BCAST = tl.constexpr(8)
 _COL_BCAST = tl.constexpr(9)
+_D_KERPLE = tl.constexpr(10)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -226,7 +228,7 @@ def _logits(qu, qw, k, ak_ptr, start_m, start_n, Nq, Nk, rel_k, offs_d, D,
 
 
 @triton.jit
-def _scores(qk, qp, kp, offs_m, offs_n, Nq, Nk, qk_scale, slope, table_ptr, stride_tab,
+def _scores(qk, qp, kp, offs_m, offs_n, Nq, Nk, qk_scale, slope, r1, r2, table_ptr, stride_tab,
             tab_l, tab_r, bias_ptr, stride_bm, stride_bn, win_l, win_r,
             FLAGS: tl.constexpr):
     """The [BLOCK_M, BLOCK_N] score tile in the log2 domain, masked entries = -inf."""
@@ -234,6 +236,7 @@ def _scores(qk, qp, kp, offs_m, offs_n, Nq, Nk, qk_scale, slope, table_ptr, stri
     HAS_WL: tl.constexpr = (FLAGS >> _HAS_WL.value) & 1
     HAS_WR: tl.constexpr = (FLAGS >> _HAS_WR.value) & 1
     ALIBI: tl.constexpr = (FLAGS >> _ALIBI.value) & 1
+    KERPLE: tl.constexpr = (FLAGS >> _KERPLE.value) & 1
     TABLE: tl.constexpr = (FLAGS >> _TABLE.value) & 3
     BIAS: tl.constexpr = (FLAGS >> _BIAS.value) & 1
     BIAS_MASK: tl.constexpr = (FLAGS >> _BIAS_MASK.value) & 1
@@ -248,6 +251,8 @@ def _scores(qk, qp, kp, offs_m, offs_n, Nq, Nk, qk_scale, slope, table_ptr, stri
         keep = keep & (rel <= win_r)
     if ALIBI:
         s -= (slope * LOG2E) * tl.abs(rel).to(tl.float32)
+    if KERPLE:  # -r1 log(1 + r2 |rel|), in the log2 domain: -r1 log2(1 + r2 |rel|)
+        s -= r1 * tl.math.log2(1.0 + r2 * tl.abs(rel).to(tl.float32))
     if TABLE:
         idx = _table_index(rel, qp, kp, tab_l, tab_r, TABLE)
         s += tl.load(table_ptr + idx * stride_tab).to(tl.float32) * LOG2E
@@ -263,15 +268,22 @@ def _scores(qk, qp, kp, offs_m, offs_n, Nq, Nk, qk_scale, slope, table_ptr, stri
 
 @triton.jit
 def _head_params(off_b, off_h, Slopes, ssb, ssh, Table, stab_h, Bias, sbb, sbh, bias_nb,
-                 AK, AV, U, W, rel_hs, rel_k, D, FLAGS: tl.constexpr):
-    """Per (batch, query head): ALiBi slope and the bases of the bias table, the dense
-    bias, the relative tables (shared by all heads when rel_hs == 0) and u / w."""
+                 AK, AV, U, W, rel_hs, rel_k, D, R1, R2, FLAGS: tl.constexpr):
+    """Per (batch, query head): ALiBi slope, KERPLE's r1 / r2, and the bases of the
+    bias table, the dense bias, the relative tables (shared by all heads when
+    rel_hs == 0) and u / w."""
     ALIBI: tl.constexpr = (FLAGS >> _ALIBI.value) & 1
+    KERPLE: tl.constexpr = (FLAGS >> _KERPLE.value) & 1
     slope = 0.0
     if ALIBI:
         slope = tl.load(Slopes + off_b * ssb + off_h * ssh).to(tl.float32)
+    r1 = 0.0
+    r2 = 0.0
+    if KERPLE:
+        r1 = tl.load(R1 + off_h).to(tl.float32)
+        r2 = tl.load(R2 + off_h).to(tl.float32)
     rel_base = off_h * rel_hs * (2 * rel_k + 1) * D
-    return (slope, Table + off_h * stab_h, Bias + (off_b % bias_nb) * sbb + off_h * sbh,
+    return (slope, r1, r2, Table + off_h * stab_h, Bias + (off_b % bias_nb) * sbb + off_h * sbh,
             AK + rel_base, AV + rel_base, U + off_h * D, W + off_h * D)
 
 
@@ -329,7 +341,7 @@ def _query_range(start_n, BLOCK_N: tl.constexpr, Nq, Nk, win_l, win_r,
 
 @triton.jit
 def _attn_fwd(Q, K, V, Out, Lse, Lse2,
-              QPos, KPos, InvFreq, Slopes, Table, Bias, AK, AV, U, W,
+              QPos, KPos, InvFreq, Slopes, Table, Bias, AK, AV, U, W, R1, R2,
               sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
               sqpb, skpb, ssb, ssh, stab_h, stab_t, sbb, sbh, sbm, sbn, bias_nb, rel_hs,
               Hq, Nq, Nk, D, GROUP, qk_scale, rope_factor, win_l, win_r, tab_l, tab_r, rel_k,
@@ -347,9 +359,9 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2,
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
 
-    slope, table_ptr, bias_ptr, ak_ptr, av_ptr, u_ptr, w_ptr = _head_params(
+    slope, r1, r2, table_ptr, bias_ptr, ak_ptr, av_ptr, u_ptr, w_ptr = _head_params(
         off_b, off_h, Slopes, ssb, ssh, Table, stab_h, Bias, sbb, sbh, bias_nb, AK, AV, U, W,
-        rel_hs, rel_k, D, FLAGS)
+        rel_hs, rel_k, D, R1, R2, FLAGS)
     qp, q, qu, qw = _load_queries(Q + off_b * sqb + off_h * sqh, QPos + off_b * sqpb, offs_m, offs_d, sqm, sqd,
                                   Nq, Nk, D, InvFreq, rope_factor, u_ptr, w_ptr,
                                   FLAGS, ROT_DIM)
@@ -367,7 +379,7 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2,
                           FLAGS, ROT_DIM)
         qk, ak = _logits(qu, qw, k, ak_ptr, start_m, start_n, Nq, Nk, rel_k, offs_d, D, FLAGS,
                          BLOCK_M, BLOCK_N, BLOCK_R)
-        s, rel = _scores(qk, qp, kp, offs_m, offs_n, Nq, Nk, qk_scale, slope, table_ptr, stab_t,
+        s, rel = _scores(qk, qp, kp, offs_m, offs_n, Nq, Nk, qk_scale, slope, r1, r2, table_ptr, stab_t,
                          tab_l, tab_r, bias_ptr, sbm, sbn, win_l, win_r, FLAGS)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with nothing visible yet keeps m = -inf; subtract 0 instead so that
@@ -427,7 +439,7 @@ def _load_row_stats(Lse2, Delta, row0, offs_m, Nq):
 
 @triton.jit
 def _probs_and_ds(qu, qw, k, v, do, ak_ptr, av_ptr, qp, kp, lse2, delta, start_m, start_n, offs_m, offs_n,
-                  offs_d, Nq, Nk, D, rel_k, qk_scale, slope, table_ptr, stab_t, tab_l, tab_r,
+                  offs_d, Nq, Nk, D, rel_k, qk_scale, slope, r1, r2, table_ptr, stab_t, tab_l, tab_r,
                   bias_ptr, sbm, sbn, win_l, win_r,
                   FLAGS: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
@@ -438,7 +450,7 @@ def _probs_and_ds(qu, qw, k, v, do, ak_ptr, av_ptr, qp, kp, lse2, delta, start_m
     UPCAST: tl.constexpr = (FLAGS >> _UPCAST.value) & 1
     qk, ak = _logits(qu, qw, k, ak_ptr, start_m, start_n, Nq, Nk, rel_k, offs_d, D, FLAGS,
                      BLOCK_M, BLOCK_N, BLOCK_R)
-    s, rel = _scores(qk, qp, kp, offs_m, offs_n, Nq, Nk, qk_scale, slope, table_ptr, stab_t,
+    s, rel = _scores(qk, qp, kp, offs_m, offs_n, Nq, Nk, qk_scale, slope, r1, r2, table_ptr, stab_t,
                      tab_l, tab_r, bias_ptr, sbm, sbn, win_l, win_r, FLAGS)
     p = tl.math.exp2(s - lse2[:, None])
     dp = _dot(do, tl.trans(v), UPCAST)
@@ -451,7 +463,7 @@ def _probs_and_ds(qu, qw, k, v, do, ak_ptr, av_ptr, qp, kp, lse2, delta, start_m
 
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV,
-                   QPos, KPos, InvFreq, Slopes, Table, Bias, AK, AV, U, W,
+                   QPos, KPos, InvFreq, Slopes, Table, Bias, AK, AV, U, W, R1, R2,
                    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                    sdob, sdoh, sdom, sdod, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
                    sqpb, skpb, ssb, ssh, stab_h, stab_t, sbb, sbh, sbm, sbn, bias_nb, rel_hs,
@@ -477,9 +489,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV,
     lo, hi = _query_range(start_n, BLOCK_N, Nq, Nk, win_l, win_r, FLAGS, BLOCK_M)
     for g in range(0, GROUP):
         off_h = off_hk * GROUP + g
-        slope, table_ptr, bias_ptr, ak_ptr, av_ptr, u_ptr, w_ptr = _head_params(
+        slope, r1, r2, table_ptr, bias_ptr, ak_ptr, av_ptr, u_ptr, w_ptr = _head_params(
             off_b, off_h, Slopes, ssb, ssh, Table, stab_h, Bias, sbb, sbh, bias_nb, AK, AV, U, W,
-            rel_hs, rel_k, D, FLAGS)
+            rel_hs, rel_k, D, R1, R2, FLAGS)
         q_base = Q + off_b * sqb + off_h * sqh
         do_base = DO + off_b * sdob + off_h * sdoh
         row0 = (off_b * Hq + off_h) * Nq
@@ -492,7 +504,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV,
             lse2, delta = _load_row_stats(Lse, Delta, row0, offs_m, Nq)
             p, ds, rel, ak = _probs_and_ds(
                 qu, qw, k, v, do, ak_ptr, av_ptr, qp, kp, lse2, delta, start_m, start_n, offs_m, offs_n,
-                offs_d, Nq, Nk, D, rel_k, qk_scale, slope, table_ptr, stab_t, tab_l, tab_r, bias_ptr, sbm, sbn,
+                offs_d, Nq, Nk, D, rel_k, qk_scale, slope, r1, r2, table_ptr, stab_t, tab_l, tab_r, bias_ptr, sbm, sbn,
                 win_l, win_r, FLAGS,
                 BLOCK_M, BLOCK_N, BLOCK_R)
             dv += _dot(tl.trans(p.to(do.dtype)), do, UPCAST)
@@ -509,8 +521,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV,
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, DSlope, DTable, DU, DW, DAKEnd, DAVEnd,
-                 QPos, KPos, InvFreq, Slopes, Table, Bias, AK, AV, U, W,
+def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, DSlope, DTable, DU, DW, DAKEnd, DAVEnd, DKerple,
+                 QPos, KPos, InvFreq, Slopes, Table, Bias, AK, AV, U, W, R1, R2,
                  sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                  sdob, sdoh, sdom, sdod, sdqb, sdqh, sdqm, sdqd,
                  sqpb, skpb, ssb, ssh, stab_h, stab_t, sbb, sbh, sbm, sbn, bias_nb, rel_hs,
@@ -532,6 +544,7 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, DSlope, DTable, DU, DW, DAKEnd, DA
     REL_K: tl.constexpr = (FLAGS >> _REL_K.value) & 1
     UPCAST: tl.constexpr = (FLAGS >> _UPCAST.value) & 1
     D_SLOPE: tl.constexpr = (GRADS >> _D_SLOPE.value) & 1
+    D_KERPLE: tl.constexpr = (GRADS >> _D_KERPLE.value) & 1
     D_TABLE: tl.constexpr = (GRADS >> _D_TABLE.value) & 1
     D_U: tl.constexpr = (GRADS >> _D_U.value) & 1
     D_W: tl.constexpr = (GRADS >> _D_W.value) & 1
@@ -548,9 +561,9 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, DSlope, DTable, DU, DW, DAKEnd, DA
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
 
-    slope, table_ptr, bias_ptr, ak_ptr, av_ptr, u_ptr, w_ptr = _head_params(
+    slope, r1, r2, table_ptr, bias_ptr, ak_ptr, av_ptr, u_ptr, w_ptr = _head_params(
         off_b, off_h, Slopes, ssb, ssh, Table, stab_h, Bias, sbb, sbh, bias_nb, AK, AV, U, W,
-        rel_hs, rel_k, D, FLAGS)
+        rel_hs, rel_k, D, R1, R2, FLAGS)
     qp, q, qu, qw = _load_queries(Q + off_b * sqb + off_h * sqh, QPos + off_b * sqpb, offs_m, offs_d, sqm, sqd,
                                   Nq, Nk, D, InvFreq, rope_factor, u_ptr, w_ptr,
                                   FLAGS, ROT_DIM)
@@ -566,6 +579,8 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, DSlope, DTable, DU, DW, DAKEnd, DA
     dq_c = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)   # from (q + u) . k
     dq_p = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)   # from (q + w) . aK
     d_slope = tl.zeros([BLOCK_M], tl.float32)
+    d_r1 = tl.zeros([BLOCK_M], tl.float32)
+    d_r2 = tl.zeros([BLOCK_M], tl.float32)
     offs_t = tl.arange(0, BLOCK_T)
     d_tab = tl.zeros([BLOCK_T], tl.float32)
     # dS and P summed over the keys clipped to aK / aV row 0 (rel <= -K) and row 2K.
@@ -582,7 +597,7 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, DSlope, DTable, DU, DW, DAKEnd, DA
         v = _load_tile(v_base, offs_n, offs_d, svn, svd, Nk, D)
         p, ds, rel, ak = _probs_and_ds(
             qu, qw, k, v, do, ak_ptr, av_ptr, qp, kp, lse2, delta, start_m, start_n, offs_m, offs_n,
-            offs_d, Nq, Nk, D, rel_k, qk_scale, slope, table_ptr, stab_t, tab_l, tab_r, bias_ptr, sbm, sbn,
+            offs_d, Nq, Nk, D, rel_k, qk_scale, slope, r1, r2, table_ptr, stab_t, tab_l, tab_r, bias_ptr, sbm, sbn,
             win_l, win_r, FLAGS,
             BLOCK_M, BLOCK_N, BLOCK_R)
         if DELTA_PASS:
@@ -594,6 +609,11 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, DSlope, DTable, DU, DW, DAKEnd, DA
                 dq_p += _dot(_keys_to_rel(ds, BLOCK_M, BLOCK_N, BLOCK_R).to(k.dtype), ak, UPCAST)
             if D_SLOPE:
                 d_slope -= tl.sum(ds * tl.abs(rel).to(tl.float32), 1)
+            if D_KERPLE:  # d/dr1 = -log(1 + r2 a), d/dr2 = -r1 a / (1 + r2 a), a = |rel|
+                dist = tl.abs(rel).to(tl.float32)
+                grow = 1.0 + r2 * dist
+                d_r1 -= tl.sum(ds * (tl.math.log2(grow) / LOG2E), 1)
+                d_r2 -= tl.sum(ds * (r1 * dist / grow), 1)
             if D_TABLE:
                 # Histogram of dS by table column, over only the columns this tile
                 # touches: far from the diagonal every entry clamps to one column.
@@ -635,6 +655,9 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, DSlope, DTable, DU, DW, DAKEnd, DA
             tl.store(DAVEnd + (slot * 2 + 1) * D + offs_d, tl.sum(p_right[:, None] * do32, 0), mask=in_d)
         if D_SLOPE:
             tl.store(DSlope + slot, tl.sum(d_slope, 0))
+        if D_KERPLE:
+            tl.store(DKerple + slot * 2, tl.sum(d_r1, 0))
+            tl.store(DKerple + slot * 2 + 1, tl.sum(d_r2, 0))
         if D_TABLE:
             tl.store(DTable + slot * TAB_T + offs_t, d_tab, mask=offs_t < TAB_T)
 
@@ -647,7 +670,7 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, DSlope, DTable, DU, DW, DAKEnd, DA
 
 @triton.jit
 def _attn_bwd_rel(Q, K, V, DO, Lse, Delta, DAK, DAV,
-                  QPos, KPos, InvFreq, Slopes, Table, Bias, AK, AV, U, W,
+                  QPos, KPos, InvFreq, Slopes, Table, Bias, AK, AV, U, W, R1, R2,
                   sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
                   sqpb, skpb, ssb, ssh, stab_h, stab_t, sbb, sbh, sbm, sbn, bias_nb, rel_hs,
                   Hq, Nq, Nk, D, GROUP, rel_first, head_step, sm_scale, qk_scale, rope_factor,
@@ -673,9 +696,9 @@ def _attn_bwd_rel(Q, K, V, DO, Lse, Delta, DAK, DAV,
     for h in range(ha, Hq, head_step):  # this table head's query heads
         off_h = tl.cast(h, tl.int64)
         off_hk = off_h // GROUP
-        slope, table_ptr, bias_ptr, ak_ptr, av_ptr, u_ptr, w_ptr = _head_params(
+        slope, r1, r2, table_ptr, bias_ptr, ak_ptr, av_ptr, u_ptr, w_ptr = _head_params(
             off_b, off_h, Slopes, ssb, ssh, Table, stab_h, Bias, sbb, sbh, bias_nb, AK, AV, U, W,
-            rel_hs, rel_k, D, FLAGS)
+            rel_hs, rel_k, D, R1, R2, FLAGS)
         row0 = (off_b * Hq + off_h) * Nq
         for start_m in range(0, Nq, BLOCK_M):
             # keys j = i + shift + rel for rows i of the block and rel in [rel0, rel0 + BLOCK_N)
@@ -696,7 +719,7 @@ def _attn_bwd_rel(Q, K, V, DO, Lse, Delta, DAK, DAV,
                 v = _load_tile(V + off_b * svb + off_hk * svh, offs_n, offs_d, svn, svd, Nk, D)
                 p, ds, rel, ak = _probs_and_ds(
                     qu, qw, k, v, do, ak_ptr, av_ptr, qp, kp, lse2, delta, start_m, start_n, offs_m,
-                    offs_n, offs_d, Nq, Nk, D, rel_k, qk_scale, slope, table_ptr, stab_t, tab_l, tab_r,
+                    offs_n, offs_d, Nq, Nk, D, rel_k, qk_scale, slope, r1, r2, table_ptr, stab_t, tab_l, tab_r,
                     bias_ptr, sbm, sbn, win_l, win_r, FLAGS, BLOCK_M, BLOCK_N, BLOCK_R)
                 # column r of row i: the key at distance rel0 + r, if it is in this tile
                 jl = (start_m + shift + rel0 - start_n) + offs_n0[None, :] + offs_m0[:, None]
@@ -721,7 +744,7 @@ def _attn_bwd_rel(Q, K, V, DO, Lse, Delta, DAK, DAV,
 
 @triton.jit
 def _attn_bwd_dbias(Q, K, V, DO, Lse, Delta, DBias,
-                    QPos, KPos, InvFreq, Slopes, Table, Bias, AK, AV, U, W,
+                    QPos, KPos, InvFreq, Slopes, Table, Bias, AK, AV, U, W, R1, R2,
                     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
                     sqpb, skpb, ssb, ssh, stab_h, stab_t, sbb, sbh, sbm, sbn, bias_nb, rel_hs,
                     B, Hq, Nq, Nk, D, GROUP, BH, BM_, BN_, NUM_N, qk_scale, rope_factor,
@@ -766,9 +789,9 @@ def _attn_bwd_dbias(Q, K, V, DO, Lse, Delta, DBias,
             off_h = tl.cast(h, tl.int64)
             off_hk = off_h // GROUP
             row0 = (off_b * Hq + off_h) * Nq
-            slope, table_ptr, bias_ptr, ak_ptr, av_ptr, u_ptr, w_ptr = _head_params(
+            slope, r1, r2, table_ptr, bias_ptr, ak_ptr, av_ptr, u_ptr, w_ptr = _head_params(
                 off_b, off_h, Slopes, ssb, ssh, Table, stab_h, Bias, sbb, sbh, bias_nb, AK, AV, U, W,
-                rel_hs, rel_k, D, FLAGS)
+                rel_hs, rel_k, D, R1, R2, FLAGS)
             for start_m in range(m_lo, m_hi, BLOCK_M):
                 offs_m = start_m + offs_m0
                 qp, q, qu, qw = _load_queries(Q + off_b * sqb + off_h * sqh, QPos + off_b * sqpb, offs_m,
@@ -784,7 +807,7 @@ def _attn_bwd_dbias(Q, K, V, DO, Lse, Delta, DBias,
                     v = _load_tile(V + off_b * svb + off_hk * svh, offs_n, offs_d, svn, svd, Nk, D)
                     p, ds, rel, ak = _probs_and_ds(
                         qu, qw, k, v, do, ak_ptr, av_ptr, qp, kp, lse2, delta, start_m, start_n, offs_m,
-                        offs_n, offs_d, Nq, Nk, D, rel_k, qk_scale, slope, table_ptr, stab_t, tab_l, tab_r,
+                        offs_n, offs_d, Nq, Nk, D, rel_k, qk_scale, slope, r1, r2, table_ptr, stab_t, tab_l, tab_r,
                         bias_ptr, sbm, sbn, win_l, win_r, FLAGS, BLOCK_M, BLOCK_N, BLOCK_R)
                     acc += ds
 

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from . import _triton, _validate
-from .encodings import ALiBi, DenseBias, DistanceBias, GridBias, RelativeEmbeddings, RoPE
+from .encodings import KERPLE, ALiBi, DenseBias, DistanceBias, GridBias, RelativeEmbeddings, RoPE
 from .kernels.attention import (_attn_bwd_dbias, _attn_bwd_delta, _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_rel,
                                 _attn_fwd)
 
@@ -127,6 +127,9 @@ CODECS = (
     Codec("rel_emb", (RelativeEmbeddings,),
           (("rel_key", "Tensor?"), ("rel_value", "Tensor?"), ("rel_u", "Tensor?"), ("rel_w", "Tensor?")),
           (("rel_clip", "int"),), _rel_encode, _rel_decode),
+    Codec("kerple", (KERPLE,), (("kerple_r1", "Tensor?"), ("kerple_r2", "Tensor?")), (),
+          lambda e, p: ((None, None) if e is None else (e.r1, e.r2), ()),
+          lambda t, sc: None if t[0] is None else KERPLE(t[0], t[1])),
 )
 _COMMON_TENSORS = (("q", "Tensor"), ("k", "Tensor"), ("v", "Tensor"), ("q_pos", "Tensor?"), ("k_pos", "Tensor?"))
 _COMMON_SCALARS = (("causal", "bool"), ("scale", "float"), ("window_left", "int?"), ("window_right", "int?"))

@@ -9,7 +9,7 @@ import torch
 from . import _autograd
 from ._validate import Problem
 from .backends import Declaration
-from .encodings import ALiBi, DenseBias, DistanceBias, GridBias, RelativeEmbeddings, RoPE
+from .encodings import KERPLE, ALiBi, DenseBias, DistanceBias, GridBias, RelativeEmbeddings, RoPE
 
 _MAX_TABLE_COLUMNS = 8192
 
@@ -73,7 +73,7 @@ DECLARATION = Declaration(
     dtypes=(torch.float16, torch.bfloat16, torch.float32),
     max_head_dim=256,
     encodings={RoPE: None, ALiBi: None, DistanceBias: _table_columns, GridBias: _table_columns, DenseBias: None,
-               RelativeEmbeddings: _relative_positions},
+               RelativeEmbeddings: _relative_positions, KERPLE: None},
     checks=(_int32_overflow,),
 )
 
@@ -126,7 +126,8 @@ EXACT_DELTA_FP32 = True
 # Differentiable inputs of the autograd Function, in order (after q, k, v).
 _PARAM_TENSORS = (("alibi", "alibi_slopes", "alibi_slopes"), ("table", "rel_bias", "table"), ("bias", "bias", "bias"),
                   ("rel_key", "rel_emb", "rel_key"), ("rel_value", "rel_emb", "rel_value"),
-                  ("rel_u", "rel_emb", "rel_content_bias"), ("rel_w", "rel_emb", "rel_position_bias"))
+                  ("rel_u", "rel_emb", "rel_content_bias"), ("rel_w", "rel_emb", "rel_position_bias"),
+                  ("kerple_r1", "kerple", "kerple_r1"), ("kerple_r2", "kerple", "kerple_r2"))
 _PARAMS = tuple(slot for slot, _, _ in _PARAM_TENSORS)                 # the operators' names
 _PARAM_NAMES = tuple((kw, name) for _, kw, name in _PARAM_TENSORS)   # (keyword, tensor name): Problem.params()
 
@@ -193,11 +194,18 @@ def _relative_args(p: Problem, rel_key, rel_value, rel_u, rel_w, dummy):
                        rel_k=p.rel_emb.clip if p.rel_emb is not None else 0)
 
 
+def _kerple_args(r1, r2, dummy):
+    if r1 is None:
+        return dict(KERPLE=False), dict(R1=dummy, R2=dummy)
+    return dict(KERPLE=True), dict(R1=r1.contiguous(), R2=r2.contiguous())
+
+
 class _Launch:
     """The kernels' shared arguments, by name, built once per call from a validated
     Problem by the adapters above; every launch passes them by keyword."""
 
-    def __init__(self, p: Problem, q, alibi, table, bias, rel_key, rel_value, rel_u, rel_w):
+    def __init__(self, p: Problem, q, alibi, table, bias, rel_key, rel_value, rel_u, rel_w, kerple_r1=None,
+                 kerple_r2=None):
         self.p = p
         dummy = q
         self.upcast = interpreting() and q.dtype == torch.bfloat16
@@ -207,12 +215,14 @@ class _Launch:
                     win_l=p.window_left or 0, win_r=p.window_right or 0)
         for f, a in (_positions_args(p, dummy), _rope_args(p, dummy), _alibi_args(alibi, dummy),
                      _table_args(p.rel_bias, table, dummy), _bias_args(p, bias, dummy),
-                     _relative_args(p, rel_key, rel_value, rel_u, rel_w, dummy)):
+                     _relative_args(p, rel_key, rel_value, rel_u, rel_w, dummy),
+                     _kerple_args(kerple_r1, kerple_r2, dummy)):
             flags.update(f)
             args.update(a)
         args["FLAGS"] = pack_flags(**flags)
         self.args = args
         self.alibi, self.table, self.bias = alibi, table, bias
+        self.kerple = (kerple_r1, kerple_r2)
         self.grid_table = isinstance(p.rel_bias, GridBias)
         self.table_columns = 0 if table is None else table.shape[0 if self.grid_table else 1]
         self.rel_heads = args["AK"].shape[0] if rel_key is not None else args["AV"].shape[0] if rel_value is not None \
@@ -314,7 +324,7 @@ def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need, wrap=_direct):
         # renormalised with them (a copy: a second backward must see the original).
         lse = lse.clone()
         L.launch(wrap, _attn_bwd_dq, (num_m, p.Hq, p.B), **inputs, Lse=lse, Delta=delta, DQ=q, DSlope=delta,
-                 DTable=delta, DU=delta, DW=delta, DAKEnd=delta, DAVEnd=delta, **_strides("sdq", q), NUM_M=num_m,
+                 DTable=delta, DU=delta, DW=delta, DAKEnd=delta, DAVEnd=delta, DKerple=delta, **_strides("sdq", q), NUM_M=num_m,
                  TAB_T=1, GRADS=pack_grads(DELTA_PASS=True), BLOCK_T=16)
         if has_dlse:
             delta -= dlse.to(torch.float32)
@@ -336,14 +346,19 @@ def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need, wrap=_direct):
     d_table = buf(need["table"], tab_t)
     d_u, d_w = buf(need["rel_u"], p.D), buf(need["rel_w"], p.D)
     d_key_end, d_value_end = buf(need["rel_key"], 2, p.D), buf(need["rel_value"], 2, p.D)
+    d_kerple = buf(need["kerple_r1"] or need["kerple_r2"], 2)
     L.launch(wrap, _attn_bwd_dq, (num_m, p.Hq, p.B), **inputs, Lse=lse, Delta=delta, DQ=dq, DSlope=d_slope,
-             DTable=d_table, DU=d_u, DW=d_w, DAKEnd=d_key_end, DAVEnd=d_value_end, **_strides("sdq", dq),
+             DTable=d_table, DU=d_u, DW=d_w, DAKEnd=d_key_end, DAVEnd=d_value_end, DKerple=d_kerple, **_strides("sdq", dq),
              NUM_M=num_m, TAB_T=tab_t,
              GRADS=pack_grads(D_SLOPE=need["alibi"], D_TABLE=need["table"], D_U=need["rel_u"], D_W=need["rel_w"],
-                              D_AK=need["rel_key"], D_AV=need["rel_value"]),
+                              D_AK=need["rel_key"], D_AV=need["rel_value"],
+                              D_KERPLE=need["kerple_r1"] or need["kerple_r2"]),
              BLOCK_T=_next_pow2(tab_t) if need["table"] else 16)
 
     grads = dict.fromkeys(_PARAMS)
+    for i, name in enumerate(("kerple_r1", "kerple_r2")):
+        if need[name]:
+            grads[name] = d_kerple[..., i].sum(dim=(0, 2)).to(L.kerple[i].dtype)      # [Hq]
     if need["alibi"]:
         g = d_slope.sum(-1)                                         # [B, Hq]
         if L.alibi.shape[0] == 1:
@@ -431,7 +446,8 @@ def _launch_params(p: Problem):
         bias = bias.detach()
     re = p.rel_emb
     rel = (re.key, re.value, re.content_bias, re.position_bias) if re is not None else (None,) * 4
-    return (p.alibi, table, bias, *rel)
+    ke = p.get("kerple")
+    return (p.alibi, table, bias, *rel, *((ke.r1, ke.r2) if ke is not None else (None, None)))
 
 
 def attention(p: Problem):

@@ -38,7 +38,8 @@ def _problem(enc, dt, D):
     kw = {}
     if enc == "causal+rope+alibi+table+bias":
         kw = dict(causal=True, rope=posattn.RoPE(), alibi_slopes=r(HQ), rel_bias=posattn.DistanceBias(r(HQ, 24), 15, 8),
-                  bias=r(1, HQ, N, N, dtype=dt))
+                  bias=r(1, HQ, N, N, dtype=dt), kerple=posattn.KERPLE(r(HQ).abs().detach().requires_grad_(),
+                                                                      r(HQ).abs().detach().requires_grad_()))
     elif enc == "window+pos+ropei+grid+mask":
         kw = dict(window=(40, 9), q_pos=torch.arange(N), k_pos=torch.arange(N),
                   rope=posattn.RoPE(dim=32, interleaved=True), rel_bias=posattn.GridBias(r(31 * 19, HQ), (16, 10)),

@@ -51,6 +51,11 @@ def _shaw_xl(H, D, Nq, Nk, device, dtype):
     return dict(rel_emb=posattn.RelativeEmbeddings(r(1, 5, D), r(1, 5, D), 2, r(H, D), r(H, D)))
 
 
+def _kerple(H, D, Nq, Nk, device, dtype):
+    return dict(kerple=posattn.KERPLE((0.5 + torch.rand(H, device=device)).requires_grad_(),
+                                      (0.1 + torch.rand(H, device=device)).requires_grad_()), causal=True)
+
+
 CASES = {
     "rope": _rope,
     "rope-inv-freq": _rope_inv_freq,
@@ -60,4 +65,5 @@ CASES = {
     "dense-bias": _dense,
     "mask": _mask,
     "shaw+xl": _shaw_xl,
+    "kerple": _kerple,
 }

@@ -21,7 +21,8 @@ import posattn
 from posattn import interface
 
 B, HQ, HKV, NQ, NK, D = 1, 2, 1, 12, 16, 16
-CASES = ["plain", "causal+rope", "alibi", "distance-bias", "dense-bias", "grid-bias", "shaw+xl", "mask+positions"]
+CASES = ["plain", "causal+rope", "alibi", "distance-bias", "dense-bias", "grid-bias", "shaw+xl", "mask+positions",
+         "kerple"]
 
 
 @pytest.fixture(autouse=True)
@@ -55,6 +56,9 @@ def _params(case, device, dtype=torch.float32, nq=NQ, nk=NK):
     elif case == "shaw+xl":
         p.update(aK=randn(HQ, 2 * 3 + 1, D, scale=0.3), aV=randn(HQ, 2 * 3 + 1, D, scale=0.3),
                  u=randn(HQ, D, scale=0.3), w=randn(HQ, D, scale=0.3))
+    elif case == "kerple":
+        p.update(r1=(0.5 + torch.rand(HQ)).to(device).requires_grad_(),
+                 r2=(0.1 + torch.rand(HQ)).to(device).requires_grad_())
     return p
 
 
@@ -78,6 +82,8 @@ def _kwargs(case, p):
     if case == "shaw+xl":
         return dict(causal=True, rel_emb=posattn.RelativeEmbeddings(key=p["aK"], value=p["aV"], clip=3,
                                                                     content_bias=p["u"], position_bias=p["w"]))
+    if case == "kerple":
+        return dict(causal=True, kerple=posattn.KERPLE(p["r1"], p["r2"]))
     if case == "mask+positions":
         dev = q.device
         keep = torch.arange(nk, device=dev) % 5 != 2
@@ -131,8 +137,8 @@ def test_operators_registered(op):
     fwd = torch.ops.posattn.attn_fwd.default._schema
     bwd = torch.ops.posattn.attn_bwd.default._schema
     assert [a.name for a in fwd.arguments[:3]] == ["q", "k", "v"] and len(fwd.returns) == 3
-    assert len(bwd.returns) == 10
-    assert op.NUM_TENSORS == 13
+    assert len(bwd.returns) == 3 + len(posattn._triton._PARAMS)
+    assert op.NUM_TENSORS == 5 + sum(len(c.tensors) for c in op.CODECS)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -142,7 +148,7 @@ def test_opcheck_forward(case, device, op):
     torch.library.opcheck(torch.ops.posattn.attn_fwd.default, op.op_args(prob))
 
 
-@pytest.mark.parametrize("case", ["plain", "alibi", "distance-bias", "dense-bias", "shaw+xl"])
+@pytest.mark.parametrize("case", ["plain", "alibi", "distance-bias", "dense-bias", "shaw+xl", "kerple"])
 def test_opcheck_backward(case, device, op):
     p = _params(case, device)
     prob = posattn._validate.check(p["q"], p["k"], p["v"], **_kwargs(case, p))

@@ -147,3 +147,31 @@ def test_cases_on_the_triton_backend(case, device):
     q = torch.randn(1, 2, 9, 16, device=device, requires_grad=True)
     k, v = (torch.randn(1, 1, 11, 16, device=device, requires_grad=True) for _ in range(2))
     check(q, k, v, **CASES[case](2, 16, 9, 11, device, torch.float32))
+
+
+def test_kerple_is_refused_by_the_cuda_backend_by_name():
+    q, k, v = qkv()
+    p = _validate.check(q, k, v, kerple=posattn.KERPLE(torch.rand(2) + 0.1, torch.rand(2) + 0.1))
+    assert "KERPLE (kerple=) is not implemented by the cuda backend" in _cuda.unsupported(p)
+    assert _triton.DECLARATION.refusal(p) is None
+
+
+@pytest.mark.parametrize("bad,err,match", [
+    (lambda: posattn.KERPLE([1.0, 2.0], torch.ones(2)), TypeError, "KERPLE: r1 must be a torch.Tensor"),
+    (lambda: posattn.KERPLE(torch.ones(2, dtype=torch.int64), torch.ones(2)), TypeError, "r1 must be a float"),
+    (lambda: posattn.KERPLE(torch.ones(2), torch.ones(2, 1)), ValueError, r"r2 must have shape \[Hq\]"),
+])
+def test_kerple_bad_objects(bad, err, match):
+    with pytest.raises(err, match=match):
+        bad()
+
+
+@pytest.mark.parametrize("r1,r2,match", [
+    (torch.ones(3), torch.ones(2), r"kerple.r1 must have shape \[Hq\] = \[2\]"),
+    (torch.tensor([1.0, 0.0]), torch.ones(2), "kerple.r1 must be > 0 everywhere"),
+    (torch.ones(2), torch.tensor([1.0, -2.0]), "kerple.r2 must be > 0 everywhere"),
+])
+def test_kerple_bad_values(r1, r2, match):
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=match):
+        posattn.attention(q, k, v, kerple=posattn.KERPLE(r1, r2), backend="reference")

@@ -49,11 +49,14 @@ def encoding(name, shape, device, dtype):
         kw["bias"] = torch.randn(B, Hq, Nq, Nk, device=device, dtype=dtype).requires_grad_()
     if "mask" in name:
         kw["bias"] = torch.rand(1, 1, Nq, Nk, device=device) < 0.8
+    if "kerple" in name:
+        kw["kerple"] = posattn.KERPLE((0.5 + torch.rand(Hq, device=device)).requires_grad_(),
+                                      (0.05 + 0.5 * torch.rand(Hq, device=device)).requires_grad_())
     return kw
 
 
 ENCODINGS = ["none", "rope", "ropei", "alibi", "dist", "bias", "mask", "rope+alibi", "rope+dist",
-             "rope+bias", "ropei+mask"]
+             "rope+bias", "ropei+mask", "kerple+alibi"]
 MASKS = {"full": {}, "causal": {"causal": True}, "window": {"window": (23, 9)}}
 
 

@@ -32,7 +32,7 @@ def configs(draw):
         dim = draw(st.sampled_from([d for d in (8, 16, D) if d <= D]))
         kw["rope"] = posattn.RoPE(dim=dim, interleaved=draw(st.booleans()),
                                   base=draw(st.sampled_from([100.0, 10000.0, 500000.0])))
-    enc = draw(st.sampled_from(["none", "alibi", "dist", "bias", "mask", "grid", "shaw"]))
+    enc = draw(st.sampled_from(["none", "alibi", "dist", "bias", "mask", "grid", "shaw", "kerple"]))
     explicit_pos = draw(st.booleans()) and enc != "shaw"  # Shaw in Triton: default positions
     # Explicit positions: small, or int32 near 2^31 - 1, or int32 q near +2^31 and k near
     # -2^31 (their distance, ~-2^32, overflows int32), or int64 across 2^31.
@@ -92,6 +92,9 @@ def test_random_configurations(device, cfg):
                 edge = torch.randint(0, 3, shape, generator=g)
                 return torch.where(edge == 0, 0, torch.where(edge == 1, wh * ww - 1, pos)).to(device)
             kw["q_pos"], kw["k_pos"] = grid_pos(B, Nq), grid_pos(Nk)
+    elif enc == "kerple":
+        kw["kerple"] = posattn.KERPLE((0.5 + torch.rand(Hq, generator=g)).to(device).requires_grad_(),
+                                      (0.05 + torch.rand(Hq, generator=g)).to(device).requires_grad_())
     elif enc == "shaw":
         K = int(torch.randint(0, 50, (1,), generator=g))
         heads = Hq if bool(torch.randint(0, 2, (1,), generator=g)) else 1

@@ -12,6 +12,7 @@ from .alibi import ALiBi, alibi_slopes
 from .tables import DistanceBias, GridBias, t5_relative_bucket
 from .dense import DenseBias
 from .relative import RelativeEmbeddings
+from .kerple import KERPLE
 
 # What posattn exports (posattn.RoPE, ...): the objects users build.
-__all__ = ["RoPE", "DistanceBias", "GridBias", "RelativeEmbeddings", "alibi_slopes"]
+__all__ = ["RoPE", "DistanceBias", "GridBias", "RelativeEmbeddings", "KERPLE", "alibi_slopes"]
