@@ -1,0 +1,244 @@
+"""The backward kernels: delta, dK / dV, the interior rows of d(aK) / d(aV), and
+the dense-bias gradient."""
+import triton
+import triton.language as tl
+
+from .common import (_COL_BCAST, _D_AK, _D_AV, _HEAD_BCAST, _ROPE, _ROW_BCAST, _UPCAST, _dot, _key_range, _load_row_stats, _load_tile, _positions, _query_range)
+from .rope import _load_rotated, _unrotate
+from .scores import _head_params, _load_queries, _probs_and_ds
+
+
+@triton.jit
+def _attn_bwd_delta(Out, DO, Delta, DLse, sob, soh, som, sod, sdob, sdoh, sdom, sdod,
+                    Hq, Nq, D, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """delta_i = sum_d dO_id * O_id (minus dLse_i when lse is differentiated too),
+    FlashAttention's shortcut for sum_j P_ij dP_ij (see _attn_bwd_dq's DELTA_PASS)."""
+    start_m = tl.program_id(0) * BLOCK_M
+    off_h = tl.program_id(1).to(tl.int64)
+    off_b = tl.program_id(2).to(tl.int64)
+    off_bh = off_b * Hq + off_h
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_tile(Out + off_b * sob + off_h * soh, offs_m, offs_d, som, sod, Nq, D)
+    do = _load_tile(DO + off_b * sdob + off_h * sdoh, offs_m, offs_d, sdom, sdod, Nq, D)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    row = off_bh * Nq + offs_m
+    if HAS_DLSE:
+        delta -= tl.load(DLse + row, mask=offs_m < Nq, other=0.0)
+    tl.store(Delta + row, delta, mask=offs_m < Nq)
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV,
+                   QPos, KPos, InvFreq, Slopes, Table, Bias, AK, AV, U, W, R1, R2,
+                   sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                   sdob, sdoh, sdom, sdod, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
+                   sqpb, skpb, ssb, ssh, stab_h, stab_t, sbb, sbh, sbm, sbn, bias_nb, rel_hs,
+                   Hq, Hkv, Nq, Nk, D, GROUP, sm_scale, qk_scale, rope_factor, win_l, win_r, tab_l, tab_r, rel_k,
+                   FLAGS: tl.constexpr, ROT_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+    """One program per (key block, kv head, batch): dK and dV summed over the GROUP
+    query heads that share this kv head, in registers (no atomics)."""
+    ROPE: tl.constexpr = (FLAGS >> _ROPE.value) & 1
+    UPCAST: tl.constexpr = (FLAGS >> _UPCAST.value) & 1
+    start_n = tl.program_id(0) * BLOCK_N
+    off_hk = tl.program_id(1).to(tl.int64)
+    off_b = tl.program_id(2).to(tl.int64)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    kp = _positions(KPos + off_b * skpb, offs_n, Nk, 0, FLAGS)
+    k = _load_rotated(K + off_b * skb + off_hk * skh, offs_n, offs_d, skn, skd, Nk, D, kp, InvFreq,
+                      rope_factor, FLAGS, ROT_DIM)
+    v = _load_tile(V + off_b * svb + off_hk * svh, offs_n, offs_d, svn, svd, Nk, D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    lo, hi = _query_range(start_n, BLOCK_N, Nq, Nk, win_l, win_r, FLAGS, BLOCK_M)
+    for g in range(0, GROUP):
+        off_h = off_hk * GROUP + g
+        slope, r1, r2, table_ptr, bias_ptr, ak_ptr, av_ptr, u_ptr, w_ptr = _head_params(
+            off_b, off_h, Slopes, ssb, ssh, Table, stab_h, Bias, sbb, sbh, bias_nb, AK, AV, U, W,
+            rel_hs, rel_k, D, R1, R2, FLAGS)
+        q_base = Q + off_b * sqb + off_h * sqh
+        do_base = DO + off_b * sdob + off_h * sdoh
+        row0 = (off_b * Hq + off_h) * Nq
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + offs_m0
+            qp, q, qu, qw = _load_queries(q_base, QPos + off_b * sqpb, offs_m, offs_d, sqm, sqd, Nq, Nk, D,
+                                          InvFreq, rope_factor, u_ptr, w_ptr,
+                                          FLAGS, ROT_DIM)
+            do = _load_tile(do_base, offs_m, offs_d, sdom, sdod, Nq, D)
+            lse2, delta = _load_row_stats(Lse, Delta, row0, offs_m, Nq)
+            p, ds, rel, ak = _probs_and_ds(
+                qu, qw, k, v, do, ak_ptr, av_ptr, qp, kp, lse2, delta, start_m, start_n, offs_m, offs_n,
+                offs_d, Nq, Nk, D, rel_k, qk_scale, slope, r1, r2, table_ptr, stab_t, tab_l, tab_r, bias_ptr, sbm, sbn,
+                win_l, win_r, FLAGS,
+                BLOCK_M, BLOCK_N, BLOCK_R)
+            dv += _dot(tl.trans(p.to(do.dtype)), do, UPCAST)
+            dk += _dot(tl.trans(ds.to(qu.dtype)), qu, UPCAST)
+
+    dk *= sm_scale
+    if ROPE:
+        dk = _unrotate(dk, offs_d, kp, InvFreq, rope_factor, FLAGS, ROT_DIM)
+    mask = (offs_n[:, None] < Nk) & (offs_d[None, :] < D)
+    tl.store(DK + off_b * sdkb + off_hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
+             dk.to(DK.dtype.element_ty), mask=mask)
+    tl.store(DV + off_b * sdvb + off_hk * sdvh + offs_n[:, None] * sdvn + offs_d[None, :] * sdvd,
+             dv.to(DV.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _attn_bwd_rel(Q, K, V, DO, Lse, Delta, DAK, DAV,
+                  QPos, KPos, InvFreq, Slopes, Table, Bias, AK, AV, U, W, R1, R2,
+                  sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
+                  sqpb, skpb, ssb, ssh, stab_h, stab_t, sbb, sbh, sbm, sbn, bias_nb, rel_hs,
+                  Hq, Nq, Nk, D, GROUP, rel_first, head_step, sm_scale, qk_scale, rope_factor,
+                  win_l, win_r, tab_l, tab_r, rel_k,
+                  FLAGS: tl.constexpr, GRADS: tl.constexpr, ROT_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Interior rows of d(aK) and d(aV) (-K < rel < K), organised by distance: one
+    program per (BLOCK_N consecutive distances, table head, batch) visits, for every
+    query block, only the key tiles on those diagonals, and sums
+    dS_ij (q_i + w) and P_ij dO_i over the pairs at each distance. Each pair has one
+    distance, so each row is owned by one program: no atomics, O(K * D) memory."""
+    UPCAST: tl.constexpr = (FLAGS >> _UPCAST.value) & 1
+    D_AK: tl.constexpr = (GRADS >> _D_AK.value) & 1
+    D_AV: tl.constexpr = (GRADS >> _D_AV.value) & 1
+    rel0 = rel_first + tl.program_id(0) * BLOCK_N
+    ha = tl.program_id(1)
+    off_b = tl.program_id(2).to(tl.int64)
+    shift = Nk - Nq
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    acc_k = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    acc_v = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for h in range(ha, Hq, head_step):  # this table head's query heads
+        off_h = tl.cast(h, tl.int64)
+        off_hk = off_h // GROUP
+        slope, r1, r2, table_ptr, bias_ptr, ak_ptr, av_ptr, u_ptr, w_ptr = _head_params(
+            off_b, off_h, Slopes, ssb, ssh, Table, stab_h, Bias, sbb, sbh, bias_nb, AK, AV, U, W,
+            rel_hs, rel_k, D, R1, R2, FLAGS)
+        row0 = (off_b * Hq + off_h) * Nq
+        for start_m in range(0, Nq, BLOCK_M):
+            # keys j = i + shift + rel for rows i of the block and rel in [rel0, rel0 + BLOCK_N)
+            lo, hi = _key_range(start_m, BLOCK_M, Nq, Nk, win_l, win_r, FLAGS, BLOCK_N)
+            j_lo = tl.maximum(lo, start_m + shift + rel0)
+            j_hi = tl.minimum(hi, start_m + BLOCK_M + shift + rel0 + BLOCK_N - 1)
+            offs_m = start_m + offs_m0
+            qp, q, qu, qw = _load_queries(Q + off_b * sqb + off_h * sqh, QPos + off_b * sqpb, offs_m, offs_d,
+                                          sqm, sqd, Nq, Nk, D, InvFreq, rope_factor, u_ptr, w_ptr,
+                                          FLAGS, ROT_DIM)
+            do = _load_tile(DO + off_b * sdob + off_h * sdoh, offs_m, offs_d, sdom, sdod, Nq, D)
+            lse2, delta = _load_row_stats(Lse, Delta, row0, offs_m, Nq)
+            for start_n in range((tl.maximum(j_lo, 0) // BLOCK_N) * BLOCK_N, j_hi, BLOCK_N):
+                offs_n = start_n + offs_n0
+                kp = _positions(KPos + off_b * skpb, offs_n, Nk, 0, FLAGS)
+                k = _load_rotated(K + off_b * skb + off_hk * skh, offs_n, offs_d, skn, skd, Nk, D, kp,
+                                  InvFreq, rope_factor, FLAGS, ROT_DIM)
+                v = _load_tile(V + off_b * svb + off_hk * svh, offs_n, offs_d, svn, svd, Nk, D)
+                p, ds, rel, ak = _probs_and_ds(
+                    qu, qw, k, v, do, ak_ptr, av_ptr, qp, kp, lse2, delta, start_m, start_n, offs_m,
+                    offs_n, offs_d, Nq, Nk, D, rel_k, qk_scale, slope, r1, r2, table_ptr, stab_t, tab_l, tab_r,
+                    bias_ptr, sbm, sbn, win_l, win_r, FLAGS, BLOCK_M, BLOCK_N, BLOCK_R)
+                # column r of row i: the key at distance rel0 + r, if it is in this tile
+                jl = (start_m + shift + rel0 - start_n) + offs_n0[None, :] + offs_m0[:, None]
+                inside = (jl >= 0) & (jl < BLOCK_N)
+                jl = tl.minimum(tl.maximum(jl, 0), BLOCK_N - 1)
+                if D_AK:
+                    ds_r = tl.where(inside, tl.gather(ds, jl, axis=1), 0.0)
+                    acc_k += _dot(tl.trans(ds_r.to(qw.dtype)), qw, UPCAST)
+                if D_AV:
+                    p_r = tl.where(inside, tl.gather(p, jl, axis=1), 0.0)
+                    acc_v += _dot(tl.trans(p_r.to(do.dtype)), do, UPCAST)
+
+    rel = rel0 + offs_n0
+    rows = rel + rel_k
+    mask = (rel <= rel_k - 1)[:, None] & (offs_d[None, :] < D)
+    base = (off_b * tl.num_programs(1) + ha) * (2 * rel_k + 1) * D
+    if D_AK:
+        tl.store(DAK + base + rows[:, None] * D + offs_d[None, :], acc_k * sm_scale, mask=mask)
+    if D_AV:
+        tl.store(DAV + base + rows[:, None] * D + offs_d[None, :], acc_v, mask=mask)
+
+
+@triton.jit
+def _attn_bwd_dbias(Q, K, V, DO, Lse, Delta, DBias,
+                    QPos, KPos, InvFreq, Slopes, Table, Bias, AK, AV, U, W, R1, R2,
+                    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
+                    sqpb, skpb, ssb, ssh, stab_h, stab_t, sbb, sbh, sbm, sbn, bias_nb, rel_hs,
+                    B, Hq, Nq, Nk, D, GROUP, BH, BM_, BN_, NUM_N, qk_scale, rope_factor,
+                    win_l, win_r, tab_l, tab_r, rel_k,
+                    FLAGS: tl.constexpr, GRADS: tl.constexpr, ROT_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+    """d(bias) in the bias's own shape [nB, 1|Hq, 1|Nq, 1|Nk] (float32): one program
+    per output tile sums dS over every batch, head, row and column that broadcasting
+    folds onto it, in a fixed order (deterministic, no atomics)."""
+    HEAD_BCAST: tl.constexpr = (GRADS >> _HEAD_BCAST.value) & 1
+    ROW_BCAST: tl.constexpr = (GRADS >> _ROW_BCAST.value) & 1
+    COL_BCAST: tl.constexpr = (GRADS >> _COL_BCAST.value) & 1
+    pid_m = tl.program_id(0) // NUM_N
+    pid_n = tl.program_id(0) % NUM_N
+    oh = tl.program_id(1)
+    ob = tl.program_id(2)
+    off_bias = ob.to(tl.int64) * BH + oh
+    if HEAD_BCAST:
+        h_lo = 0
+        h_hi = Hq
+    else:
+        h_lo = oh
+        h_hi = oh + 1
+    if ROW_BCAST:
+        m_lo = 0
+        m_hi = Nq
+    else:
+        m_lo = pid_m * BLOCK_M
+        m_hi = m_lo + 1
+    if COL_BCAST:
+        n_lo = 0
+        n_hi = Nk
+    else:
+        n_lo = pid_n * BLOCK_N
+        n_hi = n_lo + 1
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for b in range(ob, B, bias_nb):  # every batch whose bias is bias[ob] (b % nB == ob)
+        off_b = tl.cast(b, tl.int64)
+        for h in range(h_lo, h_hi):
+            off_h = tl.cast(h, tl.int64)
+            off_hk = off_h // GROUP
+            row0 = (off_b * Hq + off_h) * Nq
+            slope, r1, r2, table_ptr, bias_ptr, ak_ptr, av_ptr, u_ptr, w_ptr = _head_params(
+                off_b, off_h, Slopes, ssb, ssh, Table, stab_h, Bias, sbb, sbh, bias_nb, AK, AV, U, W,
+                rel_hs, rel_k, D, R1, R2, FLAGS)
+            for start_m in range(m_lo, m_hi, BLOCK_M):
+                offs_m = start_m + offs_m0
+                qp, q, qu, qw = _load_queries(Q + off_b * sqb + off_h * sqh, QPos + off_b * sqpb, offs_m,
+                                              offs_d, sqm, sqd, Nq, Nk, D, InvFreq, rope_factor, u_ptr, w_ptr,
+                                              FLAGS, ROT_DIM)
+                do = _load_tile(DO + off_b * sdob + off_h * sdoh, offs_m, offs_d, sdom, sdod, Nq, D)
+                lse2, delta = _load_row_stats(Lse, Delta, row0, offs_m, Nq)
+                for start_n in range(n_lo, n_hi, BLOCK_N):
+                    offs_n = start_n + offs_n0
+                    kp = _positions(KPos + off_b * skpb, offs_n, Nk, 0, FLAGS)
+                    k = _load_rotated(K + off_b * skb + off_hk * skh, offs_n, offs_d, skn, skd, Nk, D, kp,
+                                      InvFreq, rope_factor, FLAGS, ROT_DIM)
+                    v = _load_tile(V + off_b * svb + off_hk * svh, offs_n, offs_d, svn, svd, Nk, D)
+                    p, ds, rel, ak = _probs_and_ds(
+                        qu, qw, k, v, do, ak_ptr, av_ptr, qp, kp, lse2, delta, start_m, start_n, offs_m,
+                        offs_n, offs_d, Nq, Nk, D, rel_k, qk_scale, slope, r1, r2, table_ptr, stab_t, tab_l, tab_r,
+                        bias_ptr, sbm, sbn, win_l, win_r, FLAGS, BLOCK_M, BLOCK_N, BLOCK_R)
+                    acc += ds
+
+    offs_m = pid_m * BLOCK_M + offs_m0
+    offs_n = pid_n * BLOCK_N + offs_n0
+    base = DBias + off_bias * BM_ * BN_
+    if ROW_BCAST and COL_BCAST:
+        tl.store(base, tl.sum(tl.sum(acc, 1), 0))
+    elif ROW_BCAST:
+        tl.store(base + offs_n, tl.sum(acc, 0), mask=offs_n < Nk)
+    elif COL_BCAST:
+        tl.store(base + offs_m, tl.sum(acc, 1), mask=offs_m < Nq)
+    else:
+        tl.store(base + offs_m[:, None] * Nk + offs_n[None, :], acc,
+                 mask=(offs_m[:, None] < Nq) & (offs_n[None, :] < Nk))

@@ -1,0 +1,128 @@
+"""Shared by every kernel: the constexpr bit layout, loads, positions, the key / query
+ranges that causal and window masks leave visible, the row statistics."""
+import triton
+import triton.language as tl
+
+__all__ = ["LOG2E", "_CAUSAL", "_HAS_WL", "_HAS_WR", "_HAS_POS", "_ROPE", "_INTERLEAVED", "_ALIBI", "_TABLE",
+           "_BIAS", "_BIAS_MASK", "_REL_K", "_REL_V", "_REL_U", "_REL_W", "_UPCAST", "_KERPLE", "_D_SLOPE",
+           "_D_TABLE", "_D_U", "_D_W", "_D_AK", "_D_AV", "_DELTA_PASS", "_HEAD_BCAST", "_ROW_BCAST",
+           "_COL_BCAST", "_D_KERPLE"]
+
+LOG2E = tl.constexpr(1.4426950408889634)  # a constexpr: jitted code reads no plain globals
+
+# Bit offsets of the FLAGS constexpr (what the problem has: masks, positions, encodings;
+# TABLE takes two bits: 0 none, 1 DistanceBias, 2 GridBias) and of GRADS (what the
+# backward computes). posattn/_triton.py packs them with these same constants.
+_CAUSAL = tl.constexpr(0)
+_HAS_WL = tl.constexpr(1)
+_HAS_WR = tl.constexpr(2)
+_HAS_POS = tl.constexpr(3)
+_ROPE = tl.constexpr(4)
+_INTERLEAVED = tl.constexpr(5)
+_ALIBI = tl.constexpr(6)
+_TABLE = tl.constexpr(7)
+_BIAS = tl.constexpr(9)
+_BIAS_MASK = tl.constexpr(10)
+_REL_K = tl.constexpr(11)
+_REL_V = tl.constexpr(12)
+_REL_U = tl.constexpr(13)
+_REL_W = tl.constexpr(14)
+_UPCAST = tl.constexpr(15)
+_KERPLE = tl.constexpr(16)
+_D_SLOPE = tl.constexpr(0)
+_D_TABLE = tl.constexpr(1)
+_D_U = tl.constexpr(2)
+_D_W = tl.constexpr(3)
+_D_AK = tl.constexpr(4)
+_D_AV = tl.constexpr(5)
+_DELTA_PASS = tl.constexpr(6)
+_HEAD_BCAST = tl.constexpr(7)
+_ROW_BCAST = tl.constexpr(8)
+_COL_BCAST = tl.constexpr(9)
+_D_KERPLE = tl.constexpr(10)
+
+
+@triton.jit
+def _dot(a, b, UPCAST: tl.constexpr):
+    # Triton's CPU interpreter multiplies bfloat16 tiles as raw uint16; feeding it
+    # float32 gives the same products (bf16 x bf16 is exact in fp32).
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _load_tile(ptr, offs_n, offs_d, stride_n, stride_d, N, D):
+    return tl.load(ptr + offs_n[:, None] * stride_n + offs_d[None, :] * stride_d,
+                   mask=(offs_n[:, None] < N) & (offs_d[None, :] < D), other=0.0)
+
+
+@triton.jit
+def _positions(pos_ptr, offs, N, shift, FLAGS: tl.constexpr):
+    HAS_POS: tl.constexpr = (FLAGS >> _HAS_POS.value) & 1
+    if HAS_POS:
+        # int64: the distance of two int32 positions can pass 2^31
+        return tl.load(pos_ptr + offs, mask=offs < N, other=0).to(tl.int64)
+    else:
+        return offs + shift
+
+
+@triton.jit
+def _key_range(start_m, BLOCK_M: tl.constexpr, Nq, Nk, win_l, win_r,
+               FLAGS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[lo, hi) of keys that rows start_m.. can see; with default positions the
+    causal / window masks bound it, so hidden tiles are never visited."""
+    CAUSAL: tl.constexpr = (FLAGS >> _CAUSAL.value) & 1
+    HAS_WL: tl.constexpr = (FLAGS >> _HAS_WL.value) & 1
+    HAS_WR: tl.constexpr = (FLAGS >> _HAS_WR.value) & 1
+    HAS_POS: tl.constexpr = (FLAGS >> _HAS_POS.value) & 1
+    lo = 0
+    hi = Nk
+    if not HAS_POS:
+        shift = Nk - Nq
+        if CAUSAL:
+            hi = tl.minimum(hi, start_m + BLOCK_M + shift)
+        # A window side may be as wide as 2^62: sum it in int64, clamp into [0, Nk],
+        # and keep the loop bounds int32.
+        if HAS_WR:
+            hi = tl.minimum(hi, tl.minimum(start_m + BLOCK_M + shift + tl.cast(win_r, tl.int64), Nk).to(tl.int32))
+        if HAS_WL:
+            lo = tl.maximum(start_m + shift - tl.cast(win_l, tl.int64), 0).to(tl.int32)
+            lo = (lo // BLOCK_N) * BLOCK_N
+        hi = tl.maximum(hi, lo)
+    return lo, hi
+
+
+@triton.jit
+def _query_range(start_n, BLOCK_N: tl.constexpr, Nq, Nk, win_l, win_r,
+                 FLAGS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """[lo, hi) of query rows that can see keys start_n.. (the transpose of _key_range)."""
+    CAUSAL: tl.constexpr = (FLAGS >> _CAUSAL.value) & 1
+    HAS_WL: tl.constexpr = (FLAGS >> _HAS_WL.value) & 1
+    HAS_WR: tl.constexpr = (FLAGS >> _HAS_WR.value) & 1
+    HAS_POS: tl.constexpr = (FLAGS >> _HAS_POS.value) & 1
+    lo = 0
+    hi = Nq
+    if not HAS_POS:
+        shift = Nk - Nq
+        # row i sees key j when j - i - shift <= right and >= -left
+        if CAUSAL:
+            lo = tl.maximum(lo, start_n - shift)
+        if HAS_WR:  # int64 and clamped, as in _key_range
+            lo = tl.maximum(lo, tl.maximum(start_n - shift - tl.cast(win_r, tl.int64), 0).to(tl.int32))
+        lo = (tl.maximum(lo, 0) // BLOCK_M) * BLOCK_M
+        if HAS_WL:
+            hi = tl.minimum(hi, tl.minimum(start_n + BLOCK_N - shift + tl.cast(win_l, tl.int64), Nq).to(tl.int32))
+        hi = tl.maximum(hi, lo)
+    return lo, hi
+
+
+@triton.jit
+def _load_row_stats(Lse2, Delta, row0, offs_m, Nq):
+    """lse (log2 domain) and delta of rows; rows with no visible key or past Nq get
+    lse = +inf so that their recomputed probabilities are exactly 0."""
+    lse = tl.load(Lse2 + row0 + offs_m, mask=offs_m < Nq, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    delta = tl.load(Delta + row0 + offs_m, mask=offs_m < Nq, other=0.0)
+    return lse, delta

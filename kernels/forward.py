@@ -1,0 +1,74 @@
+"""The forward kernel: online softmax over the key tiles."""
+import triton
+import triton.language as tl
+
+from .common import LOG2E, _REL_V, _UPCAST, _dot, _key_range, _load_tile, _positions
+from .rope import _load_rotated
+from .relative import _keys_to_rel, _load_rel, _rel_rows
+from .scores import _head_params, _load_queries, _logits, _scores
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, Out, Lse, Lse2,
+              QPos, KPos, InvFreq, Slopes, Table, Bias, AK, AV, U, W, R1, R2,
+              sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
+              sqpb, skpb, ssb, ssh, stab_h, stab_t, sbb, sbh, sbm, sbn, bias_nb, rel_hs,
+              Hq, Nq, Nk, D, GROUP, qk_scale, rope_factor, win_l, win_r, tab_l, tab_r, rel_k,
+              FLAGS: tl.constexpr, ROT_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+    """One program per (query block, head, batch): out, the natural-log lse (returned)
+    and the log2-domain one the backward recomputes P from (no round trip)."""
+    REL_V: tl.constexpr = (FLAGS >> _REL_V.value) & 1
+    UPCAST: tl.constexpr = (FLAGS >> _UPCAST.value) & 1
+    start_m = tl.program_id(0) * BLOCK_M
+    off_h = tl.program_id(1).to(tl.int64)
+    off_b = tl.program_id(2).to(tl.int64)
+    off_bh = off_b * Hq + off_h
+    off_hk = off_h // GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    slope, r1, r2, table_ptr, bias_ptr, ak_ptr, av_ptr, u_ptr, w_ptr = _head_params(
+        off_b, off_h, Slopes, ssb, ssh, Table, stab_h, Bias, sbb, sbh, bias_nb, AK, AV, U, W,
+        rel_hs, rel_k, D, R1, R2, FLAGS)
+    qp, q, qu, qw = _load_queries(Q + off_b * sqb + off_h * sqh, QPos + off_b * sqpb, offs_m, offs_d, sqm, sqd,
+                                  Nq, Nk, D, InvFreq, rope_factor, u_ptr, w_ptr,
+                                  FLAGS, ROT_DIM)
+    k_base = K + off_b * skb + off_hk * skh
+    v_base = V + off_b * svb + off_hk * svh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    lo, hi = _key_range(start_m, BLOCK_M, Nq, Nk, win_l, win_r, FLAGS, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        kp = _positions(KPos + off_b * skpb, offs_n, Nk, 0, FLAGS)
+        k = _load_rotated(k_base, offs_n, offs_d, skn, skd, Nk, D, kp, InvFreq, rope_factor,
+                          FLAGS, ROT_DIM)
+        qk, ak = _logits(qu, qw, k, ak_ptr, start_m, start_n, Nq, Nk, rel_k, offs_d, D, FLAGS,
+                         BLOCK_M, BLOCK_N, BLOCK_R)
+        s, rel = _scores(qk, qp, kp, offs_m, offs_n, Nq, Nk, qk_scale, slope, r1, r2, table_ptr, stab_t,
+                         tab_l, tab_r, bias_ptr, sbm, sbn, win_l, win_r, FLAGS)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with nothing visible yet keeps m = -inf; subtract 0 instead so that
+        # exp2(-inf - -inf) never makes a NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_tile(v_base, offs_n, offs_d, svn, svd, Nk, D)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
+        if REL_V:  # Shaw's value side: sum_j p_ij aV[c(i, j)], bucketed per row
+            av = _load_rel(av_ptr, _rel_rows(start_m, start_n, Nq, Nk, rel_k, BLOCK_M, BLOCK_R), offs_d, D)
+            acc += _dot(_keys_to_rel(p, BLOCK_M, BLOCK_N, BLOCK_R).to(v.dtype), av.to(v.dtype), UPCAST)
+        m_i = m_new
+
+    # Rows that saw no key: output 0, lse = -inf.
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse2 = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    o_ptrs = Out + off_b * sob + off_h * soh + offs_m[:, None] * som + offs_d[None, :] * sod
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < D))
+    tl.store(Lse + off_bh * Nq + offs_m, lse2 / LOG2E, mask=offs_m < Nq)
+    tl.store(Lse2 + off_bh * Nq + offs_m, lse2, mask=offs_m < Nq)

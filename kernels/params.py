@@ -1,0 +1,158 @@
+"""dQ and the encodings' parameter gradients (slopes, KERPLE, tables, u / w, the
+clipped end rows of aK / aV), reduced per query block into slots the host sums in a
+fixed order; with DELTA_PASS, the exact-delta pass."""
+import triton
+import triton.language as tl
+
+from .common import (LOG2E, _DELTA_PASS, _D_AK, _D_AV, _D_KERPLE, _D_SLOPE, _D_TABLE, _D_U, _D_W, _REL_K, _ROPE, _TABLE, _UPCAST, _dot, _key_range, _load_row_stats, _load_tile, _positions)
+from .rope import _load_rotated, _unrotate
+from .relative import _keys_to_rel
+from .scores import _head_params, _load_queries, _probs_and_ds, _table_index
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, DSlope, DTable, DU, DW, DAKEnd, DAVEnd, DKerple,
+                 QPos, KPos, InvFreq, Slopes, Table, Bias, AK, AV, U, W, R1, R2,
+                 sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                 sdob, sdoh, sdom, sdod, sdqb, sdqh, sdqm, sdqd,
+                 sqpb, skpb, ssb, ssh, stab_h, stab_t, sbb, sbh, sbm, sbn, bias_nb, rel_hs,
+                 Hq, Nq, Nk, D, GROUP, NUM_M, TAB_T, sm_scale, qk_scale, rope_factor,
+                 win_l, win_r, tab_l, tab_r, rel_k,
+                 FLAGS: tl.constexpr, GRADS: tl.constexpr, ROT_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+    """One program per (query block, q head, batch): dQ, and this program's partial
+    sums of d(slope), d(table), du, dw and the two clipped end rows of d(aK), d(aV),
+    each written to its own slot (the host adds the slots in a fixed order).
+
+    With DELTA_PASS it only computes, from the same P and dP tiles the gradient
+    uses, l_i = sum_j P_ij and delta_i = sum_j P_ij dP_ij / l_i, and folds log2(l_i)
+    into the row's lse: the recomputed P then sums to 1 to float32 rounding and
+    delta is the exact sum the softmax gradient subtracts. In rows where attention
+    is nearly one-hot, rowsum(dO * O) or an lse off by eps * |lse| differ from it
+    by as much as dS itself, and slope / table gradients inherit that error."""
+    ROPE: tl.constexpr = (FLAGS >> _ROPE.value) & 1
+    TABLE: tl.constexpr = (FLAGS >> _TABLE.value) & 3
+    REL_K: tl.constexpr = (FLAGS >> _REL_K.value) & 1
+    UPCAST: tl.constexpr = (FLAGS >> _UPCAST.value) & 1
+    D_SLOPE: tl.constexpr = (GRADS >> _D_SLOPE.value) & 1
+    D_KERPLE: tl.constexpr = (GRADS >> _D_KERPLE.value) & 1
+    D_TABLE: tl.constexpr = (GRADS >> _D_TABLE.value) & 1
+    D_U: tl.constexpr = (GRADS >> _D_U.value) & 1
+    D_W: tl.constexpr = (GRADS >> _D_W.value) & 1
+    D_AK: tl.constexpr = (GRADS >> _D_AK.value) & 1
+    D_AV: tl.constexpr = (GRADS >> _D_AV.value) & 1
+    DELTA_PASS: tl.constexpr = (GRADS >> _DELTA_PASS.value) & 1
+    pid_m = tl.program_id(0)
+    start_m = pid_m * BLOCK_M
+    off_h = tl.program_id(1).to(tl.int64)
+    off_b = tl.program_id(2).to(tl.int64)
+    off_bh = off_b * Hq + off_h
+    off_hk = off_h // GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    slope, r1, r2, table_ptr, bias_ptr, ak_ptr, av_ptr, u_ptr, w_ptr = _head_params(
+        off_b, off_h, Slopes, ssb, ssh, Table, stab_h, Bias, sbb, sbh, bias_nb, AK, AV, U, W,
+        rel_hs, rel_k, D, R1, R2, FLAGS)
+    qp, q, qu, qw = _load_queries(Q + off_b * sqb + off_h * sqh, QPos + off_b * sqpb, offs_m, offs_d, sqm, sqd,
+                                  Nq, Nk, D, InvFreq, rope_factor, u_ptr, w_ptr,
+                                  FLAGS, ROT_DIM)
+    do = _load_tile(DO + off_b * sdob + off_h * sdoh, offs_m, offs_d, sdom, sdod, Nq, D)
+    lse2, delta = _load_row_stats(Lse, Delta, off_bh * Nq, offs_m, Nq)
+    if DELTA_PASS:
+        delta = tl.zeros([BLOCK_M], tl.float32)   # then dS = P * dP
+        p_dp = tl.zeros([BLOCK_M], tl.float32)
+        p_sum = tl.zeros([BLOCK_M], tl.float32)
+    k_base = K + off_b * skb + off_hk * skh
+    v_base = V + off_b * svb + off_hk * svh
+
+    dq_c = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)   # from (q + u) . k
+    dq_p = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)   # from (q + w) . aK
+    d_slope = tl.zeros([BLOCK_M], tl.float32)
+    d_r1 = tl.zeros([BLOCK_M], tl.float32)
+    d_r2 = tl.zeros([BLOCK_M], tl.float32)
+    offs_t = tl.arange(0, BLOCK_T)
+    d_tab = tl.zeros([BLOCK_T], tl.float32)
+    # dS and P summed over the keys clipped to aK / aV row 0 (rel <= -K) and row 2K.
+    ds_left = tl.zeros([BLOCK_M], tl.float32)
+    ds_right = tl.zeros([BLOCK_M], tl.float32)
+    p_left = tl.zeros([BLOCK_M], tl.float32)
+    p_right = tl.zeros([BLOCK_M], tl.float32)
+    lo, hi = _key_range(start_m, BLOCK_M, Nq, Nk, win_l, win_r, FLAGS, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        kp = _positions(KPos + off_b * skpb, offs_n, Nk, 0, FLAGS)
+        k = _load_rotated(k_base, offs_n, offs_d, skn, skd, Nk, D, kp, InvFreq, rope_factor,
+                          FLAGS, ROT_DIM)
+        v = _load_tile(v_base, offs_n, offs_d, svn, svd, Nk, D)
+        p, ds, rel, ak = _probs_and_ds(
+            qu, qw, k, v, do, ak_ptr, av_ptr, qp, kp, lse2, delta, start_m, start_n, offs_m, offs_n,
+            offs_d, Nq, Nk, D, rel_k, qk_scale, slope, r1, r2, table_ptr, stab_t, tab_l, tab_r, bias_ptr, sbm, sbn,
+            win_l, win_r, FLAGS,
+            BLOCK_M, BLOCK_N, BLOCK_R)
+        if DELTA_PASS:
+            p_dp += tl.sum(ds, 1)
+            p_sum += tl.sum(p, 1)
+        else:
+            dq_c += _dot(ds.to(k.dtype), k, UPCAST)
+            if REL_K:
+                dq_p += _dot(_keys_to_rel(ds, BLOCK_M, BLOCK_N, BLOCK_R).to(k.dtype), ak, UPCAST)
+            if D_SLOPE:
+                d_slope -= tl.sum(ds * tl.abs(rel).to(tl.float32), 1)
+            if D_KERPLE:  # d/dr1 = -log(1 + r2 a), d/dr2 = -r1 a / (1 + r2 a), a = |rel|
+                dist = tl.abs(rel).to(tl.float32)
+                grow = 1.0 + r2 * dist
+                d_r1 -= tl.sum(ds * (tl.math.log2(grow) / LOG2E), 1)
+                d_r2 -= tl.sum(ds * (r1 * dist / grow), 1)
+            if D_TABLE:
+                # Histogram of dS by table column, over only the columns this tile
+                # touches: far from the diagonal every entry clamps to one column.
+                idx = _table_index(rel, qp, kp, tab_l, tab_r, TABLE)
+                live = ds != 0.0
+                c_lo = tl.min(tl.where(live, idx, TAB_T))
+                c_hi = tl.max(tl.where(live, idx, -1))
+                for c in range(c_lo, c_hi + 1):
+                    d_tab += tl.where(offs_t == c, tl.sum(tl.sum(tl.where(idx == c, ds, 0.0), 1), 0), 0.0)
+            if D_AK or D_AV:
+                left = rel <= -rel_k
+                right = (rel >= rel_k) & (rel > -rel_k)
+                if D_AK:
+                    ds_left += tl.sum(tl.where(left, ds, 0.0), 1)
+                    ds_right += tl.sum(tl.where(right, ds, 0.0), 1)
+                if D_AV:
+                    p_left += tl.sum(tl.where(left, p, 0.0), 1)
+                    p_right += tl.sum(tl.where(right, p, 0.0), 1)
+
+    if DELTA_PASS:
+        live = (offs_m < Nq) & (p_sum > 0.0)
+        tl.store(Delta + off_bh * Nq + offs_m, p_dp / tl.where(live, p_sum, 1.0), mask=offs_m < Nq)
+        tl.store(Lse + off_bh * Nq + offs_m, lse2 + tl.math.log2(tl.where(live, p_sum, 1.0)), mask=live)
+    else:
+        slot = off_bh * NUM_M + pid_m
+        in_d = offs_d < D
+        if D_U:
+            tl.store(DU + slot * D + offs_d, tl.sum(dq_c, 0) * sm_scale, mask=in_d)
+        if D_W:
+            tl.store(DW + slot * D + offs_d, tl.sum(dq_p, 0) * sm_scale, mask=in_d)
+        if D_AK:
+            qw32 = qw.to(tl.float32)
+            tl.store(DAKEnd + slot * 2 * D + offs_d, tl.sum(ds_left[:, None] * qw32, 0) * sm_scale, mask=in_d)
+            tl.store(DAKEnd + (slot * 2 + 1) * D + offs_d, tl.sum(ds_right[:, None] * qw32, 0) * sm_scale,
+                     mask=in_d)
+        if D_AV:
+            do32 = do.to(tl.float32)
+            tl.store(DAVEnd + slot * 2 * D + offs_d, tl.sum(p_left[:, None] * do32, 0), mask=in_d)
+            tl.store(DAVEnd + (slot * 2 + 1) * D + offs_d, tl.sum(p_right[:, None] * do32, 0), mask=in_d)
+        if D_SLOPE:
+            tl.store(DSlope + slot, tl.sum(d_slope, 0))
+        if D_KERPLE:
+            tl.store(DKerple + slot * 2, tl.sum(d_r1, 0))
+            tl.store(DKerple + slot * 2 + 1, tl.sum(d_r2, 0))
+        if D_TABLE:
+            tl.store(DTable + slot * TAB_T + offs_t, d_tab, mask=offs_t < TAB_T)
+
+        dq = (dq_c + dq_p) * sm_scale
+        if ROPE:
+            dq = _unrotate(dq, offs_d, qp, InvFreq, rope_factor, FLAGS, ROT_DIM)
+        tl.store(DQ + off_b * sdqb + off_h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
+                 dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < Nq) & in_d[None, :])

@@ -1,0 +1,48 @@
+"""Shaw / Transformer-XL relative embeddings: the per-tile slice of aK / aV and the
+per-row shifts between key space and distance space."""
+import triton
+import triton.language as tl
+
+
+
+@triton.jit
+def _rel_rows(start_m, start_n, Nq, Nk, rel_k, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Rows of aK / aV a tile needs (default positions): slice row r stands for
+    rel = rel_min + r, clamped to [-K, K]; the tile's rel span is BLOCK_M + BLOCK_N - 1."""
+    rel_min = start_n - (start_m + BLOCK_M - 1) - (Nk - Nq)
+    rel = rel_min + tl.arange(0, BLOCK_R)
+    return tl.minimum(tl.maximum(rel, -rel_k), rel_k) + rel_k
+
+
+@triton.jit
+def _load_rel(ptr, rows, offs_d, D):
+    """[BLOCK_R, BLOCK_D] rows of a contiguous [2K+1, D] relative table."""
+    return tl.load(ptr + rows[:, None] * D + offs_d[None, :], mask=offs_d[None, :] < D, other=0.0)
+
+
+@triton.jit
+def _rel_to_keys(x_r, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[BLOCK_M, BLOCK_R] in slice space -> [BLOCK_M, BLOCK_N]: pair (i, j) is slice
+    row j - i + BLOCK_M - 1 (a per-row shift, done as one register gather)."""
+    r = tl.arange(0, BLOCK_N)[None, :] - tl.arange(0, BLOCK_M)[:, None] + (BLOCK_M - 1)
+    return tl.gather(x_r, r, axis=1)
+
+
+@triton.jit
+def _keys_to_rel(x, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The inverse shift: [BLOCK_M, BLOCK_N] -> [BLOCK_M, BLOCK_R], slice row r of row i
+    holds x[i, r + i - BLOCK_M + 1] (0 outside the tile). Keys map one to one onto
+    slice rows, so the per-row bucket sums of Shaw's value side need no scatter."""
+    j = tl.arange(0, BLOCK_R)[None, :] + tl.arange(0, BLOCK_M)[:, None] - (BLOCK_M - 1)
+    inside = (j >= 0) & (j < BLOCK_N)
+    return tl.where(inside, tl.gather(x, tl.minimum(tl.maximum(j, 0), BLOCK_N - 1), axis=1), 0.0)
+
+
+@triton.jit
+def _add_row(x, ptr, offs_d, D, FLAG: tl.constexpr):
+    """x + vec[None, :] (a [D] vector, Transformer-XL's u or w), kept in x's dtype."""
+    if FLAG:
+        vec = tl.load(ptr + offs_d, mask=offs_d < D, other=0.0).to(tl.float32)
+        return (x.to(tl.float32) + vec[None, :]).to(x.dtype)
+    else:
+        return x
