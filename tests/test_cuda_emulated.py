@@ -173,3 +173,14 @@ def test_double_backward_and_func_grad(emulated):
         assert rel_err(a, b) < 1e-4
     with pytest.raises(NotImplementedError, match="posattn: torch.func.vmap is not supported by the 'cuda'"):
         torch.func.vmap(lambda x: posattn.attention(x, k.detach(), v.detach(), backend="cuda"))(q.detach()[None])
+
+
+@pytest.mark.parametrize("window", [(None, 2 ** 31 - 1), (2 ** 31 - 1, 0), (2 ** 32, 3)])
+def test_int32_edges(window, emulated):
+    """Windows and explicit positions at the int32 edges (the CUDA kernels use int64)."""
+    from attn_check import check
+    top = 2 ** 31 - 1
+    q, k, v = (torch.randn(1, 2, n, 16, requires_grad=True) for n in (21, 30, 30))
+    check(q, k, v, backend="cuda", window=window, causal=window[1] == 0)
+    check(q, k, v, backend="cuda", q_pos=torch.arange(top - 20, top + 1, dtype=torch.int32),
+          k_pos=torch.arange(-2 ** 31, -2 ** 31 + 30, dtype=torch.int32), window=(2 ** 32 + 10, None))
