@@ -17,12 +17,6 @@ import torch
 
 from ._validate import Problem
 
-def problem_with(p: Problem, q, k, v, params: dict) -> Problem:
-    """``p`` with its differentiable tensors replaced (same encodings, positions, masks);
-    ``params`` maps ``(keyword, tensor name)`` to tensors (absent or None: keep)."""
-    return p.with_tensors(q, k, v, {n: t for n, t in params.items() if t is not None})
-
-
 def _message(transform, backend, rule):
     return (f"posattn: torch.func.{transform} is not supported by the {backend!r} backend (its kernels have no "
             f"{rule} rule); use posattn.attention(..., backend='reference') inside torch.func.{transform}")
@@ -77,7 +71,8 @@ class FusedBackward(torch.autograd.Function):
                 use = list(slots)
                 for i, x in zip(live, xs):
                     use[i] = x
-                rp = problem_with(p, use[0], use[1], use[2], dict(zip(names, use[3:])))
+                rp = p.with_tensors(use[0], use[1], use[2],
+                                    {n: t for n, t in zip(names, use[3:]) if t is not None})
                 out, lse = reference._run(dataclasses.replace(rp, return_lse=True), upcast=False)
                 return (out, lse) if dlse is not None else (out,)
 

@@ -225,11 +225,6 @@ def _problem(tensors: dict, scalars: dict) -> _validate.Problem:
     return p
 
 
-def _launch_inputs(p: _validate.Problem):
-    """The tensors _triton._Launch takes after q (the parameters, in _triton._PARAMS order)."""
-    return _triton._launch_params(p)
-
-
 def _fwd(*args):
     """Forward: ``(out, lse, lse2)``; lse is natural-log ``[B, Hq, Nq]`` float32, lse2
     the log2-domain row statistics the backward reads (``lse2 = lse * log2(e)``)."""
@@ -237,7 +232,7 @@ def _fwd(*args):
     scalars, _ = _split(rest, _COMMON_SCALARS + _ENC_SCALARS)
     p = _problem(tensors, scalars)
     q = tensors["q"]
-    L = _triton._Launch(p, q, *_launch_inputs(p))
+    L = _triton._Launch(p, q, *_triton._launch_params(p))
     return _triton._forward(L, q, tensors["k"], tensors["v"], wrap=_launcher(q))
 
 
@@ -251,7 +246,7 @@ def _bwd(*args):
     flags = tuple(bool(x) for x in rest)
     tensors.update(q=head["q"], k=head["k"], v=head["v"])
     p = _problem(tensors, scalars)
-    inputs = _launch_inputs(p)
+    inputs = _triton._launch_params(p)
     for name, want, t in zip(_triton._PARAMS, flags, inputs):
         if want and t is None:
             raise ValueError(f"posattn::attn_bwd: need_{name} is set but {name} is None")

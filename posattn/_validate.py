@@ -15,10 +15,10 @@ import torch
 
 from . import encodings as _encodings
 from .encodings import Encoding, RelativeEmbeddings, RoPE, Shape, is_int
+from .encodings.base import FLOAT_DTYPES, same_device
 
 MAX_HEAD_DIM = 256
 WINDOW_MAX = 2 ** 62
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # float64: reference only
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
@@ -124,16 +124,11 @@ def _tensor(name, x):
     return x
 
 
-def _same_device(name, x, device):
-    if x.device != device:
-        raise ValueError(f"{name} is on {x.device} but q is on {device}: all tensors must be on one device")
-
-
 def _positions(name, pos, B, N, device):
     if pos is None:
         return None
     _tensor(name, pos)
-    _same_device(name, pos, device)
+    same_device(name, pos, device)
     if pos.dtype not in _INDEX_DTYPES:
         raise TypeError(f"{name} must be int32 or int64, got {pos.dtype}")
     if pos.dim() == 1:
@@ -150,12 +145,12 @@ def check(q, k, v, *, causal=False, scale=None, window=None, q_pos=None, k_pos=N
         _tensor(name, x)
         if x.dim() != 4:
             raise ValueError(f"{name} must be 4-D [B, H, N, D], got shape {tuple(x.shape)}")
-    if q.dtype not in _DTYPES:
+    if q.dtype not in FLOAT_DTYPES:  # float64: reference only
         raise TypeError(f"q must be float16, bfloat16 or float32 (float64: reference backend), got {q.dtype}")
     for name, x in (("k", k), ("v", v)):
         if x.dtype != q.dtype:
             raise TypeError(f"{name} has dtype {x.dtype} but q has {q.dtype}: q, k and v must share a dtype")
-        _same_device(name, x, q.device)
+        same_device(name, x, q.device)
     B, Hq, Nq, D = q.shape
     _, Hkv, Nk, _ = k.shape
     if k.shape[0] != B or v.shape[0] != B:

@@ -16,7 +16,7 @@ def _grid_positions(tokens, **positions):
     for name, pos in positions.items():
         if pos is None or pos.numel() == 0 or not readable(pos):
             continue
-        lo, hi = int(pos.min()), int(pos.max())
+        lo, hi = (int(x) for x in torch.aminmax(pos))  # one device sync
         if lo < 0 or hi >= tokens:
             raise ValueError(f"{name} must lie in [0, Wh * Ww) = [0, {tokens}) with a GridBias (token p sits at "
                              f"(p // Ww, p % Ww) in the window), got values from {lo} to {hi}")
