@@ -545,11 +545,9 @@ BWD_ENCODINGS = {"plain": ({}, {}), "rope": (dict(ROPE=True, ROT_DIM=-1), {}),
                  "table+dtable": (dict(TABLE=1), dict(D_TABLE=True))}
 
 # --- copied from posattn tests/aot_compile.py (signature building), used by --aot
-POINTERS = set("Q K V Out Lse Lse2 QPos KPos InvFreq Slopes Table Bias AK AV U W DO DK DV DQ Delta DLse "
-               "DSlope DTable DU DW DAKEnd DAVEnd DAK DAV DBias".split())
-FLOAT_POINTERS = set("Lse Lse2 Delta DLse DSlope DTable DU DW DAKEnd DAVEnd DAK DAV DBias InvFreq Slopes "
-                     "Table AK AV U W".split())
-FLOATS = {"qk_scale", "rope_factor", "sm_scale"}
+POINTERS = set("Q K V Out Lse Lse2 Pos Params Table Bias Rel DO DK DV DQ Stats DLse DParams DAK DAV DBias".split())
+FLOAT_POINTERS = set("Lse Lse2 Stats DLse DParams DAK DAV DBias Params Table Rel".split())
+FLOATS = {"sm_scale"}
 
 
 def aot_signature(fn, cx, dt, flags):
@@ -560,7 +558,7 @@ def aot_signature(fn, cx, dt, flags):
         if "constexpr" in str(prm.annotation):
             sig[p] = "constexpr"
         elif p in POINTERS:
-            sig[p] = "*fp32" if p in FLOAT_POINTERS else ("*i64" if p.endswith("Pos") else "*" + dt)
+            sig[p] = "*fp32" if p in FLOAT_POINTERS else ("*i64" if p == "Pos" else "*" + dt)
         else:
             sig[p] = "fp32" if p in FLOATS else "i32"
     if "Bias" in sig and flags.get("BIAS"):
@@ -666,7 +664,7 @@ def build_posattn(direction, enc_name, D, enc, grads, aot=False):
     backward = direction == "bwd"
     bm, bn, bd, warps, stages = T._config(D, backward, rel, gpu=True, fp32=False)
     if aot:
-        blocks = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_R=T._next_pow2(bm + bn - 1))
+        blocks = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
         names = ["_attn_fwd"] if not backward else ["_attn_bwd_dkdv", "_attn_bwd_dq"]
         for name in names:
             fn = getattr(A, name)

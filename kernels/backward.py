@@ -1,15 +1,18 @@
 """The backward kernels: delta, dK / dV, the interior rows of d(aK) / d(aV), and
-the dense-bias gradient."""
+the dense-bias gradient. Arguments as in _attn_fwd; Stats is the [B, Hq, 2, Nq]
+float32 row statistics (lse in the log2 domain, then delta), dO has out's
+conventions (strides by batch, head, row; head dim contiguous)."""
 import triton
 import triton.language as tl
 
-from .common import (_COL_BCAST, _D_AK, _D_AV, _HEAD_BCAST, _ROPE, _ROW_BCAST, _UPCAST, _dot, _key_range, _load_row_stats, _load_tile, _positions, _query_range)
-from .rope import _load_rotated, _unrotate
+from .common import (LOG2E, _COL_BCAST, _D_AK, _D_AV, _HEAD_BCAST, _ROPE, _ROW_BCAST, _UPCAST, _dot, _key_range,
+                     _load_row_stats, _load_tile, _positions, _query_range, _stats_row)
+from .rope import _load_rotated, _rope_factor, _unrotate
 from .scores import _head_params, _load_queries, _probs_and_ds
 
 
 @triton.jit
-def _attn_bwd_delta(Out, DO, Delta, DLse, sob, soh, som, sod, sdob, sdoh, sdom, sdod,
+def _attn_bwd_delta(Out, DO, Stats, DLse, sob, soh, som, sdob, sdoh, sdom,
                     Hq, Nq, D, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """delta_i = sum_d dO_id * O_id (minus dLse_i when lse is differentiated too),
     FlashAttention's shortcut for sum_j P_ij dP_ij (see _attn_bwd_dq's DELTA_PASS)."""
@@ -19,23 +22,21 @@ def _attn_bwd_delta(Out, DO, Delta, DLse, sob, soh, som, sod, sdob, sdoh, sdom, 
     off_bh = off_b * Hq + off_h
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    o = _load_tile(Out + off_b * sob + off_h * soh, offs_m, offs_d, som, sod, Nq, D)
-    do = _load_tile(DO + off_b * sdob + off_h * sdoh, offs_m, offs_d, sdom, sdod, Nq, D)
+    o = _load_tile(Out + off_b * sob + off_h * soh, offs_m, offs_d, som, Nq, D)
+    do = _load_tile(DO + off_b * sdob + off_h * sdoh, offs_m, offs_d, sdom, Nq, D)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    row = off_bh * Nq + offs_m
     if HAS_DLSE:
-        delta -= tl.load(DLse + row, mask=offs_m < Nq, other=0.0)
-    tl.store(Delta + row, delta, mask=offs_m < Nq)
+        delta -= tl.load(DLse + off_bh * Nq + offs_m, mask=offs_m < Nq, other=0.0)
+    tl.store(_stats_row(Stats, off_bh, Nq) + Nq + offs_m, delta, mask=offs_m < Nq)
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV,
-                   QPos, KPos, InvFreq, Slopes, Table, Bias, AK, AV, U, W, R1, R2,
-                   sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                   sdob, sdoh, sdom, sdod, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
-                   sqpb, skpb, ssb, ssh, stab_h, stab_t, sbb, sbh, sbm, sbn, bias_nb, rel_hs,
-                   Hq, Hkv, Nq, Nk, D, GROUP, sm_scale, qk_scale, rope_factor, win_l, win_r, tab_l, tab_r, rel_k,
-                   FLAGS: tl.constexpr, ROT_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+def _attn_bwd_dkdv(Q, K, V, DO, Stats, DK, DV, Pos, Params, Table, Bias, Rel,
+                   sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
+                   sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, sbb, sbh, sbm, bias_nb,
+                   Hq, Nq, Nk, D, GROUP, sm_scale, win_l, win_r, tab_l, tab_r, rel_k,
+                   FLAGS: tl.constexpr, ROT_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
     """One program per (key block, kv head, batch): dK and dV summed over the GROUP
     query heads that share this kv head, in registers (no atomics)."""
     ROPE: tl.constexpr = (FLAGS >> _ROPE.value) & 1
@@ -46,55 +47,53 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV,
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    qk_scale = sm_scale * LOG2E
 
-    kp = _positions(KPos + off_b * skpb, offs_n, Nk, 0, FLAGS)
-    k = _load_rotated(K + off_b * skb + off_hk * skh, offs_n, offs_d, skn, skd, Nk, D, kp, InvFreq,
-                      rope_factor, FLAGS, ROT_DIM)
-    v = _load_tile(V + off_b * svb + off_hk * svh, offs_n, offs_d, svn, svd, Nk, D)
+    factor = _rope_factor(Params, FLAGS, ROT_DIM)
+    pos_q = Pos + off_b * (Nq + Nk)
+    kp = _positions(pos_q + Nq, offs_n, Nk, 0, FLAGS)
+    k = _load_rotated(K + off_b * skb + off_hk * skh, offs_n, offs_d, skn, Nk, D, kp, Params, factor,
+                      FLAGS, ROT_DIM)
+    v = _load_tile(V + off_b * svb + off_hk * svh, offs_n, offs_d, svn, Nk, D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     lo, hi = _query_range(start_n, BLOCK_N, Nq, Nk, win_l, win_r, FLAGS, BLOCK_M)
     for g in range(0, GROUP):
         off_h = off_hk * GROUP + g
         slope, r1, r2, table_ptr, bias_ptr, ak_ptr, av_ptr, u_ptr, w_ptr = _head_params(
-            off_b, off_h, Slopes, ssb, ssh, Table, stab_h, Bias, sbb, sbh, bias_nb, AK, AV, U, W,
-            rel_hs, rel_k, D, R1, R2, FLAGS)
+            off_b, off_h, Params, Table, tab_l, tab_r, Bias, sbb, sbh, bias_nb, Rel, rel_k, Hq, D, FLAGS, ROT_DIM)
         q_base = Q + off_b * sqb + off_h * sqh
         do_base = DO + off_b * sdob + off_h * sdoh
-        row0 = (off_b * Hq + off_h) * Nq
+        stats = _stats_row(Stats, off_b * Hq + off_h, Nq)
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + offs_m0
-            qp, q, qu, qw = _load_queries(q_base, QPos + off_b * sqpb, offs_m, offs_d, sqm, sqd, Nq, Nk, D,
-                                          InvFreq, rope_factor, u_ptr, w_ptr,
-                                          FLAGS, ROT_DIM)
-            do = _load_tile(do_base, offs_m, offs_d, sdom, sdod, Nq, D)
-            lse2, delta = _load_row_stats(Lse, Delta, row0, offs_m, Nq)
+            qp, q, qu, qw = _load_queries(q_base, pos_q, offs_m, offs_d, sqm, Nq, Nk, D, Params, factor,
+                                          u_ptr, w_ptr, FLAGS, ROT_DIM)
+            do = _load_tile(do_base, offs_m, offs_d, sdom, Nq, D)
+            lse2, delta = _load_row_stats(stats, offs_m, Nq)
             p, ds, rel, ak = _probs_and_ds(
                 qu, qw, k, v, do, ak_ptr, av_ptr, qp, kp, lse2, delta, start_m, start_n, offs_m, offs_n,
-                offs_d, Nq, Nk, D, rel_k, qk_scale, slope, r1, r2, table_ptr, stab_t, tab_l, tab_r, bias_ptr, sbm, sbn,
-                win_l, win_r, FLAGS,
-                BLOCK_M, BLOCK_N, BLOCK_R)
+                offs_d, Nq, Nk, D, rel_k, qk_scale, slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm,
+                win_l, win_r, FLAGS, BLOCK_M, BLOCK_N)
             dv += _dot(tl.trans(p.to(do.dtype)), do, UPCAST)
             dk += _dot(tl.trans(ds.to(qu.dtype)), qu, UPCAST)
 
     dk *= sm_scale
     if ROPE:
-        dk = _unrotate(dk, offs_d, kp, InvFreq, rope_factor, FLAGS, ROT_DIM)
+        dk = _unrotate(dk, offs_d, kp, Params, factor, FLAGS, ROT_DIM)
     mask = (offs_n[:, None] < Nk) & (offs_d[None, :] < D)
-    tl.store(DK + off_b * sdkb + off_hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
+    tl.store(DK + off_b * sdkb + off_hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=mask)
-    tl.store(DV + off_b * sdvb + off_hk * sdvh + offs_n[:, None] * sdvn + offs_d[None, :] * sdvd,
+    tl.store(DV + off_b * sdvb + off_hk * sdvh + offs_n[:, None] * sdvn + offs_d[None, :],
              dv.to(DV.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _attn_bwd_rel(Q, K, V, DO, Lse, Delta, DAK, DAV,
-                  QPos, KPos, InvFreq, Slopes, Table, Bias, AK, AV, U, W, R1, R2,
-                  sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
-                  sqpb, skpb, ssb, ssh, stab_h, stab_t, sbb, sbh, sbm, sbn, bias_nb, rel_hs,
-                  Hq, Nq, Nk, D, GROUP, rel_first, head_step, sm_scale, qk_scale, rope_factor,
-                  win_l, win_r, tab_l, tab_r, rel_k,
-                  FLAGS: tl.constexpr, GRADS: tl.constexpr, ROT_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+def _attn_bwd_rel(Q, K, V, DO, Stats, DAK, DAV, Pos, Params, Table, Bias, Rel,
+                  sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sbb, sbh, sbm, bias_nb,
+                  Hq, Nq, Nk, D, GROUP, rel_first, head_step, sm_scale, win_l, win_r, tab_l, tab_r, rel_k,
+                  FLAGS: tl.constexpr, GRADS: tl.constexpr, ROT_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Interior rows of d(aK) and d(aV) (-K < rel < K), organised by distance: one
     program per (BLOCK_N consecutive distances, table head, batch) visits, for every
     query block, only the key tiles on those diagonals, and sums
@@ -110,36 +109,37 @@ def _attn_bwd_rel(Q, K, V, DO, Lse, Delta, DAK, DAV,
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    qk_scale = sm_scale * LOG2E
+    factor = _rope_factor(Params, FLAGS, ROT_DIM)
+    pos_q = Pos + off_b * (Nq + Nk)
     acc_k = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     acc_v = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for h in range(ha, Hq, head_step):  # this table head's query heads
         off_h = tl.cast(h, tl.int64)
         off_hk = off_h // GROUP
         slope, r1, r2, table_ptr, bias_ptr, ak_ptr, av_ptr, u_ptr, w_ptr = _head_params(
-            off_b, off_h, Slopes, ssb, ssh, Table, stab_h, Bias, sbb, sbh, bias_nb, AK, AV, U, W,
-            rel_hs, rel_k, D, R1, R2, FLAGS)
-        row0 = (off_b * Hq + off_h) * Nq
+            off_b, off_h, Params, Table, tab_l, tab_r, Bias, sbb, sbh, bias_nb, Rel, rel_k, Hq, D, FLAGS, ROT_DIM)
+        stats = _stats_row(Stats, off_b * Hq + off_h, Nq)
         for start_m in range(0, Nq, BLOCK_M):
             # keys j = i + shift + rel for rows i of the block and rel in [rel0, rel0 + BLOCK_N)
             lo, hi = _key_range(start_m, BLOCK_M, Nq, Nk, win_l, win_r, FLAGS, BLOCK_N)
             j_lo = tl.maximum(lo, start_m + shift + rel0)
             j_hi = tl.minimum(hi, start_m + BLOCK_M + shift + rel0 + BLOCK_N - 1)
             offs_m = start_m + offs_m0
-            qp, q, qu, qw = _load_queries(Q + off_b * sqb + off_h * sqh, QPos + off_b * sqpb, offs_m, offs_d,
-                                          sqm, sqd, Nq, Nk, D, InvFreq, rope_factor, u_ptr, w_ptr,
-                                          FLAGS, ROT_DIM)
-            do = _load_tile(DO + off_b * sdob + off_h * sdoh, offs_m, offs_d, sdom, sdod, Nq, D)
-            lse2, delta = _load_row_stats(Lse, Delta, row0, offs_m, Nq)
+            qp, q, qu, qw = _load_queries(Q + off_b * sqb + off_h * sqh, pos_q, offs_m, offs_d, sqm, Nq, Nk, D,
+                                          Params, factor, u_ptr, w_ptr, FLAGS, ROT_DIM)
+            do = _load_tile(DO + off_b * sdob + off_h * sdoh, offs_m, offs_d, sdom, Nq, D)
+            lse2, delta = _load_row_stats(stats, offs_m, Nq)
             for start_n in range((tl.maximum(j_lo, 0) // BLOCK_N) * BLOCK_N, j_hi, BLOCK_N):
                 offs_n = start_n + offs_n0
-                kp = _positions(KPos + off_b * skpb, offs_n, Nk, 0, FLAGS)
-                k = _load_rotated(K + off_b * skb + off_hk * skh, offs_n, offs_d, skn, skd, Nk, D, kp,
-                                  InvFreq, rope_factor, FLAGS, ROT_DIM)
-                v = _load_tile(V + off_b * svb + off_hk * svh, offs_n, offs_d, svn, svd, Nk, D)
+                kp = _positions(pos_q + Nq, offs_n, Nk, 0, FLAGS)
+                k = _load_rotated(K + off_b * skb + off_hk * skh, offs_n, offs_d, skn, Nk, D, kp,
+                                  Params, factor, FLAGS, ROT_DIM)
+                v = _load_tile(V + off_b * svb + off_hk * svh, offs_n, offs_d, svn, Nk, D)
                 p, ds, rel, ak = _probs_and_ds(
                     qu, qw, k, v, do, ak_ptr, av_ptr, qp, kp, lse2, delta, start_m, start_n, offs_m,
-                    offs_n, offs_d, Nq, Nk, D, rel_k, qk_scale, slope, r1, r2, table_ptr, stab_t, tab_l, tab_r,
-                    bias_ptr, sbm, sbn, win_l, win_r, FLAGS, BLOCK_M, BLOCK_N, BLOCK_R)
+                    offs_n, offs_d, Nq, Nk, D, rel_k, qk_scale, slope, r1, r2, table_ptr, tab_l, tab_r,
+                    bias_ptr, sbm, win_l, win_r, FLAGS, BLOCK_M, BLOCK_N)
                 # column r of row i: the key at distance rel0 + r, if it is in this tile
                 jl = (start_m + shift + rel0 - start_n) + offs_n0[None, :] + offs_m0[:, None]
                 inside = (jl >= 0) & (jl < BLOCK_N)
@@ -162,13 +162,11 @@ def _attn_bwd_rel(Q, K, V, DO, Lse, Delta, DAK, DAV,
 
 
 @triton.jit
-def _attn_bwd_dbias(Q, K, V, DO, Lse, Delta, DBias,
-                    QPos, KPos, InvFreq, Slopes, Table, Bias, AK, AV, U, W, R1, R2,
-                    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
-                    sqpb, skpb, ssb, ssh, stab_h, stab_t, sbb, sbh, sbm, sbn, bias_nb, rel_hs,
-                    B, Hq, Nq, Nk, D, GROUP, BH, BM_, BN_, NUM_N, qk_scale, rope_factor,
-                    win_l, win_r, tab_l, tab_r, rel_k,
-                    FLAGS: tl.constexpr, GRADS: tl.constexpr, ROT_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+def _attn_bwd_dbias(Q, K, V, DO, Stats, DBias, Pos, Params, Table, Bias, Rel,
+                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sbb, sbh, sbm, bias_nb,
+                    B, Hq, Nq, Nk, D, GROUP, BH, BM_, BN_, NUM_N, sm_scale, win_l, win_r, tab_l, tab_r, rel_k,
+                    FLAGS: tl.constexpr, GRADS: tl.constexpr, ROT_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """d(bias) in the bias's own shape [nB, 1|Hq, 1|Nq, 1|Nk] (float32): one program
     per output tile sums dS over every batch, head, row and column that broadcasting
     folds onto it, in a fixed order (deterministic, no atomics)."""
@@ -201,33 +199,35 @@ def _attn_bwd_dbias(Q, K, V, DO, Lse, Delta, DBias,
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    qk_scale = sm_scale * LOG2E
+    factor = _rope_factor(Params, FLAGS, ROT_DIM)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for b in range(ob, B, bias_nb):  # every batch whose bias is bias[ob] (b % nB == ob)
         off_b = tl.cast(b, tl.int64)
+        pos_q = Pos + off_b * (Nq + Nk)
         for h in range(h_lo, h_hi):
             off_h = tl.cast(h, tl.int64)
             off_hk = off_h // GROUP
-            row0 = (off_b * Hq + off_h) * Nq
+            stats = _stats_row(Stats, off_b * Hq + off_h, Nq)
             slope, r1, r2, table_ptr, bias_ptr, ak_ptr, av_ptr, u_ptr, w_ptr = _head_params(
-                off_b, off_h, Slopes, ssb, ssh, Table, stab_h, Bias, sbb, sbh, bias_nb, AK, AV, U, W,
-                rel_hs, rel_k, D, R1, R2, FLAGS)
+                off_b, off_h, Params, Table, tab_l, tab_r, Bias, sbb, sbh, bias_nb, Rel, rel_k, Hq, D, FLAGS,
+                ROT_DIM)
             for start_m in range(m_lo, m_hi, BLOCK_M):
                 offs_m = start_m + offs_m0
-                qp, q, qu, qw = _load_queries(Q + off_b * sqb + off_h * sqh, QPos + off_b * sqpb, offs_m,
-                                              offs_d, sqm, sqd, Nq, Nk, D, InvFreq, rope_factor, u_ptr, w_ptr,
-                                              FLAGS, ROT_DIM)
-                do = _load_tile(DO + off_b * sdob + off_h * sdoh, offs_m, offs_d, sdom, sdod, Nq, D)
-                lse2, delta = _load_row_stats(Lse, Delta, row0, offs_m, Nq)
+                qp, q, qu, qw = _load_queries(Q + off_b * sqb + off_h * sqh, pos_q, offs_m, offs_d, sqm, Nq, Nk,
+                                              D, Params, factor, u_ptr, w_ptr, FLAGS, ROT_DIM)
+                do = _load_tile(DO + off_b * sdob + off_h * sdoh, offs_m, offs_d, sdom, Nq, D)
+                lse2, delta = _load_row_stats(stats, offs_m, Nq)
                 for start_n in range(n_lo, n_hi, BLOCK_N):
                     offs_n = start_n + offs_n0
-                    kp = _positions(KPos + off_b * skpb, offs_n, Nk, 0, FLAGS)
-                    k = _load_rotated(K + off_b * skb + off_hk * skh, offs_n, offs_d, skn, skd, Nk, D, kp,
-                                      InvFreq, rope_factor, FLAGS, ROT_DIM)
-                    v = _load_tile(V + off_b * svb + off_hk * svh, offs_n, offs_d, svn, svd, Nk, D)
+                    kp = _positions(pos_q + Nq, offs_n, Nk, 0, FLAGS)
+                    k = _load_rotated(K + off_b * skb + off_hk * skh, offs_n, offs_d, skn, Nk, D, kp,
+                                      Params, factor, FLAGS, ROT_DIM)
+                    v = _load_tile(V + off_b * svb + off_hk * svh, offs_n, offs_d, svn, Nk, D)
                     p, ds, rel, ak = _probs_and_ds(
                         qu, qw, k, v, do, ak_ptr, av_ptr, qp, kp, lse2, delta, start_m, start_n, offs_m,
-                        offs_n, offs_d, Nq, Nk, D, rel_k, qk_scale, slope, r1, r2, table_ptr, stab_t, tab_l, tab_r,
-                        bias_ptr, sbm, sbn, win_l, win_r, FLAGS, BLOCK_M, BLOCK_N, BLOCK_R)
+                        offs_n, offs_d, Nq, Nk, D, rel_k, qk_scale, slope, r1, r2, table_ptr, tab_l, tab_r,
+                        bias_ptr, sbm, win_l, win_r, FLAGS, BLOCK_M, BLOCK_N)
                     acc += ds
 
     offs_m = pid_m * BLOCK_M + offs_m0

@@ -6,13 +6,15 @@ import triton.language as tl
 __all__ = ["LOG2E", "_CAUSAL", "_HAS_WL", "_HAS_WR", "_HAS_POS", "_ROPE", "_INTERLEAVED", "_ALIBI", "_TABLE",
            "_BIAS", "_BIAS_MASK", "_REL_K", "_REL_V", "_REL_U", "_REL_W", "_UPCAST", "_KERPLE", "_D_SLOPE",
            "_D_TABLE", "_D_U", "_D_W", "_D_AK", "_D_AV", "_DELTA_PASS", "_HEAD_BCAST", "_ROW_BCAST",
-           "_COL_BCAST", "_D_KERPLE"]
+           "_COL_BCAST", "_D_KERPLE", "_REL_SHARED", "_BIAS_KEYS"]
 
 LOG2E = tl.constexpr(1.4426950408889634)  # a constexpr: jitted code reads no plain globals
 
-# Bit offsets of the FLAGS constexpr (what the problem has: masks, positions, encodings;
-# TABLE takes two bits: 0 none, 1 DistanceBias, 2 GridBias) and of GRADS (what the
-# backward computes). posattn/_triton.py packs them with these same constants.
+# Bit offsets of the FLAGS constexpr (what the problem has: masks, positions, encodings,
+# and two layout facts: REL_SHARED, one relative table for every head; BIAS_KEYS, the
+# dense bias varies along the keys (stride 1; else it broadcasts, stride 0); TABLE
+# takes two bits: 0 none, 1 DistanceBias, 2 GridBias) and of GRADS (what the backward
+# computes). posattn/_triton.py packs them with these same constants.
 _CAUSAL = tl.constexpr(0)
 _HAS_WL = tl.constexpr(1)
 _HAS_WR = tl.constexpr(2)
@@ -29,6 +31,8 @@ _REL_U = tl.constexpr(13)
 _REL_W = tl.constexpr(14)
 _UPCAST = tl.constexpr(15)
 _KERPLE = tl.constexpr(16)
+_REL_SHARED = tl.constexpr(17)
+_BIAS_KEYS = tl.constexpr(18)
 _D_SLOPE = tl.constexpr(0)
 _D_TABLE = tl.constexpr(1)
 _D_U = tl.constexpr(2)
@@ -53,8 +57,9 @@ def _dot(a, b, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(ptr, offs_n, offs_d, stride_n, stride_d, N, D):
-    return tl.load(ptr + offs_n[:, None] * stride_n + offs_d[None, :] * stride_d,
+def _load_tile(ptr, offs_n, offs_d, stride_n, N, D):
+    # rows of q, k, v, dO: the head dim is contiguous (the launcher copies otherwise)
+    return tl.load(ptr + offs_n[:, None] * stride_n + offs_d[None, :],
                    mask=(offs_n[:, None] < N) & (offs_d[None, :] < D), other=0.0)
 
 
@@ -119,10 +124,17 @@ def _query_range(start_n, BLOCK_N: tl.constexpr, Nq, Nk, win_l, win_r,
 
 
 @triton.jit
-def _load_row_stats(Lse2, Delta, row0, offs_m, Nq):
+def _stats_row(Stats, off_bh, Nq):
+    """The backward's row statistics, [B, Hq, 2, Nq] float32: this (batch, head)'s lse
+    (log2 domain) row; its delta row follows at + Nq."""
+    return Stats + off_bh * 2 * Nq
+
+
+@triton.jit
+def _load_row_stats(stats_row, offs_m, Nq):
     """lse (log2 domain) and delta of rows; rows with no visible key or past Nq get
     lse = +inf so that their recomputed probabilities are exactly 0."""
-    lse = tl.load(Lse2 + row0 + offs_m, mask=offs_m < Nq, other=float("inf"))
+    lse = tl.load(stats_row + offs_m, mask=offs_m < Nq, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
-    delta = tl.load(Delta + row0 + offs_m, mask=offs_m < Nq, other=0.0)
+    delta = tl.load(stats_row + Nq + offs_m, mask=offs_m < Nq, other=0.0)
     return lse, delta

@@ -3,20 +3,24 @@ import triton
 import triton.language as tl
 
 from .common import LOG2E, _REL_V, _UPCAST, _dot, _key_range, _load_tile, _positions
-from .rope import _load_rotated
+from .rope import _load_rotated, _rope_factor
 from .relative import _keys_to_rel, _load_rel, _rel_rows
 from .scores import _head_params, _load_queries, _logits, _scores
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, Out, Lse, Lse2,
-              QPos, KPos, InvFreq, Slopes, Table, Bias, AK, AV, U, W, R1, R2,
-              sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
-              sqpb, skpb, ssb, ssh, stab_h, stab_t, sbb, sbh, sbm, sbn, bias_nb, rel_hs,
-              Hq, Nq, Nk, D, GROUP, qk_scale, rope_factor, win_l, win_r, tab_l, tab_r, rel_k,
-              FLAGS: tl.constexpr, ROT_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel,
+              sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, sbb, sbh, sbm, bias_nb,
+              Hq, Nq, Nk, D, GROUP, sm_scale, win_l, win_r, tab_l, tab_r, rel_k,
+              FLAGS: tl.constexpr, ROT_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_D: tl.constexpr):
     """One program per (query block, head, batch): out, the natural-log lse (returned)
-    and the log2-domain one the backward recomputes P from (no round trip)."""
+    and the log2-domain one the backward recomputes P from (no round trip).
+
+    Arguments: q, k, v and out by (batch, head, row) strides (the head dim is
+    contiguous); Pos [B, Nq + Nk] the positions of the queries then of the keys (with
+    HAS_POS); Params, Table, Rel the encodings' tensors (see _head_params); the dense
+    bias by its (batch, head, query) strides, batch b reading bias[b % bias_nb]."""
     REL_V: tl.constexpr = (FLAGS >> _REL_V.value) & 1
     UPCAST: tl.constexpr = (FLAGS >> _UPCAST.value) & 1
     start_m = tl.program_id(0) * BLOCK_M
@@ -27,13 +31,14 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2,
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    qk_scale = sm_scale * LOG2E
 
     slope, r1, r2, table_ptr, bias_ptr, ak_ptr, av_ptr, u_ptr, w_ptr = _head_params(
-        off_b, off_h, Slopes, ssb, ssh, Table, stab_h, Bias, sbb, sbh, bias_nb, AK, AV, U, W,
-        rel_hs, rel_k, D, R1, R2, FLAGS)
-    qp, q, qu, qw = _load_queries(Q + off_b * sqb + off_h * sqh, QPos + off_b * sqpb, offs_m, offs_d, sqm, sqd,
-                                  Nq, Nk, D, InvFreq, rope_factor, u_ptr, w_ptr,
-                                  FLAGS, ROT_DIM)
+        off_b, off_h, Params, Table, tab_l, tab_r, Bias, sbb, sbh, bias_nb, Rel, rel_k, Hq, D, FLAGS, ROT_DIM)
+    factor = _rope_factor(Params, FLAGS, ROT_DIM)
+    pos_q = Pos + off_b * (Nq + Nk)
+    qp, q, qu, qw = _load_queries(Q + off_b * sqb + off_h * sqh, pos_q, offs_m, offs_d, sqm, Nq, Nk, D, Params,
+                                  factor, u_ptr, w_ptr, FLAGS, ROT_DIM)
     k_base = K + off_b * skb + off_hk * skh
     v_base = V + off_b * svb + off_hk * svh
 
@@ -43,13 +48,11 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2,
     lo, hi = _key_range(start_m, BLOCK_M, Nq, Nk, win_l, win_r, FLAGS, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        kp = _positions(KPos + off_b * skpb, offs_n, Nk, 0, FLAGS)
-        k = _load_rotated(k_base, offs_n, offs_d, skn, skd, Nk, D, kp, InvFreq, rope_factor,
-                          FLAGS, ROT_DIM)
-        qk, ak = _logits(qu, qw, k, ak_ptr, start_m, start_n, Nq, Nk, rel_k, offs_d, D, FLAGS,
-                         BLOCK_M, BLOCK_N, BLOCK_R)
-        s, rel = _scores(qk, qp, kp, offs_m, offs_n, Nq, Nk, qk_scale, slope, r1, r2, table_ptr, stab_t,
-                         tab_l, tab_r, bias_ptr, sbm, sbn, win_l, win_r, FLAGS)
+        kp = _positions(pos_q + Nq, offs_n, Nk, 0, FLAGS)
+        k = _load_rotated(k_base, offs_n, offs_d, skn, Nk, D, kp, Params, factor, FLAGS, ROT_DIM)
+        qk, ak = _logits(qu, qw, k, ak_ptr, start_m, start_n, Nq, Nk, rel_k, offs_d, D, FLAGS, BLOCK_M, BLOCK_N)
+        s, rel = _scores(qk, qp, kp, offs_m, offs_n, Nq, Nk, qk_scale, slope, r1, r2, table_ptr,
+                         tab_l, tab_r, bias_ptr, sbm, win_l, win_r, FLAGS)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with nothing visible yet keeps m = -inf; subtract 0 instead so that
         # exp2(-inf - -inf) never makes a NaN.
@@ -57,18 +60,18 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2,
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(v_base, offs_n, offs_d, svn, svd, Nk, D)
+        v = _load_tile(v_base, offs_n, offs_d, svn, Nk, D)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
         if REL_V:  # Shaw's value side: sum_j p_ij aV[c(i, j)], bucketed per row
-            av = _load_rel(av_ptr, _rel_rows(start_m, start_n, Nq, Nk, rel_k, BLOCK_M, BLOCK_R), offs_d, D)
-            acc += _dot(_keys_to_rel(p, BLOCK_M, BLOCK_N, BLOCK_R).to(v.dtype), av.to(v.dtype), UPCAST)
+            av = _load_rel(av_ptr, _rel_rows(start_m, start_n, Nq, Nk, rel_k, BLOCK_M, BLOCK_N), offs_d, D)
+            acc += _dot(_keys_to_rel(p, BLOCK_M, BLOCK_N).to(v.dtype), av.to(v.dtype), UPCAST)
         m_i = m_new
 
     # Rows that saw no key: output 0, lse = -inf.
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse2 = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
-    o_ptrs = Out + off_b * sob + off_h * soh + offs_m[:, None] * som + offs_d[None, :] * sod
+    o_ptrs = Out + off_b * sob + off_h * soh + offs_m[:, None] * som + offs_d[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < D))
     tl.store(Lse + off_bh * Nq + offs_m, lse2 / LOG2E, mask=offs_m < Nq)
     tl.store(Lse2 + off_bh * Nq + offs_m, lse2, mask=offs_m < Nq)

@@ -4,24 +4,46 @@ fixed order; with DELTA_PASS, the exact-delta pass."""
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, _DELTA_PASS, _D_AK, _D_AV, _D_KERPLE, _D_SLOPE, _D_TABLE, _D_U, _D_W, _REL_K, _ROPE, _TABLE, _UPCAST, _dot, _key_range, _load_row_stats, _load_tile, _positions)
-from .rope import _load_rotated, _unrotate
+from .common import (LOG2E, _DELTA_PASS, _D_AK, _D_AV, _D_KERPLE, _D_SLOPE, _D_TABLE, _D_U, _D_W, _REL_K, _ROPE,
+                     _TABLE, _UPCAST, _dot, _key_range, _load_row_stats, _load_tile, _positions, _stats_row)
+from .rope import _load_rotated, _rope_factor, _unrotate
 from .relative import _keys_to_rel
-from .scores import _head_params, _load_queries, _probs_and_ds, _table_index
+from .scores import _head_params, _load_queries, _probs_and_ds, _table_columns, _table_index
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, DSlope, DTable, DU, DW, DAKEnd, DAVEnd, DKerple,
-                 QPos, KPos, InvFreq, Slopes, Table, Bias, AK, AV, U, W, R1, R2,
-                 sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                 sdob, sdoh, sdom, sdod, sdqb, sdqh, sdqm, sdqd,
-                 sqpb, skpb, ssb, ssh, stab_h, stab_t, sbb, sbh, sbm, sbn, bias_nb, rel_hs,
-                 Hq, Nq, Nk, D, GROUP, NUM_M, TAB_T, sm_scale, qk_scale, rope_factor,
-                 win_l, win_r, tab_l, tab_r, rel_k,
-                 FLAGS: tl.constexpr, GRADS: tl.constexpr, ROT_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+def _grad_slot(D, T, GRADS: tl.constexpr):
+    """Offsets of each parameter gradient in a DParams slot, and the slot's size."""
+    D_SLOPE: tl.constexpr = (GRADS >> _D_SLOPE.value) & 1
+    D_KERPLE: tl.constexpr = (GRADS >> _D_KERPLE.value) & 1
+    D_U: tl.constexpr = (GRADS >> _D_U.value) & 1
+    D_W: tl.constexpr = (GRADS >> _D_W.value) & 1
+    D_AK: tl.constexpr = (GRADS >> _D_AK.value) & 1
+    D_AV: tl.constexpr = (GRADS >> _D_AV.value) & 1
+    D_TABLE: tl.constexpr = (GRADS >> _D_TABLE.value) & 1
+    o_slope = 0
+    o_kerple = o_slope + D_SLOPE
+    o_u = o_kerple + 2 * D_KERPLE
+    o_w = o_u + D * D_U
+    o_ak = o_w + D * D_W
+    o_av = o_ak + 2 * D * D_AK
+    o_tab = o_av + 2 * D * D_AV
+    return o_slope, o_kerple, o_u, o_w, o_ak, o_av, o_tab, o_tab + T * D_TABLE
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
+                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sdqb, sdqh, sdqm,
+                 sbb, sbh, sbm, bias_nb,
+                 Hq, Nq, Nk, D, GROUP, sm_scale, win_l, win_r, tab_l, tab_r, rel_k,
+                 FLAGS: tl.constexpr, GRADS: tl.constexpr, ROT_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """One program per (query block, q head, batch): dQ, and this program's partial
-    sums of d(slope), d(table), du, dw and the two clipped end rows of d(aK), d(aV),
-    each written to its own slot (the host adds the slots in a fixed order).
+    sums of the encodings' parameter gradients, written to this program's slot of
+    DParams (float32; the host adds the slots in a fixed order). A slot holds, each
+    only when its GRADS bit is set and in this order (_grad_slot; the host reads it
+    with posattn/_triton.py's _grad_layout): d(slope) 1, d(r1), d(r2) 2, du D, dw D,
+    the two clipped end rows of d(aK) 2D and of d(aV) 2D, d(table) T.
 
     With DELTA_PASS it only computes, from the same P and dP tiles the gradient
     uses, l_i = sum_j P_ij and delta_i = sum_j P_ij dP_ij / l_i, and folds log2(l_i)
@@ -50,15 +72,20 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, DSlope, DTable, DU, DW, DAKEnd, DA
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    qk_scale = sm_scale * LOG2E
+    T = 0  # the bias table's columns
+    if TABLE:
+        T = _table_columns(tab_l, tab_r, TABLE)
 
     slope, r1, r2, table_ptr, bias_ptr, ak_ptr, av_ptr, u_ptr, w_ptr = _head_params(
-        off_b, off_h, Slopes, ssb, ssh, Table, stab_h, Bias, sbb, sbh, bias_nb, AK, AV, U, W,
-        rel_hs, rel_k, D, R1, R2, FLAGS)
-    qp, q, qu, qw = _load_queries(Q + off_b * sqb + off_h * sqh, QPos + off_b * sqpb, offs_m, offs_d, sqm, sqd,
-                                  Nq, Nk, D, InvFreq, rope_factor, u_ptr, w_ptr,
-                                  FLAGS, ROT_DIM)
-    do = _load_tile(DO + off_b * sdob + off_h * sdoh, offs_m, offs_d, sdom, sdod, Nq, D)
-    lse2, delta = _load_row_stats(Lse, Delta, off_bh * Nq, offs_m, Nq)
+        off_b, off_h, Params, Table, tab_l, tab_r, Bias, sbb, sbh, bias_nb, Rel, rel_k, Hq, D, FLAGS, ROT_DIM)
+    factor = _rope_factor(Params, FLAGS, ROT_DIM)
+    pos_q = Pos + off_b * (Nq + Nk)
+    qp, q, qu, qw = _load_queries(Q + off_b * sqb + off_h * sqh, pos_q, offs_m, offs_d, sqm, Nq, Nk, D, Params,
+                                  factor, u_ptr, w_ptr, FLAGS, ROT_DIM)
+    do = _load_tile(DO + off_b * sdob + off_h * sdoh, offs_m, offs_d, sdom, Nq, D)
+    stats = _stats_row(Stats, off_bh, Nq)
+    lse2, delta = _load_row_stats(stats, offs_m, Nq)
     if DELTA_PASS:
         delta = tl.zeros([BLOCK_M], tl.float32)   # then dS = P * dP
         p_dp = tl.zeros([BLOCK_M], tl.float32)
@@ -81,22 +108,20 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, DSlope, DTable, DU, DW, DAKEnd, DA
     lo, hi = _key_range(start_m, BLOCK_M, Nq, Nk, win_l, win_r, FLAGS, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        kp = _positions(KPos + off_b * skpb, offs_n, Nk, 0, FLAGS)
-        k = _load_rotated(k_base, offs_n, offs_d, skn, skd, Nk, D, kp, InvFreq, rope_factor,
-                          FLAGS, ROT_DIM)
-        v = _load_tile(v_base, offs_n, offs_d, svn, svd, Nk, D)
+        kp = _positions(pos_q + Nq, offs_n, Nk, 0, FLAGS)
+        k = _load_rotated(k_base, offs_n, offs_d, skn, Nk, D, kp, Params, factor, FLAGS, ROT_DIM)
+        v = _load_tile(v_base, offs_n, offs_d, svn, Nk, D)
         p, ds, rel, ak = _probs_and_ds(
             qu, qw, k, v, do, ak_ptr, av_ptr, qp, kp, lse2, delta, start_m, start_n, offs_m, offs_n,
-            offs_d, Nq, Nk, D, rel_k, qk_scale, slope, r1, r2, table_ptr, stab_t, tab_l, tab_r, bias_ptr, sbm, sbn,
-            win_l, win_r, FLAGS,
-            BLOCK_M, BLOCK_N, BLOCK_R)
+            offs_d, Nq, Nk, D, rel_k, qk_scale, slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm,
+            win_l, win_r, FLAGS, BLOCK_M, BLOCK_N)
         if DELTA_PASS:
             p_dp += tl.sum(ds, 1)
             p_sum += tl.sum(p, 1)
         else:
             dq_c += _dot(ds.to(k.dtype), k, UPCAST)
             if REL_K:
-                dq_p += _dot(_keys_to_rel(ds, BLOCK_M, BLOCK_N, BLOCK_R).to(k.dtype), ak, UPCAST)
+                dq_p += _dot(_keys_to_rel(ds, BLOCK_M, BLOCK_N).to(k.dtype), ak, UPCAST)
             if D_SLOPE:
                 d_slope -= tl.sum(ds * tl.abs(rel).to(tl.float32), 1)
             if D_KERPLE:  # d/dr1 = -log(1 + r2 a), d/dr2 = -r1 a / (1 + r2 a), a = |rel|
@@ -109,7 +134,7 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, DSlope, DTable, DU, DW, DAKEnd, DA
                 # touches: far from the diagonal every entry clamps to one column.
                 idx = _table_index(rel, qp, kp, tab_l, tab_r, TABLE)
                 live = ds != 0.0
-                c_lo = tl.min(tl.where(live, idx, TAB_T))
+                c_lo = tl.min(tl.where(live, idx, T))
                 c_hi = tl.max(tl.where(live, idx, -1))
                 for c in range(c_lo, c_hi + 1):
                     d_tab += tl.where(offs_t == c, tl.sum(tl.sum(tl.where(idx == c, ds, 0.0), 1), 0), 0.0)
@@ -125,34 +150,34 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, DSlope, DTable, DU, DW, DAKEnd, DA
 
     if DELTA_PASS:
         live = (offs_m < Nq) & (p_sum > 0.0)
-        tl.store(Delta + off_bh * Nq + offs_m, p_dp / tl.where(live, p_sum, 1.0), mask=offs_m < Nq)
-        tl.store(Lse + off_bh * Nq + offs_m, lse2 + tl.math.log2(tl.where(live, p_sum, 1.0)), mask=live)
+        tl.store(stats + Nq + offs_m, p_dp / tl.where(live, p_sum, 1.0), mask=offs_m < Nq)
+        tl.store(stats + offs_m, lse2 + tl.math.log2(tl.where(live, p_sum, 1.0)), mask=live)
     else:
-        slot = off_bh * NUM_M + pid_m
+        o_slope, o_kerple, o_u, o_w, o_ak, o_av, o_tab, size = _grad_slot(D, T, GRADS)
+        slot = DParams + (off_bh * tl.cdiv(Nq, BLOCK_M) + pid_m) * size
         in_d = offs_d < D
+        if D_SLOPE:
+            tl.store(slot + o_slope, tl.sum(d_slope, 0))
+        if D_KERPLE:
+            tl.store(slot + o_kerple, tl.sum(d_r1, 0))
+            tl.store(slot + o_kerple + 1, tl.sum(d_r2, 0))
         if D_U:
-            tl.store(DU + slot * D + offs_d, tl.sum(dq_c, 0) * sm_scale, mask=in_d)
+            tl.store(slot + o_u + offs_d, tl.sum(dq_c, 0) * sm_scale, mask=in_d)
         if D_W:
-            tl.store(DW + slot * D + offs_d, tl.sum(dq_p, 0) * sm_scale, mask=in_d)
+            tl.store(slot + o_w + offs_d, tl.sum(dq_p, 0) * sm_scale, mask=in_d)
         if D_AK:
             qw32 = qw.to(tl.float32)
-            tl.store(DAKEnd + slot * 2 * D + offs_d, tl.sum(ds_left[:, None] * qw32, 0) * sm_scale, mask=in_d)
-            tl.store(DAKEnd + (slot * 2 + 1) * D + offs_d, tl.sum(ds_right[:, None] * qw32, 0) * sm_scale,
-                     mask=in_d)
+            tl.store(slot + o_ak + offs_d, tl.sum(ds_left[:, None] * qw32, 0) * sm_scale, mask=in_d)
+            tl.store(slot + o_ak + D + offs_d, tl.sum(ds_right[:, None] * qw32, 0) * sm_scale, mask=in_d)
         if D_AV:
             do32 = do.to(tl.float32)
-            tl.store(DAVEnd + slot * 2 * D + offs_d, tl.sum(p_left[:, None] * do32, 0), mask=in_d)
-            tl.store(DAVEnd + (slot * 2 + 1) * D + offs_d, tl.sum(p_right[:, None] * do32, 0), mask=in_d)
-        if D_SLOPE:
-            tl.store(DSlope + slot, tl.sum(d_slope, 0))
-        if D_KERPLE:
-            tl.store(DKerple + slot * 2, tl.sum(d_r1, 0))
-            tl.store(DKerple + slot * 2 + 1, tl.sum(d_r2, 0))
+            tl.store(slot + o_av + offs_d, tl.sum(p_left[:, None] * do32, 0), mask=in_d)
+            tl.store(slot + o_av + D + offs_d, tl.sum(p_right[:, None] * do32, 0), mask=in_d)
         if D_TABLE:
-            tl.store(DTable + slot * TAB_T + offs_t, d_tab, mask=offs_t < TAB_T)
+            tl.store(slot + o_tab + offs_t, d_tab, mask=offs_t < T)
 
         dq = (dq_c + dq_p) * sm_scale
         if ROPE:
-            dq = _unrotate(dq, offs_d, qp, InvFreq, rope_factor, FLAGS, ROT_DIM)
-        tl.store(DQ + off_b * sdqb + off_h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
+            dq = _unrotate(dq, offs_d, qp, Params, factor, FLAGS, ROT_DIM)
+        tl.store(DQ + off_b * sdqb + off_h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :],
                  dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < Nq) & in_d[None, :])

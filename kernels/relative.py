@@ -6,9 +6,11 @@ import triton.language as tl
 
 
 @triton.jit
-def _rel_rows(start_m, start_n, Nq, Nk, rel_k, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+def _rel_rows(start_m, start_n, Nq, Nk, rel_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Rows of aK / aV a tile needs (default positions): slice row r stands for
     rel = rel_min + r, clamped to [-K, K]; the tile's rel span is BLOCK_M + BLOCK_N - 1."""
+    # BLOCK_R, the slice's rows: the power of two >= BLOCK_M + BLOCK_N - 1 (both are powers of two)
+    BLOCK_R: tl.constexpr = 2 * BLOCK_M if BLOCK_M >= BLOCK_N else 2 * BLOCK_N
     rel_min = start_n - (start_m + BLOCK_M - 1) - (Nk - Nq)
     rel = rel_min + tl.arange(0, BLOCK_R)
     return tl.minimum(tl.maximum(rel, -rel_k), rel_k) + rel_k
@@ -16,7 +18,7 @@ def _rel_rows(start_m, start_n, Nq, Nk, rel_k, BLOCK_M: tl.constexpr, BLOCK_R: t
 
 @triton.jit
 def _load_rel(ptr, rows, offs_d, D):
-    """[BLOCK_R, BLOCK_D] rows of a contiguous [2K+1, D] relative table."""
+    """[BLOCK_R, BLOCK_D] rows of a contiguous [2K+1, D] relative table (aK or aV)."""
     return tl.load(ptr + rows[:, None] * D + offs_d[None, :], mask=offs_d[None, :] < D, other=0.0)
 
 
@@ -29,10 +31,11 @@ def _rel_to_keys(x_r, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _keys_to_rel(x, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+def _keys_to_rel(x, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The inverse shift: [BLOCK_M, BLOCK_N] -> [BLOCK_M, BLOCK_R], slice row r of row i
     holds x[i, r + i - BLOCK_M + 1] (0 outside the tile). Keys map one to one onto
     slice rows, so the per-row bucket sums of Shaw's value side need no scatter."""
+    BLOCK_R: tl.constexpr = 2 * BLOCK_M if BLOCK_M >= BLOCK_N else 2 * BLOCK_N  # as in _rel_rows
     j = tl.arange(0, BLOCK_R)[None, :] + tl.arange(0, BLOCK_M)[:, None] - (BLOCK_M - 1)
     inside = (j >= 0) & (j < BLOCK_N)
     return tl.where(inside, tl.gather(x, tl.minimum(tl.maximum(j, 0), BLOCK_N - 1), axis=1), 0.0)

@@ -37,17 +37,28 @@ def _rope_cos_sin(pos, freq, sign, in_rot, factor):
 
 
 @triton.jit
-def _load_rotated(ptr, offs_n, offs_d, stride_n, stride_d, N, D, pos, inv_freq_ptr, factor,
+def _rope_factor(Params, FLAGS: tl.constexpr, ROT_DIM: tl.constexpr):
+    """RoPE's attention factor: the float after the ROT_DIM / 2 frequencies that open
+    the Params buffer (1.0 without RoPE)."""
+    ROPE: tl.constexpr = (FLAGS >> _ROPE.value) & 1
+    if ROPE:
+        return tl.load(Params + ROT_DIM // 2)
+    else:
+        return 1.0
+
+
+@triton.jit
+def _load_rotated(ptr, offs_n, offs_d, stride_n, N, D, pos, inv_freq_ptr, factor,
                   FLAGS: tl.constexpr, ROT_DIM: tl.constexpr):
     """Load a [rows, BLOCK_D] tile of q or k, rotated by RoPE at `pos` when ROPE.
     The partner channels are read as a second (cache-hot) load: no rotated copy of
     q or k ever exists in memory."""
     ROPE: tl.constexpr = (FLAGS >> _ROPE.value) & 1
     INTERLEAVED: tl.constexpr = (FLAGS >> _INTERLEAVED.value) & 1
-    x = _load_tile(ptr, offs_n, offs_d, stride_n, stride_d, N, D)
+    x = _load_tile(ptr, offs_n, offs_d, stride_n, N, D)
     if ROPE:
         partner, sign, freq, in_rot = _rope_channels(offs_d, inv_freq_ptr, ROT_DIM, INTERLEAVED)
-        xp = _load_tile(ptr, offs_n, partner, stride_n, stride_d, N, D)
+        xp = _load_tile(ptr, offs_n, partner, stride_n, N, D)
         cos, sin = _rope_cos_sin(pos, freq, sign, in_rot, factor)
         x = (x.to(tl.float32) * cos + xp.to(tl.float32) * sin).to(ptr.dtype.element_ty)
     return x

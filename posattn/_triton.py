@@ -133,71 +133,80 @@ _PARAM_NAMES = tuple((kw, name) for _, kw, name in _PARAM_TENSORS)   # (keyword,
 
 
 # ----------------------------------------------------------------------------- adapters
-# One per encoding (and one for the positions): the kernels' arguments it owns, by
-# name, with what the kernels read when it is absent (flags off, a dummy pointer the
-# disabled code never dereferences, zero strides).
+# One per encoding (and one for the positions): the FLAGS bits it sets, the named
+# kernel arguments it owns and its segment of Params, the float32 buffer of the
+# encodings' small tensors (kernels/scores.py's _head_params reads it, in the order
+# _Launch writes it: RoPE, KERPLE, u, w, ALiBi). Absent: flags off, no segment, and the
+# shared dummy pointer, which disabled code never dereferences.
 
 def _positions_args(p: Problem, dummy):
-    has_pos = p.q_pos is not None or p.k_pos is not None
-    if not has_pos:
-        return dict(HAS_POS=False), dict(QPos=dummy, KPos=dummy, sqpb=0, skpb=0)
-    qpos, kpos = (x.contiguous() for x in p.default_positions(dummy.device))  # one side given: the other, O(N)
-    return dict(HAS_POS=True), dict(QPos=qpos, KPos=kpos, sqpb=qpos.stride(0) if qpos.shape[0] > 1 else 0,
-                                    skpb=kpos.stride(0) if kpos.shape[0] > 1 else 0)
+    """Pos [B, Nq + Nk]: the queries' positions then the keys' (int32 or int64)."""
+    if p.q_pos is None and p.k_pos is None:
+        return dict(HAS_POS=False), dict(Pos=dummy), ()
+    qpos, kpos = p.default_positions(dummy.device)  # one side given: the other, O(N)
+    dt = torch.promote_types(qpos.dtype, kpos.dtype)
+    pos = torch.cat((qpos.to(dt).expand(p.B, p.Nq), kpos.to(dt).expand(p.B, p.Nk)), dim=1)
+    return dict(HAS_POS=True), dict(Pos=pos), ()
 
 
 def _rope_args(p: Problem, dummy):
     e = p.rope
     if e is None:
-        return dict(ROPE=False, INTERLEAVED=False), dict(InvFreq=dummy, rope_factor=1.0, ROT_DIM=0)
-    return (dict(ROPE=True, INTERLEAVED=e.interleaved),
-            dict(InvFreq=e.inv_freq_for(p.D, dummy.device).contiguous(), rope_factor=e.attention_factor,
-                 ROT_DIM=p.rotary_dim))
+        return dict(ROPE=False, INTERLEAVED=False), dict(ROT_DIM=0), ()
+    freq = e.inv_freq_for(p.D, dummy.device)
+    return (dict(ROPE=True, INTERLEAVED=e.interleaved), dict(ROT_DIM=p.rotary_dim),
+            (freq, freq.new_full((1,), e.attention_factor)))
 
 
-def _alibi_args(slopes, dummy):
+def _alibi_args(p: Problem, slopes, dummy):
     if slopes is None:
-        return dict(ALIBI=False), dict(Slopes=dummy, ssb=0, ssh=0)
-    return dict(ALIBI=True), dict(Slopes=slopes, ssb=slopes.stride(0) if slopes.shape[0] > 1 else 0,
-                                  ssh=slopes.stride(1))
+        return dict(ALIBI=False), {}, ()
+    return dict(ALIBI=True), {}, (slopes.expand(p.B, p.Hq),)      # [B, Hq]
 
 
 def _table_args(e, table, dummy):
+    """Table [Hq, T] contiguous (GridBias's [T, Hq] transposed), (tab_l, tab_r) = (L, R)
+    or (Wh, Ww): the kernels derive T from them."""
     if table is None:
-        return dict(TABLE=0), dict(Table=dummy, stab_h=0, stab_t=0, tab_l=0, tab_r=0)
-    if isinstance(e, GridBias):  # [T, Hq]; (Wh, Ww)
-        return dict(TABLE=2), dict(Table=table, stab_h=table.stride(1), stab_t=table.stride(0),
-                                   tab_l=e.window[0], tab_r=e.window[1])
-    return dict(TABLE=1), dict(Table=table, stab_h=table.stride(0), stab_t=table.stride(1),  # [Hq, T]; (L, R)
-                               tab_l=e.left, tab_r=e.right)
+        return dict(TABLE=0), dict(Table=dummy, tab_l=0, tab_r=0), ()
+    if isinstance(e, GridBias):
+        return dict(TABLE=2), dict(Table=table.t().contiguous(), tab_l=e.window[0], tab_r=e.window[1]), ()
+    return dict(TABLE=1), dict(Table=table.contiguous(), tab_l=e.left, tab_r=e.right), ()
 
 
 def _bias_args(p: Problem, bias, dummy):
     if bias is None:
-        return dict(BIAS=False, BIAS_MASK=False), dict(Bias=dummy, sbb=0, sbh=0, sbm=0, sbn=0, bias_nb=1)
+        return dict(BIAS=False, BIAS_MASK=False, BIAS_KEYS=False), dict(Bias=dummy, sbb=0, sbh=0, sbm=0, bias_nb=1), ()
     # Size-1 axes broadcast (stride 0); the batch axis may also be periodic (batch b
-    # reads bias[b % nB], Swin's shifted-window masks).
-    sbb, sbh, sbm, sbn = (st if n > 1 else 0 for n, st in zip(bias.shape, bias.stride()))
-    return dict(BIAS=True, BIAS_MASK=p.bias_is_mask), dict(Bias=bias, sbb=sbb, sbh=sbh, sbm=sbm, sbn=sbn,
-                                                           bias_nb=bias.shape[0])
+    # reads bias[b % nB], Swin's shifted-window masks); along the keys the kernels
+    # read stride 1 (or 0, a size-1 axis).
+    keys = bias.shape[3] > 1
+    if keys and bias.stride(3) != 1:
+        bias = bias.contiguous()
+    sbb, sbh, sbm = (st if n > 1 else 0 for n, st in zip(bias.shape[:3], bias.stride()[:3]))
+    return (dict(BIAS=True, BIAS_MASK=p.bias_is_mask, BIAS_KEYS=keys),
+            dict(Bias=bias, sbb=sbb, sbh=sbh, sbm=sbm, bias_nb=bias.shape[0]), ())
 
 
 def _relative_args(p: Problem, rel_key, rel_value, rel_u, rel_w, dummy):
-    """Shaw / Transformer-XL: contiguous [Ha, 2K+1, D] tables and [Hq, D] biases;
-    rel_hs = 0 when every head shares one table."""
+    """Shaw / Transformer-XL: Rel = aK then aV, each [Hr, 2K+1, D] (REL_SHARED when
+    Hr = 1: every head reads the one table), u and w [Hq, D] in Params."""
     tables = [t for t in (rel_key, rel_value) if t is not None]
-    heads = tables[0].shape[0] if tables else 1
-    ak, av, u, w = (x.contiguous() if x is not None else dummy for x in (rel_key, rel_value, rel_u, rel_w))
     flags = dict(REL_K=rel_key is not None, REL_V=rel_value is not None, REL_U=rel_u is not None,
-                 REL_W=rel_w is not None)
-    return flags, dict(AK=ak, AV=av, U=u, W=w, rel_hs=1 if heads > 1 else 0,
-                       rel_k=p.rel_emb.clip if p.rel_emb is not None else 0)
+                 REL_W=rel_w is not None, REL_SHARED=bool(tables) and tables[0].shape[0] == 1)
+    if len(tables) == 2:
+        dt = torch.promote_types(rel_key.dtype, rel_value.dtype)
+        rel = torch.stack((rel_key.to(dt), rel_value.to(dt)))
+    else:
+        rel = tables[0].contiguous() if tables else dummy
+    segments = tuple(x for x in (rel_u, rel_w) if x is not None)
+    return flags, dict(Rel=rel, rel_k=p.rel_emb.clip if p.rel_emb is not None else 0), segments
 
 
 def _kerple_args(r1, r2, dummy):
     if r1 is None:
-        return dict(KERPLE=False), dict(R1=dummy, R2=dummy)
-    return dict(KERPLE=True), dict(R1=r1.contiguous(), R2=r2.contiguous())
+        return dict(KERPLE=False), {}, ()
+    return dict(KERPLE=True), {}, (r1, r2)
 
 
 class _Launch:
@@ -211,22 +220,25 @@ class _Launch:
         self.upcast = interpreting() and q.dtype == torch.bfloat16
         flags = dict(CAUSAL=p.causal, HAS_WL=p.window_left is not None, HAS_WR=p.window_right is not None,
                      UPCAST=self.upcast)
-        args = dict(Hq=p.Hq, Nq=p.Nq, Nk=p.Nk, D=p.D, GROUP=p.group, qk_scale=p.scale * LOG2E, sm_scale=p.scale,
+        args = dict(Hq=p.Hq, Nq=p.Nq, Nk=p.Nk, D=p.D, GROUP=p.group, sm_scale=p.scale,
                     win_l=p.window_left or 0, win_r=p.window_right or 0)
-        for f, a in (_positions_args(p, dummy), _rope_args(p, dummy), _alibi_args(alibi, dummy),
-                     _table_args(p.rel_bias, table, dummy), _bias_args(p, bias, dummy),
-                     _relative_args(p, rel_key, rel_value, rel_u, rel_w, dummy),
-                     _kerple_args(kerple_r1, kerple_r2, dummy)):
+        # Params' segments in the kernels' order: RoPE, KERPLE, u, w, ALiBi
+        segments = []
+        for f, a, seg in (_positions_args(p, dummy), _rope_args(p, dummy), _kerple_args(kerple_r1, kerple_r2, dummy),
+                          _relative_args(p, rel_key, rel_value, rel_u, rel_w, dummy), _alibi_args(p, alibi, dummy),
+                          _table_args(p.rel_bias, table, dummy), _bias_args(p, bias, dummy)):
             flags.update(f)
             args.update(a)
+            segments += seg
+        args["Params"] = (torch.cat([x.detach().reshape(-1).to(torch.float32) for x in segments])
+                          if segments else dummy)
         args["FLAGS"] = pack_flags(**flags)
         self.args = args
         self.alibi, self.table, self.bias = alibi, table, bias
         self.kerple = (kerple_r1, kerple_r2)
         self.grid_table = isinstance(p.rel_bias, GridBias)
         self.table_columns = 0 if table is None else table.shape[0 if self.grid_table else 1]
-        self.rel_heads = args["AK"].shape[0] if rel_key is not None else args["AV"].shape[0] if rel_value is not None \
-            else 1
+        self.rel_heads = ([t for t in (rel_key, rel_value) if t is not None] or [q])[0].shape[0]
         self.rel_k = args["rel_k"]
         self.has_rel = p.rel_emb is not None
 
@@ -238,7 +250,7 @@ class _Launch:
             # memory, past an A100's 163 KiB, and float32 D=256 with 2 stages 208-246 KiB,
             # past an H100's 227 KiB (found by the AOT check with launch specialisation).
             stages = min(stages, 2 if bd * (2 if self.p.q.dtype == torch.float32 else 1) <= 256 else 1)
-        return bm, bn, bd, _next_pow2(bm + bn - 1), dict(num_warps=warps, num_stages=stages)
+        return bm, bn, bd, dict(num_warps=warps, num_stages=stages)
 
     def launch(self, wrap, kernel, grid, **named):
         """Launch ``kernel`` by keyword: its own arguments (``named``, each must be one of
@@ -251,6 +263,7 @@ class _Launch:
             raise AssertionError(f"posattn: launching {kernel.__name__}: unknown arguments {sorted(stray)}, "
                                  f"missing {missing}")
         wrap(kernel)[grid](**{n: named[n] if n in named else self.args[n] for n in names}, **options)
+
 
 def _pack(bits, values):
     word = 0
@@ -277,22 +290,45 @@ def _direct(kernel):
 
 
 def _strides(prefix, t):
-    """A tensor's four strides by the kernels' names: prefix + b, h, (m or n), d."""
-    return dict(zip((prefix + c for c in ("b", "h", "m" if prefix in ("sq", "so", "sdo", "sdq") else "n", "d")),
-                    t.stride()))
+    """A tensor's batch, head and row strides by the kernels' names: prefix + b, h, m or n."""
+    return dict(zip((prefix + c for c in ("b", "h", "m" if prefix in ("sq", "so", "sdo", "sdq") else "n")),
+                    t.stride()[:3]))
+
+
+def _unit_last(x):
+    """x with a contiguous head dim (the kernels read rows as contiguous vectors)."""
+    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
 
 
 def _forward(L: _Launch, q, k, v, wrap=_direct):
     from .kernels.attention import _attn_fwd
     p = L.p
+    q, k, v = (_unit_last(x) for x in (q, k, v))
     out = torch.empty(p.B, p.Hq, p.Nq, p.D, device=q.device, dtype=q.dtype)
     lse = torch.empty(p.B, p.Hq, p.Nq, device=q.device, dtype=torch.float32)
     lse2 = torch.empty_like(lse)
-    bm, bn, bd, br, launch = L.config(backward=False)
+    bm, bn, bd, launch = L.config(backward=False)
     L.launch(wrap, _attn_fwd, (_cdiv(p.Nq, bm), p.Hq, p.B), Q=q, K=k, V=v, Out=out, Lse=lse, Lse2=lse2,
              **_strides("sq", q), **_strides("sk", k), **_strides("sv", v), **_strides("so", out),
-             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_R=br, **launch)
+             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, **launch)
     return out, lse, lse2
+
+
+# The parameter gradients' partial sums in a DParams slot, in kernels/params.py's
+# _grad_slot order; each present only when wanted.
+_GRAD_SLOT = (("alibi", lambda D, T: 1), ("kerple", lambda D, T: 2), ("rel_u", lambda D, T: D),
+              ("rel_w", lambda D, T: D), ("rel_key", lambda D, T: 2 * D), ("rel_value", lambda D, T: 2 * D),
+              ("table", lambda D, T: T))
+
+
+def _grad_layout(want, D, T):
+    """{name: (offset, size)} of the wanted gradients in a DParams slot, and the slot size."""
+    layout, offset = {}, 0
+    for name, size in _GRAD_SLOT:
+        if want[name]:
+            layout[name] = (offset, size(D, T))
+            offset += size(D, T)
+    return layout, offset
 
 
 def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need, wrap=_direct):
@@ -303,69 +339,66 @@ def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need, wrap=_direct):
                                     _attn_bwd_rel)
     p = L.p
     dev = q.device
-    bm, bn, bd, br, launch = L.config(backward=True)
-    blocks = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_R=br)
+    q, k, v, do = (_unit_last(x) for x in (q, k, v, do))
+    bm, bn, bd, launch = L.config(backward=True)
+    blocks = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
     f32 = dict(device=dev, dtype=torch.float32)
 
-    delta = torch.empty_like(lse)
+    # Row statistics [B, Hq, 2, Nq]: lse (log2 domain, a copy: the exact-delta pass
+    # renormalises it and a second backward must see the original), then delta.
+    stats = torch.empty(p.B, p.Hq, 2, p.Nq, **f32)
+    stats[:, :, 0].copy_(lse)
     has_dlse = dlse is not None
     exact_delta = any(need.values()) or EXACT_DELTA_FP32 and q.dtype == torch.float32
     if not exact_delta:
-        L.launch(wrap, _attn_bwd_delta, (_cdiv(p.Nq, 64), p.Hq, p.B), Out=out, DO=do, Delta=delta,
-                 DLse=dlse.contiguous() if has_dlse else delta, **_strides("so", out), **_strides("sdo", do),
+        L.launch(wrap, _attn_bwd_delta, (_cdiv(p.Nq, 64), p.Hq, p.B), Out=out, DO=do, Stats=stats,
+                 DLse=dlse.contiguous() if has_dlse else stats, **_strides("so", out), **_strides("sdo", do),
                  HAS_DLSE=has_dlse, BLOCK_M=64, BLOCK_D=bd)
 
     num_m = _cdiv(p.Nq, bm)
-    inputs = dict(Q=q, K=k, V=v, DO=do, **_strides("sq", q), **_strides("sk", k), **_strides("sv", v),
-                  **_strides("sdo", do), **blocks, **launch)
+    inputs = dict(Q=q, K=k, V=v, DO=do, Stats=stats, **_strides("sq", q), **_strides("sk", k),
+                  **_strides("sv", v), **_strides("sdo", do), **blocks, **launch)
     if exact_delta:
         # Parameter gradients weight dS by large factors (|rel|, table columns), so
         # delta is summed from the same P and dP tiles the gradient uses, and lse is
-        # renormalised with them (a copy: a second backward must see the original).
-        lse = lse.clone()
-        L.launch(wrap, _attn_bwd_dq, (num_m, p.Hq, p.B), **inputs, Lse=lse, Delta=delta, DQ=q, DSlope=delta,
-                 DTable=delta, DU=delta, DW=delta, DAKEnd=delta, DAVEnd=delta, DKerple=delta, **_strides("sdq", q), NUM_M=num_m,
-                 TAB_T=1, GRADS=pack_grads(DELTA_PASS=True), BLOCK_T=16)
+        # renormalised with them.
+        L.launch(wrap, _attn_bwd_dq, (num_m, p.Hq, p.B), **inputs, DQ=q, DParams=stats, **_strides("sdq", q),
+                 GRADS=pack_grads(DELTA_PASS=True), BLOCK_T=16)
         if has_dlse:
-            delta -= dlse.to(torch.float32)
+            stats[:, :, 1] -= dlse.to(torch.float32)
 
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    L.launch(wrap, _attn_bwd_dkdv, (_cdiv(p.Nk, bn), p.Hkv, p.B), **inputs, Lse=lse, Delta=delta, DK=dk, DV=dv,
-             **_strides("sdk", dk), **_strides("sdv", dv), Hkv=p.Hkv)
+    L.launch(wrap, _attn_bwd_dkdv, (_cdiv(p.Nk, bn), p.Hkv, p.B), **inputs, DK=dk, DV=dv,
+             **_strides("sdk", dk), **_strides("sdv", dv))
 
-    # dQ and the per-program partial sums of the small parameters' gradients.
-    slots = (p.B, p.Hq, num_m)
+    # dQ and each program's partial sums of the small parameters' gradients.
+    want = dict(need, kerple=need["kerple_r1"] or need["kerple_r2"])
     tab_t = max(L.table_columns, 1)
+    layout, slot = _grad_layout(want, p.D, tab_t)
+    work = torch.empty(p.B, p.Hq, num_m, slot, **f32) if slot else stats
 
-    def buf(want, *shape):
-        return torch.zeros(*slots, *shape, **f32) if want else delta
+    def part(name, *shape):  # [B, Hq, num_m, *shape]
+        offset, size = layout[name]
+        return work[..., offset:offset + size].reshape(p.B, p.Hq, num_m, *shape)
 
-    d_slope = buf(need["alibi"])
-    d_table = buf(need["table"], tab_t)
-    d_u, d_w = buf(need["rel_u"], p.D), buf(need["rel_w"], p.D)
-    d_key_end, d_value_end = buf(need["rel_key"], 2, p.D), buf(need["rel_value"], 2, p.D)
-    d_kerple = buf(need["kerple_r1"] or need["kerple_r2"], 2)
-    L.launch(wrap, _attn_bwd_dq, (num_m, p.Hq, p.B), **inputs, Lse=lse, Delta=delta, DQ=dq, DSlope=d_slope,
-             DTable=d_table, DU=d_u, DW=d_w, DAKEnd=d_key_end, DAVEnd=d_value_end, DKerple=d_kerple, **_strides("sdq", dq),
-             NUM_M=num_m, TAB_T=tab_t,
-             GRADS=pack_grads(D_SLOPE=need["alibi"], D_TABLE=need["table"], D_U=need["rel_u"], D_W=need["rel_w"],
-                              D_AK=need["rel_key"], D_AV=need["rel_value"],
-                              D_KERPLE=need["kerple_r1"] or need["kerple_r2"]),
-             BLOCK_T=_next_pow2(tab_t) if need["table"] else 16)
+    L.launch(wrap, _attn_bwd_dq, (num_m, p.Hq, p.B), **inputs, DQ=dq, DParams=work, **_strides("sdq", dq),
+             GRADS=pack_grads(D_SLOPE=want["alibi"], D_TABLE=want["table"], D_U=want["rel_u"], D_W=want["rel_w"],
+                              D_AK=want["rel_key"], D_AV=want["rel_value"], D_KERPLE=want["kerple"]),
+             BLOCK_T=_next_pow2(tab_t) if want["table"] else 16)
 
     grads = dict.fromkeys(_PARAMS)
     for i, name in enumerate(("kerple_r1", "kerple_r2")):
-        if need[name]:
-            grads[name] = d_kerple[..., i].sum(dim=(0, 2)).to(L.kerple[i].dtype)      # [Hq]
+        if need[name]:  # each its own sum: the operators' outputs must not alias
+            grads[name] = part("kerple", 2)[..., i].sum(dim=(0, 2)).to(L.kerple[i].dtype)   # [Hq]
     if need["alibi"]:
-        g = d_slope.sum(-1)                                         # [B, Hq]
+        g = part("alibi").sum(-1)                                       # [B, Hq]
         if L.alibi.shape[0] == 1:
             g = g.sum(0, keepdim=True)
         grads["alibi"] = g.to(L.alibi.dtype)
     if need["table"]:
-        g = d_table.sum(dim=(0, 2))                                 # [Hq, T]
+        g = part("table", tab_t).sum(dim=(0, 2))                        # [Hq, T]
         grads["table"] = (g.t() if L.grid_table else g).to(L.table.dtype)
     if need["bias"]:
         bias = L.bias
@@ -373,30 +406,31 @@ def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need, wrap=_direct):
         g = torch.empty(bb, bh, bmq, bnk, **f32)
         num_n = 1 if bnk == 1 else _cdiv(p.Nk, bn)
         L.launch(wrap, _attn_bwd_dbias, ((1 if bmq == 1 else _cdiv(p.Nq, bm)) * num_n, bh, bb), **inputs,
-                 Lse=lse, Delta=delta, DBias=g, B=p.B, BH=bh, BM_=bmq, BN_=bnk, NUM_N=num_n,
+                 DBias=g, B=p.B, BH=bh, BM_=bmq, BN_=bnk, NUM_N=num_n,
                  GRADS=pack_grads(HEAD_BCAST=bh == 1 and p.Hq > 1, ROW_BCAST=bmq == 1 and p.Nq > 1,
                                   COL_BCAST=bnk == 1 and p.Nk > 1))
         grads["bias"] = g.to(bias.dtype)
     re = p.rel_emb
-    for name, vec in (("rel_u", d_u), ("rel_w", d_w)):
+    for name in ("rel_u", "rel_w"):
         if need[name]:
-            grads[name] = vec.sum(dim=(0, 2)).to(getattr(re, "content_bias" if name == "rel_u" else "position_bias").dtype)
+            grads[name] = part(name, p.D).sum(dim=(0, 2)).to(
+                getattr(re, "content_bias" if name == "rel_u" else "position_bias").dtype)
     if need["rel_key"] or need["rel_value"]:
         K = L.rel_k
         ha = L.rel_heads
         # interior rows -K < rel < K that some (query, key) pair reaches: rel in [1 - Nk, Nq - 1]
         rel_first, rel_last = max(1 - K, 1 - p.Nk), min(K - 1, p.Nq - 1)
-        tables = {n: torch.zeros(p.B, ha, 2 * K + 1, p.D, **f32) if need[n] else delta
+        tables = {n: torch.zeros(p.B, ha, 2 * K + 1, p.D, **f32) if need[n] else stats
                   for n in ("rel_key", "rel_value")}
         if rel_last >= rel_first:
-            L.launch(wrap, _attn_bwd_rel, (_cdiv(rel_last - rel_first + 1, bn), ha, p.B), **inputs, Lse=lse,
-                     Delta=delta, DAK=tables["rel_key"], DAV=tables["rel_value"], rel_first=rel_first,
+            L.launch(wrap, _attn_bwd_rel, (_cdiv(rel_last - rel_first + 1, bn), ha, p.B), **inputs,
+                     DAK=tables["rel_key"], DAV=tables["rel_value"], rel_first=rel_first,
                      head_step=p.Hq if ha > 1 else 1, GRADS=pack_grads(D_AK=need["rel_key"], D_AV=need["rel_value"]))
-        for name, ends, attr in (("rel_key", d_key_end, "key"), ("rel_value", d_value_end, "value")):
+        for name, attr in (("rel_key", "key"), ("rel_value", "value")):
             if not need[name]:
                 continue
             g = tables[name].sum(0)                                 # [Ha, 2K+1, D]
-            e = ends.sum(dim=(0, 2))                                # [Hq, 2, D]: rows 0 and 2K
+            e = part(name, 2, p.D).sum(dim=(0, 2))                  # [Hq, 2, D]: rows 0 and 2K
             if ha == 1:
                 e = e.sum(0, keepdim=True)
             g[:, 0] += e[:, 0]

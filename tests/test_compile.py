@@ -334,7 +334,7 @@ def test_gpu_graph_traced_without_gpu(op):
     assert r.returncode == 0, r.stderr[-3000:]
     written = [line.split(" ")[1] for line in r.stdout.splitlines() if line.startswith("True ")]
     assert written == ["Lse,Lse2,Out",        # forward
-                       "Delta,Lse",            # the exact-delta pass (renormalised lse copy)
+                       "Stats",                # the exact-delta pass (delta, renormalised lse copy)
                        "DK,DV",
-                       "DQ,DSlope,DTable",
+                       "DParams,DQ",            # dQ and the slope / table gradients' partial sums
                        "DBias"], r.stdout

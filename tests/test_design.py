@@ -175,3 +175,31 @@ def test_kerple_bad_values(r1, r2, match):
     q, k, v = qkv()
     with pytest.raises(ValueError, match=match):
         posattn.attention(q, k, v, kerple=posattn.KERPLE(r1, r2), backend="reference")
+
+
+def test_kernels_take_at_most_50_parameters():
+    """An encoding's runtime arguments travel as a segment of Params (or of a DParams
+    slot), not as new kernel parameters: every kernel stays at 50 or fewer."""
+    from posattn.kernels import attention as A
+    counts = {name: len(getattr(A, name).arg_names) for name in A.__all__ if hasattr(getattr(A, name), "arg_names")}
+    assert len(counts) == 6 and max(counts.values()) <= 50, counts
+
+
+def test_params_segments_follow_the_kernels_order():
+    """_Launch writes Params in _head_params' order (RoPE, KERPLE, u, w, ALiBi): with
+    every segment present, each value lands where the kernels read it."""
+    B, Hq, D = 2, 3, 8
+    q = torch.randn(B, Hq, 5, D)
+    rel_u, rel_w = torch.randn(Hq, D), torch.randn(Hq, D)
+    r1, r2 = torch.rand(Hq) + 0.5, torch.rand(Hq) + 0.5
+    slopes = torch.rand(B, Hq)
+    p = _validate.check(q, q, q, rope=posattn.RoPE(attention_factor=1.5), alibi_slopes=slopes,
+                        kerple=posattn.KERPLE(r1, r2),
+                        rel_emb=posattn.RelativeEmbeddings(key=torch.randn(Hq, 5, D), clip=2, content_bias=rel_u,
+                                                           position_bias=rel_w))
+    L = _triton._Launch(p, q, *_triton._launch_params(p))
+    params = L.args["Params"]
+    freq = p.rope.inv_freq_for(D, q.device)
+    expected = torch.cat([freq, torch.tensor([1.5]), r1, r2, rel_u.reshape(-1), rel_w.reshape(-1),
+                          slopes.reshape(-1)])
+    assert torch.equal(params, expected)
