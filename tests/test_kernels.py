@@ -263,3 +263,25 @@ def test_huge_windows_and_int64_positions(device):
     check(q, k, v, q_pos=torch.arange(base + 10, base + 50, device=device),
           k_pos=torch.arange(base, base + 50, device=device), causal=True, window=(7, None),
           alibi_slopes=posattn.alibi_slopes(2, device=device))  # no RoPE: fp32 angles lose 2^33
+
+
+def test_any_strides(device):
+    """A head dim with stride != 1 (q, k, v and the output gradient) and a dense bias
+    transposed in memory: the launcher hands the kernels copies in the layout they
+    read (contiguous head dim, keys at stride 1), so the results equal those of the
+    same values stored contiguously, bit for bit."""
+    B, H, Nq, Nk, D = 1, 2, 37, 45, 24
+    wide = [torch.randn(B, H, n, 2 * D, device=device, requires_grad=True) for n in (Nq, Nk, Nk)]
+    strided = [x[..., ::2] for x in wide]
+    dense = [x.detach().contiguous().requires_grad_() for x in strided]
+    bias_t = torch.randn(1, H, Nk, Nq, device=device).transpose(-1, -2)
+    g_t = torch.randn(B, H, D, Nq, device=device).transpose(-1, -2)
+    assert strided[0].stride(-1) == 2 and bias_t.stride(-1) == Nq and g_t.stride(-1) == Nq
+    kw = dict(rope=posattn.RoPE(), causal=True, backend="triton")
+    out_s = posattn.attention(*strided, bias=bias_t, **kw)
+    out_d = posattn.attention(*dense, bias=bias_t.contiguous(), **kw)
+    assert torch.equal(out_s, out_d)
+    out_s.backward(g_t)
+    out_d.backward(g_t.contiguous())
+    for w, d in zip(wide, dense):
+        assert torch.equal(w.grad[..., ::2], d.grad) and torch.all(w.grad[..., 1::2] == 0)
