@@ -1,35 +1,39 @@
-"""The Triton backend as torch.library operators, for torch.compile.
+"""The Triton backend's autograd layer: ``posattn::attn_fwd`` and ``posattn::attn_bwd``,
+``torch.library.triton_op``s over flat arguments (tensors, then scalars and flags),
+whose bodies are the Triton backend's launchers (``_triton._forward`` /
+``_triton._backward``) with every kernel launched through
+``torch.library.wrap_triton``. One autograd path for every call:
 
-``posattn::attn_fwd`` and ``posattn::attn_bwd`` are ``torch.library.triton_op``s
-over flat arguments (tensors, then scalars and flags); their bodies are the
-Triton backend's launchers (``_triton._forward`` / ``_triton._backward``) with
-every kernel launched through ``torch.library.wrap_triton``. So:
+- the forward's context and the backward are ``_setup_context`` / ``_backward``,
+  registered on ``attn_fwd`` (``register_autograd``); the backward calls
+  ``attn_bwd``, wrapped in ``posattn._autograd.FusedBackward`` when the gradients
+  are themselves differentiated (double backward);
+- under torch.compile posattn.attention calls ``attn_fwd``: the operators
+  decompose into the kernels and Inductor calls them from its generated code (no
+  graph break, no Python on the hot path); the fake (meta) kernel is the same body
+  run on fake tensors (the launches do nothing there; the outputs' shapes, dtypes
+  and strides come from the very code that allocates the real ones);
+- eager calls go through ``_Attention``, an autograd.Function whose forward calls
+  ``attn_fwd`` and whose setup_context / backward are the same two functions
+  (torch.func transforms accept a Function with setup_context, not a custom
+  operator's registered autograd).
 
-- under torch.compile the operators decompose into the kernels themselves and
-  Inductor calls them from its generated code (no graph break, no Python on the
-  hot path);
-- the fake (meta) kernel is the same body run on fake tensors: the launches do
-  nothing there, the outputs' shapes, dtypes and strides come from the very
-  code that allocates the real ones;
-- the gradient is ``register_autograd`` with ``setup_context``: the backward
-  calls ``posattn::attn_bwd``.
+torch < 2.6 has no triton_op: the same bodies then run as plain functions behind
+``_Attention`` (torch.compile traces through it).
 
-posattn.attention routes a problem here only when torch.compile traces it and
-the backend is ``triton`` (interface.py); eager calls keep the
-autograd.Function of _triton.py.
-
-On CPU the operators run the same kernels under ``TRITON_INTERPRET=1``
-(Triton's interpreter). Interpreted kernels cannot be traced into a graph, so
-then the operators stay opaque under torch.compile: the compiled graph calls
-them like any extern operator and the fake kernel skips the launches.
+On CPU the operators run the same kernels under ``TRITON_INTERPRET=1`` (Triton's
+interpreter). Interpreted kernels cannot be traced into a graph, so then the
+operators stay opaque under torch.compile: the compiled graph calls them like any
+extern operator and the fake kernel skips the launches.
 """
 import inspect
+import threading
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from . import _triton, _validate
+from . import _autograd, _triton, _validate
 from .encodings import KERPLE, ALiBi, DenseBias, DistanceBias, GridBias, RelativeEmbeddings, RoPE
 from .kernels.attention import (_attn_bwd_dbias, _attn_bwd_delta, _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_rel,
                                 _attn_fwd)
@@ -197,7 +201,7 @@ def _launcher(q: Tensor):
             raise AssertionError(f"posattn: kernel {kernel} is not listed in posattn._op._kernels()")
         if _interpreted(kernel):
             return _NoLaunch() if fake else kernel
-        return torch.library.wrap_triton(kernel)
+        return torch.library.wrap_triton(kernel) if REGISTERED else kernel
 
     return wrap
 
@@ -225,12 +229,32 @@ def _problem(tensors: dict, scalars: dict) -> _validate.Problem:
     return p
 
 
+# posattn.attention hands the operators the Problem it has just validated: _fwd (and,
+# through the saved context, _bwd) reuse it when their tensors are the very objects
+# op_args(p) made and their scalars are equal (eager calls), instead of decoding and
+# checking them again. Any other call (torch.compile's fake tensors, a direct call of
+# an operator) is decoded and checked.
+_checked = threading.local()
+
+
+def _known(tensors: dict, scalars: dict):
+    """The stashed Problem if ``tensors`` / ``scalars`` are its flat arguments, else None."""
+    known = getattr(_checked, "value", None)
+    if known is None:
+        return None
+    k_tensors, k_scalars, p = known
+    if all(tensors[n] is t for n, t in k_tensors.items() if n in tensors) and \
+            all(type(scalars[n]) is type(x) and scalars[n] == x for n, x in k_scalars.items()):
+        return p
+    return None
+
+
 def _fwd(*args):
     """Forward: ``(out, lse, lse2)``; lse is natural-log ``[B, Hq, Nq]`` float32, lse2
     the log2-domain row statistics the backward reads (``lse2 = lse * log2(e)``)."""
     tensors, rest = _split(args, _COMMON_TENSORS + _ENC_TENSORS)
     scalars, _ = _split(rest, _COMMON_SCALARS + _ENC_SCALARS)
-    p = _problem(tensors, scalars)
+    p = _known(tensors, scalars) or _problem(tensors, scalars)
     q = tensors["q"]
     L = _triton._Launch(p, q, *_triton._launch_params(p))
     return _triton._forward(L, q, tensors["k"], tensors["v"], wrap=_launcher(q))
@@ -245,7 +269,7 @@ def _bwd(*args):
     scalars, rest = _split(rest, _COMMON_SCALARS + _ENC_SCALARS)
     flags = tuple(bool(x) for x in rest)
     tensors.update(q=head["q"], k=head["k"], v=head["v"])
-    p = _problem(tensors, scalars)
+    p = _known(tensors, scalars) or _problem(tensors, scalars)
     inputs = _triton._launch_params(p)
     for name, want, t in zip(_triton._PARAMS, flags, inputs):
         if want and t is None:
@@ -271,9 +295,15 @@ def _signed(fn, inputs, n_returns):
 
 
 # The schemas are generated from the codecs: an encoding's fields cannot be left out.
-fwd = torch.library.triton_op("posattn::attn_fwd", _signed(_fwd, _FWD_INPUTS, 3), mutates_args=())
-bwd = torch.library.triton_op("posattn::attn_bwd", _signed(_bwd, _BWD_INPUTS, 3 + len(_PARAM_NAMES)),
-                              mutates_args=())
+# torch.library.triton_op / wrap_triton: torch >= 2.6. Older torch runs the same
+# bodies as plain functions (eager; torch.compile then traces through _Attention).
+REGISTERED = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
+if REGISTERED:
+    fwd = torch.library.triton_op("posattn::attn_fwd", _signed(_fwd, _FWD_INPUTS, 3), mutates_args=())
+    bwd = torch.library.triton_op("posattn::attn_bwd", _signed(_bwd, _BWD_INPUTS, 3 + len(_PARAM_NAMES)),
+                                  mutates_args=())
+else:  # pragma: no cover - torch < 2.6
+    fwd, bwd = _fwd, _bwd
 
 
 def _setup_context(ctx, inputs, output):
@@ -282,6 +312,7 @@ def _setup_context(ctx, inputs, output):
     out, _, lse2 = output
     ctx.save_for_backward(q, k, v, out, lse2, *tensors[3:])
     ctx.scalars = tuple(scalars)
+    ctx.known = getattr(_checked, "value", None)  # this call's validated Problem (eager), for _bwd
 
 
 def _backward(ctx, dout, dlse, dlse2):
@@ -292,7 +323,28 @@ def _backward(ctx, dout, dlse, dlse2):
     # lse2 = lse * log2(e): its gradient folds into lse's.
     if dlse2 is not None:
         dlse = dlse2 * LOG2E if dlse is None else dlse + dlse2 * LOG2E
-    grads = bwd(q, k, v, out, lse2, dout, dlse, *encodings, *ctx.scalars, *need)
+    params = [encodings[i - 3] for i in _PARAM_SLOTS]
+
+    def first(out, lse2, q, k, v, dout, dlse, *params):
+        tensors = list(encodings)
+        for i, t in zip(_PARAM_SLOTS, params):
+            tensors[i - 3] = t
+        return bwd(q, k, v, out, lse2, dout, dlse, *tensors, *ctx.scalars, *need)
+
+    _checked.value = ctx.known
+    try:
+        if torch.is_grad_enabled():
+            # create_graph (or torch.func.grad): the first derivatives are themselves
+            # differentiated, through the reference's ops (posattn._autograd.FusedBackward).
+            tensors, _ = _split((q, k, v, *encodings), _COMMON_TENSORS + _ENC_TENSORS)
+            scalars, _ = _split(ctx.scalars, _COMMON_SCALARS + _ENC_SCALARS)
+            p = _known(tensors, scalars) or _problem(tensors, scalars)
+            grads = _autograd.FusedBackward.apply(p, _triton._PARAM_NAMES, first, out, lse2, q, k, v, dout, dlse,
+                                                  *params)
+        else:
+            grads = first(out, lse2, q, k, v, dout, dlse, *params)
+    finally:
+        _checked.value = None
     dq, dk, dv, *params = grads
     by_slot = dict(zip(_PARAM_SLOTS, params))
     result = [dq, dk, dv]
@@ -301,9 +353,27 @@ def _backward(ctx, dout, dlse, dlse2):
     return (*result, *(None for _ in ctx.scalars))
 
 
-fwd.register_autograd(_backward, setup_context=_setup_context)
+class _Attention(torch.autograd.Function):
+    """Eager calls: the operator's forward with its registered setup_context and
+    backward (the same functions: one autograd path). A Function rather than the
+    operator itself because torch.func transforms accept only Functions with
+    setup_context (a custom operator's registered autograd is refused by
+    torch.func.grad); vmap and jvp are refused naming posattn."""
 
-if INTERPRETED:
+    @staticmethod
+    def forward(*args):
+        return fwd(*args)
+
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
+    vmap = staticmethod(_autograd.refuse_vmap("triton"))
+    jvp = staticmethod(_autograd.refuse_jvp("triton"))
+
+
+if REGISTERED:
+    fwd.register_autograd(_backward, setup_context=_setup_context)
+
+if REGISTERED and INTERPRETED:
     # Interpreted kernels cannot be traced into the graph: keep the operators whole
     # under functionalization (torch.compile then calls them as extern operators).
     from torch._subclasses.functional_tensor import FunctionalTensorMode
@@ -331,6 +401,17 @@ def op_args(p: _validate.Problem) -> tuple:
 
 
 def attention(p: _validate.Problem):
-    """posattn.attention's Triton path through the operators (what torch.compile traces)."""
-    out, lse, _ = fwd(*op_args(p))
+    """posattn.attention's Triton path: the operator under torch.compile, the same
+    forward and backward through _Attention in eager calls."""
+    args = op_args(p)
+    tensors, rest = _split(args, _COMMON_TENSORS + _ENC_TENSORS)
+    scalars, _ = _split(rest, _COMMON_SCALARS + _ENC_SCALARS)
+    _checked.value = (tensors, scalars, p)
+    try:
+        if REGISTERED and torch.compiler.is_compiling():
+            out, lse, _ = fwd(*args)  # the operator: no graph break, its registered backward
+        else:
+            out, lse, _ = _Attention.apply(*args)
+    finally:
+        _checked.value = None
     return (out, lse) if p.return_lse else out

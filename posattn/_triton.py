@@ -1,4 +1,5 @@
-"""Triton backend: host launchers and the autograd wrapper around kernels/attention.py."""
+"""Triton backend: what it declares and refuses, the adapters, and the host launchers of
+kernels/attention.py (posattn/_op.py is its autograd layer and torch.library operators)."""
 from __future__ import annotations
 
 import os
@@ -6,7 +7,6 @@ from typing import Optional
 
 import torch
 
-from . import _autograd
 from ._validate import Problem
 from .backends import Declaration
 from .encodings import KERPLE, ALiBi, DenseBias, DistanceBias, GridBias, RelativeEmbeddings, RoPE
@@ -439,39 +439,6 @@ def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need, wrap=_direct):
     return (dq, dk, dv, *(grads[n] for n in _PARAMS))
 
 
-class _TritonAttention(torch.autograd.Function):
-    """The fused forward; its backward is the fused backward wrapped in
-    :class:`posattn._autograd.FusedBackward`, itself differentiable (double backward)."""
-
-    @staticmethod
-    def forward(p: Problem, q, k, v, *params):
-        return _forward(_Launch(p, q, *params), q, k, v)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        p, q, k, v, *params = inputs
-        out, _, lse2 = output
-        ctx.mark_non_differentiable(lse2)
-        ctx.problem = p
-        ctx.save_for_backward(q, k, v, out, lse2, *params)
-
-    @staticmethod
-    def backward(ctx, dout, dlse, _dlse2):
-        q, k, v, out, lse2, *params = ctx.saved_tensors
-        need = tuple(ctx.needs_input_grad[4:])
-        if dout is None:
-            dout = torch.zeros(out.shape, device=q.device, dtype=q.dtype)
-        p = ctx.problem
-
-        def first(out, lse2, q, k, v, dout, dlse, *params):
-            return _backward(_Launch(p, q, *params), q, k, v, out, lse2, dout, dlse, dict(zip(_PARAMS, need)))
-        return (None, *_autograd.FusedBackward.apply(p, _PARAM_NAMES, first, out, lse2, q, k, v, dout, dlse,
-                                                     *params))
-
-    vmap = staticmethod(_autograd.refuse_vmap("triton"))
-    jvp = staticmethod(_autograd.refuse_jvp("triton"))
-
-
 def _launch_params(p: Problem):
     """The problem's tensors in _PARAMS order (None where absent)."""
     table = p.rel_bias.table if p.rel_bias is not None else None
@@ -482,8 +449,3 @@ def _launch_params(p: Problem):
     rel = (re.key, re.value, re.content_bias, re.position_bias) if re is not None else (None,) * 4
     ke = p.get("kerple")
     return (p.alibi, table, bias, *rel, *((ke.r1, ke.r2) if ke is not None else (None, None)))
-
-
-def attention(p: Problem):
-    out, lse, _ = _TritonAttention.apply(p, p.q, p.k, p.v, *_launch_params(p))
-    return (out, lse) if p.return_lse else out

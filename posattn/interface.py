@@ -11,11 +11,9 @@ from . import _cuda, _triton, _validate, reference
 
 
 def _op_unavailable():
-    """Why posattn/_op.py (the Triton backend as torch.library operators, for
-    torch.compile) cannot be used here, or None. Only these two reasons: any other
-    error importing it is a bug, raised at import, never a silent skip."""
-    if not hasattr(torch.library, "triton_op") or not hasattr(torch.library, "wrap_triton"):
-        return f"torch {torch.__version__} has no torch.library.triton_op (torch >= 2.6)"
+    """Why posattn/_op.py (the Triton backend's autograd layer and torch.library
+    operators) cannot be used here, or None. Only this reason: any other error
+    importing it is a bug, raised at import, never a silent skip."""
     try:
         import triton  # noqa: F401
     except ImportError as e:
@@ -26,7 +24,7 @@ def _op_unavailable():
 _OP_ERROR = _op_unavailable()
 if _OP_ERROR is None:
     from . import _op
-else:  # torch.compile then traces the eager path
+else:  # the Triton backend then refuses (triton_refusal says why)
     _op = None
 
 BACKENDS = ("triton", "cuda", "reference")
@@ -136,9 +134,7 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, q_pos=None, k_p
     if p.B == 0 or p.Hq == 0 or p.Nq == 0 or p.Nk == 0:
         return reference.empty_result(p)
     if name == "triton":
-        if _op is not None and torch.compiler.is_compiling():
-            return _op.attention(p)  # custom operators: no graph break under torch.compile
-        return _triton.attention(p)
+        return _op.attention(p)
     if name == "cuda":
         return _cuda.attention(p)
     return reference._run(p, upcast=False)

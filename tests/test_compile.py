@@ -164,14 +164,17 @@ def test_opcheck_backward(case, device, op):
         assert g.shape == (tensors[i].shape if want else (0,))
 
 
-def test_eager_calls_do_not_use_the_operators(device, op, monkeypatch):
-    """Eager posattn.attention keeps its autograd.Function (unchanged behaviour)."""
-    def refuse(p):
-        raise AssertionError("eager call routed to the custom operators")
-
-    monkeypatch.setattr(op, "attention", refuse)
+def test_eager_and_compiled_share_one_autograd_path(device, op, monkeypatch):
+    """Eager calls run the operator's forward with its registered setup_context and
+    backward (through _Attention, a Function because torch.func refuses a custom
+    operator's autograd): posattn::attn_bwd computes the eager gradients too."""
+    assert op._Attention.setup_context is op._setup_context and op._Attention.backward is op._backward
+    calls = []
+    real = op.bwd
+    monkeypatch.setattr(op, "bwd", lambda *a: calls.append(1) or real(*a))
     p = _params("alibi", device)
     _run(_loss, "alibi", p, _weight(device))
+    assert calls == [1]
 
 
 # ----------------------------------------------------------------------------- torch.compile
