@@ -58,10 +58,11 @@ for the group in flight and the plot.
 
 Estimate of what the tests step compiles (2026-11-29; compilation, not running,
 dominates). Counted from ``TRITON_INTERPRET=1 pytest --collect-only -q`` on the
-selection (397 test ids: test_kernels 139, test_relative 34 of which ~27 launch
+selection (397 test ids then: test_kernels 139, test_relative 34 of which ~27 launch
 kernels, test_no_silent 34 (~20 launch kernels), test_api 2, test_property 1 x 25
 hypothesis draws, test_compile 2 x 8 cases, test_gpu_large 4, test_hf 9,
-test_cuda_backend 172), times the kernels one call compiles: the forward, then in
+test_cuda_backend 172; since then test_cuda_backend's cases are test_kernels'
+backend="cuda" twins), times the kernels one call compiles: the forward, then in
 the backward the delta kernel or (with a parameter gradient) the dQ kernel's
 delta pass, dK/dV and dQ, plus dBias for a float bias with a gradient and the
 aK/aV pass for rel_emb: 4-5 per test, each a distinct constexpr set (encoding
@@ -114,7 +115,7 @@ TEST_SELECTION = [
     "tests/test_compile.py::test_compiled_cuda",               # Inductor, 8 cases x 2 dtypes
     "tests/test_gpu_large.py::test_offsets_past_2_31_elements[triton-long_keys]",
     "tests/test_gpu_large.py::test_offsets_past_2_31_elements[triton-many_heads]",
-    "tests/test_kernels.py",                                   # every encoding x mask x dtype, fwd + grads
+    "tests/test_kernels.py",                                   # every case x {triton, cuda}, fwd + grads
     "tests/test_relative.py",                                  # GridBias, Shaw, Transformer-XL kernels
     "tests/test_no_silent.py",                                 # double backward, int32 edges, autocast, ...
     "tests/test_design.py::test_cases_on_the_triton_backend",  # the registry's cases (KERPLE included)
@@ -123,9 +124,10 @@ TEST_SELECTION = [
     "tests/test_hf.py",  # CPU float32 models: the reference backend there (checks the image's transformers)
     "tests/test_gpu_large.py::test_offsets_past_2_31_elements[cuda-long_keys]",
     "tests/test_gpu_large.py::test_offsets_past_2_31_elements[cuda-many_heads]",
-    "tests/test_cuda_backend.py",                              # the CUDA fallback, every case
+    "tests/test_cuda_backend.py",                              # the CUDA fallback's own checks
 ]
-# Tests that need the CUDA extension: the workers wait for the background build first.
+# Tests that need the CUDA extension: the workers wait for the background build first
+# (and for test_kernels' backend="cuda" twins: bench/gpu_check_plugin.py).
 WAIT_FOR_CUDA_BUILD = (
     "tests/test_cuda_backend.py",
     "tests/test_gpu_large.py::test_offsets_past_2_31_elements[cuda-",

@@ -76,7 +76,9 @@ def pytest_runtest_setup(item):
     if deadline is not None and time.time() > deadline:
         pytest.skip("gpu_check: time budget spent (not started)")
     prefixes = [p for p in os.environ.get("GPU_CHECK_WAIT_FOR", "").split(",") if p]
-    if any(item.nodeid.startswith(p) for p in prefixes):
+    callspec = getattr(item, "callspec", None)
+    if any(item.nodeid.startswith(p) for p in prefixes) or (
+            callspec is not None and callspec.params.get("backend") == "cuda"):  # test_kernels' cuda twins
         _wait_for_build(deadline)
 
 

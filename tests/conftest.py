@@ -21,6 +21,22 @@ def device():
     pytest.skip("no CUDA GPU and TRITON_INTERPRET is not set: the Triton kernels cannot run")
 
 
+@pytest.fixture(params=["triton", "cuda"])
+def backend(request):
+    """The fused backend a kernel test runs on the `device` fixture's device: triton,
+    or cuda (the CUDA C++ fallback: a CUDA GPU and its extension; on CPU
+    tests/test_cuda_emulated.py calls the same test functions with backend="cuda")."""
+    if request.param == "cuda":
+        if interpreting() or not torch.cuda.is_available():
+            pytest.skip("the CUDA backend needs a CUDA GPU (tests/test_cuda_emulated.py runs it on CPU)")
+        from posattn import _cuda, _validate
+        q = torch.zeros(1, 1, 1, 16, device="cuda")
+        why = _cuda.refusal(_validate.check(q, q, q))
+        if why is not None:
+            pytest.skip(f"backend 'cuda' refused: {why}")
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
     """Fresh random inputs for every test (the seed is printed on failure)."""

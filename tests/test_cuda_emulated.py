@@ -17,7 +17,8 @@ import pytest
 import torch
 
 import posattn
-import test_cuda_backend as cases
+import test_cuda_backend
+import test_kernels as K
 from posattn import _cuda
 from test_kernels import DTYPES, ENCODINGS, MASKS, SHAPES
 
@@ -57,18 +58,22 @@ def emulated(monkeypatch):
     return "cpu"
 
 
-# Every encoding x mask; the dtype rotates so that each meets all three across the
-# matrix (the GPU runs the full cross product).
+# The kernel tests (tests/test_kernels.py), called with backend="cuda" on CPU: a
+# selection that keeps CI short (every encoding x mask once, the dtype rotating; the
+# GPU runs the full matrix).
+CUDA = dict(backend="cuda")
+
+
 @pytest.mark.parametrize("enc,mask", [(e, m) for e in ENCODINGS for m in MASKS])
 def test_encoding_mask(enc, mask, emulated):
     dtype = DTYPES[(ENCODINGS.index(enc) + list(MASKS).index(mask)) % len(DTYPES)]
-    cases.case_encoding_mask_dtype(emulated, enc, mask, dtype)
+    K.test_encoding_mask_dtype(enc, mask, dtype, emulated, **CUDA)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:6])) + ("T" if s[6] else ""))
 def test_shapes_all_encodings(shape, emulated):
     dtype = [torch.bfloat16, torch.float32, torch.float16, torch.bfloat16][SHAPES.index(shape)]
-    cases.case_shapes_all_encodings(emulated, shape, dtype)
+    K.test_shapes_all_encodings(shape, dtype, emulated, **CUDA)
 
 
 # Head dims, including those whose tiles shrink to fit shared memory (float32, 256).
@@ -76,87 +81,91 @@ def test_shapes_all_encodings(shape, emulated):
                                      (128, torch.float16), (256, torch.bfloat16), (256, torch.float32)],
                          ids=str)
 def test_head_dims(D, dtype, emulated):
-    cases.case_head_dim(emulated, D, dtype)
+    K.test_head_dims(D, emulated, dtype=dtype, **CUDA)
 
 
 def test_explicit_positions_packed(emulated):
-    cases.case_explicit_positions_packed(emulated, torch.bfloat16)
+    K.test_explicit_positions_packed(torch.bfloat16, emulated, **CUDA)
 
 
 def test_kv_cache_decoding(emulated):
-    cases.case_kv_cache_decoding(emulated, torch.float32)
+    K.test_kv_cache_decoding(torch.float32, emulated, **CUDA)
 
 
 def test_shuffled_positions_window(emulated):
-    cases.case_shuffled_positions_window(emulated)
+    K.test_shuffled_positions_window(emulated, **CUDA)
 
 
 @pytest.mark.parametrize("bshape", [(2, 3, 40, 70), (3, 1, 70), (1, 1, 1, 70), (2, 1, 1, 70)])
 def test_dense_bias_broadcast_gradient(bshape, emulated):
-    cases.case_dense_bias_broadcast_gradient(emulated, bshape)
+    K.test_dense_bias_broadcast_gradient(bshape, emulated, **CUDA)
 
 
 @pytest.mark.parametrize("bshape", [(2, 3, 40, 1), (1, 1, 1, 1)])
 def test_key_constant_bias_has_zero_gradient(bshape, emulated):
-    cases.case_key_constant_bias_has_zero_gradient(emulated, bshape)
+    K.test_key_constant_bias_has_zero_gradient(bshape, emulated, **CUDA)
 
 
 def test_bias_float32_with_half_inputs(emulated):
-    cases.case_bias_float32_with_half_inputs(emulated, torch.float16)
+    K.test_bias_float32_with_half_inputs(emulated, dtype=torch.float16, **CUDA)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_empty_rows_are_zero_without_nan(dtype, emulated):
-    cases.case_empty_rows_are_zero_without_nan(emulated, dtype)
+    K.test_empty_rows_are_zero_without_nan(dtype, emulated, **CUDA)
 
 
 def test_huge_windows(emulated):
-    cases.case_huge_windows(emulated)
+    K.test_huge_windows(emulated, **CUDA)
 
 
 def test_fully_masked_everything(emulated):
-    cases.case_fully_masked_everything(emulated)
+    K.test_fully_masked_everything(emulated, **CUDA)
 
 
 def test_lse_and_its_gradient(emulated):
-    cases.case_lse_and_its_gradient(emulated)
+    K.test_lse_and_its_gradient(emulated, **CUDA)
 
 
 def test_scale_and_t5(emulated):
-    cases.case_scale_and_t5(emulated)
+    K.test_scale_and_t5(emulated, **CUDA)
 
 
 def test_wide_distance_table(emulated):
-    cases.case_wide_distance_table(emulated)
+    K.test_wide_distance_table(emulated, **CUDA)
 
 
 def test_parameter_gradients_are_deterministic(emulated):
-    cases.case_parameter_gradients_are_deterministic(emulated)
+    K.test_parameter_gradients_are_deterministic(emulated, **CUDA)
 
 
 def test_inputs_not_mutated(emulated):
-    cases.case_inputs_not_mutated(emulated)
+    K.test_inputs_not_mutated(emulated, **CUDA)
 
 
 def test_single_key(emulated):
-    cases.case_single_key(emulated)
+    K.test_single_key(emulated, **CUDA)
+
+
+def test_any_strides(emulated):
+    K.test_any_strides(emulated, **CUDA)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_grid_bias(dtype, emulated):
-    cases.case_grid_bias(emulated, dtype)
+    K.test_grid_bias(dtype, emulated, **CUDA)
 
 
 def test_grid_bias_with_masks_and_gqa(emulated):
-    cases.case_grid_bias_with_masks_and_gqa(emulated, "window")
+    K.test_grid_bias_with_masks_and_gqa("window", emulated, **CUDA)
 
 
 def test_periodic_bias_batch(emulated):
-    cases.case_periodic_bias_batch(emulated)
+    K.test_periodic_bias_batch(emulated, **CUDA)
 
 
 def test_operator_checks_arguments(emulated):
-    cases.case_operator_checks_arguments(emulated)
+    test_cuda_backend.case_operator_checks_arguments(emulated)
 
 
 def test_double_backward_and_func_grad(emulated):

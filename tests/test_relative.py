@@ -65,31 +65,8 @@ def make(B, Hq, Hkv, N, D, dtype, device, Nk=None):
     return q, k, v
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_grid_bias_kernel(dtype, device):
-    """Swin block: 7x7 windows, 2 windows per image, a shifted-window mask that
-    repeats over the batch of windows, gradients to q, k, v and the table."""
-    wh, ww = 7, 7
-    q, k, v = make(4, 3, 3, 49, 32, dtype, device)
-    table = (0.5 * torch.randn(13 * 13, 3, device=device)).requires_grad_()
-    mask = torch.where(torch.rand(2, 1, 49, 49, device=device) < 0.3, -100.0, 0.0).to(dtype)
-    check(q, k, v, rel_bias=posattn.GridBias(table, (wh, ww)), bias=mask)
-
-
-@pytest.mark.parametrize("mask", ["causal", "window"])
-def test_grid_bias_with_masks_and_gqa(mask, device):
-    q, k, v = make(2, 4, 2, 30, 16, torch.float32, device, Nk=35)
-    table = torch.randn(9 * 13, 4, device=device, requires_grad=True)
-    kw = {"causal": True} if mask == "causal" else {"window": (6, 3)}
-    check(q, k, v, rel_bias=posattn.GridBias(table, (5, 7)), return_lse=True, **kw)
-
-
-def test_periodic_bias_batch(device):
-    """bias [nB, ...] with B % nB == 0: batch b reads bias[b % nB]; its gradient sums
-    over the batches that share it."""
-    q, k, v = make(6, 2, 2, 20, 16, torch.float32, device)
-    bias = torch.randn(3, 1, 20, 20, device=device, requires_grad=True)
-    check(q, k, v, bias=bias)
+# The GridBias kernel cases (Swin windows with a periodic mask, masks and GQA, the
+# periodic bias batch) are in test_kernels.py, run once per backend.
 
 
 def test_grid_bias_errors():
