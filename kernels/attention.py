@@ -3,7 +3,7 @@
 The kernels, split by concern (read in this order):
 
 - common.py   the FLAGS / GRADS bit layout, loads, positions, key / query ranges
-- rope.py     RoPE applied on load, gradients rotated back
+- rope.py     _rope_rotate (q and k rotated once per call), gradients rotated back
 - relative.py Shaw / Transformer-XL table slices and per-row shifts
 - scores.py   the score tile (logits, every additive term, masks), per-head
               parameters, P and dS recomputed for the backward
@@ -29,6 +29,7 @@ from .common import *  # noqa: F401,F403  (LOG2E and the bit offsets: posattn/_t
 from .common import __all__ as _common
 from .forward import _attn_fwd  # noqa: F401
 from .params import _attn_bwd_dq  # noqa: F401
+from .rope import _rope_rotate  # noqa: F401
 
-__all__ = ["_attn_fwd", "_attn_bwd_delta", "_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_bwd_rel", "_attn_bwd_dbias",
+__all__ = ["_rope_rotate", "_attn_fwd", "_attn_bwd_delta", "_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_bwd_rel", "_attn_bwd_dbias",
            *_common]

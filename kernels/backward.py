@@ -1,13 +1,14 @@
 """The backward kernels: delta, dK / dV, the interior rows of d(aK) / d(aV), and
 the dense-bias gradient. Arguments as in _attn_fwd; Stats is the [B, Hq, 2, Nq]
 float32 row statistics (lse in the log2 domain, then delta), dO has out's
-conventions (strides by batch, head, row; head dim contiguous)."""
+conventions (strides by batch, head, row; head dim contiguous). With RoPE, q and k
+are the rotated copies and dQ / dK are rotated back in the epilogues."""
 import triton
 import triton.language as tl
 
 from .common import (LOG2E, _COL_BCAST, _D_AK, _D_AV, _HEAD_BCAST, _ROPE, _ROW_BCAST, _UPCAST, _dot, _key_range,
                      _load_row_stats, _load_tile, _positions, _query_range, _stats_row)
-from .rope import _load_rotated, _rope_factor, _unrotate
+from .rope import _rope_factor, _unrotate
 from .scores import _head_params, _load_queries, _probs_and_ds
 
 
@@ -49,11 +50,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, Stats, DK, DV, Pos, Params, Table, Bias, Rel,
     offs_d = tl.arange(0, BLOCK_D)
     qk_scale = sm_scale * LOG2E
 
-    factor = _rope_factor(Params, FLAGS, ROT_DIM)
     pos_q = Pos + off_b * (Nq + Nk)
     kp = _positions(pos_q + Nq, offs_n, Nk, 0, FLAGS)
-    k = _load_rotated(K + off_b * skb + off_hk * skh, offs_n, offs_d, skn, Nk, D, kp, Params, factor,
-                      FLAGS, ROT_DIM)
+    k = _load_tile(K + off_b * skb + off_hk * skh, offs_n, offs_d, skn, Nk, D)
     v = _load_tile(V + off_b * svb + off_hk * svh, offs_n, offs_d, svn, Nk, D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -67,8 +66,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, Stats, DK, DV, Pos, Params, Table, Bias, Rel,
         stats = _stats_row(Stats, off_b * Hq + off_h, Nq)
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + offs_m0
-            qp, q, qu, qw = _load_queries(q_base, pos_q, offs_m, offs_d, sqm, Nq, Nk, D, Params, factor,
-                                          u_ptr, w_ptr, FLAGS, ROT_DIM)
+            qp, q, qu, qw = _load_queries(q_base, pos_q, offs_m, offs_d, sqm, Nq, Nk, D, u_ptr, w_ptr, FLAGS)
             do = _load_tile(do_base, offs_m, offs_d, sdom, Nq, D)
             lse2, delta = _load_row_stats(stats, offs_m, Nq)
             p, ds, rel, ak = _probs_and_ds(
@@ -80,7 +78,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, Stats, DK, DV, Pos, Params, Table, Bias, Rel,
 
     dk *= sm_scale
     if ROPE:
-        dk = _unrotate(dk, offs_d, kp, Params, factor, FLAGS, ROT_DIM)
+        dk = _unrotate(dk, offs_d, kp, Params, _rope_factor(Params, FLAGS, ROT_DIM), FLAGS, ROT_DIM)
     mask = (offs_n[:, None] < Nk) & (offs_d[None, :] < D)
     tl.store(DK + off_b * sdkb + off_hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=mask)
@@ -110,7 +108,6 @@ def _attn_bwd_rel(Q, K, V, DO, Stats, DAK, DAV, Pos, Params, Table, Bias, Rel,
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     qk_scale = sm_scale * LOG2E
-    factor = _rope_factor(Params, FLAGS, ROT_DIM)
     pos_q = Pos + off_b * (Nq + Nk)
     acc_k = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     acc_v = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -127,14 +124,13 @@ def _attn_bwd_rel(Q, K, V, DO, Stats, DAK, DAV, Pos, Params, Table, Bias, Rel,
             j_hi = tl.minimum(hi, start_m + BLOCK_M + shift + rel0 + BLOCK_N - 1)
             offs_m = start_m + offs_m0
             qp, q, qu, qw = _load_queries(Q + off_b * sqb + off_h * sqh, pos_q, offs_m, offs_d, sqm, Nq, Nk, D,
-                                          Params, factor, u_ptr, w_ptr, FLAGS, ROT_DIM)
+                                          u_ptr, w_ptr, FLAGS)
             do = _load_tile(DO + off_b * sdob + off_h * sdoh, offs_m, offs_d, sdom, Nq, D)
             lse2, delta = _load_row_stats(stats, offs_m, Nq)
             for start_n in range((tl.maximum(j_lo, 0) // BLOCK_N) * BLOCK_N, j_hi, BLOCK_N):
                 offs_n = start_n + offs_n0
                 kp = _positions(pos_q + Nq, offs_n, Nk, 0, FLAGS)
-                k = _load_rotated(K + off_b * skb + off_hk * skh, offs_n, offs_d, skn, Nk, D, kp,
-                                  Params, factor, FLAGS, ROT_DIM)
+                k = _load_tile(K + off_b * skb + off_hk * skh, offs_n, offs_d, skn, Nk, D)
                 v = _load_tile(V + off_b * svb + off_hk * svh, offs_n, offs_d, svn, Nk, D)
                 p, ds, rel, ak = _probs_and_ds(
                     qu, qw, k, v, do, ak_ptr, av_ptr, qp, kp, lse2, delta, start_m, start_n, offs_m,
@@ -200,7 +196,6 @@ def _attn_bwd_dbias(Q, K, V, DO, Stats, DBias, Pos, Params, Table, Bias, Rel,
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     qk_scale = sm_scale * LOG2E
-    factor = _rope_factor(Params, FLAGS, ROT_DIM)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for b in range(ob, B, bias_nb):  # every batch whose bias is bias[ob] (b % nB == ob)
         off_b = tl.cast(b, tl.int64)
@@ -215,14 +210,13 @@ def _attn_bwd_dbias(Q, K, V, DO, Stats, DBias, Pos, Params, Table, Bias, Rel,
             for start_m in range(m_lo, m_hi, BLOCK_M):
                 offs_m = start_m + offs_m0
                 qp, q, qu, qw = _load_queries(Q + off_b * sqb + off_h * sqh, pos_q, offs_m, offs_d, sqm, Nq, Nk,
-                                              D, Params, factor, u_ptr, w_ptr, FLAGS, ROT_DIM)
+                                              D, u_ptr, w_ptr, FLAGS)
                 do = _load_tile(DO + off_b * sdob + off_h * sdoh, offs_m, offs_d, sdom, Nq, D)
                 lse2, delta = _load_row_stats(stats, offs_m, Nq)
                 for start_n in range(n_lo, n_hi, BLOCK_N):
                     offs_n = start_n + offs_n0
                     kp = _positions(pos_q + Nq, offs_n, Nk, 0, FLAGS)
-                    k = _load_rotated(K + off_b * skb + off_hk * skh, offs_n, offs_d, skn, Nk, D, kp,
-                                      Params, factor, FLAGS, ROT_DIM)
+                    k = _load_tile(K + off_b * skb + off_hk * skh, offs_n, offs_d, skn, Nk, D)
                     v = _load_tile(V + off_b * svb + off_hk * svh, offs_n, offs_d, svn, Nk, D)
                     p, ds, rel, ak = _probs_and_ds(
                         qu, qw, k, v, do, ak_ptr, av_ptr, qp, kp, lse2, delta, start_m, start_n, offs_m,

@@ -3,7 +3,6 @@ import triton
 import triton.language as tl
 
 from .common import LOG2E, _REL_V, _UPCAST, _dot, _key_range, _load_tile, _positions
-from .rope import _load_rotated, _rope_factor
 from .relative import _keys_to_rel, _load_rel, _rel_rows
 from .scores import _head_params, _load_queries, _logits, _scores
 
@@ -18,7 +17,7 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel,
     and the log2-domain one the backward recomputes P from (no round trip).
 
     Arguments: q, k, v and out by (batch, head, row) strides (the head dim is
-    contiguous); Pos [B, Nq + Nk] the positions of the queries then of the keys (with
+    contiguous; with RoPE, q and k are _rope_rotate's rotated copies); Pos [B, Nq + Nk] the positions of the queries then of the keys (with
     HAS_POS); Params, Table, Rel the encodings' tensors (see _head_params); the dense
     bias by its (batch, head, query) strides, batch b reading bias[b % bias_nb]."""
     REL_V: tl.constexpr = (FLAGS >> _REL_V.value) & 1
@@ -35,10 +34,9 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel,
 
     slope, r1, r2, table_ptr, bias_ptr, ak_ptr, av_ptr, u_ptr, w_ptr = _head_params(
         off_b, off_h, Params, Table, tab_l, tab_r, Bias, sbb, sbh, bias_nb, Rel, rel_k, Hq, D, FLAGS, ROT_DIM)
-    factor = _rope_factor(Params, FLAGS, ROT_DIM)
     pos_q = Pos + off_b * (Nq + Nk)
-    qp, q, qu, qw = _load_queries(Q + off_b * sqb + off_h * sqh, pos_q, offs_m, offs_d, sqm, Nq, Nk, D, Params,
-                                  factor, u_ptr, w_ptr, FLAGS, ROT_DIM)
+    qp, q, qu, qw = _load_queries(Q + off_b * sqb + off_h * sqh, pos_q, offs_m, offs_d, sqm, Nq, Nk, D,
+                                  u_ptr, w_ptr, FLAGS)
     k_base = K + off_b * skb + off_hk * skh
     v_base = V + off_b * svb + off_hk * svh
 
@@ -49,7 +47,7 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel,
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         kp = _positions(pos_q + Nq, offs_n, Nk, 0, FLAGS)
-        k = _load_rotated(k_base, offs_n, offs_d, skn, Nk, D, kp, Params, factor, FLAGS, ROT_DIM)
+        k = _load_tile(k_base, offs_n, offs_d, skn, Nk, D)
         qk, ak = _logits(qu, qw, k, ak_ptr, start_m, start_n, Nq, Nk, rel_k, offs_d, D, FLAGS, BLOCK_M, BLOCK_N)
         s, rel = _scores(qk, qp, kp, offs_m, offs_n, Nq, Nk, qk_scale, slope, r1, r2, table_ptr,
                          tab_l, tab_r, bias_ptr, sbm, win_l, win_r, FLAGS)

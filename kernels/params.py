@@ -6,7 +6,7 @@ import triton.language as tl
 
 from .common import (LOG2E, _DELTA_PASS, _D_AK, _D_AV, _D_KERPLE, _D_SLOPE, _D_TABLE, _D_U, _D_W, _REL_K, _ROPE,
                      _TABLE, _UPCAST, _dot, _key_range, _load_row_stats, _load_tile, _positions, _stats_row)
-from .rope import _load_rotated, _rope_factor, _unrotate
+from .rope import _rope_factor, _unrotate
 from .relative import _keys_to_rel
 from .scores import _head_params, _load_queries, _probs_and_ds, _table_columns, _table_index
 
@@ -79,10 +79,9 @@ def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
 
     slope, r1, r2, table_ptr, bias_ptr, ak_ptr, av_ptr, u_ptr, w_ptr = _head_params(
         off_b, off_h, Params, Table, tab_l, tab_r, Bias, sbb, sbh, bias_nb, Rel, rel_k, Hq, D, FLAGS, ROT_DIM)
-    factor = _rope_factor(Params, FLAGS, ROT_DIM)
     pos_q = Pos + off_b * (Nq + Nk)
-    qp, q, qu, qw = _load_queries(Q + off_b * sqb + off_h * sqh, pos_q, offs_m, offs_d, sqm, Nq, Nk, D, Params,
-                                  factor, u_ptr, w_ptr, FLAGS, ROT_DIM)
+    qp, q, qu, qw = _load_queries(Q + off_b * sqb + off_h * sqh, pos_q, offs_m, offs_d, sqm, Nq, Nk, D,
+                                  u_ptr, w_ptr, FLAGS)
     do = _load_tile(DO + off_b * sdob + off_h * sdoh, offs_m, offs_d, sdom, Nq, D)
     stats = _stats_row(Stats, off_bh, Nq)
     lse2, delta = _load_row_stats(stats, offs_m, Nq)
@@ -109,7 +108,7 @@ def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         kp = _positions(pos_q + Nq, offs_n, Nk, 0, FLAGS)
-        k = _load_rotated(k_base, offs_n, offs_d, skn, Nk, D, kp, Params, factor, FLAGS, ROT_DIM)
+        k = _load_tile(k_base, offs_n, offs_d, skn, Nk, D)
         v = _load_tile(v_base, offs_n, offs_d, svn, Nk, D)
         p, ds, rel, ak = _probs_and_ds(
             qu, qw, k, v, do, ak_ptr, av_ptr, qp, kp, lse2, delta, start_m, start_n, offs_m, offs_n,
@@ -178,6 +177,6 @@ def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
 
         dq = (dq_c + dq_p) * sm_scale
         if ROPE:
-            dq = _unrotate(dq, offs_d, qp, Params, factor, FLAGS, ROT_DIM)
+            dq = _unrotate(dq, offs_d, qp, Params, _rope_factor(Params, FLAGS, ROT_DIM), FLAGS, ROT_DIM)
         tl.store(DQ + off_b * sdqb + off_h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :],
                  dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < Nq) & in_d[None, :])

@@ -1,9 +1,10 @@
-"""RoPE inside the kernels: q and k tiles rotated at their positions on load (the
-partner channels are a second, cache-hot load), and gradients rotated back."""
+"""RoPE: q and k rotated once per call into contiguous workspaces by _rope_rotate (the
+attention kernels' loops then read them as plain tiles), and dQ / dK rotated back in
+the backward kernels' epilogues."""
 import triton
 import triton.language as tl
 
-from .common import _INTERLEAVED, _ROPE, _load_tile
+from .common import _INTERLEAVED, _ROPE, _positions
 
 
 @triton.jit
@@ -48,23 +49,6 @@ def _rope_factor(Params, FLAGS: tl.constexpr, ROT_DIM: tl.constexpr):
 
 
 @triton.jit
-def _load_rotated(ptr, offs_n, offs_d, stride_n, N, D, pos, inv_freq_ptr, factor,
-                  FLAGS: tl.constexpr, ROT_DIM: tl.constexpr):
-    """Load a [rows, BLOCK_D] tile of q or k, rotated by RoPE at `pos` when ROPE.
-    The partner channels are read as a second (cache-hot) load: no rotated copy of
-    q or k ever exists in memory."""
-    ROPE: tl.constexpr = (FLAGS >> _ROPE.value) & 1
-    INTERLEAVED: tl.constexpr = (FLAGS >> _INTERLEAVED.value) & 1
-    x = _load_tile(ptr, offs_n, offs_d, stride_n, N, D)
-    if ROPE:
-        partner, sign, freq, in_rot = _rope_channels(offs_d, inv_freq_ptr, ROT_DIM, INTERLEAVED)
-        xp = _load_tile(ptr, offs_n, partner, stride_n, N, D)
-        cos, sin = _rope_cos_sin(pos, freq, sign, in_rot, factor)
-        x = (x.to(tl.float32) * cos + xp.to(tl.float32) * sin).to(ptr.dtype.element_ty)
-    return x
-
-
-@triton.jit
 def _unrotate(g, offs_d, pos, inv_freq_ptr, factor, FLAGS: tl.constexpr, ROT_DIM: tl.constexpr):
     """Gradient w.r.t. the rotated rows -> gradient w.r.t. the raw rows (rotate by -theta)."""
     INTERLEAVED: tl.constexpr = (FLAGS >> _INTERLEAVED.value) & 1
@@ -72,3 +56,46 @@ def _unrotate(g, offs_d, pos, inv_freq_ptr, factor, FLAGS: tl.constexpr, ROT_DIM
     cos, sin = _rope_cos_sin(pos, freq, sign, in_rot, factor)
     gp = tl.gather(g, tl.broadcast_to(partner[None, :], g.shape), axis=1)
     return g * cos - gp * sin
+
+
+@triton.jit
+def _rope_rotate(X, Out, Pos, Params, sxb, sxh, sxn, H, N, OFF, SHIFT, Nq, Nk, D,
+                 FLAGS: tl.constexpr, ROT_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One program per (row block, head, batch): rows of q (OFF = 0, SHIFT = Nk - Nq) or
+    of k (OFF = Nq, SHIFT = 0) rotated at their positions into Out [B, H, N, D]
+    contiguous, in fp32 and rounded to the input dtype. A pass over q and k per call
+    instead of a sin / cos of every key tile in every query block's loop. The pairs
+    (x1, x2) (channels i and i + R/2, or 2i and 2i + 1 interleaved) are loaded as two
+    tiles, so each angle's sin and cos are computed once:
+    (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), times the attention factor."""
+    INTERLEAVED: tl.constexpr = (FLAGS >> _INTERLEAVED.value) & 1
+    HALF: tl.constexpr = ROT_DIM // 2
+    BLOCK_H: tl.constexpr = BLOCK_D // 2
+    start_n = tl.program_id(0) * BLOCK_N
+    off_h = tl.program_id(1).to(tl.int64)
+    off_b = tl.program_id(2).to(tl.int64)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_f = tl.arange(0, BLOCK_H)
+    x_ptr = X + off_b * sxb + off_h * sxh + offs_n[:, None] * sxn
+    o_ptr = Out + ((off_b * H + off_h) * N + offs_n[:, None]) * D
+    if INTERLEAVED:
+        c1 = 2 * offs_f
+        c2 = 2 * offs_f + 1
+    else:
+        c1 = offs_f
+        c2 = offs_f + HALF
+    pair = (offs_n[:, None] < N) & (offs_f[None, :] < HALF)
+    x1 = tl.load(x_ptr + c1[None, :], mask=pair, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + c2[None, :], mask=pair, other=0.0).to(tl.float32)
+    pos = _positions(Pos + off_b * (Nq + Nk) + OFF, offs_n, N, SHIFT, FLAGS)
+    freq = tl.load(Params + offs_f, mask=offs_f < HALF, other=0.0)
+    factor = tl.load(Params + HALF)
+    theta = pos.to(tl.float32)[:, None] * freq[None, :]
+    cos = factor * tl.cos(theta)
+    sin = factor * tl.sin(theta)
+    tl.store(o_ptr + c1[None, :], (x1 * cos - x2 * sin).to(Out.dtype.element_ty), mask=pair)
+    tl.store(o_ptr + c2[None, :], (x2 * cos + x1 * sin).to(Out.dtype.element_ty), mask=pair)
+    if ROT_DIM < BLOCK_D:  # channels past the rotary dim are copied
+        offs_d = tl.arange(0, BLOCK_D)
+        rest = (offs_n[:, None] < N) & (offs_d[None, :] >= ROT_DIM) & (offs_d[None, :] < D)
+        tl.store(o_ptr + offs_d[None, :], tl.load(x_ptr + offs_d[None, :], mask=rest), mask=rest)

@@ -5,8 +5,7 @@ import triton
 import triton.language as tl
 
 from .common import (LOG2E, _ALIBI, _BIAS, _BIAS_KEYS, _BIAS_MASK, _CAUSAL, _HAS_WL, _HAS_WR, _KERPLE, _REL_K,
-                     _REL_SHARED, _REL_U, _REL_V, _REL_W, _ROPE, _TABLE, _UPCAST, _dot, _positions)
-from .rope import _load_rotated
+                     _REL_SHARED, _REL_U, _REL_V, _REL_W, _ROPE, _TABLE, _UPCAST, _dot, _load_tile, _positions)
 from .relative import _add_row, _load_rel, _rel_rows, _rel_to_keys
 
 
@@ -87,14 +86,14 @@ def _head_params(off_b, off_h, Params, Table, tab_l, tab_r, Bias, sbb, sbh, bias
 
 
 @triton.jit
-def _load_queries(q_ptr, pos_ptr, offs_m, offs_d, sqm, Nq, Nk, D, Params, factor, u_ptr, w_ptr,
-                  FLAGS: tl.constexpr, ROT_DIM: tl.constexpr):
-    """A query block: its positions, its tile (rotated by RoPE) and the tile plus
-    Transformer-XL's u (for the content term) and w (for the position term)."""
+def _load_queries(q_ptr, pos_ptr, offs_m, offs_d, sqm, Nq, Nk, D, u_ptr, w_ptr, FLAGS: tl.constexpr):
+    """A query block: its positions, its tile (already rotated with RoPE: _rope_rotate)
+    and the tile plus Transformer-XL's u (for the content term) and w (for the
+    position term)."""
     REL_U: tl.constexpr = (FLAGS >> _REL_U.value) & 1
     REL_W: tl.constexpr = (FLAGS >> _REL_W.value) & 1
     qp = _positions(pos_ptr, offs_m, Nq, Nk - Nq, FLAGS)
-    q = _load_rotated(q_ptr, offs_m, offs_d, sqm, Nq, D, qp, Params, factor, FLAGS, ROT_DIM)
+    q = _load_tile(q_ptr, offs_m, offs_d, sqm, Nq, D)
     return qp, q, _add_row(q, u_ptr, offs_d, D, REL_U), _add_row(q, w_ptr, offs_d, D, REL_W)
 
 

@@ -300,10 +300,27 @@ def _unit_last(x):
     return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
 
 
+def _rotated(L: _Launch, x, keys: bool, wrap):
+    """q or k rotated by RoPE into a contiguous workspace (kernels/rope.py); x without RoPE."""
+    from .kernels.attention import _rope_rotate
+    p = L.p
+    if p.rope is None:
+        return x
+    B, H, N, D = x.shape
+    out = torch.empty(B, H, N, D, device=x.device, dtype=x.dtype)
+    bd = max(16, _next_pow2(D))
+    rows = 64 if interpreting() else max(16, 2048 // bd)  # memory-bound: small tiles, many CTAs per SM
+    L.launch(wrap, _rope_rotate, (_cdiv(N, rows), H, B), X=x, Out=out, sxb=x.stride(0), sxh=x.stride(1),
+             sxn=x.stride(2), H=H, N=N, OFF=p.Nq if keys else 0, SHIFT=0 if keys else p.Nk - p.Nq, BLOCK_N=rows,
+             BLOCK_D=bd, num_warps=4)
+    return out
+
+
 def _forward(L: _Launch, q, k, v, wrap=_direct):
     from .kernels.attention import _attn_fwd
     p = L.p
     q, k, v = (_unit_last(x) for x in (q, k, v))
+    q, k = _rotated(L, q, False, wrap), _rotated(L, k, True, wrap)
     out = torch.empty(p.B, p.Hq, p.Nq, p.D, device=q.device, dtype=q.dtype)
     lse = torch.empty(p.B, p.Hq, p.Nq, device=q.device, dtype=torch.float32)
     lse2 = torch.empty_like(lse)
@@ -340,6 +357,7 @@ def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need, wrap=_direct):
     p = L.p
     dev = q.device
     q, k, v, do = (_unit_last(x) for x in (q, k, v, do))
+    q, k = _rotated(L, q, False, wrap), _rotated(L, k, True, wrap)   # dq, dk are rotated back in the kernels
     bm, bn, bd, launch = L.config(backward=True)
     blocks = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
     f32 = dict(device=dev, dtype=torch.float32)

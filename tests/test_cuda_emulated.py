@@ -193,3 +193,7 @@ def test_int32_edges(window, emulated):
     check(q, k, v, backend="cuda", window=window, causal=window[1] == 0)
     check(q, k, v, backend="cuda", q_pos=torch.arange(top - 20, top + 1, dtype=torch.int32),
           k_pos=torch.arange(-2 ** 31, -2 ** 31 + 30, dtype=torch.int32), window=(2 ** 32 + 10, None))
+
+
+def test_rope_large_positions_and_scaled_frequencies(emulated):
+    K.test_rope_large_positions_and_scaled_frequencies(True, emulated, **CUDA)

@@ -371,3 +371,18 @@ def test_periodic_bias_batch(device, backend):
     check(q, k, v, backend=backend, bias=bias)
     mask = torch.rand(3, 2, 20, 20, device=device) < 0.7
     check(q, k, v, backend=backend, bias=mask, causal=True)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rope_large_positions_and_scaled_frequencies(interleaved, device, backend):
+    """Positions near 2^20 (explicit, per batch) and llama3-style scaled frequencies
+    over a partial rotary dim, with an attention factor: the rotation meets the
+    precision rule (angles in float32, as PyTorch's own RoPE computes them)."""
+    q, k, v = make_qkv((2, 2, 1, 40, 50, 64, False), torch.float32, device)
+    top = 2 ** 20
+    k_pos = torch.stack([torch.arange(top - 50, top), torch.arange(top - 80, top - 30)]).to(device)
+    q_pos = k_pos[:, 10:]
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, 48, 2, dtype=torch.float32) / 48))
+    inv_freq = torch.where(inv_freq < 2 * torch.pi / 64, inv_freq / 8, inv_freq).to(device)  # long wavelengths / 8
+    check(q, k, v, backend=backend, causal=True, q_pos=q_pos, k_pos=k_pos,
+          rope=posattn.RoPE(inv_freq, interleaved=interleaved, attention_factor=1.2))
