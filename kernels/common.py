@@ -6,7 +6,7 @@ import triton.language as tl
 __all__ = ["LOG2E", "_CAUSAL", "_HAS_WL", "_HAS_WR", "_HAS_POS", "_ROPE", "_INTERLEAVED", "_ALIBI", "_TABLE",
            "_BIAS", "_BIAS_MASK", "_REL_K", "_REL_V", "_REL_U", "_REL_W", "_UPCAST", "_KERPLE", "_D_SLOPE",
            "_D_TABLE", "_D_U", "_D_W", "_D_AK", "_D_AV", "_DELTA_PASS", "_HEAD_BCAST", "_ROW_BCAST",
-           "_COL_BCAST", "_D_KERPLE", "_REL_SHARED", "_BIAS_KEYS"]
+           "_COL_BCAST", "_D_KERPLE", "_REL_SHARED", "_BIAS_KEYS"]  # (and the helpers, imported by name)
 
 LOG2E = tl.constexpr(1.4426950408889634)  # a constexpr: jitted code reads no plain globals
 
@@ -121,6 +121,71 @@ def _query_range(start_n, BLOCK_N: tl.constexpr, Nq, Nk, win_l, win_r,
             hi = tl.minimum(hi, tl.minimum(start_n + BLOCK_N - shift + tl.cast(win_l, tl.int64), Nq).to(tl.int32))
         hi = tl.maximum(hi, lo)
     return lo, hi
+
+
+@triton.jit
+def _interior(lo, hi, bottom, top, BLOCK: tl.constexpr):
+    """Split [lo, hi), walked in BLOCK steps from lo, into the tiles that lie inside
+    [bottom, top) (an interval of whole tiles [f_lo, f_hi)) and the others; returns
+    f_lo, f_hi, the number of other tiles below f_lo, and the number of others.
+    Other tile t starts at lo + t * BLOCK below f_lo, else at f_hi + (t - n_low) * BLOCK."""
+    hi_grid = lo + tl.cdiv(hi - lo, BLOCK) * BLOCK
+    f_lo = tl.minimum(lo + tl.cdiv(tl.maximum(bottom - lo, 0), BLOCK) * BLOCK, hi_grid)
+    f_hi = tl.maximum(f_lo + (tl.maximum(tl.minimum(top, hi) - f_lo, 0) // BLOCK) * BLOCK, f_lo)
+    n_low = (f_lo - lo) // BLOCK
+    return f_lo, f_hi, n_low, n_low + tl.cdiv(tl.maximum(hi - f_hi, 0), BLOCK)
+
+
+@triton.jit
+def _split_keys(start_m, BLOCK_M: tl.constexpr, Nq, Nk, lo, hi, win_l, win_r,
+                FLAGS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The key tiles of [lo, hi) that every row of the block sees whole (in bounds,
+    not hidden by causal or window): they are scored without a mask. See _interior."""
+    CAUSAL: tl.constexpr = (FLAGS >> _CAUSAL.value) & 1
+    HAS_WL: tl.constexpr = (FLAGS >> _HAS_WL.value) & 1
+    HAS_WR: tl.constexpr = (FLAGS >> _HAS_WR.value) & 1
+    HAS_POS: tl.constexpr = (FLAGS >> _HAS_POS.value) & 1
+    bottom = lo
+    top = Nk
+    if HAS_POS:
+        if CAUSAL or HAS_WL or HAS_WR:  # visibility depends on the positions' values
+            top = lo
+    else:
+        shift = Nk - Nq
+        if CAUSAL:  # key j <= i + shift for the block's first row
+            top = tl.minimum(top, start_m + shift + 1)
+        if HAS_WR:  # int64 and clamped, as in _key_range
+            top = tl.minimum(top, tl.minimum(start_m + shift + 1 + tl.cast(win_r, tl.int64), Nk).to(tl.int32))
+        if HAS_WL:  # key j >= i + shift - left for the block's last row
+            bottom = tl.maximum(start_m + BLOCK_M - 1 + shift - tl.cast(win_l, tl.int64), 0).to(tl.int32)
+    return _interior(lo, hi, bottom, top, BLOCK_N)
+
+
+@triton.jit
+def _split_queries(start_n, BLOCK_N: tl.constexpr, Nq, Nk, lo, hi, win_l, win_r,
+                   FLAGS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The query tiles of [lo, hi) whose rows see the whole key block start_n.. (the
+    transpose of _split_keys). Bounds need no mask here: rows past Nq have lse = +inf
+    (P = 0) and keys past Nk only feed dK / dV rows that are never stored."""
+    CAUSAL: tl.constexpr = (FLAGS >> _CAUSAL.value) & 1
+    HAS_WL: tl.constexpr = (FLAGS >> _HAS_WL.value) & 1
+    HAS_WR: tl.constexpr = (FLAGS >> _HAS_WR.value) & 1
+    HAS_POS: tl.constexpr = (FLAGS >> _HAS_POS.value) & 1
+    bottom = lo
+    top = hi
+    if HAS_POS:
+        if CAUSAL or HAS_WL or HAS_WR:
+            top = lo
+    else:
+        shift = Nk - Nq
+        if CAUSAL:  # row i >= j - shift for the block's last key
+            bottom = tl.maximum(bottom, start_n + BLOCK_N - 1 - shift)
+        if HAS_WR:
+            bottom = tl.maximum(bottom, tl.maximum(start_n + BLOCK_N - 1 - shift - tl.cast(win_r, tl.int64),
+                                                   0).to(tl.int32))
+        if HAS_WL:  # row i <= j - shift + left for the block's first key
+            top = tl.minimum(top, tl.minimum(start_n - shift + 1 + tl.cast(win_l, tl.int64), Nq).to(tl.int32))
+    return _interior(lo, hi, bottom, top, BLOCK_M)
 
 
 @triton.jit

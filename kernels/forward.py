@@ -2,9 +2,38 @@
 import triton
 import triton.language as tl
 
-from .common import LOG2E, _REL_V, _UPCAST, _dot, _key_range, _load_tile, _positions
+from .common import LOG2E, _REL_K, _REL_V, _UPCAST, _dot, _key_range, _load_tile, _positions, _split_keys
 from .relative import _keys_to_rel, _load_rel, _rel_rows
 from .scores import _head_params, _load_queries, _logits, _scores
+
+
+@triton.jit
+def _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_k, k_base, v_base, ak_ptr, av_ptr,
+              offs_m, offs_n0, offs_d, Nq, Nk, D, skn, svn, rel_k, qk_scale, slope, r1, r2, table_ptr,
+              tab_l, tab_r, bias_ptr, sbm, win_l, win_r,
+              FLAGS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """One key tile of the online softmax: scores, running max and sum, P @ V."""
+    REL_V: tl.constexpr = (FLAGS >> _REL_V.value) & 1
+    UPCAST: tl.constexpr = (FLAGS >> _UPCAST.value) & 1
+    offs_n = start_n + offs_n0
+    kp = _positions(pos_k, offs_n, Nk, 0, FLAGS)
+    k = _load_tile(k_base, offs_n, offs_d, skn, Nk, D)
+    qk, ak = _logits(qu, qw, k, ak_ptr, start_m, start_n, Nq, Nk, rel_k, offs_d, D, FLAGS, BLOCK_M, BLOCK_N)
+    s, rel = _scores(qk, qp, kp, offs_m, offs_n, Nq, Nk, qk_scale, slope, r1, r2, table_ptr,
+                     tab_l, tab_r, bias_ptr, sbm, win_l, win_r, FLAGS, MASKED)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row with nothing visible yet keeps m = -inf; subtract 0 instead so that
+    # exp2(-inf - -inf) never makes a NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = _load_tile(v_base, offs_n, offs_d, svn, Nk, D)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
+    if REL_V:  # Shaw's value side: sum_j p_ij aV[c(i, j)], bucketed per row
+        av = _load_rel(av_ptr, _rel_rows(start_m, start_n, Nq, Nk, rel_k, BLOCK_M, BLOCK_N), offs_d, D)
+        acc += _dot(_keys_to_rel(p, BLOCK_M, BLOCK_N).to(v.dtype), av.to(v.dtype), UPCAST)
+    return acc, m_new, l_i
 
 
 @triton.jit
@@ -16,12 +45,15 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel,
     """One program per (query block, head, batch): out, the natural-log lse (returned)
     and the log2-domain one the backward recomputes P from (no round trip).
 
+    The key tiles that every row sees whole are scored without a mask (Triton's
+    tutorial 06), the boundary tiles after them with one.
+
     Arguments: q, k, v and out by (batch, head, row) strides (the head dim is
     contiguous; with RoPE, q and k are _rope_rotate's rotated copies); Pos [B, Nq + Nk] the positions of the queries then of the keys (with
     HAS_POS); Params, Table, Rel the encodings' tensors (see _head_params); the dense
     bias by its (batch, head, query) strides, batch b reading bias[b % bias_nb]."""
+    REL_K: tl.constexpr = (FLAGS >> _REL_K.value) & 1
     REL_V: tl.constexpr = (FLAGS >> _REL_V.value) & 1
-    UPCAST: tl.constexpr = (FLAGS >> _UPCAST.value) & 1
     start_m = tl.program_id(0) * BLOCK_M
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
@@ -44,26 +76,26 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     lo, hi = _key_range(start_m, BLOCK_M, Nq, Nk, win_l, win_r, FLAGS, BLOCK_N)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + offs_n0
-        kp = _positions(pos_q + Nq, offs_n, Nk, 0, FLAGS)
-        k = _load_tile(k_base, offs_n, offs_d, skn, Nk, D)
-        qk, ak = _logits(qu, qw, k, ak_ptr, start_m, start_n, Nq, Nk, rel_k, offs_d, D, FLAGS, BLOCK_M, BLOCK_N)
-        s, rel = _scores(qk, qp, kp, offs_m, offs_n, Nq, Nk, qk_scale, slope, r1, r2, table_ptr,
-                         tab_l, tab_r, bias_ptr, sbm, win_l, win_r, FLAGS)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row with nothing visible yet keeps m = -inf; subtract 0 instead so that
-        # exp2(-inf - -inf) never makes a NaN.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(v_base, offs_n, offs_d, svn, Nk, D)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
-        if REL_V:  # Shaw's value side: sum_j p_ij aV[c(i, j)], bucketed per row
-            av = _load_rel(av_ptr, _rel_rows(start_m, start_n, Nq, Nk, rel_k, BLOCK_M, BLOCK_N), offs_d, D)
-            acc += _dot(_keys_to_rel(p, BLOCK_M, BLOCK_N).to(v.dtype), av.to(v.dtype), UPCAST)
-        m_i = m_new
+    if REL_K or REL_V:
+        # Shaw's loop body is large (slices, per-row shifts): one masked loop, not two copies
+        for start_n in range(lo, hi, BLOCK_N):
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_q + Nq, k_base, v_base,
+                                      ak_ptr, av_ptr, offs_m, offs_n0, offs_d, Nq, Nk, D, skn, svn, rel_k, qk_scale,
+                                      slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r,
+                                      FLAGS, BLOCK_M, BLOCK_N, 1)
+    else:
+        f_lo, f_hi, n_low, n_masked = _split_keys(start_m, BLOCK_M, Nq, Nk, lo, hi, win_l, win_r, FLAGS, BLOCK_N)
+        for start_n in range(f_lo, f_hi, BLOCK_N):  # interior tiles: no mask
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_q + Nq, k_base, v_base,
+                                      ak_ptr, av_ptr, offs_m, offs_n0, offs_d, Nq, Nk, D, skn, svn, rel_k, qk_scale,
+                                      slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r,
+                                      FLAGS, BLOCK_M, BLOCK_N, 0)
+        for t in range(0, n_masked):  # boundary tiles (bounds, causal diagonal, window edges), masked
+            start_n = tl.where(t < n_low, lo + t * BLOCK_N, f_hi + (t - n_low) * BLOCK_N)
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_q + Nq, k_base, v_base,
+                                      ak_ptr, av_ptr, offs_m, offs_n0, offs_d, Nq, Nk, D, skn, svn, rel_k, qk_scale,
+                                      slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r,
+                                      FLAGS, BLOCK_M, BLOCK_N, 1)
 
     # Rows that saw no key: output 0, lse = -inf.
     empty = l_i == 0.0

@@ -117,8 +117,11 @@ def _logits(qu, qw, k, ak_ptr, start_m, start_n, Nq, Nk, rel_k, offs_d, D,
 @triton.jit
 def _scores(qk, qp, kp, offs_m, offs_n, Nq, Nk, qk_scale, slope, r1, r2, table_ptr,
             tab_l, tab_r, bias_ptr, stride_bm, win_l, win_r,
-            FLAGS: tl.constexpr):
-    """The [BLOCK_M, BLOCK_N] score tile in the log2 domain, masked entries = -inf."""
+            FLAGS: tl.constexpr, MASKED: tl.constexpr):
+    """The [BLOCK_M, BLOCK_N] score tile in the log2 domain, masked entries = -inf.
+    MASKED: the tile may hold pairs out of bounds or hidden by causal / window (the
+    loops pass 0 for the interior tiles they know to be fully visible: Triton's
+    tutorial 06 masks the diagonal block only); a bool bias masks every tile."""
     CAUSAL: tl.constexpr = (FLAGS >> _CAUSAL.value) & 1
     HAS_WL: tl.constexpr = (FLAGS >> _HAS_WL.value) & 1
     HAS_WR: tl.constexpr = (FLAGS >> _HAS_WR.value) & 1
@@ -130,13 +133,6 @@ def _scores(qk, qp, kp, offs_m, offs_n, Nq, Nk, qk_scale, slope, r1, r2, table_p
     BIAS_KEYS: tl.constexpr = (FLAGS >> _BIAS_KEYS.value) & 1
     s = qk * qk_scale
     rel = kp[None, :] - qp[:, None]
-    keep = (offs_n[None, :] < Nk) & (offs_m[:, None] < Nq)
-    if CAUSAL:
-        keep = keep & (rel <= 0)
-    if HAS_WL:
-        keep = keep & (rel >= -win_l)
-    if HAS_WR:
-        keep = keep & (rel <= win_r)
     if ALIBI:
         s -= (slope * LOG2E) * tl.abs(rel).to(tl.float32)
     if KERPLE:  # -r1 log(1 + r2 |rel|), in the log2 domain: -r1 log2(1 + r2 |rel|)
@@ -149,17 +145,30 @@ def _scores(qk, qp, kp, offs_m, offs_n, Nq, Nk, qk_scale, slope, r1, r2, table_p
         cols = offs_n if BIAS_KEYS else offs_n * 0  # stride 1 along the keys, or broadcast
         b = tl.load(bias_ptr + offs_m[:, None] * stride_bm + cols[None, :], mask=in_b, other=0)
         if BIAS_MASK:
-            keep = keep & (b != 0)
+            visible = b != 0
         else:
             s += b.to(tl.float32) * LOG2E
-    return tl.where(keep, s, float("-inf")), rel
+    if MASKED:
+        keep = (offs_n[None, :] < Nk) & (offs_m[:, None] < Nq)
+        if BIAS_MASK:
+            keep = keep & visible
+        if CAUSAL:
+            keep = keep & (rel <= 0)
+        if HAS_WL:
+            keep = keep & (rel >= -win_l)
+        if HAS_WR:
+            keep = keep & (rel <= win_r)
+        s = tl.where(keep, s, float("-inf"))
+    elif BIAS_MASK:
+        s = tl.where(visible, s, float("-inf"))
+    return s, rel
 
 
 @triton.jit
 def _probs_and_ds(qu, qw, k, v, do, ak_ptr, av_ptr, qp, kp, lse2, delta, start_m, start_n, offs_m, offs_n,
                   offs_d, Nq, Nk, D, rel_k, qk_scale, slope, r1, r2, table_ptr, tab_l, tab_r,
                   bias_ptr, sbm, win_l, win_r,
-                  FLAGS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                  FLAGS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr = 1):
     """Recompute P from the saved log-sum-exp and dS = P * (dP - delta), the gradient
     w.r.t. the natural-domain score scale * q.k + bias. dP_ij = dO_i . (v_j + aV[c]).
     Also returns rel and the aK slice (for dQ's position term)."""
@@ -167,7 +176,7 @@ def _probs_and_ds(qu, qw, k, v, do, ak_ptr, av_ptr, qp, kp, lse2, delta, start_m
     UPCAST: tl.constexpr = (FLAGS >> _UPCAST.value) & 1
     qk, ak = _logits(qu, qw, k, ak_ptr, start_m, start_n, Nq, Nk, rel_k, offs_d, D, FLAGS, BLOCK_M, BLOCK_N)
     s, rel = _scores(qk, qp, kp, offs_m, offs_n, Nq, Nk, qk_scale, slope, r1, r2, table_ptr,
-                     tab_l, tab_r, bias_ptr, sbm, win_l, win_r, FLAGS)
+                     tab_l, tab_r, bias_ptr, sbm, win_l, win_r, FLAGS, MASKED)
     p = tl.math.exp2(s - lse2[:, None])
     dp = _dot(do, tl.trans(v), UPCAST)
     if REL_V:

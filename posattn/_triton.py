@@ -244,6 +244,14 @@ class _Launch:
 
     def config(self, backward):
         bm, bn, bd, warps, stages = _config(self.p.D, backward, self.has_rel, fp32=self.p.q.dtype == torch.float32)
+        p = self.p
+        masked = p.causal or p.window_left is not None or p.window_right is not None
+        if (not backward and not self.has_rel and bd * (2 if p.q.dtype == torch.float32 else 1) <= 64
+                and (masked or self.table is not None or self.bias is not None)):
+            # Two warpgroups for 128-row tiles: one runs out of registers with the masked
+            # boundary loop next to the interior one, or with the gathers (static sm_90
+            # model at D=64: 4-128 bytes of spills with 4 warps, none with 8).
+            warps = 8
         if not backward and (self.table is not None or self.bias is not None):
             # Triton pipelines the per-element table / bias gathers too ([BLOCK_M, BLOCK_N]
             # per stage): with 3 stages the bf16 D=64 forward needs 172 KiB of shared

@@ -8,7 +8,9 @@ exactly as a GPU launch would: posattn's own launchers run on CPU tensors with a
 capturing launcher, and Triton's own binder turns each launch into the signature,
 constexprs and divisibility specialisation it would compile (no hand-written
 argument types: a new argument is typed by its value). Shared memory must fit the
-architecture. Run it without TRITON_INTERPRET (the kernels must
+architecture. On sm_90 the half-precision attention kernels must also use wgmma,
+compile with the launch's 16-byte specialisation, and (forward, D <= 128, no Shaw)
+not spill: hopper_checks. Run it without TRITON_INTERPRET (the kernels must
 be JIT functions, not interpreted ones); tests/test_aot_compile.py does.
 
     python tests/aot_compile.py [--quick]
@@ -91,6 +93,46 @@ def specialise(kernel, args, kwargs, arch):
     return kernel._pack_args(backend, kwargs, bound, specialization, options)
 
 
+ATTENTION = ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq")
+
+
+def spill_stores(ptx, arch=90):
+    """Bytes of spill stores ptxas reports for this PTX (Triton's own ptxas, sm_90a)."""
+    import re
+    import subprocess
+    import tempfile
+    from triton.backends.nvidia.compiler import get_ptxas
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        res = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name=sm_{arch}a", src, "-o",
+                              os.path.join(d, "k.o")], capture_output=True, text=True)
+    found = re.findall(r"(\d+) bytes spill stores", res.stderr)
+    return sum(map(int, found)) if found else None
+
+
+def hopper_checks(kernel, name, enc, dt, D, ptx, attrs):
+    """What must never come back on sm_90 (issue 11), for half-precision attention
+    kernels: a loop without wgmma (HGMMA), a launch compiled without the 16-byte
+    divisibility of q / k / v and their row strides, spills in a forward kernel at
+    D <= 128 (Shaw's excepted: its per-row shifts still spill)."""
+    if dt == "fp32" or kernel.__name__ not in ATTENTION:
+        return []
+    problems = []
+    if "wgmma.mma_async" not in ptx:
+        problems.append("no wgmma (HGMMA) in the kernel")
+    names = list(kernel.arg_names)
+    for arg in ("Q", "K", "V", "sqm", "skn", "svn"):
+        if ["tt.divisibility", 16] not in attrs.get((names.index(arg),), []):
+            problems.append(f"{arg} compiled without 16-byte divisibility (no launch specialisation)")
+    if name == "_attn_fwd" and D <= 128 and "shaw" not in enc:
+        spilled = spill_stores(ptx)
+        if spilled:
+            problems.append(f"{spilled} bytes of spill stores in the forward")
+    return problems
+
+
 def cases(quick, only=None):
     dtypes = ["bf16"] if quick else ["bf16", "fp16", "fp32"]
     dims = [64, 128] if quick else [64, 80, 128, 256]
@@ -123,8 +165,11 @@ def compile_case(args):
             k = triton.compile(ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs),
                                target=GPUTarget("cuda", arch, 32), options=options.__dict__)
             shared = k.metadata.shared
-            ok = shared <= SHARED_LIMIT[arch]
-            out.append((name, enc, dt, D, arch, ok, f"shared {shared} B, {time.time() - t:.1f}s"))
+            problems = [] if shared <= SHARED_LIMIT[arch] else [f"shared memory {shared} B > {SHARED_LIMIT[arch]}"]
+            if arch == 90:
+                problems += hopper_checks(kernel, name, enc, dt, D, k.asm["ptx"], attrs)
+            out.append((name, enc, dt, D, arch, not problems,
+                        "; ".join(problems) or f"shared {shared} B, {time.time() - t:.1f}s"))
         except Exception as e:  # report every failure, not only the first
             msg = str(e).strip().splitlines()
             out.append((name, enc, dt, D, arch, False, f"{type(e).__name__}: {msg[-1] if msg else ''}"))

@@ -336,7 +336,9 @@ def test_gpu_graph_traced_without_gpu(op):
         pytest.skip(f"this Triton has no way to set a target without a GPU: {r.stderr[-500:]}")
     assert r.returncode == 0, r.stderr[-3000:]
     written = [line.split(" ")[1] for line in r.stdout.splitlines() if line.startswith("True ")]
-    assert written == ["Lse,Lse2,Out",        # forward
+    assert written == ["Out", "Out",           # forward: q and k rotated by RoPE
+                       "Lse,Lse2,Out",         # the attention
+                       "Out", "Out",           # backward: q and k rotated again
                        "Stats",                # the exact-delta pass (delta, renormalised lse copy)
                        "DK,DV",
                        "DParams,DQ",            # dQ and the slope / table gradients' partial sums
