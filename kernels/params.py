@@ -4,7 +4,7 @@ fixed order; with DELTA_PASS, the exact-delta pass."""
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, _DELTA_PASS, _D_AK, _D_AV, _D_KERPLE, _D_SLOPE, _D_TABLE, _D_U, _D_W, _REL_K, _ROPE,
+from .common import (LOG2E, _HAS_POS, _DELTA_PASS, _D_AK, _D_AV, _D_KERPLE, _D_SLOPE, _D_TABLE, _D_U, _D_W, _REL_K, _ROPE,
                      _TABLE, _UPCAST, _dot, _key_range, _load_row_stats, _load_tile, _positions, _stats_row)
 from .rope import _rope_factor, _unrotate
 from .relative import _keys_to_rel
@@ -32,6 +32,26 @@ def _grad_slot(D, T, GRADS: tl.constexpr):
 
 
 @triton.jit
+def _distance_histogram(d_tab, ds, start_m, start_n, Nq, Nk, tab_l, tab_r, T, offs_t,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """d_tab += dS summed by DistanceBias column, default positions: a column is a
+    diagonal (rel = j - i - (Nk - Nq)) clamped to [-L, R]. The tile's diagonals are
+    summed at once (Shaw's per-row shift, then a column sum: [BLOCK_R] sums), then
+    land on the columns: the clamped ends on 0 and T - 1, the rest on consecutive
+    columns by one register gather (no per-column loop)."""
+    BLOCK_R: tl.constexpr = 2 * BLOCK_M if BLOCK_M >= BLOCK_N else 2 * BLOCK_N  # as in _keys_to_rel
+    diag = tl.sum(_keys_to_rel(ds, BLOCK_M, BLOCK_N), 0)          # [BLOCK_R]: slice row r
+    rel0 = start_n - start_m - (BLOCK_M - 1) - (Nk - Nq)         # rel of slice row 0
+    rel_r = rel0 + tl.arange(0, BLOCK_R)
+    left = tl.sum(tl.where(rel_r <= -tab_l, diag, 0.0), 0)
+    right = tl.sum(tl.where((rel_r >= tab_r) & (rel_r > -tab_l), diag, 0.0), 0)
+    r = offs_t - tab_l - rel0                                      # slice row of column t (rel = t - L)
+    inside = (offs_t >= 1) & (offs_t <= T - 2) & (r >= 0) & (r < BLOCK_R)
+    mid = tl.gather(diag, tl.minimum(tl.maximum(r, 0), BLOCK_R - 1), axis=0)
+    return d_tab + tl.where(inside, mid, 0.0) + tl.where(offs_t == 0, left, 0.0) + tl.where(offs_t == T - 1, right, 0.0)
+
+
+@triton.jit
 def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
                  sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sdqb, sdqh, sdqm,
                  sbb, sbh, sbm, bias_nb,
@@ -52,6 +72,7 @@ def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
     is nearly one-hot, rowsum(dO * O) or an lse off by eps * |lse| differ from it
     by as much as dS itself, and slope / table gradients inherit that error."""
     ROPE: tl.constexpr = (FLAGS >> _ROPE.value) & 1
+    HAS_POS: tl.constexpr = (FLAGS >> _HAS_POS.value) & 1
     TABLE: tl.constexpr = (FLAGS >> _TABLE.value) & 3
     REL_K: tl.constexpr = (FLAGS >> _REL_K.value) & 1
     UPCAST: tl.constexpr = (FLAGS >> _UPCAST.value) & 1
@@ -129,14 +150,18 @@ def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
                 d_r1 -= tl.sum(ds * (tl.math.log2(grow) / LOG2E), 1)
                 d_r2 -= tl.sum(ds * (r1 * dist / grow), 1)
             if D_TABLE:
-                # Histogram of dS by table column, over only the columns this tile
-                # touches: far from the diagonal every entry clamps to one column.
-                idx = _table_index(rel, qp, kp, tab_l, tab_r, TABLE)
-                live = ds != 0.0
-                c_lo = tl.min(tl.where(live, idx, T))
-                c_hi = tl.max(tl.where(live, idx, -1))
-                for c in range(c_lo, c_hi + 1):
-                    d_tab += tl.where(offs_t == c, tl.sum(tl.sum(tl.where(idx == c, ds, 0.0), 1), 0), 0.0)
+                if TABLE == 1 and not HAS_POS:
+                    d_tab = _distance_histogram(d_tab, ds, start_m, start_n, Nq, Nk, tab_l, tab_r, T, offs_t,
+                                                BLOCK_M, BLOCK_N)
+                else:
+                    # Histogram of dS by table column, over only the columns this tile
+                    # touches: far from the diagonal every entry clamps to one column.
+                    idx = _table_index(rel, qp, kp, tab_l, tab_r, TABLE)
+                    live = ds != 0.0
+                    c_lo = tl.min(tl.where(live, idx, T))
+                    c_hi = tl.max(tl.where(live, idx, -1))
+                    for c in range(c_lo, c_hi + 1):
+                        d_tab += tl.where(offs_t == c, tl.sum(tl.sum(tl.where(idx == c, ds, 0.0), 1), 0), 0.0)
             if D_AK or D_AV:
                 left = rel <= -rel_k
                 right = (rel >= rel_k) & (rel > -rel_k)
