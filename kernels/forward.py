@@ -2,7 +2,8 @@
 import triton
 import triton.language as tl
 
-from .common import LOG2E, _REL_K, _REL_V, _UPCAST, _dot, _key_range, _load_tile, _positions, _split_keys
+from .common import (LOG2E, _ALIBI, _BIAS, _BIAS_MASK, _KERPLE, _REL_K, _REL_V, _SCALE_POS, _TABLE, _UPCAST, _dot,
+                     _key_range, _load_tile, _positions, _split_keys)
 from .relative import _keys_to_rel, _load_rel, _rel_rows
 from .scores import _head_params, _load_queries, _logits, _scores
 
@@ -15,17 +16,29 @@ def _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_k, k_base, v_base
     """One key tile of the online softmax: scores, running max and sum, P @ V."""
     REL_V: tl.constexpr = (FLAGS >> _REL_V.value) & 1
     UPCAST: tl.constexpr = (FLAGS >> _UPCAST.value) & 1
+    ADDITIVE: tl.constexpr = ((FLAGS >> _ALIBI.value) & 1 | (FLAGS >> _KERPLE.value) & 1 | (FLAGS >> _TABLE.value) & 3
+                              | (FLAGS >> _REL_K.value) & 1 | (FLAGS >> _BIAS.value) & 1 & ~(FLAGS >> _BIAS_MASK.value))
+    FUSED_SCALE: tl.constexpr = (FLAGS >> _SCALE_POS.value) & 1 if ADDITIVE == 0 else 0
     offs_n = start_n + offs_n0
     kp = _positions(pos_k, offs_n, Nk, 0, FLAGS)
     k = _load_tile(k_base, offs_n, offs_d, skn, Nk, D)
     qk, ak = _logits(qu, qw, k, ak_ptr, start_m, start_n, Nq, Nk, rel_k, offs_d, D, FLAGS, BLOCK_M, BLOCK_N)
-    s, rel = _scores(qk, qp, kp, offs_m, offs_n, Nq, Nk, qk_scale, slope, r1, r2, table_ptr,
-                     tab_l, tab_r, bias_ptr, sbm, win_l, win_r, FLAGS, MASKED)
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    # A row with nothing visible yet keeps m = -inf; subtract 0 instead so that
-    # exp2(-inf - -inf) never makes a NaN.
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_safe[:, None])
+    if FUSED_SCALE:
+        # No additive term and scale > 0: the row max is scale * max(qk), and
+        # scale * qk - m is one FMA per element (Triton's tutorial 06).
+        s, rel = _scores(qk, qp, kp, offs_m, offs_n, Nq, Nk, 1.0, slope, r1, r2, table_ptr,
+                         tab_l, tab_r, bias_ptr, sbm, win_l, win_r, FLAGS, MASKED)
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # as below
+        p = tl.math.exp2(s * qk_scale - m_safe[:, None])
+    else:
+        s, rel = _scores(qk, qp, kp, offs_m, offs_n, Nq, Nk, qk_scale, slope, r1, r2, table_ptr,
+                         tab_l, tab_r, bias_ptr, sbm, win_l, win_r, FLAGS, MASKED)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with nothing visible yet keeps m = -inf; subtract 0 instead so that
+        # exp2(-inf - -inf) never makes a NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     v = _load_tile(v_base, offs_n, offs_d, svn, Nk, D)

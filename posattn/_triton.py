@@ -222,7 +222,7 @@ class _Launch:
         dummy = q
         self.upcast = interpreting() and q.dtype == torch.bfloat16
         flags = dict(CAUSAL=p.causal, HAS_WL=p.window_left is not None, HAS_WR=p.window_right is not None,
-                     UPCAST=self.upcast)
+                     UPCAST=self.upcast, SCALE_POS=p.scale > 0)
         args = dict(Hq=p.Hq, Nq=p.Nq, Nk=p.Nk, D=p.D, GROUP=p.group, sm_scale=p.scale,
                     win_l=p.window_left or 0, win_r=p.window_right or 0)
         # Params' segments in the kernels' order: RoPE, KERPLE, u, w, ALiBi

@@ -386,3 +386,11 @@ def test_rope_large_positions_and_scaled_frequencies(interleaved, device, backen
     inv_freq = torch.where(inv_freq < 2 * torch.pi / 64, inv_freq / 8, inv_freq).to(device)  # long wavelengths / 8
     check(q, k, v, backend=backend, causal=True, q_pos=q_pos, k_pos=k_pos,
           rope=posattn.RoPE(inv_freq, interleaved=interleaved, attention_factor=1.2))
+
+
+@pytest.mark.parametrize("scale", [-0.4, 0.0, 2.5])
+def test_any_scale_sign(scale, device, backend):
+    """The forward takes max(scale * q.k) as scale * max(q.k) only for scale > 0:
+    a negative or zero scale must give the same answers as the reference."""
+    q, k, v = make_qkv((1, 2, 1, 37, 45, 16, False), torch.float32, device)
+    check(q, k, v, backend=backend, causal=True, scale=scale, return_lse=True)
