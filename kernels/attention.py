@@ -18,9 +18,12 @@ Conventions
   softmax uses exp2 (one MUFU op) and log2(e) is folded into the scale once.
 - Positions: rel = k_pos - q_pos. Without explicit positions q_pos = i + Nk - Nq and
   k_pos = j (bottom-right alignment), which also lets the loops skip tiles that
-  causal / window masks hide entirely.
+  causal / window masks hide entirely, and lets the forward score the tiles every
+  row sees whole without any mask (common.py: _split_keys).
 - Every encoding is a bit of the FLAGS constexpr of the same kernels (common.py):
-  a disabled encoding costs nothing in the compiled code.
+  a disabled encoding costs nothing in the compiled code. Its runtime arguments are
+  one group: a segment of the float32 Params buffer (scores.py: _head_params), or
+  one tensor argument (Pos, Table, Bias, Rel); no kernel takes more than 50.
 - No [Nq, Nk] tensor is ever written: parameter gradients are reduced per program
   into small buffers that the host sums in a fixed order (deterministic, no atomics).
 """
