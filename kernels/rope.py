@@ -59,12 +59,13 @@ def _unrotate(g, offs_d, pos, inv_freq_ptr, factor, FLAGS: tl.constexpr, ROT_DIM
 
 
 @triton.jit
-def _rope_rotate(X, Out, Pos, Params, sxb, sxh, sxn, H, N, OFF, SHIFT, Nq, Nk, D,
+def _rope_rotate(X, Out, Pos, Params, sxb, sxh, sxn, son, H, N, OFF, SHIFT, Nq, Nk, D,
                  FLAGS: tl.constexpr, ROT_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """One program per (row block, head, batch): rows of q (OFF = 0, SHIFT = Nk - Nq) or
     of k (OFF = Nq, SHIFT = 0) rotated at their positions into Out [B, H, N, D]
-    contiguous, in fp32 and rounded to the input dtype. A pass over q and k per call
-    instead of a sin / cos of every key tile in every query block's loop. The pairs
+    (rows son apart, dense otherwise), in fp32 and rounded to the input dtype. A pass
+    over q and k per call instead of a sin / cos of every key tile in every query
+    block's loop. The pairs
     (x1, x2) (channels i and i + R/2, or 2i and 2i + 1 interleaved) are loaded as two
     tiles, so each angle's sin and cos are computed once:
     (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), times the attention factor."""
@@ -77,7 +78,7 @@ def _rope_rotate(X, Out, Pos, Params, sxb, sxh, sxn, H, N, OFF, SHIFT, Nq, Nk, D
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_f = tl.arange(0, BLOCK_H)
     x_ptr = X + off_b * sxb + off_h * sxh + offs_n[:, None] * sxn
-    o_ptr = Out + ((off_b * H + off_h) * N + offs_n[:, None]) * D
+    o_ptr = Out + ((off_b * H + off_h) * N + offs_n[:, None]) * son
     if INTERLEAVED:
         c1 = 2 * offs_f
         c2 = 2 * offs_f + 1

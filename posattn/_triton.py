@@ -60,8 +60,8 @@ def _int32_overflow(p: Problem) -> Optional[str]:
         tensors.append(("bias", p.bias, (2, 3)))
     for name, t, dims in tensors:
         extent = sum((t.shape[d] - 1) * abs(t.stride(d)) for d in dims if t.shape[d] > 0)
-        if name in "qkv":  # out, dq, dk, dv are allocated [N, D] contiguous per slice
-            extent = max(extent, t.shape[2] * t.shape[3] - 1)
+        if name in "qkv":  # out, dq, dk, dv and the aligned copies: [N, D] per slice, rows padded to 16
+            extent = max(extent, t.shape[2] * (-(-t.shape[3] // 16) * 16) - 1)
         if extent >= _INT32_LIMIT:
             return (f"{name} spans {extent + 1} elements within one (batch, head) slice, past 2^31 (the "
                     f"kernels' in-slice offsets are int32)")
@@ -306,23 +306,38 @@ def _strides(prefix, t):
                     t.stride()[:3]))
 
 
+def _aligned(B, H, N, D, like):
+    """An empty [B, H, N, D] tensor whose rows start 16 elements apart (the head dim is
+    padded in memory only): Triton specialises strides divisible by 16 (aligned vector
+    loads); at D = 72 the static sm_90 model measured the plain forward 1.39x slower
+    without it (bench/NOTES.md)."""
+    width = -(-D // 16) * 16
+    return torch.empty(B, H, N, width, device=like.device, dtype=like.dtype)[..., :D]
+
+
 def _unit_last(x):
-    """x with a contiguous head dim (the kernels read rows as contiguous vectors)."""
-    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+    """x as the kernels read it: a contiguous head dim and batch / head / row strides
+    divisible by 16 (a copy otherwise, O(N * D), as FlashAttention copies a strided
+    head dim)."""
+    if x.stride(-1) == 1 and all(st % 16 == 0 for n, st in zip(x.shape[:3], x.stride()[:3]) if n > 1):
+        return x
+    out = _aligned(*x.shape, like=x)
+    out.copy_(x)
+    return out
 
 
 def _rotated(L: _Launch, x, keys: bool, wrap):
-    """q or k rotated by RoPE into a contiguous workspace (kernels/rope.py); x without RoPE."""
+    """q or k rotated by RoPE into a workspace (kernels/rope.py, rows 16-aligned); x without RoPE."""
     from .kernels.attention import _rope_rotate
     p = L.p
     if p.rope is None:
         return x
     B, H, N, D = x.shape
-    out = torch.empty(B, H, N, D, device=x.device, dtype=x.dtype)
+    out = _aligned(B, H, N, D, like=x)
     bd = max(16, _next_pow2(D))
     rows = 64 if interpreting() else max(16, 2048 // bd)  # memory-bound: small tiles, many CTAs per SM
     L.launch(wrap, _rope_rotate, (_cdiv(N, rows), H, B), X=x, Out=out, sxb=x.stride(0), sxh=x.stride(1),
-             sxn=x.stride(2), H=H, N=N, OFF=p.Nq if keys else 0, SHIFT=0 if keys else p.Nk - p.Nq, BLOCK_N=rows,
+             sxn=x.stride(2), son=out.stride(2), H=H, N=N, OFF=p.Nq if keys else 0, SHIFT=0 if keys else p.Nk - p.Nq, BLOCK_N=rows,
              BLOCK_D=bd, num_warps=4)
     return out
 
