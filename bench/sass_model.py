@@ -1057,6 +1057,51 @@ def table_trips(N, BM, BN, L, R, causal=False):
     return tot / n
 
 
+def table_near(N, BM, BN, L, R):
+    """Fraction of the BM x BN tiles (default positions, Nq == Nk == N, non-causal) that
+    meet the band -L < rel < R of DistanceBias(L, R): posattn's near-diagonal loops; the
+    others read one table column and run the far loops (kernels/scores.py _table_far)."""
+    near = tot = 0
+    for sm in range(0, N, BM):
+        for sn in range(0, N, BN):
+            tot += 1
+            near += not (sn + BN - 1 <= sm - L or sn >= sm + BM - 1 + R)
+    return near / tot
+
+
+def _mixed(cycles, variant, direction, N, BM, BN):
+    """Cycles per 128x128 block of a kernel with several hot loops, averaged over the
+    tiles each loop visits at length N (DistanceBias: near / far loops), else its loop."""
+    if len(cycles) == 1 or "table" not in variant:
+        return cycles[-1]
+    f = table_near(N, BM, BN, TABLE_L, TABLE_R)
+    if direction == "fwd":  # loop 0: far interior tiles, 1: near interior tiles, 2: boundary (none here)
+        return f * cycles[1] + (1 - f) * cycles[0]
+    return f * cycles[0] + (1 - f) * sum(cycles[1:]) / len(cycles[1:])   # loop 0 near, then the far ones
+
+
+def fwd_totals(recs, Ns=(2048, 8192)):
+    """Forward cycles per 128x128 block, non-causal, Nq == Nk == N: the tile mix of
+    each loop (interior tiles only at these N)."""
+    rows = table_rows(recs)
+    per = collections.defaultdict(list)
+    for x in rows:
+        r, m = x["rec"], x["model"]
+        if r.get("direction") != "fwd" or not m or x.get("inner") or r.get("lib") != "posattn" or r.get("causal") \
+                or "causal" in r.get("variant", "") or r.get("mode") == "aot":
+            continue
+        per[(r["variant"], r["D"], tuple(r.get("tile") or ()))].append(m["cycles_per_128x128"])
+    out = ["| variant | D | loops (cycles per 128x128) | N=%s | x posattn plain |" % " / N=".join(map(str, Ns)),
+           "|---|---|---|---|---|"]
+    plain = {D: c[0] for (v, D, _), c in per.items() if v == "plain"}
+    for (v, D, tile), c in sorted(per.items(), key=lambda kv: (kv[0][1], kv[0][0] != "plain")):
+        # interior tiles only (non-causal, N a multiple of the tiles): plain's loop 0
+        cyc = [c[0] if len(c) == 2 else _mixed(c, v, "fwd", N, tile[0], tile[1]) for N in Ns] if tile else [c[0]] * 2
+        out.append(f"| {v} | {D} | {' / '.join(f'{x:.0f}' for x in c)} | {' / '.join(f'{x:.0f}' for x in cyc)} | "
+                   + (" / ".join(f"{x / plain[D]:.2f}" for x in cyc) if D in plain else "") + " |")
+    return "\n".join(out)
+
+
 def bwd_totals(recs, Ns=(2048, 8192)):
     """Backward cycles per 128x128 score tile, all loops of one backward summed."""
     rows = table_rows(recs)
@@ -1072,26 +1117,31 @@ def bwd_totals(recs, Ns=(2048, 8192)):
                 if "Payne-Hanek" not in x["label"]:  # the D_TABLE histogram loop (libdevice slow paths: not taken)
                     per[key]["hist_inner"] = m["cycles_per_128x128"]
             else:
-                per[key][k] = m["cycles_per_128x128"]
+                per[key].setdefault(k, []).append(m["cycles_per_128x128"])
         elif not r["causal"]:
             per[("tutorial", "plain", r["D"])]["dkdv" if x["label"].startswith("dkdv") else "dq"] = \
                 m["cycles_per_128x128"]
     out = ["| lib | variant | D | dK/dV loop | dQ loop | delta pass | histogram (per trip) | total per 128x128 "
            "(N=%s) | x posattn plain | x tutorial |" % " / ".join(map(str, Ns)), "|---" * 10 + "|"]
     for (lib, v, D), d in sorted(per.items(), key=lambda kv: (kv[0][2], kv[0][0], kv[0][1] != "plain")):
-        dkdv = d.get("_attn_bwd_dkdv", d.get("dkdv", 0))
-        dq = d.get("_attn_bwd_dq", d.get("dq", 0))
-        dp = d.get("_attn_bwd_dq[DELTA_PASS]", 0)
+        def cyc(name, N):
+            c = d.get(name, 0)
+            return _mixed(c, v, "bwd", N, 64, 64) if isinstance(c, list) else c
+        dkdv = [cyc("_attn_bwd_dkdv", N) or cyc("dkdv", N) for N in Ns]
+        dq = [cyc("_attn_bwd_dq", N) or cyc("dq", N) for N in Ns]
+        dp = [cyc("_attn_bwd_dq[DELTA_PASS]", N) for N in Ns]
         hist = d.get("hist_inner", 0)
         tots = []
-        for N in Ns:
+        for i, N in enumerate(Ns):
             t = table_trips(N, 64, 64, TABLE_L, TABLE_R) if hist else 0
-            tots.append(dkdv + dq + dp + t * hist)
+            tots.append(dkdv[i] + dq[i] + dp[i] + t * hist)
         base = per.get(("posattn", "plain", D), {})
-        b = base.get("_attn_bwd_dkdv", 0) + base.get("_attn_bwd_dq", 0)
+        b = sum(sum(base.get(n, [0])) if isinstance(base.get(n), list) else base.get(n, 0)
+                for n in ("_attn_bwd_dkdv", "_attn_bwd_dq"))
         tu = per.get(("tutorial", "plain", D), {})
         tb = tu.get("dkdv", 0) + tu.get("dq", 0)
-        out.append(f"| {lib} | {v} | {D} | {dkdv:.0f} | {dq:.0f} | {dp:.0f} | {hist:.0f} | "
+        out.append(f"| {lib} | {v} | {D} | {' / '.join(f'{x:.0f}' for x in dkdv)} | "
+                   f"{' / '.join(f'{x:.0f}' for x in dq)} | {' / '.join(f'{x:.0f}' for x in dp)} | {hist:.0f} | "
                    + " / ".join(f"{t:.0f}" for t in tots) + " | "
                    + (" / ".join(f"{t / b:.2f}" for t in tots) if b else "") + " | "
                    + (" / ".join(f"{t / tb:.2f}" for t in tots) if tb else "") + " |")
@@ -1119,6 +1169,8 @@ def main():
             t, _, _ = make_table(recs, lambda x, d=direction: x["rec"].get("direction") == d and
                                  x["rec"].get("mode") != "aot")
             print(f"\n### {direction}\n\n{t}\n")
+        print(f"\n### forward totals (non-causal; DistanceBias L=R={TABLE_L}: near / far tiles mixed)\n\n"
+              f"{fwd_totals(recs)}\n")
         t, trips = bwd_totals(recs)
         print(f"\n### backward totals (histogram trips per 64x64 tile, non-causal, L=R={TABLE_L}: {trips})\n\n{t}\n")
         return

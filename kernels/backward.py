@@ -6,10 +6,10 @@ are the rotated copies and dQ / dK are rotated back in the epilogues."""
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, _COL_BCAST, _D_AK, _D_AV, _HEAD_BCAST, _ROPE, _ROW_BCAST, _UPCAST, _dot, _key_range,
-                     _load_row_stats, _load_tile, _positions, _query_range, _stats_row)
+from .common import (LOG2E, _COL_BCAST, _D_AK, _D_AV, _HAS_POS, _HEAD_BCAST, _ROPE, _ROW_BCAST, _TABLE, _UPCAST, _dot,
+                     _key_range, _load_row_stats, _load_tile, _positions, _query_range, _stats_row)
 from .rope import _rope_factor, _unrotate
-from .scores import _head_params, _load_queries, _probs_and_ds
+from .scores import _head_params, _load_queries, _probs_and_ds, _table_far
 
 
 @triton.jit
@@ -42,6 +42,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, Stats, DK, DV, Pos, Params, Table, Bias, Rel,
     query heads that share this kv head, in registers (no atomics)."""
     ROPE: tl.constexpr = (FLAGS >> _ROPE.value) & 1
     UPCAST: tl.constexpr = (FLAGS >> _UPCAST.value) & 1
+    FAR: tl.constexpr = (((FLAGS >> _TABLE.value) & 3) == 1) * (1 - ((FLAGS >> _HAS_POS.value) & 1))
+    NO_TABLE: tl.constexpr = FLAGS & ~(3 << _TABLE.value)
     start_n = tl.program_id(0) * BLOCK_N
     off_hk = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
@@ -64,17 +66,39 @@ def _attn_bwd_dkdv(Q, K, V, DO, Stats, DK, DV, Pos, Params, Table, Bias, Rel,
         q_base = Q + off_b * sqb + off_h * sqh
         do_base = DO + off_b * sdob + off_h * sdoh
         stats = _stats_row(Stats, off_b * Hq + off_h, Nq)
-        for start_m in range(lo, hi, BLOCK_M):
-            offs_m = start_m + offs_m0
-            qp, q, qu, qw = _load_queries(q_base, pos_q, offs_m, offs_d, sqm, Nq, Nk, D, u_ptr, w_ptr, FLAGS)
-            do = _load_tile(do_base, offs_m, offs_d, sdom, Nq, D)
-            lse2, delta = _load_row_stats(stats, offs_m, Nq)
-            p, ds, rel, ak = _probs_and_ds(
-                qu, qw, k, v, do, ak_ptr, av_ptr, qp, kp, lse2, delta, start_m, start_n, offs_m, offs_n,
-                offs_d, Nq, Nk, D, rel_k, qk_scale, slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm,
-                win_l, win_r, FLAGS, BLOCK_M, BLOCK_N)
-            dv += _dot(tl.trans(p.to(do.dtype)), do, UPCAST)
-            dk += _dot(tl.trans(ds.to(qu.dtype)), qu, UPCAST)
+        # DistanceBias with default positions: the query tiles far from the diagonal
+        # read one table column; they are scored as plain tiles, lse shifted by it.
+        b_lo = lo
+        b_hi = hi
+        c_low = 0.0
+        c_high = 0.0
+        if FAR:
+            b_lo, b_hi, n_low, n_far, c_low, c_high = _table_far(start_n, lo, hi, Nq, Nk, tab_l, tab_r, table_ptr,
+                                                                 False, BLOCK_M, BLOCK_N)
+        for part in tl.static_range(1 + 2 * FAR):  # the near tiles (all without FAR), then the far ones
+            if part == 0:
+                p_lo = b_lo
+                p_hi = b_hi
+                far_c = 0.0
+            elif part == 1:
+                p_lo = lo
+                p_hi = b_lo
+                far_c = c_low
+            else:
+                p_lo = b_hi
+                p_hi = hi
+                far_c = c_high
+            for start_m in range(p_lo, p_hi, BLOCK_M):
+                offs_m = start_m + offs_m0
+                qp, q, qu, qw = _load_queries(q_base, pos_q, offs_m, offs_d, sqm, Nq, Nk, D, u_ptr, w_ptr, FLAGS)
+                do = _load_tile(do_base, offs_m, offs_d, sdom, Nq, D)
+                lse2, delta = _load_row_stats(stats, offs_m, Nq)
+                p, ds, rel, ak = _probs_and_ds(
+                    qu, qw, k, v, do, ak_ptr, av_ptr, qp, kp, lse2 - far_c, delta, start_m, start_n, offs_m, offs_n,
+                    offs_d, Nq, Nk, D, rel_k, qk_scale, slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm,
+                    win_l, win_r, FLAGS if part == 0 else NO_TABLE, BLOCK_M, BLOCK_N)
+                dv += _dot(tl.trans(p.to(do.dtype)), do, UPCAST)
+                dk += _dot(tl.trans(ds.to(qu.dtype)), qu, UPCAST)
 
     dk *= sm_scale
     if ROPE:

@@ -138,6 +138,18 @@ def _interior(lo, hi, bottom, top, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _band(lo, hi, x_lo, x_hi, BLOCK: tl.constexpr):
+    """Split [lo, hi), walked in BLOCK steps from lo, into the tiles that meet the
+    open index interval (x_lo, x_hi), [b_lo, b_hi), and the others: n_low tiles lying
+    wholly at or below x_lo (from lo), then those wholly at or above x_hi (from b_hi).
+    Returns b_lo, b_hi, n_low and the number of others."""
+    n = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK)
+    n_low = tl.minimum(tl.maximum(x_lo - lo + 1, 0) // BLOCK, n)   # last index <= x_lo
+    t_high = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(x_hi - lo, 0), BLOCK), n_low), n)  # first >= x_hi
+    return lo + n_low * BLOCK, lo + t_high * BLOCK, n_low, n_low + n - t_high
+
+
+@triton.jit
 def _split_keys(start_m, BLOCK_M: tl.constexpr, Nq, Nk, lo, hi, win_l, win_r,
                 FLAGS: tl.constexpr, BLOCK_N: tl.constexpr):
     """The key tiles of [lo, hi) that every row of the block sees whole (in bounds,

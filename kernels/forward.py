@@ -2,18 +2,20 @@
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, _ALIBI, _BIAS, _BIAS_MASK, _KERPLE, _REL_K, _REL_V, _SCALE_POS, _TABLE, _UPCAST, _dot,
-                     _key_range, _load_tile, _positions, _split_keys)
+from .common import (LOG2E, _ALIBI, _BIAS, _BIAS_MASK, _HAS_POS, _KERPLE, _REL_K, _REL_V, _SCALE_POS, _TABLE,
+                     _UPCAST, _dot, _key_range, _load_tile, _positions, _split_keys)
 from .relative import _keys_to_rel, _load_rel, _rel_rows
-from .scores import _head_params, _load_queries, _logits, _scores
+from .scores import _head_params, _load_queries, _logits, _scores, _table_far
 
 
 @triton.jit
 def _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_k, k_base, v_base, ak_ptr, av_ptr,
               offs_m, offs_n0, offs_d, Nq, Nk, D, skn, svn, rel_k, qk_scale, slope, r1, r2, table_ptr,
-              tab_l, tab_r, bias_ptr, sbm, win_l, win_r,
+              tab_l, tab_r, bias_ptr, sbm, win_l, win_r, offset,
               FLAGS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
-    """One key tile of the online softmax: scores, running max and sum, P @ V."""
+    """One key tile of the online softmax: scores, running max and sum, P @ V.
+    offset: a constant (log2 domain) added to every score of the tile, folded into
+    the row max and the exponent (0.0, or a far DistanceBias tile's column)."""
     REL_V: tl.constexpr = (FLAGS >> _REL_V.value) & 1
     UPCAST: tl.constexpr = (FLAGS >> _UPCAST.value) & 1
     ADDITIVE: tl.constexpr = ((FLAGS >> _ALIBI.value) & 1 | (FLAGS >> _KERPLE.value) & 1 | (FLAGS >> _TABLE.value) & 3
@@ -28,17 +30,17 @@ def _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_k, k_base, v_base
         # scale * qk - m is one FMA per element (Triton's tutorial 06).
         s, rel = _scores(qk, qp, kp, offs_m, offs_n, Nq, Nk, 1.0, slope, r1, r2, table_ptr,
                          tab_l, tab_r, bias_ptr, sbm, win_l, win_r, FLAGS, MASKED)
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale + offset)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # as below
-        p = tl.math.exp2(s * qk_scale - m_safe[:, None])
+        p = tl.math.exp2(s * qk_scale - (m_safe - offset)[:, None])
     else:
         s, rel = _scores(qk, qp, kp, offs_m, offs_n, Nq, Nk, qk_scale, slope, r1, r2, table_ptr,
                          tab_l, tab_r, bias_ptr, sbm, win_l, win_r, FLAGS, MASKED)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.max(s, 1) + offset)
         # A row with nothing visible yet keeps m = -inf; subtract 0 instead so that
         # exp2(-inf - -inf) never makes a NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
+        p = tl.math.exp2(s - (m_safe - offset)[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     v = _load_tile(v_base, offs_n, offs_d, svn, Nk, D)
@@ -67,6 +69,8 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel,
     bias by its (batch, head, query) strides, batch b reading bias[b % bias_nb]."""
     REL_K: tl.constexpr = (FLAGS >> _REL_K.value) & 1
     REL_V: tl.constexpr = (FLAGS >> _REL_V.value) & 1
+    FAR: tl.constexpr = (((FLAGS >> _TABLE.value) & 3) == 1) * (1 - ((FLAGS >> _HAS_POS.value) & 1))
+    NO_TABLE: tl.constexpr = FLAGS & ~(3 << _TABLE.value)
     start_m = tl.program_id(0) * BLOCK_M
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
@@ -94,20 +98,31 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel,
         for start_n in range(lo, hi, BLOCK_N):
             acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_q + Nq, k_base, v_base,
                                       ak_ptr, av_ptr, offs_m, offs_n0, offs_d, Nq, Nk, D, skn, svn, rel_k, qk_scale,
-                                      slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r,
+                                      slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r, 0.0,
                                       FLAGS, BLOCK_M, BLOCK_N, 1)
     else:
         f_lo, f_hi, n_low, n_masked = _split_keys(start_m, BLOCK_M, Nq, Nk, lo, hi, win_l, win_r, FLAGS, BLOCK_N)
-        for start_n in range(f_lo, f_hi, BLOCK_N):  # interior tiles: no mask
+        b_lo = f_lo
+        b_hi = f_hi
+        if FAR:  # interior tiles far from the diagonal read one table column: plain tiles plus a constant
+            b_lo, b_hi, n_far_low, n_far, c_low, c_high = _table_far(start_m, f_lo, f_hi, Nq, Nk, tab_l, tab_r,
+                                                                     table_ptr, True, BLOCK_N, BLOCK_M)
+            for t in range(0, n_far):
+                start_n = tl.where(t < n_far_low, f_lo + t * BLOCK_N, b_hi + (t - n_far_low) * BLOCK_N)
+                acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_q + Nq, k_base, v_base,
+                                          ak_ptr, av_ptr, offs_m, offs_n0, offs_d, Nq, Nk, D, skn, svn, rel_k,
+                                          qk_scale, slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l,
+                                          win_r, tl.where(t < n_far_low, c_low, c_high), NO_TABLE, BLOCK_M, BLOCK_N, 0)
+        for start_n in range(b_lo, b_hi, BLOCK_N):  # interior tiles: no mask
             acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_q + Nq, k_base, v_base,
                                       ak_ptr, av_ptr, offs_m, offs_n0, offs_d, Nq, Nk, D, skn, svn, rel_k, qk_scale,
-                                      slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r,
+                                      slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r, 0.0,
                                       FLAGS, BLOCK_M, BLOCK_N, 0)
         for t in range(0, n_masked):  # boundary tiles (bounds, causal diagonal, window edges), masked
             start_n = tl.where(t < n_low, lo + t * BLOCK_N, f_hi + (t - n_low) * BLOCK_N)
             acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_q + Nq, k_base, v_base,
                                       ak_ptr, av_ptr, offs_m, offs_n0, offs_d, Nq, Nk, D, skn, svn, rel_k, qk_scale,
-                                      slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r,
+                                      slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r, 0.0,
                                       FLAGS, BLOCK_M, BLOCK_N, 1)
 
     # Rows that saw no key: output 0, lse = -inf.

@@ -8,7 +8,7 @@ from .common import (LOG2E, _HAS_POS, _DELTA_PASS, _D_AK, _D_AV, _D_KERPLE, _D_S
                      _TABLE, _UPCAST, _dot, _key_range, _load_row_stats, _load_tile, _positions, _stats_row)
 from .rope import _rope_factor, _unrotate
 from .relative import _keys_to_rel
-from .scores import _head_params, _load_queries, _probs_and_ds, _table_columns, _table_index
+from .scores import _head_params, _load_queries, _probs_and_ds, _table_columns, _table_far, _table_index
 
 
 @triton.jit
@@ -84,6 +84,8 @@ def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
     D_AK: tl.constexpr = (GRADS >> _D_AK.value) & 1
     D_AV: tl.constexpr = (GRADS >> _D_AV.value) & 1
     DELTA_PASS: tl.constexpr = (GRADS >> _DELTA_PASS.value) & 1
+    FAR: tl.constexpr = (TABLE == 1) * (1 - HAS_POS)
+    NO_TABLE: tl.constexpr = FLAGS & ~(3 << _TABLE.value)
     pid_m = tl.program_id(0)
     start_m = pid_m * BLOCK_M
     off_h = tl.program_id(1).to(tl.int64)
@@ -126,51 +128,75 @@ def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
     p_left = tl.zeros([BLOCK_M], tl.float32)
     p_right = tl.zeros([BLOCK_M], tl.float32)
     lo, hi = _key_range(start_m, BLOCK_M, Nq, Nk, win_l, win_r, FLAGS, BLOCK_N)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + offs_n0
-        kp = _positions(pos_q + Nq, offs_n, Nk, 0, FLAGS)
-        k = _load_tile(k_base, offs_n, offs_d, skn, Nk, D)
-        v = _load_tile(v_base, offs_n, offs_d, svn, Nk, D)
-        p, ds, rel, ak = _probs_and_ds(
-            qu, qw, k, v, do, ak_ptr, av_ptr, qp, kp, lse2, delta, start_m, start_n, offs_m, offs_n,
-            offs_d, Nq, Nk, D, rel_k, qk_scale, slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm,
-            win_l, win_r, FLAGS, BLOCK_M, BLOCK_N)
-        if DELTA_PASS:
-            p_dp += tl.sum(ds, 1)
-            p_sum += tl.sum(p, 1)
+    # DistanceBias with default positions: the key tiles far from the diagonal read one
+    # table column; they are scored as plain tiles, lse shifted by that column.
+    b_lo = lo
+    b_hi = hi
+    c_low = 0.0
+    c_high = 0.0
+    if FAR:
+        b_lo, b_hi, n_low, n_far, c_low, c_high = _table_far(start_m, lo, hi, Nq, Nk, tab_l, tab_r, table_ptr,
+                                                             True, BLOCK_N, BLOCK_M)
+    for part in tl.static_range(1 + 2 * FAR):  # the near tiles (all without FAR), then the far ones below, above
+        if part == 0:
+            p_lo = b_lo
+            p_hi = b_hi
+            far_c = 0.0
+        elif part == 1:
+            p_lo = lo
+            p_hi = b_lo
+            far_c = c_low
         else:
-            dq_c += _dot(ds.to(k.dtype), k, UPCAST)
-            if REL_K:
-                dq_p += _dot(_keys_to_rel(ds, BLOCK_M, BLOCK_N).to(k.dtype), ak, UPCAST)
-            if D_SLOPE:
-                d_slope -= tl.sum(ds * tl.abs(rel).to(tl.float32), 1)
-            if D_KERPLE:  # d/dr1 = -log(1 + r2 a), d/dr2 = -r1 a / (1 + r2 a), a = |rel|
-                dist = tl.abs(rel).to(tl.float32)
-                grow = 1.0 + r2 * dist
-                d_r1 -= tl.sum(ds * (tl.math.log2(grow) / LOG2E), 1)
-                d_r2 -= tl.sum(ds * (r1 * dist / grow), 1)
-            if D_TABLE:
-                if TABLE == 1 and not HAS_POS:
-                    d_tab = _distance_histogram(d_tab, ds, start_m, start_n, Nq, Nk, tab_l, tab_r, T, offs_t,
-                                                BLOCK_M, BLOCK_N)
-                else:
-                    # Histogram of dS by table column, over only the columns this tile
-                    # touches: far from the diagonal every entry clamps to one column.
-                    idx = _table_index(rel, qp, kp, tab_l, tab_r, TABLE)
-                    live = ds != 0.0
-                    c_lo = tl.min(tl.where(live, idx, T))
-                    c_hi = tl.max(tl.where(live, idx, -1))
-                    for c in range(c_lo, c_hi + 1):
-                        d_tab += tl.where(offs_t == c, tl.sum(tl.sum(tl.where(idx == c, ds, 0.0), 1), 0), 0.0)
-            if D_AK or D_AV:
-                left = rel <= -rel_k
-                right = (rel >= rel_k) & (rel > -rel_k)
-                if D_AK:
-                    ds_left += tl.sum(tl.where(left, ds, 0.0), 1)
-                    ds_right += tl.sum(tl.where(right, ds, 0.0), 1)
-                if D_AV:
-                    p_left += tl.sum(tl.where(left, p, 0.0), 1)
-                    p_right += tl.sum(tl.where(right, p, 0.0), 1)
+            p_lo = b_hi
+            p_hi = hi
+            far_c = c_high
+        for start_n in range(p_lo, p_hi, BLOCK_N):
+            offs_n = start_n + offs_n0
+            kp = _positions(pos_q + Nq, offs_n, Nk, 0, FLAGS)
+            k = _load_tile(k_base, offs_n, offs_d, skn, Nk, D)
+            v = _load_tile(v_base, offs_n, offs_d, svn, Nk, D)
+            p, ds, rel, ak = _probs_and_ds(
+                qu, qw, k, v, do, ak_ptr, av_ptr, qp, kp, lse2 - far_c, delta, start_m, start_n, offs_m, offs_n,
+                offs_d, Nq, Nk, D, rel_k, qk_scale, slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm,
+                win_l, win_r, FLAGS if part == 0 else NO_TABLE, BLOCK_M, BLOCK_N)
+            if DELTA_PASS:
+                p_dp += tl.sum(ds, 1)
+                p_sum += tl.sum(p, 1)
+            else:
+                dq_c += _dot(ds.to(k.dtype), k, UPCAST)
+                if REL_K:
+                    dq_p += _dot(_keys_to_rel(ds, BLOCK_M, BLOCK_N).to(k.dtype), ak, UPCAST)
+                if D_SLOPE:
+                    d_slope -= tl.sum(ds * tl.abs(rel).to(tl.float32), 1)
+                if D_KERPLE:  # d/dr1 = -log(1 + r2 a), d/dr2 = -r1 a / (1 + r2 a), a = |rel|
+                    dist = tl.abs(rel).to(tl.float32)
+                    grow = 1.0 + r2 * dist
+                    d_r1 -= tl.sum(ds * (tl.math.log2(grow) / LOG2E), 1)
+                    d_r2 -= tl.sum(ds * (r1 * dist / grow), 1)
+                if D_TABLE:
+                    if part > 0:  # a far tile: one column
+                        d_tab += tl.where(offs_t == (0 if part == 1 else T - 1), tl.sum(tl.sum(ds, 1), 0), 0.0)
+                    elif TABLE == 1 and not HAS_POS:
+                        d_tab = _distance_histogram(d_tab, ds, start_m, start_n, Nq, Nk, tab_l, tab_r, T, offs_t,
+                                                    BLOCK_M, BLOCK_N)
+                    else:
+                        # Histogram of dS by table column, over only the columns this tile
+                        # touches: far from the diagonal every entry clamps to one column.
+                        idx = _table_index(rel, qp, kp, tab_l, tab_r, TABLE)
+                        live = ds != 0.0
+                        c_lo = tl.min(tl.where(live, idx, T))
+                        c_hi = tl.max(tl.where(live, idx, -1))
+                        for c in range(c_lo, c_hi + 1):
+                            d_tab += tl.where(offs_t == c, tl.sum(tl.sum(tl.where(idx == c, ds, 0.0), 1), 0), 0.0)
+                if D_AK or D_AV:
+                    left = rel <= -rel_k
+                    right = (rel >= rel_k) & (rel > -rel_k)
+                    if D_AK:
+                        ds_left += tl.sum(tl.where(left, ds, 0.0), 1)
+                        ds_right += tl.sum(tl.where(right, ds, 0.0), 1)
+                    if D_AV:
+                        p_left += tl.sum(tl.where(left, p, 0.0), 1)
+                        p_right += tl.sum(tl.where(right, p, 0.0), 1)
 
     if DELTA_PASS:
         live = (offs_m < Nq) & (p_sum > 0.0)

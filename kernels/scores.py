@@ -5,7 +5,8 @@ import triton
 import triton.language as tl
 
 from .common import (LOG2E, _ALIBI, _BIAS, _BIAS_KEYS, _BIAS_MASK, _CAUSAL, _HAS_WL, _HAS_WR, _KERPLE, _REL_K,
-                     _REL_SHARED, _REL_U, _REL_V, _REL_W, _ROPE, _TABLE, _UPCAST, _dot, _load_tile, _positions)
+                     _REL_SHARED, _REL_U, _REL_V, _REL_W, _ROPE, _TABLE, _UPCAST, _band, _dot, _load_tile,
+                     _positions)
 from .relative import _add_row, _load_rel, _rel_rows, _rel_to_keys
 
 
@@ -32,6 +33,32 @@ def _table_columns(tab_a, tab_b, TABLE: tl.constexpr):
         return tab_a + tab_b + 1
     else:
         return (2 * tab_a - 1) * (2 * tab_b - 1)
+
+
+@triton.jit
+def _table_far(start, lo, hi, Nq, Nk, tab_l, tab_r, table_ptr,
+               KEYS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_OTHER: tl.constexpr):
+    """DistanceBias with default positions: the tiles of [lo, hi) whose pairs all read
+    one end column of the table (rel <= -L: column 0, rel >= R: column T - 1), so
+    they are scored as plain tiles plus a constant. The tiles are keys for the query
+    block at `start` (KEYS) or queries for the key block at `start`. Returns the near
+    tiles [b_lo, b_hi), n_low and n_far as in _band, and the constants (log2 domain)
+    of the far tiles below b_lo and above b_hi."""
+    shift = Nk - Nq
+    first = tl.load(table_ptr).to(tl.float32) * LOG2E
+    last = tl.load(table_ptr + tab_l + tab_r).to(tl.float32) * LOG2E
+    if KEYS:  # keys j <= start + shift - L: rel <= -L for every row; j >= last row + shift + R: rel >= R
+        x_lo = start + shift - tab_l
+        x_hi = start + BLOCK_OTHER - 1 + shift + tab_r
+        c_low = first
+        c_high = last
+    else:  # rows i <= start - shift - R: rel >= R for every key; i >= last key - shift + L: rel <= -L
+        x_lo = start - shift - tab_r
+        x_hi = start + BLOCK_OTHER - 1 - shift + tab_l
+        c_low = last
+        c_high = first
+    b_lo, b_hi, n_low, n_far = _band(lo, hi, x_lo, x_hi, BLOCK)
+    return b_lo, b_hi, n_low, n_far, c_low, c_high
 
 
 @triton.jit
