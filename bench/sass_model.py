@@ -653,6 +653,12 @@ def _delta_pass(kw):
     return bool(kw.get("DELTA_PASS"))
 
 
+def _table_pass(kw):
+    """Whether a captured dQ launch is d(table)'s pass over the near tiles (GRADS bit)."""
+    from posattn.kernels import attention as A
+    return hasattr(A, "_TABLE_PASS") and bool((kw.get("GRADS", 0) >> A._TABLE_PASS.value) & 1)
+
+
 def build_posattn(direction, enc_name, D, enc, grads, aot=False):
     from posattn import _triton as T
     from posattn.kernels import attention as A
@@ -685,6 +691,8 @@ def build_posattn(direction, enc_name, D, enc, grads, aot=False):
         fn, sig, cx, attrs, opts = jit_specialise(kern, a, kw)
         if name == "_attn_bwd_dq" and _delta_pass(kw):
             name = "_attn_bwd_dq[DELTA_PASS]"
+        elif name == "_attn_bwd_dq" and _table_pass(kw):
+            name = "_attn_bwd_dq[TABLE_PASS]"
         out.append((name, fn, sig, cx, attrs, opts))
     return out, (bm, bn, warps, stages)
 
@@ -996,7 +1004,7 @@ def fmt_row(x, plain, tut):
     label = x["label"]
     variant = r["variant"] + (f" [{label}]" if label else "")
     counts = " | ".join(str(c.get(k, 0)) for k in COLS)
-    return (f"| {r['lib']} | {kern}{'(delta pass)' if 'DELTA' in r['kernel'] else ''} | {variant} | {r['D']} | "
+    return (f"| {r['lib']} | {kern}{'(delta pass)' if 'DELTA' in r['kernel'] else '(table pass)' if 'TABLE_PASS' in r['kernel'] else ''} | {variant} | {r['D']} | "
             f"{tile_s} | {r['num_warps']}/{r['num_stages']} | {p.get('regs')} | {p.get('spill_stores')}/"
             f"{p.get('spill_loads')} | {r['shared'] // 1024} | {r['ctas_per_sm']} | {mma_kind} | {mufu} | "
             f"{static} | {counts} | {m['mma_cyc']:.0f} | {m['mufu_cyc']:.0f} | {m['issue_cyc']:.0f} | "
@@ -1023,7 +1031,8 @@ def make_table(recs, select=None):
 def load_records(pattern):
     recs = [json.load(open(f)) for f in sorted(glob.glob(pattern))]
     order = {"posattn": 0, "tutorial": 1}
-    kord = {"_attn_fwd": 0, "_attn_bwd_dkdv": 1, "_attn_bwd_dq": 2, "_attn_bwd_dq[DELTA_PASS]": 3, "_attn_bwd": 4}
+    kord = {"_attn_fwd": 0, "_attn_bwd_dkdv": 1, "_attn_bwd_dq": 2, "_attn_bwd_dq[DELTA_PASS]": 3,
+            "_attn_bwd_dq[TABLE_PASS]": 4, "_attn_bwd": 5}
     vord = {("fwd", v): i for i, v in enumerate(FWD_ENCODINGS)}
     vord.update({("bwd", v): i for i, v in enumerate(BWD_ENCODINGS)})
     for r in recs:  # recompute the model from the stored counts (the model may change; the counts do not)
@@ -1121,8 +1130,9 @@ def bwd_totals(recs, Ns=(2048, 8192)):
         elif not r["causal"]:
             per[("tutorial", "plain", r["D"])]["dkdv" if x["label"].startswith("dkdv") else "dq"] = \
                 m["cycles_per_128x128"]
-    out = ["| lib | variant | D | dK/dV loop | dQ loop | delta pass | histogram (per trip) | total per 128x128 "
-           "(N=%s) | x posattn plain | x tutorial |" % " / ".join(map(str, Ns)), "|---" * 10 + "|"]
+    out = ["| lib | variant | D | dK/dV loop | dQ loop | delta pass | table pass (near tiles) | histogram (per trip) | "
+           "total per 128x128 "
+           "(N=%s) | x posattn plain | x tutorial |" % " / ".join(map(str, Ns)), "|---" * 11 + "|"]
     for (lib, v, D), d in sorted(per.items(), key=lambda kv: (kv[0][2], kv[0][0], kv[0][1] != "plain")):
         def cyc(name, N):
             c = d.get(name, 0)
@@ -1130,18 +1140,21 @@ def bwd_totals(recs, Ns=(2048, 8192)):
         dkdv = [cyc("_attn_bwd_dkdv", N) or cyc("dkdv", N) for N in Ns]
         dq = [cyc("_attn_bwd_dq", N) or cyc("dq", N) for N in Ns]
         dp = [cyc("_attn_bwd_dq[DELTA_PASS]", N) for N in Ns]
+        # d(table)'s pass visits the near tiles only
+        tp = [cyc("_attn_bwd_dq[TABLE_PASS]", N) * table_near(N, 64, 64, TABLE_L, TABLE_R) for N in Ns]
         hist = d.get("hist_inner", 0)
         tots = []
         for i, N in enumerate(Ns):
             t = table_trips(N, 64, 64, TABLE_L, TABLE_R) if hist else 0
-            tots.append(dkdv[i] + dq[i] + dp[i] + t * hist)
+            tots.append(dkdv[i] + dq[i] + dp[i] + tp[i] + t * hist)
         base = per.get(("posattn", "plain", D), {})
         b = sum(sum(base.get(n, [0])) if isinstance(base.get(n), list) else base.get(n, 0)
                 for n in ("_attn_bwd_dkdv", "_attn_bwd_dq"))
         tu = per.get(("tutorial", "plain", D), {})
         tb = tu.get("dkdv", 0) + tu.get("dq", 0)
         out.append(f"| {lib} | {v} | {D} | {' / '.join(f'{x:.0f}' for x in dkdv)} | "
-                   f"{' / '.join(f'{x:.0f}' for x in dq)} | {' / '.join(f'{x:.0f}' for x in dp)} | {hist:.0f} | "
+                   f"{' / '.join(f'{x:.0f}' for x in dq)} | {' / '.join(f'{x:.0f}' for x in dp)} | "
+                   f"{' / '.join(f'{x:.0f}' for x in tp)} | {hist:.0f} | "
                    + " / ".join(f"{t:.0f}" for t in tots) + " | "
                    + (" / ".join(f"{t / b:.2f}" for t in tots) if b else "") + " | "
                    + (" / ".join(f"{t / tb:.2f}" for t in tots) if tb else "") + " |")

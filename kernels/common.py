@@ -6,7 +6,8 @@ import triton.language as tl
 __all__ = ["LOG2E", "_CAUSAL", "_HAS_WL", "_HAS_WR", "_HAS_POS", "_ROPE", "_INTERLEAVED", "_ALIBI", "_TABLE",
            "_BIAS", "_BIAS_MASK", "_REL_K", "_REL_V", "_REL_U", "_REL_W", "_UPCAST", "_KERPLE", "_D_SLOPE",
            "_D_TABLE", "_D_U", "_D_W", "_D_AK", "_D_AV", "_DELTA_PASS", "_HEAD_BCAST", "_ROW_BCAST",
-           "_COL_BCAST", "_D_KERPLE", "_REL_SHARED", "_BIAS_KEYS", "_SCALE_POS"]  # (and the helpers, imported by name)
+           "_COL_BCAST", "_D_KERPLE", "_CORRECT", "_TABLE_PASS", "_REL_SHARED", "_BIAS_KEYS",
+           "_SCALE_POS"]  # (and the helpers, imported by name)
 
 LOG2E = tl.constexpr(1.4426950408889634)  # a constexpr: jitted code reads no plain globals
 
@@ -45,6 +46,8 @@ _HEAD_BCAST = tl.constexpr(7)
 _ROW_BCAST = tl.constexpr(8)
 _COL_BCAST = tl.constexpr(9)
 _D_KERPLE = tl.constexpr(10)
+_CORRECT = tl.constexpr(11)     # dQ: Stats hold rowsum(dO * O); correct in-pass, then write the exact delta
+_TABLE_PASS = tl.constexpr(12)  # dQ: only d(table) over the near tiles, from the exact Stats
 
 
 @triton.jit

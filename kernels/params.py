@@ -4,7 +4,7 @@ fixed order; with DELTA_PASS, the exact-delta pass."""
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, _HAS_POS, _DELTA_PASS, _D_AK, _D_AV, _D_KERPLE, _D_SLOPE, _D_TABLE, _D_U, _D_W, _REL_K, _ROPE,
+from .common import (LOG2E, _CORRECT, _HAS_POS, _DELTA_PASS, _TABLE_PASS, _D_AK, _D_AV, _D_KERPLE, _D_SLOPE, _D_TABLE, _D_U, _D_W, _REL_K, _ROPE,
                      _TABLE, _UPCAST, _dot, _key_range, _load_row_stats, _load_tile, _positions, _stats_row)
 from .rope import _rope_factor, _unrotate
 from .relative import _keys_to_rel
@@ -52,6 +52,26 @@ def _distance_histogram(d_tab, ds, start_m, start_n, Nq, Nk, tab_l, tab_r, T, of
 
 
 @triton.jit
+def _table_histogram(d_tab, ds, rel, qp, kp, start_m, start_n, Nq, Nk, tab_l, tab_r, T, offs_t,
+                     FLAGS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """d_tab += the tile's dS summed by table column."""
+    HAS_POS: tl.constexpr = (FLAGS >> _HAS_POS.value) & 1
+    TABLE: tl.constexpr = (FLAGS >> _TABLE.value) & 3
+    if TABLE == 1 and not HAS_POS:
+        d_tab = _distance_histogram(d_tab, ds, start_m, start_n, Nq, Nk, tab_l, tab_r, T, offs_t, BLOCK_M, BLOCK_N)
+    else:
+        # Over only the columns this tile touches: far from the diagonal every entry
+        # clamps to one column.
+        idx = _table_index(rel, qp, kp, tab_l, tab_r, TABLE)
+        live = ds != 0.0
+        c_lo = tl.min(tl.where(live, idx, T))
+        c_hi = tl.max(tl.where(live, idx, -1))
+        for c in range(c_lo, c_hi + 1):
+            d_tab += tl.where(offs_t == c, tl.sum(tl.sum(tl.where(idx == c, ds, 0.0), 1), 0), 0.0)
+    return d_tab
+
+
+@triton.jit
 def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
                  sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sdqb, sdqh, sdqm,
                  sbb, sbh, sbm, bias_nb,
@@ -70,7 +90,16 @@ def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
     into the row's lse: the recomputed P then sums to 1 to float32 rounding and
     delta is the exact sum the softmax gradient subtracts. In rows where attention
     is nearly one-hot, rowsum(dO * O) or an lse off by eps * |lse| differ from it
-    by as much as dS itself, and slope / table gradients inherit that error."""
+    by as much as dS itself, and slope / table gradients inherit that error.
+
+    With CORRECT (no DELTA_PASS before it: Stats hold delta_a = rowsum(dO * O), which
+    dQ uses as FlashAttention does), the same sums l_i and s_i = sum_j dS_ij come out
+    of this pass, and each parameter gradient sum_j c_ij dS_ij is corrected to the
+    exact delta at the end: (G_i - (s_i / l_i) sum_j c_ij P_ij) / l_i. The exact
+    delta (delta_a + s_i / l_i) and the renormalised lse are then written to Stats
+    for the kernels that follow. d(table) is corrected so for the far tiles (one
+    column each); the near tiles are summed by a TABLE_PASS launch afterwards, from
+    the exact Stats, into the same slot."""
     ROPE: tl.constexpr = (FLAGS >> _ROPE.value) & 1
     HAS_POS: tl.constexpr = (FLAGS >> _HAS_POS.value) & 1
     TABLE: tl.constexpr = (FLAGS >> _TABLE.value) & 3
@@ -84,6 +113,8 @@ def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
     D_AK: tl.constexpr = (GRADS >> _D_AK.value) & 1
     D_AV: tl.constexpr = (GRADS >> _D_AV.value) & 1
     DELTA_PASS: tl.constexpr = (GRADS >> _DELTA_PASS.value) & 1
+    CORRECT: tl.constexpr = (GRADS >> _CORRECT.value) & 1
+    TABLE_PASS: tl.constexpr = (GRADS >> _TABLE_PASS.value) & 1
     FAR: tl.constexpr = (TABLE == 1) * (1 - HAS_POS)
     NO_TABLE: tl.constexpr = FLAGS & ~(3 << _TABLE.value)
     pid_m = tl.program_id(0)
@@ -127,6 +158,16 @@ def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
     ds_right = tl.zeros([BLOCK_M], tl.float32)
     p_left = tl.zeros([BLOCK_M], tl.float32)
     p_right = tl.zeros([BLOCK_M], tl.float32)
+    if CORRECT:  # row sums of dS and P; the P-weighted sums of each gradient's factor
+        row_s = tl.zeros([BLOCK_M], tl.float32)
+        row_l = tl.zeros([BLOCK_M], tl.float32)
+        b_slope = tl.zeros([BLOCK_M], tl.float32)
+        b_r1 = tl.zeros([BLOCK_M], tl.float32)
+        b_r2 = tl.zeros([BLOCK_M], tl.float32)
+        far_ds = tl.zeros([BLOCK_M], tl.float32)   # dS, P over the far tiles: below, then above
+        far_p = tl.zeros([BLOCK_M], tl.float32)
+        far_ds2 = tl.zeros([BLOCK_M], tl.float32)
+        far_p2 = tl.zeros([BLOCK_M], tl.float32)
     lo, hi = _key_range(start_m, BLOCK_M, Nq, Nk, win_l, win_r, FLAGS, BLOCK_N)
     # DistanceBias with default positions: the key tiles far from the diagonal read one
     # table column; they are scored as plain tiles, lse shifted by that column.
@@ -137,7 +178,7 @@ def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
     if FAR:
         b_lo, b_hi, n_low, n_far, c_low, c_high = _table_far(start_m, lo, hi, Nq, Nk, tab_l, tab_r, table_ptr,
                                                              True, BLOCK_N, BLOCK_M)
-    for part in tl.static_range(1 + 2 * FAR):  # the near tiles (all without FAR), then the far ones below, above
+    for part in tl.static_range(1 if TABLE_PASS else 1 + 2 * FAR):  # the near tiles (all without FAR), then the far ones below, above
         if part == 0:
             p_lo = b_lo
             p_hi = b_hi
@@ -162,32 +203,44 @@ def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
             if DELTA_PASS:
                 p_dp += tl.sum(ds, 1)
                 p_sum += tl.sum(p, 1)
+            elif TABLE_PASS:
+                d_tab = _table_histogram(d_tab, ds, rel, qp, kp, start_m, start_n, Nq, Nk, tab_l, tab_r, T, offs_t,
+                                         FLAGS, BLOCK_M, BLOCK_N)
             else:
                 dq_c += _dot(ds.to(k.dtype), k, UPCAST)
+                if CORRECT:
+                    row_s += tl.sum(ds, 1)
+                    row_l += tl.sum(p, 1)
                 if REL_K:
                     dq_p += _dot(_keys_to_rel(ds, BLOCK_M, BLOCK_N).to(k.dtype), ak, UPCAST)
                 if D_SLOPE:
-                    d_slope -= tl.sum(ds * tl.abs(rel).to(tl.float32), 1)
+                    dist = tl.abs(rel).to(tl.float32)
+                    d_slope -= tl.sum(ds * dist, 1)
+                    if CORRECT:
+                        b_slope -= tl.sum(p * dist, 1)
                 if D_KERPLE:  # d/dr1 = -log(1 + r2 a), d/dr2 = -r1 a / (1 + r2 a), a = |rel|
                     dist = tl.abs(rel).to(tl.float32)
                     grow = 1.0 + r2 * dist
-                    d_r1 -= tl.sum(ds * (tl.math.log2(grow) / LOG2E), 1)
-                    d_r2 -= tl.sum(ds * (r1 * dist / grow), 1)
+                    c1 = tl.math.log2(grow) / LOG2E
+                    c2 = r1 * dist / grow
+                    d_r1 -= tl.sum(ds * c1, 1)
+                    d_r2 -= tl.sum(ds * c2, 1)
+                    if CORRECT:
+                        b_r1 -= tl.sum(p * c1, 1)
+                        b_r2 -= tl.sum(p * c2, 1)
                 if D_TABLE:
                     if part > 0:  # a far tile: one column
-                        d_tab += tl.where(offs_t == (0 if part == 1 else T - 1), tl.sum(tl.sum(ds, 1), 0), 0.0)
-                    elif TABLE == 1 and not HAS_POS:
-                        d_tab = _distance_histogram(d_tab, ds, start_m, start_n, Nq, Nk, tab_l, tab_r, T, offs_t,
-                                                    BLOCK_M, BLOCK_N)
-                    else:
-                        # Histogram of dS by table column, over only the columns this tile
-                        # touches: far from the diagonal every entry clamps to one column.
-                        idx = _table_index(rel, qp, kp, tab_l, tab_r, TABLE)
-                        live = ds != 0.0
-                        c_lo = tl.min(tl.where(live, idx, T))
-                        c_hi = tl.max(tl.where(live, idx, -1))
-                        for c in range(c_lo, c_hi + 1):
-                            d_tab += tl.where(offs_t == c, tl.sum(tl.sum(tl.where(idx == c, ds, 0.0), 1), 0), 0.0)
+                        if not CORRECT:
+                            d_tab += tl.where(offs_t == (0 if part == 1 else T - 1), tl.sum(tl.sum(ds, 1), 0), 0.0)
+                        elif part == 1:
+                            far_ds += tl.sum(ds, 1)
+                            far_p += tl.sum(p, 1)
+                        else:
+                            far_ds2 += tl.sum(ds, 1)
+                            far_p2 += tl.sum(p, 1)
+                    elif not CORRECT:  # (with CORRECT, the TABLE_PASS launch sums the near tiles)
+                        d_tab = _table_histogram(d_tab, ds, rel, qp, kp, start_m, start_n, Nq, Nk, tab_l, tab_r, T,
+                                                 offs_t, FLAGS, BLOCK_M, BLOCK_N)
                 if D_AK or D_AV:
                     left = rel <= -rel_k
                     right = (rel >= rel_k) & (rel > -rel_k)
@@ -202,10 +255,27 @@ def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
         live = (offs_m < Nq) & (p_sum > 0.0)
         tl.store(stats + Nq + offs_m, p_dp / tl.where(live, p_sum, 1.0), mask=offs_m < Nq)
         tl.store(stats + offs_m, lse2 + tl.math.log2(tl.where(live, p_sum, 1.0)), mask=live)
+    elif TABLE_PASS:
+        o_slope, o_kerple, o_u, o_w, o_ak, o_av, o_tab, size = _grad_slot(D, T, GRADS)
+        slot = DParams + (off_bh * tl.cdiv(Nq, BLOCK_M) + pid_m) * size
+        d_tab += tl.load(slot + o_tab + offs_t, mask=offs_t < T, other=0.0)   # the far tiles' part
+        tl.store(slot + o_tab + offs_t, d_tab, mask=offs_t < T)
     else:
         o_slope, o_kerple, o_u, o_w, o_ak, o_av, o_tab, size = _grad_slot(D, T, GRADS)
         slot = DParams + (off_bh * tl.cdiv(Nq, BLOCK_M) + pid_m) * size
         in_d = offs_d < D
+        if CORRECT:
+            live = (offs_m < Nq) & (row_l > 0.0)
+            inv_l = tl.where(live, 1.0 / tl.where(live, row_l, 1.0), 0.0)
+            shift = row_s * inv_l          # delta_exact - delta_a
+            d_slope = (d_slope - shift * b_slope) * inv_l
+            d_r1 = (d_r1 - shift * b_r1) * inv_l
+            d_r2 = (d_r2 - shift * b_r2) * inv_l
+            if D_TABLE:
+                d_tab += (tl.where(offs_t == 0, tl.sum((far_ds - shift * far_p) * inv_l, 0), 0.0)
+                          + tl.where(offs_t == T - 1, tl.sum((far_ds2 - shift * far_p2) * inv_l, 0), 0.0))
+            tl.store(stats + Nq + offs_m, delta + shift, mask=offs_m < Nq)
+            tl.store(stats + offs_m, lse2 + tl.math.log2(tl.where(live, row_l, 1.0)), mask=live)
         if D_SLOPE:
             tl.store(slot + o_slope, tl.sum(d_slope, 0))
         if D_KERPLE:

@@ -313,6 +313,9 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, out, lse2, *tensors[3:])
     ctx.scalars = tuple(scalars)
     ctx.known = getattr(_checked, "value", None)  # this call's validated Problem (eager), for _bwd
+    # An output nobody differentiated gets None, not zeros: an lse that is not used
+    # must not cost the backward its shortcuts (posattn/_triton.py: CORRECT_IN_PASS).
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, dlse, dlse2):

@@ -125,6 +125,9 @@ LOG2E = 1.4426950408889634
 # lse round-trip leave dq / dk errors of ~1e-4 where PyTorch's float32 is exact (0);
 # float32 is the dtype of gradient checks, so it pays for the pass (bench/NOTES.md).
 EXACT_DELTA_FP32 = True
+# Otherwise ALiBi / KERPLE / table / dense-bias gradients are corrected to the exact delta
+# inside dQ's pass (no extra pass); False forces the extra pass (tests compare the two).
+CORRECT_IN_PASS = True
 
 # Differentiable inputs of the autograd Function, in order (after q, k, v).
 _PARAM_TENSORS = (("alibi", "alibi_slopes", "alibi_slopes"), ("table", "rel_bias", "table"), ("bias", "bias", "bias"),
@@ -394,6 +397,13 @@ def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need, wrap=_direct):
     stats[:, :, 0].copy_(lse)
     has_dlse = dlse is not None
     exact_delta = any(need.values()) or EXACT_DELTA_FP32 and q.dtype == torch.float32
+    # Parameter gradients need the exact delta (see _attn_bwd_dq). For ALiBi, KERPLE,
+    # tables and the dense bias, dQ's own pass corrects them and writes it for the
+    # kernels after it (CORRECT), so the extra pass runs only for float32, a
+    # differentiated lse, and the relative embeddings' gradients.
+    correct = (CORRECT_IN_PASS and exact_delta and not has_dlse and not (EXACT_DELTA_FP32 and q.dtype == torch.float32)
+               and not any(need[n] for n in ("rel_key", "rel_value", "rel_u", "rel_w")))
+    exact_delta = exact_delta and not correct
     if not exact_delta:
         L.launch(wrap, _attn_bwd_delta, (_cdiv(p.Nq, 64), p.Hq, p.B), Out=out, DO=do, Stats=stats,
                  DLse=dlse.contiguous() if has_dlse else stats, **_strides("so", out), **_strides("sdo", do),
@@ -427,10 +437,15 @@ def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need, wrap=_direct):
         offset, size = layout[name]
         return work[..., offset:offset + size].reshape(p.B, p.Hq, num_m, *shape)
 
+    grads_bits = dict(D_SLOPE=want["alibi"], D_TABLE=want["table"], D_U=want["rel_u"], D_W=want["rel_w"],
+                      D_AK=want["rel_key"], D_AV=want["rel_value"], D_KERPLE=want["kerple"])
+    block_t = _next_pow2(tab_t) if want["table"] else 16
     L.launch(wrap, _attn_bwd_dq, (num_m, p.Hq, p.B), **inputs, DQ=dq, DParams=work, **_strides("sdq", dq),
-             GRADS=pack_grads(D_SLOPE=want["alibi"], D_TABLE=want["table"], D_U=want["rel_u"], D_W=want["rel_w"],
-                              D_AK=want["rel_key"], D_AV=want["rel_value"], D_KERPLE=want["kerple"]),
-             BLOCK_T=_next_pow2(tab_t) if want["table"] else 16)
+             GRADS=pack_grads(CORRECT=correct, **grads_bits), BLOCK_T=block_t)
+    if correct and want["table"]:
+        # d(table) over the tiles near the diagonal, from the exact delta just written
+        L.launch(wrap, _attn_bwd_dq, (num_m, p.Hq, p.B), **inputs, DQ=dq, DParams=work, **_strides("sdq", dq),
+                 GRADS=pack_grads(TABLE_PASS=True, **grads_bits), BLOCK_T=block_t)
 
     grads = dict.fromkeys(_PARAMS)
     for i, name in enumerate(("kerple_r1", "kerple_r2")):

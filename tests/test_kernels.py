@@ -230,6 +230,37 @@ def test_scale_and_t5(device, backend):
     assert (gw.double() - gw64).norm() / gw64.norm() < tol
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_parameter_gradients_corrected_in_pass(dtype, device, backend, monkeypatch):
+    """bf16 / fp16 parameter gradients come from dQ's own pass, corrected to the exact
+    delta at its end (_triton.CORRECT_IN_PASS); they must equal the extra exact-delta
+    pass's to float32 rounding, in peaked rows where rowsum(dO * O) is far off, and
+    for the tiles far from the diagonal (DistanceBias) and the dense bias after it."""
+    if backend != "triton":
+        pytest.skip("a Triton launch plan")
+    g = torch.Generator().manual_seed(3)
+    B, H, Nq, Nk, D = 1, 2, 150, 170, 32
+    q = (6 * torch.randn(B, H, Nq, D, generator=g)).to(device, dtype).requires_grad_()
+    k = torch.randn(B, H, Nk, D, generator=g).to(device, dtype).requires_grad_()
+    v = torch.randn(B, H, Nk, D, generator=g).to(device, dtype).requires_grad_()
+    params = [(posattn.alibi_slopes(H) * (1 + 0.1 * torch.rand(H, generator=g))).to(device).requires_grad_(),
+              torch.randn(H, 9, generator=g).to(device).requires_grad_(),
+              torch.randn(1, H, Nq, Nk, generator=g).to(device, dtype).requires_grad_(),
+              (0.5 + torch.rand(H, generator=g)).to(device).requires_grad_(),
+              (0.05 + torch.rand(H, generator=g)).to(device).requires_grad_()]
+    dout = torch.randn(B, H, Nq, D, generator=g).to(device, dtype)
+    grads = []
+    for corrected in (True, False):
+        monkeypatch.setattr(_triton, "CORRECT_IN_PASS", corrected)
+        sl, tab, bias, r1, r2 = params
+        out = posattn.attention(q, k, v, causal=True, alibi_slopes=sl, rel_bias=posattn.DistanceBias(tab, 5, 3),
+                                bias=bias, kerple=posattn.KERPLE(r1, r2), backend="triton")
+        grads.append(torch.autograd.grad(out, params, dout))
+    for name, a, b in zip(("slopes", "table", "bias", "r1", "r2"), *grads):
+        err = ((a.double() - b.double()).norm() / b.double().norm()).item()
+        assert err < 2e-4, (name, err)
+
+
 def test_wide_distance_table(device, backend):
     """More columns than the Triton backend reduces in registers (8192): it refuses,
     saying so; the CUDA fallback's per-program histogram in global memory has no limit."""
