@@ -542,7 +542,11 @@ FWD_ENCODINGS = {
 }
 BWD_ENCODINGS = {"plain": ({}, {}), "rope": (dict(ROPE=True, ROT_DIM=-1), {}),
                  "alibi+dslope": (dict(ALIBI=True), dict(D_SLOPE=True)),
-                 "table+dtable": (dict(TABLE=1), dict(D_TABLE=True))}
+                 "table+dtable": (dict(TABLE=1), dict(D_TABLE=True)),
+                 # a per-sample dense bias (dS written by dK/dV) and one shared by the batch
+                 # (its own dBias pass sums over the batch)
+                 "bias+dbias": (dict(BIAS=True), dict(D_BIAS=True)),
+                 "bias[1,H]+dbias": (dict(BIAS=True, BIAS_BATCH=1), dict(D_BIAS=True))}
 
 # --- copied from posattn tests/aot_compile.py (signature building), used by --aot
 POINTERS = set("Q K V Out Lse Lse2 Pos Params Table Bias Rel DO DK DV DQ Stats DLse DParams DAK DAV DBias".split())
@@ -587,6 +591,7 @@ def posattn_launches(enc, D, backward, bwd_grads=None):
     k = torch.randn(PB, PH, PN, D, dtype=dt)
     v = torch.randn(PB, PH, PN, D, dtype=dt)
     flags = dict(NONE, **enc)
+    bias_batch = flags.pop("BIAS_BATCH", PB)
     kw = dict(causal=flags["CAUSAL"])
     table = alibi = bias = None
     if flags["ROPE"]:
@@ -598,7 +603,7 @@ def posattn_launches(enc, D, backward, bwd_grads=None):
         table = torch.randn(PH, TABLE_L + TABLE_R + 1, dtype=torch.float32)
         kw["rel_bias"] = DistanceBias(table, TABLE_L, TABLE_R)
     if flags["BIAS"]:
-        bias = torch.randn(1, PH, PN, PN, dtype=dt)
+        bias = torch.randn(bias_batch if backward else 1, PH, PN, PN, dtype=dt)
         kw["bias"] = bias
     rel = None
     if flags["REL_K"] or flags["REL_V"]:
@@ -628,7 +633,7 @@ def posattn_launches(enc, D, backward, bwd_grads=None):
     calls.clear()
     need = dict.fromkeys(T._PARAMS, False)
     for g in (bwd_grads or {}):
-        need[{"D_SLOPE": "alibi", "D_TABLE": "table", "D_AK": "rel_key", "D_AV": "rel_value"}[g]] = True
+        need[{"D_SLOPE": "alibi", "D_TABLE": "table", "D_AK": "rel_key", "D_AV": "rel_value", "D_BIAS": "bias"}[g]] = True
     T._backward(L, q, k, v, out, lse2, torch.randn_like(out), None, need, wrap=Cap)
     return calls
 
@@ -664,6 +669,7 @@ def build_posattn(direction, enc_name, D, enc, grads, aot=False):
     from posattn.kernels import attention as A
     out = []
     flags = dict(NONE, **enc)
+    flags.pop("BIAS_BATCH", None)   # a launch fact, not a flag
     if flags["ROT_DIM"] == -1:
         flags["ROT_DIM"] = D
     rel = flags["REL_K"] or flags["REL_V"]
@@ -1143,10 +1149,11 @@ def bwd_totals(recs, Ns=(2048, 8192)):
         # d(table)'s pass visits the near tiles only
         tp = [cyc("_attn_bwd_dq[TABLE_PASS]", N) * table_near(N, 64, 64, TABLE_L, TABLE_R) for N in Ns]
         hist = d.get("hist_inner", 0)
+        dbias = [cyc("_attn_bwd_dbias", N) for N in Ns]   # the dense-bias gradient's pass
         tots = []
         for i, N in enumerate(Ns):
             t = table_trips(N, 64, 64, TABLE_L, TABLE_R) if hist else 0
-            tots.append(dkdv[i] + dq[i] + dp[i] + tp[i] + t * hist)
+            tots.append(dkdv[i] + dq[i] + dp[i] + tp[i] + dbias[i] + t * hist)
         base = per.get(("posattn", "plain", D), {})
         b = sum(sum(base.get(n, [0])) if isinstance(base.get(n), list) else base.get(n, 0)
                 for n in ("_attn_bwd_dkdv", "_attn_bwd_dq"))

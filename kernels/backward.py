@@ -6,7 +6,7 @@ are the rotated copies and dQ / dK are rotated back in the epilogues."""
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, _COL_BCAST, _D_AK, _D_AV, _HAS_POS, _HEAD_BCAST, _ROPE, _ROW_BCAST, _TABLE, _UPCAST, _dot,
+from .common import (LOG2E, _COL_BCAST, _D_AK, _D_AV, _DBIAS_ROWS, _HAS_POS, _HEAD_BCAST, _ROPE, _ROW_BCAST, _TABLE, _UPCAST, _dot,
                      _key_range, _load_row_stats, _load_tile, _positions, _query_range, _stats_row)
 from .rope import _rope_factor, _unrotate
 from .scores import _head_params, _load_queries, _probs_and_ds, _table_far
@@ -32,18 +32,22 @@ def _attn_bwd_delta(Out, DO, Stats, DLse, sob, soh, som, sdob, sdoh, sdom,
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, Stats, DK, DV, Pos, Params, Table, Bias, Rel,
+def _attn_bwd_dkdv(Q, K, V, DO, Stats, DK, DV, DBias, Pos, Params, Table, Bias, Rel,
                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
                    sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, sbb, sbh, sbm, bias_nb,
-                   Hq, Nq, Nk, D, GROUP, sm_scale, win_l, win_r, tab_l, tab_r, rel_k,
+                   Hq, Nq, Nk, D, sm_scale, win_l, win_r, tab_l, tab_r, rel_k,
                    FLAGS: tl.constexpr, ROT_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr):
     """One program per (key block, kv head, batch): dK and dV summed over the GROUP
-    query heads that share this kv head, in registers (no atomics)."""
+    query heads that share this kv head, in registers (no atomics). With DBIAS_ROWS
+    (a dense bias with one row per batch and head, float32 DBias in its strides),
+    each dS tile is also written there: every element has one owner, no second pass."""
     ROPE: tl.constexpr = (FLAGS >> _ROPE.value) & 1
     UPCAST: tl.constexpr = (FLAGS >> _UPCAST.value) & 1
+    DBIAS_ROWS: tl.constexpr = (FLAGS >> _DBIAS_ROWS.value) & 1
     FAR: tl.constexpr = (((FLAGS >> _TABLE.value) & 3) == 1) * (1 - ((FLAGS >> _HAS_POS.value) & 1))
     NO_TABLE: tl.constexpr = FLAGS & ~(3 << _TABLE.value)
+    GROUP = Hq // tl.num_programs(1)   # query heads per kv head
     start_n = tl.program_id(0) * BLOCK_N
     off_hk = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
@@ -99,6 +103,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, Stats, DK, DV, Pos, Params, Table, Bias, Rel,
                     win_l, win_r, FLAGS if part == 0 else NO_TABLE, BLOCK_M, BLOCK_N)
                 dv += _dot(tl.trans(p.to(do.dtype)), do, UPCAST)
                 dk += _dot(tl.trans(ds.to(qu.dtype)), qu, UPCAST)
+                if DBIAS_ROWS:
+                    tl.store(DBias + (off_b % bias_nb) * sbb + off_h * sbh + offs_m[:, None] * sbm + offs_n[None, :],
+                             ds, mask=(offs_m[:, None] < Nq) & (offs_n[None, :] < Nk))
 
     dk *= sm_scale
     if ROPE:

@@ -7,7 +7,7 @@ __all__ = ["LOG2E", "_CAUSAL", "_HAS_WL", "_HAS_WR", "_HAS_POS", "_ROPE", "_INTE
            "_BIAS", "_BIAS_MASK", "_REL_K", "_REL_V", "_REL_U", "_REL_W", "_UPCAST", "_KERPLE", "_D_SLOPE",
            "_D_TABLE", "_D_U", "_D_W", "_D_AK", "_D_AV", "_DELTA_PASS", "_HEAD_BCAST", "_ROW_BCAST",
            "_COL_BCAST", "_D_KERPLE", "_CORRECT", "_TABLE_PASS", "_REL_SHARED", "_BIAS_KEYS",
-           "_SCALE_POS"]  # (and the helpers, imported by name)
+           "_SCALE_POS", "_DBIAS_ROWS"]  # (and the helpers, imported by name)
 
 LOG2E = tl.constexpr(1.4426950408889634)  # a constexpr: jitted code reads no plain globals
 
@@ -35,6 +35,7 @@ _KERPLE = tl.constexpr(16)
 _REL_SHARED = tl.constexpr(17)
 _BIAS_KEYS = tl.constexpr(18)
 _SCALE_POS = tl.constexpr(19)  # scale > 0: max(scale * qk) = scale * max(qk)
+_DBIAS_ROWS = tl.constexpr(20)  # backward: the dense bias has a row per (batch, head); dK/dV writes its dS
 _D_SLOPE = tl.constexpr(0)
 _D_TABLE = tl.constexpr(1)
 _D_U = tl.constexpr(2)

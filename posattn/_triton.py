@@ -377,6 +377,22 @@ def _grad_layout(want, D, T):
     return layout, offset
 
 
+def _dbias_rows(L: _Launch, p: Problem):
+    """The dense bias's float32 gradient in the kernels' bias strides, when the bias has
+    one row per (batch, head) so that dK/dV can write dS into it (DBIAS_ROWS); None
+    when it broadcasts (the dBias kernel then sums over the broadcast axes)."""
+    bias = L.args["Bias"]
+    if tuple(bias.shape) != (p.B, p.Hq, p.Nq, p.Nk):
+        return None
+    g = torch.empty_like(bias, dtype=torch.float32)   # keeps the strides of a dense layout
+    kernel = (L.args["sbb"], L.args["sbh"], L.args["sbm"], 1)
+    if any(n > 1 and a != b for n, a, b in zip(g.shape, g.stride(), kernel)):
+        return None   # an overlapping or gapped layout: not written through the bias strides
+    if p.causal or p.window_left is not None or p.window_right is not None:
+        g.zero_()     # tiles the masks hide are never visited
+    return g
+
+
 def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need, wrap=_direct):
     # lse: the log2-domain row statistics saved by the forward
     """need: {name in _PARAMS: whether its gradient is wanted}. Returns dq, dk, dv and
@@ -422,10 +438,6 @@ def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need, wrap=_direct):
             stats[:, :, 1] -= dlse.to(torch.float32)
 
     dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
-    L.launch(wrap, _attn_bwd_dkdv, (_cdiv(p.Nk, bn), p.Hkv, p.B), **inputs, DK=dk, DV=dv,
-             **_strides("sdk", dk), **_strides("sdv", dv))
 
     # dQ and each program's partial sums of the small parameters' gradients.
     want = dict(need, kerple=need["kerple_r1"] or need["kerple_r2"])
@@ -447,6 +459,15 @@ def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need, wrap=_direct):
         L.launch(wrap, _attn_bwd_dq, (num_m, p.Hq, p.B), **inputs, DQ=dq, DParams=work, **_strides("sdq", dq),
                  GRADS=pack_grads(TABLE_PASS=True, **grads_bits), BLOCK_T=block_t)
 
+    # dK / dV after dQ: with CORRECT they read the exact delta dQ wrote. A dense bias
+    # with a row per (batch, head) gets its gradient (dS itself) from the same tiles.
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    dbias = _dbias_rows(L, p) if need["bias"] else None
+    L.launch(wrap, _attn_bwd_dkdv, (_cdiv(p.Nk, bn), p.Hkv, p.B), **inputs, DK=dk, DV=dv,
+             DBias=stats if dbias is None else dbias, **_strides("sdk", dk), **_strides("sdv", dv),
+             FLAGS=L.args["FLAGS"] | pack_flags(DBIAS_ROWS=dbias is not None))
+
     grads = dict.fromkeys(_PARAMS)
     for i, name in enumerate(("kerple_r1", "kerple_r2")):
         if need[name]:  # each its own sum: the operators' outputs must not alias
@@ -459,7 +480,9 @@ def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need, wrap=_direct):
     if need["table"]:
         g = part("table", tab_t).sum(dim=(0, 2))                        # [Hq, T]
         grads["table"] = (g.t() if L.grid_table else g).to(L.table.dtype)
-    if need["bias"]:
+    if dbias is not None:
+        grads["bias"] = dbias.to(L.bias.dtype)
+    elif need["bias"]:
         bias = L.bias
         bb, bh, bmq, bnk = bias.shape  # size-1 axes are summed over (broadcast)
         g = torch.empty(bb, bh, bmq, bnk, **f32)

@@ -144,6 +144,16 @@ def test_dense_bias_broadcast_gradient(bshape, device, backend):
     assert "dbias" in errors
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_dense_bias_gradient_in_its_layout(dtype, device, backend):
+    """A [B, H, Nq, Nk] bias stored [B, Nq, H, Nk]: dK/dV write its gradient through
+    the bias's own strides (every element one owner; tiles the window hides stay 0)."""
+    q, k, v = make_qkv((2, 4, 2, 45, 70, 32, False), dtype, device)
+    bias = torch.randn(2, 45, 4, 70, device=device, dtype=dtype).permute(0, 2, 1, 3).detach().requires_grad_()
+    errors = check(q, k, v, backend=backend, window=(20, 5), bias=bias)
+    assert "dbias" in errors
+
+
 def test_expanded_bias_gradient(device, backend):
     """A bias passed as a stride-0 expanded view: its gradient is per element of the
     view (autograd then sums it into the leaf). Pass the unexpanded broadcastable
