@@ -538,6 +538,7 @@ FWD_ENCODINGS = {
     "table": dict(TABLE=1),
     "bias": dict(BIAS=True),
     "causal+rope": dict(CAUSAL=True, ROPE=True, ROT_DIM=-1),
+    "causal+alibi": dict(CAUSAL=True, ALIBI=True),
     "shaw-kv": dict(REL_K=True, REL_V=True),
 }
 BWD_ENCODINGS = {"plain": ({}, {}), "rope": (dict(ROPE=True, ROT_DIM=-1), {}),
@@ -1087,9 +1088,11 @@ def table_near(N, BM, BN, L, R):
 def _mixed(cycles, variant, direction, N, BM, BN):
     """Cycles per 128x128 block of a kernel with several hot loops, averaged over the
     tiles each loop visits at length N (DistanceBias: near / far loops), else its loop."""
-    if len(cycles) == 1 or "table" not in variant:
+    if len(cycles) == 1 or not ("table" in variant or direction == "fwd" and variant == "alibi"):
         return cycles[-1]
-    f = table_near(N, BM, BN, TABLE_L, TABLE_R)
+    # the tiles meeting a band around the diagonal: DistanceBias's -L < rel < R, or
+    # rel = 0 for ALiBi alone (the forward splits its |rel| there)
+    f = table_near(N, BM, BN, *((TABLE_L, TABLE_R) if "table" in variant else (0, 0)))
     if direction == "fwd":  # loop 0: far interior tiles, 1: near interior tiles, 2: boundary (none here)
         return f * cycles[1] + (1 - f) * cycles[0]
     return f * cycles[0] + (1 - f) * sum(cycles[1:]) / len(cycles[1:])   # loop 0 near, then the far ones
@@ -1111,7 +1114,7 @@ def fwd_totals(recs, Ns=(2048, 8192)):
     plain = {D: c[0] for (v, D, _), c in per.items() if v == "plain"}
     for (v, D, tile), c in sorted(per.items(), key=lambda kv: (kv[0][1], kv[0][0] != "plain")):
         # interior tiles only (non-causal, N a multiple of the tiles): plain's loop 0
-        cyc = [c[0] if len(c) == 2 else _mixed(c, v, "fwd", N, tile[0], tile[1]) for N in Ns] if tile else [c[0]] * 2
+        cyc = [c[0] if len(c) < 3 else _mixed(c, v, "fwd", N, tile[0], tile[1]) for N in Ns] if tile else [c[0]] * 2
         out.append(f"| {v} | {D} | {' / '.join(f'{x:.0f}' for x in c)} | {' / '.join(f'{x:.0f}' for x in cyc)} | "
                    + (" / ".join(f"{x / plain[D]:.2f}" for x in cyc) if D in plain else "") + " |")
     return "\n".join(out)

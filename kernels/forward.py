@@ -2,8 +2,8 @@
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, _ALIBI, _BIAS, _BIAS_MASK, _HAS_POS, _KERPLE, _REL_K, _REL_V, _SCALE_POS, _TABLE,
-                     _UPCAST, _dot, _key_range, _load_tile, _positions, _split_keys)
+from .common import (LOG2E, _ALIBI, _BIAS, _BIAS_MASK, _CAUSAL, _HAS_POS, _KERPLE, _REL_K, _REL_V, _SCALE_POS, _TABLE,
+                     _UPCAST, _band, _dot, _key_range, _load_tile, _positions, _split_keys)
 from .relative import _keys_to_rel, _load_rel, _rel_rows
 from .scores import _head_params, _load_queries, _logits, _scores, _table_far
 
@@ -11,11 +11,14 @@ from .scores import _head_params, _load_queries, _logits, _scores, _table_far
 @triton.jit
 def _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_k, k_base, v_base, ak_ptr, av_ptr,
               offs_m, offs_n0, offs_d, Nq, Nk, D, skn, svn, rel_k, qk_scale, slope, r1, r2, table_ptr,
-              tab_l, tab_r, bias_ptr, sbm, win_l, win_r, offset,
-              FLAGS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+              tab_l, tab_r, bias_ptr, sbm, win_l, win_r, col_add, row_add,
+              FLAGS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+              COLS: tl.constexpr = 0):
     """One key tile of the online softmax: scores, running max and sum, P @ V.
-    offset: a constant (log2 domain) added to every score of the tile, folded into
-    the row max and the exponent (0.0, or a far DistanceBias tile's column)."""
+    row_add [BLOCK_M] (or a scalar) and, with COLS, col_add [BLOCK_N]: terms (log2
+    domain) outside FLAGS added to the tile's scores, row_add folded into the row max
+    and the exponent: 0.0, a far DistanceBias tile's column, or ALiBi's bias on one
+    side of the diagonal, slope * (j - i) = column term + row term."""
     REL_V: tl.constexpr = (FLAGS >> _REL_V.value) & 1
     UPCAST: tl.constexpr = (FLAGS >> _UPCAST.value) & 1
     ADDITIVE: tl.constexpr = ((FLAGS >> _ALIBI.value) & 1 | (FLAGS >> _KERPLE.value) & 1 | (FLAGS >> _TABLE.value) & 3
@@ -30,17 +33,25 @@ def _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_k, k_base, v_base
         # scale * qk - m is one FMA per element (Triton's tutorial 06).
         s, rel = _scores(qk, qp, kp, offs_m, offs_n, Nq, Nk, 1.0, slope, r1, r2, table_ptr,
                          tab_l, tab_r, bias_ptr, sbm, win_l, win_r, FLAGS, MASKED)
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale + offset)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # as below
-        p = tl.math.exp2(s * qk_scale - (m_safe - offset)[:, None])
+        if COLS:  # scale * qk + column term: one FMA per element, then the row's
+            s = s * qk_scale + col_add[None, :]
+            m_new = tl.maximum(m_i, tl.max(s, 1) + row_add)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - (m_safe - row_add)[:, None])
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale + row_add)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # as below
+            p = tl.math.exp2(s * qk_scale - (m_safe - row_add)[:, None])
     else:
         s, rel = _scores(qk, qp, kp, offs_m, offs_n, Nq, Nk, qk_scale, slope, r1, r2, table_ptr,
                          tab_l, tab_r, bias_ptr, sbm, win_l, win_r, FLAGS, MASKED)
-        m_new = tl.maximum(m_i, tl.max(s, 1) + offset)
+        if COLS:
+            s += col_add[None, :]
+        m_new = tl.maximum(m_i, tl.max(s, 1) + row_add)
         # A row with nothing visible yet keeps m = -inf; subtract 0 instead so that
         # exp2(-inf - -inf) never makes a NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - (m_safe - offset)[:, None])
+        p = tl.math.exp2(s - (m_safe - row_add)[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     v = _load_tile(v_base, offs_n, offs_d, svn, Nk, D)
@@ -71,6 +82,12 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel,
     REL_V: tl.constexpr = (FLAGS >> _REL_V.value) & 1
     FAR: tl.constexpr = (((FLAGS >> _TABLE.value) & 3) == 1) * (1 - ((FLAGS >> _HAS_POS.value) & 1))
     NO_TABLE: tl.constexpr = FLAGS & ~(3 << _TABLE.value)
+    # ALiBi as the only additive term, default positions: split at the diagonal
+    ALIBI_SIDES: tl.constexpr = (((FLAGS >> _ALIBI.value) & 1) * (1 - ((FLAGS >> _HAS_POS.value) & 1))
+                                 * (((FLAGS >> _KERPLE.value) & 1 | (FLAGS >> _TABLE.value) & 3
+                                     | (FLAGS >> _BIAS.value) & 1 & ~(FLAGS >> _BIAS_MASK.value)) == 0))
+    NO_ALIBI: tl.constexpr = FLAGS & ~(1 << _ALIBI.value)
+    CAUSAL: tl.constexpr = (FLAGS >> _CAUSAL.value) & 1
     start_m = tl.program_id(0) * BLOCK_M
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
@@ -98,31 +115,52 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel,
         for start_n in range(lo, hi, BLOCK_N):
             acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_q + Nq, k_base, v_base,
                                       ak_ptr, av_ptr, offs_m, offs_n0, offs_d, Nq, Nk, D, skn, svn, rel_k, qk_scale,
-                                      slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r, 0.0,
+                                      slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r, 0.0, 0.0,
                                       FLAGS, BLOCK_M, BLOCK_N, 1)
     else:
         f_lo, f_hi, n_low, n_masked = _split_keys(start_m, BLOCK_M, Nq, Nk, lo, hi, win_l, win_r, FLAGS, BLOCK_N)
         b_lo = f_lo
         b_hi = f_hi
-        if FAR:  # interior tiles far from the diagonal read one table column: plain tiles plus a constant
-            b_lo, b_hi, n_far_low, n_far, c_low, c_high = _table_far(start_m, f_lo, f_hi, Nq, Nk, tab_l, tab_r,
-                                                                     table_ptr, True, BLOCK_N, BLOCK_M)
-            for t in range(0, n_far):
-                start_n = tl.where(t < n_far_low, f_lo + t * BLOCK_N, b_hi + (t - n_far_low) * BLOCK_N)
+        if FAR or ALIBI_SIDES:
+            # Interior tiles wholly on one side of a band around the diagonal, where the
+            # bias is separable: far DistanceBias tiles read one table column; with
+            # ALiBi alone, |rel| is rel or -rel. Scored as plain tiles plus row and
+            # column terms; the band's tiles (below) gather / take |rel| per element.
+            slope2 = slope * LOG2E
+            c_low = 0.0
+            c_high = 0.0
+            if FAR:
+                b_lo, b_hi, n_side_low, n_side, c_low, c_high = _table_far(start_m, f_lo, f_hi, Nq, Nk, tab_l,
+                                                                           tab_r, table_ptr, True, BLOCK_N, BLOCK_M)
+            else:  # keys j <= first row + shift: rel <= 0 for every row; j >= last row + shift: rel >= 0
+                b_lo, b_hi, n_side_low, n_side = _band(f_lo, f_hi, start_m + Nk - Nq,
+                                                       start_m + BLOCK_M - 1 + Nk - Nq, BLOCK_N)
+            for t in range(0, n_side):
+                low = t < n_side_low
+                start_n = tl.where(low, f_lo + t * BLOCK_N, b_hi + (t - n_side_low) * BLOCK_N)
+                if FAR:
+                    col = 0.0
+                    row = tl.where(low, c_low, c_high)
+                else:  # -slope |rel| = sign * slope * ((j - start_n) - (q_pos - start_n)), sign = +1 below
+                    sign = 1.0 if CAUSAL else tl.where(low, 1.0, -1.0)
+                    col = (sign * slope2) * offs_n0.to(tl.float32)
+                    row = (-sign * slope2) * (qp - start_n).to(tl.float32)
                 acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_q + Nq, k_base, v_base,
                                           ak_ptr, av_ptr, offs_m, offs_n0, offs_d, Nq, Nk, D, skn, svn, rel_k,
                                           qk_scale, slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l,
-                                          win_r, tl.where(t < n_far_low, c_low, c_high), NO_TABLE, BLOCK_M, BLOCK_N, 0)
-        for start_n in range(b_lo, b_hi, BLOCK_N):  # interior tiles: no mask
+                                          win_r, col, row, NO_TABLE if FAR else NO_ALIBI, BLOCK_M, BLOCK_N, 0,
+                                          1 - FAR)
+        # interior tiles: no mask (none left here for causal ALiBi: all are below the diagonal)
+        for start_n in range(b_lo, b_lo if ALIBI_SIDES and CAUSAL else b_hi, BLOCK_N):
             acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_q + Nq, k_base, v_base,
                                       ak_ptr, av_ptr, offs_m, offs_n0, offs_d, Nq, Nk, D, skn, svn, rel_k, qk_scale,
-                                      slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r, 0.0,
+                                      slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r, 0.0, 0.0,
                                       FLAGS, BLOCK_M, BLOCK_N, 0)
         for t in range(0, n_masked):  # boundary tiles (bounds, causal diagonal, window edges), masked
             start_n = tl.where(t < n_low, lo + t * BLOCK_N, f_hi + (t - n_low) * BLOCK_N)
             acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_q + Nq, k_base, v_base,
                                       ak_ptr, av_ptr, offs_m, offs_n0, offs_d, Nq, Nk, D, skn, svn, rel_k, qk_scale,
-                                      slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r, 0.0,
+                                      slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r, 0.0, 0.0,
                                       FLAGS, BLOCK_M, BLOCK_N, 1)
 
     # Rows that saw no key: output 0, lse = -inf.
