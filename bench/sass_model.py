@@ -539,6 +539,7 @@ FWD_ENCODINGS = {
     "bias": dict(BIAS=True),
     "causal+rope": dict(CAUSAL=True, ROPE=True, ROT_DIM=-1),
     "causal+alibi": dict(CAUSAL=True, ALIBI=True),
+    "causal+bias": dict(CAUSAL=True, BIAS=True),
     "shaw-kv": dict(REL_K=True, REL_V=True),
 }
 BWD_ENCODINGS = {"plain": ({}, {}), "rope": (dict(ROPE=True, ROT_DIM=-1), {}),

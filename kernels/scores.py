@@ -168,9 +168,13 @@ def _scores(qk, qp, kp, offs_m, offs_n, Nq, Nk, qk_scale, slope, r1, r2, table_p
         idx = _table_index(rel, qp, kp, tab_l, tab_r, TABLE)
         s += tl.load(table_ptr + idx).to(tl.float32) * LOG2E
     if BIAS:
-        in_b = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk)
         cols = offs_n if BIAS_KEYS else offs_n * 0  # stride 1 along the keys, or broadcast
-        b = tl.load(bias_ptr + offs_m[:, None] * stride_bm + cols[None, :], mask=in_b, other=0)
+        if MASKED:
+            in_b = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk)
+            b = tl.load(bias_ptr + offs_m[:, None] * stride_bm + cols[None, :], mask=in_b, other=0)
+        else:  # an interior tile: every key in bounds (rows past Nq read row Nq - 1's bias)
+            rows = tl.minimum(offs_m, Nq - 1)
+            b = tl.load(bias_ptr + rows[:, None] * stride_bm + cols[None, :])
         if BIAS_MASK:
             visible = b != 0
         else:

@@ -253,13 +253,14 @@ class _Launch:
         p = self.p
         masked = p.causal or p.window_left is not None or p.window_right is not None
         if (not backward and not self.has_rel and bd * (2 if p.q.dtype == torch.float32 else 1) <= 64
-                and (self.table is not None or self.bias is not None
-                     or masked and (self.alibi is not None or self.kerple[0] is not None))):
-            # Two warpgroups for 128-row tiles: one runs out of registers with the table /
-            # bias gathers, or a masked boundary loop next to ALiBi's two interior ones
-            # (static sm_90 model at D=64: 4-24 bytes of spills with 4 warps, none with
-            # 8). Masks alone fit one (0 spills; causal interior tiles 1098 cycles per
-            # 128x128 block with 4 warps, 1208 with 8).
+                and (self.table is not None or masked and (self.bias is not None or self.alibi is not None
+                                                           or self.kerple[0] is not None))):
+            # Two warpgroups for 128-row tiles: one runs out of registers with the table
+            # gathers, or a masked boundary loop next to a dense bias or ALiBi's two
+            # interior loops (static sm_90 model at D=64: 4-24 bytes of spills with 4
+            # warps, none with 8). Masks alone, or an unmasked dense bias, fit one (0
+            # spills; causal interior tiles 1098 cycles per 128x128 block with 4 warps,
+            # 1208 with 8; dense bias 1652 against 1740).
             warps = 8
         if not backward and (self.table is not None or self.bias is not None):
             # Triton pipelines the per-element table / bias gathers too ([BLOCK_M, BLOCK_N]
