@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 
+from . import _tuned
 from ._validate import Problem
 from .backends import Declaration
 from .encodings import KERPLE, ALiBi, DenseBias, DistanceBias, GridBias, RelativeEmbeddings, RoPE
@@ -30,6 +31,9 @@ def refusal(p: Problem) -> Optional[str]:
         reasons.append("CPU tensors need TRITON_INTERPRET=1 (Triton's interpreter)")
     elif dev.type not in ("cuda", "cpu"):
         reasons.append(f"tensors on {dev.type} are not supported")
+    if not interpreting() and not _fits_shared_memory(p, _arch(dev)):
+        reasons.append("relative embeddings with float32 head dims over 128 need more shared memory than "
+                       f"this GPU's {_shared_bytes(_arch(dev)) // 1024} KiB per block (bfloat16 / float16 fit)")
     return "; ".join(reasons + DECLARATION.reasons(p)) or None
 
 
@@ -83,15 +87,85 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-def _config(D: int, backward: bool, rel_emb: bool = False, gpu: bool = None, fp32: bool = False):
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) for a head dim; the
-    interpreter's unless gpu (default: unless TRITON_INTERPRET is set). Sizes follow
-    the tile bytes (float32 counts double) so that shared memory fits an A100's
-    164 KiB: tests/aot_compile.py checks every kernel against it."""
+# Shared memory one block may use, by compute capability (bytes). sm_86 / sm_89 (RTX
+# 30xx / 40xx, A10, L4, L40) have 99 KiB; tests/aot_compile.py compiles every kernel
+# for sm_80, sm_86 and sm_90 against these limits.
+SHARED_BYTES = {(8, 0): 166912, (8, 6): 101376, (8, 7): 166912, (8, 9): 101376, (9, 0): 232448}
+# The compute capability launches are configured for when set (ahead-of-time tools
+# on a machine without the GPU: tests/aot_compile.py, bench/sass_model.py).
+TARGET_ARCH: Optional[tuple] = None
+
+
+def _arch(device) -> tuple:
+    """The compute capability to configure for: TARGET_ARCH, else the device's (asked at
+    launch, never at import), else sm_90 (CPU tensors: the interpreter ignores it)."""
+    if TARGET_ARCH is not None:
+        return tuple(TARGET_ARCH)
+    if device.type == "cuda":
+        return tuple(torch.cuda.get_device_capability(device))
+    return (9, 0)
+
+
+def _shared_bytes(arch) -> int:
+    if arch in SHARED_BYTES:
+        return SHARED_BYTES[arch]
+    return SHARED_BYTES[(9, 0)] if arch >= (9, 0) else 101376   # unknown parts: the smaller budget
+
+
+def _fits_shared_memory(p: Problem, arch) -> bool:
+    """False for what no configuration fits on this architecture: the aK / aV slices of
+    256-wide float32 rows need 128-136 KiB even on 16x16 tiles (99 KiB parts)."""
+    return not (p.rel_emb is not None and p.q.dtype == torch.float32 and p.D > 128
+                and _shared_bytes(arch) < 160 * 1024)
+
+
+def _config(D: int, backward: bool, rel_emb: bool = False, gpu: bool = None, fp32: bool = False,
+            arch: tuple = (9, 0)):
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) for a head dim on a compute
+    capability; the interpreter's unless gpu (default: unless TRITON_INTERPRET is set).
+    Sizes follow the tile bytes (float32 counts double) so that shared memory fits the
+    architecture (SHARED_BYTES); a configuration measured faster on a GPU by
+    bench/tune.py (posattn/_tuned.py) replaces the default for its architecture."""
     block_d = max(16, _next_pow2(D))
     if not (gpu if gpu is not None else not interpreting()):
         return 64, 32, block_d, 4, 1
     width = block_d * (2 if fp32 else 1)
+    kind = f"{'bwd' if backward else 'fwd'}{'-rel' if rel_emb else ''}/w{width}"
+    tuned = _tuned.TUNED.get(f"sm_{arch[0]}{arch[1]}", {}).get(kind)
+    if tuned is not None:
+        bm, bn, warps, stages = tuned
+        return bm, bn, block_d, warps, stages
+    bm, bn, block_d, warps, stages = _default_config(block_d, width, backward, rel_emb)
+    if _shared_bytes(arch) < 160 * 1024:
+        # 99 KiB parts: one stage fewer (each stage holds a K and a V tile), and smaller
+        # tiles for the widest rows (fits checked by tests/aot_compile.py for sm_86)
+        stages = max(1, stages - 1)
+        if width >= 256 or backward and width >= 128:
+            bm, bn = min(bm, 64 if width <= 256 else 32), min(bn, 32)
+    return bm, bn, block_d, warps, stages
+
+
+def candidates(D: int, backward: bool, rel_emb: bool = False, fp32: bool = False):
+    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) bench/tune.py times on a GPU for a
+    head dim, the default first. Tiles stay within the shapes the tests run (the
+    interpreter's 64x32, the defaults): rows of 64 or 128 forward, 32 or 64 backward."""
+    block_d = max(16, _next_pow2(D))
+    width = block_d * (2 if fp32 else 1)
+    bm0, bn0, _, w0, s0 = _default_config(block_d, width, backward, rel_emb)
+    out = [(bm0, bn0, w0, s0)]
+    if rel_emb:   # the relative tables' slices fill shared memory: stages only
+        return out + [(bm0, bn0, w0, st) for st in (1, 2) if st != s0]
+    for bm in ((32, 64) if backward else (64, 128)):
+        for bn in (32, 64):
+            for warps in (4, 8):
+                for stages in (1, 2, 3):
+                    c = (bm, bn, warps, stages)
+                    if c not in out and (bm + bn) * width * stages <= 3 * 192 * 128:
+                        out.append(c)
+    return out
+
+
+def _default_config(block_d, width, backward, rel_emb):
     if rel_emb:  # the aK / aV slices ([BLOCK_M + BLOCK_N, D] each) also live in shared memory
         if width <= 64:
             return 64, 64, block_d, 4, 2
@@ -249,7 +323,9 @@ class _Launch:
         self.has_rel = p.rel_emb is not None
 
     def config(self, backward):
-        bm, bn, bd, warps, stages = _config(self.p.D, backward, self.has_rel, fp32=self.p.q.dtype == torch.float32)
+        self.arch = _arch(self.p.q.device)
+        bm, bn, bd, warps, stages = _config(self.p.D, backward, self.has_rel, fp32=self.p.q.dtype == torch.float32,
+                                            arch=self.arch)
         p = self.p
         masked = p.causal or p.window_left is not None or p.window_right is not None
         if (not backward and not self.has_rel and bd * (2 if p.q.dtype == torch.float32 else 1) <= 64
@@ -267,7 +343,10 @@ class _Launch:
             # per stage): with 3 stages the bf16 D=64 forward needs 172 KiB of shared
             # memory, past an A100's 163 KiB, and float32 D=256 with 2 stages 208-246 KiB,
             # past an H100's 227 KiB (found by the AOT check with launch specialisation).
-            stages = min(stages, 2 if bd * (2 if self.p.q.dtype == torch.float32 else 1) <= 256 else 1)
+            width = bd * (2 if self.p.q.dtype == torch.float32 else 1)
+            stages = min(stages, 2 if width <= 256 else 1)
+            if width >= 128 and _shared_bytes(self.arch) < 160 * 1024:
+                stages = 1   # 99 KiB parts: bf16 D=128 with 2 stages needs 112 KiB
         return bm, bn, bd, dict(num_warps=warps, num_stages=stages)
 
     def launch(self, wrap, kernel, grid, **named):

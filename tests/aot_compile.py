@@ -1,4 +1,4 @@
-"""Compile the Triton kernels ahead of time for sm_80 and sm_90, without a GPU.
+"""Compile the Triton kernels ahead of time for sm_80, sm_86 and sm_90, without a GPU.
 
 The CPU interpreter runs the kernels' Python, not Triton's compiler: code the
 compiler rejects (a plain global read in a kernel, an op with no GPU lowering,
@@ -24,7 +24,7 @@ import torch
 
 import posattn
 
-SHARED_LIMIT = {80: 166912, 90: 232448}   # bytes of shared memory a block may use
+SHARED_LIMIT = {80: 166912, 86: 101376, 90: 232448}   # bytes of shared memory a block may use
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 B, HQ, HKV, N = 1, 2, 1, 160              # not a multiple of any block; GridBias window (16, 10)
 
@@ -53,7 +53,7 @@ def _problem(enc, dt, D):
     return q, k, v, kw
 
 
-def launches(enc, dt, D):
+def launches(enc, dt, D, arch=90):
     """Every (kernel, args, kwargs) posattn's own host code launches for this problem,
     forward and backward (without and with the parameters' gradients), captured
     instead of run: the arguments a GPU launch gets."""
@@ -70,13 +70,18 @@ def launches(enc, dt, D):
             return lambda *a, **k2: calls.append((self.kernel, a, k2))
 
     params = _triton._launch_params(p)
-    L = _triton._Launch(p, q, *params)
-    out, lse, lse2 = _triton._forward(L, q, k, v, wrap=Capture)
-    out, lse2 = torch.randn(out.shape).to(dt), torch.zeros(lse2.shape)
-    for want in (False, True):
-        need = {n: want and t is not None and t.is_floating_point() for n, t in zip(_triton._PARAMS, params)}
-        _triton._backward(L, q, k, v, out, lse2, torch.randn(out.shape).to(dt), torch.zeros(lse.shape), need,
-                          wrap=Capture)
+    if not _triton._fits_shared_memory(p, (arch // 10, arch % 10)):
+        return []   # posattn refuses it there, saying why
+    _triton.TARGET_ARCH = (arch // 10, arch % 10)   # the launch configuration of that architecture
+    try:
+        L = _triton._Launch(p, q, *params)
+        out, lse, lse2 = _triton._forward(L, q, k, v, wrap=Capture)
+        out, lse2 = torch.randn(out.shape).to(dt), torch.zeros(lse2.shape)
+        for want in (False, True):  # lse not differentiated (dlse None), as in training
+            need = {n: want and t is not None and t.is_floating_point() for n, t in zip(_triton._PARAMS, params)}
+            _triton._backward(L, q, k, v, out, lse2, torch.randn(out.shape).to(dt), None, need, wrap=Capture)
+    finally:
+        _triton.TARGET_ARCH = None
     return calls
 
 
@@ -153,7 +158,7 @@ def compile_case(args):
     from triton.compiler import ASTSource
 
     out, seen = [], set()
-    for kernel, a, kw in launches(enc, DTYPES[dt], D):
+    for kernel, a, kw in launches(enc, DTYPES[dt], D, arch):
         options, signature, constexprs, attrs = specialise(kernel, a, kw, arch)
         key = (kernel.__name__, tuple(sorted(signature.items())), tuple(sorted(map(str, constexprs.items()))))
         if key in seen:
@@ -176,7 +181,7 @@ def compile_case(args):
     return out
 
 
-def main(quick=False, workers=2, only=None, archs=(80, 90)):
+def main(quick=False, workers=2, only=None, archs=(80, 86, 90)):
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("run without TRITON_INTERPRET: the interpreter does not compile")
     jobs = [(enc, dt, D, arch) for enc, dt, D in cases(quick, only) for arch in archs]

@@ -2,7 +2,7 @@
 
 Runs tests/aot_compile.py in a subprocess without TRITON_INTERPRET (Triton picks
 interpreter or compiler when a kernel is defined): every kernel, for the
-encodings-heavy configurations, built for sm_80 and sm_90 with the launch
+encodings-heavy configurations, built for sm_80, sm_86 and sm_90 with the launch
 configuration posattn uses there, shared memory within the architecture's limit;
 on sm_90 no attention kernel without wgmma or without the launch's specialisation,
 no spills in a forward kernel (D <= 128, Shaw excepted): aot_compile.hopper_checks.
@@ -18,7 +18,7 @@ import pytest
 SCRIPT = Path(__file__).with_name("aot_compile.py")
 
 
-def test_kernels_compile_for_sm80_and_sm90(tmp_path):
+def test_kernels_compile_for_sm80_sm86_and_sm90(tmp_path):
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)  # really compile, and leave no cache behind

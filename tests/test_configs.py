@@ -1,0 +1,87 @@
+"""Launch configurations by architecture (posattn/_triton.py _config) and the offline
+autotune list (bench/tune.py): what can be checked without a GPU. That the
+configurations fit each architecture's shared memory is tests/test_aot_compile.py's."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from posattn import _triton, _tuned
+
+TUNE = Path(__file__).resolve().parents[1] / "bench" / "tune.py"
+
+
+def _tune_module():
+    spec = importlib.util.spec_from_file_location("posattn_bench_tune", TUNE)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("backward", [False, True])
+@pytest.mark.parametrize("D", [16, 64, 80, 128, 256])
+def test_small_shared_memory_parts_get_smaller_configs(D, backward):
+    for fp32 in (False, True):
+        big = _triton._config(D, backward, gpu=True, fp32=fp32, arch=(9, 0))
+        small = _triton._config(D, backward, gpu=True, fp32=fp32, arch=(8, 6))
+        assert big == _triton._config(D, backward, gpu=True, fp32=fp32, arch=(8, 0))
+        bm, bn, bd, warps, stages = small
+        assert bd == big[2] and stages == max(1, big[4] - 1) and bm <= big[0] and bn <= big[1]
+        assert _triton._config(D, backward, gpu=False, arch=(8, 6))[:2] == (64, 32)   # the interpreter's
+
+
+def test_arch_is_asked_at_launch_and_can_be_targeted(monkeypatch):
+    assert _triton._arch(torch.device("cpu")) == (9, 0)
+    monkeypatch.setattr(_triton, "TARGET_ARCH", (8, 6))
+    assert _triton._arch(torch.device("cpu")) == (8, 6)
+    assert _triton._shared_bytes((8, 6)) < _triton._shared_bytes((8, 0)) < _triton._shared_bytes((9, 0))
+    assert _triton._shared_bytes((7, 5)) == _triton._shared_bytes((8, 6))   # unknown older parts: the small budget
+
+
+def test_tuned_configs_replace_the_default_on_their_arch_only(monkeypatch):
+    monkeypatch.setattr(_tuned, "TUNED", {"sm_90": {"fwd/w64": (64, 32, 8, 2), "bwd-rel/w128": (32, 32, 4, 2)}})
+    assert _triton._config(64, False, gpu=True, arch=(9, 0)) == (64, 32, 64, 8, 2)
+    assert _triton._config(100, True, rel_emb=True, gpu=True, arch=(9, 0)) == (32, 32, 128, 4, 2)
+    assert _triton._config(64, False, gpu=True, arch=(8, 0)) == (128, 64, 64, 4, 3)    # the default
+    assert _triton._config(64, False, gpu=True, fp32=True, arch=(9, 0)) != (64, 32, 64, 8, 2)   # width 128
+
+
+@pytest.mark.parametrize("rel_emb", [False, True])
+def test_candidates_start_with_the_default(rel_emb):
+    for D in (32, 64, 128):
+        for backward in (False, True):
+            c = _triton.candidates(D, backward, rel_emb)
+            bm, bn, _, warps, stages = _triton._config(D, backward, rel_emb, gpu=True)
+            assert c[0] == (bm, bn, warps, stages) and len(set(c)) == len(c)
+            assert all(m in ((32, 64) if backward else (64, 128)) for m, *_ in c[1:]) or rel_emb
+
+
+def test_tune_script_without_gpu_and_its_writer(tmp_path, monkeypatch, capsys):
+    tune = _tune_module()
+    if not torch.cuda.is_available():
+        assert tune.main([]) == 0 and "nothing to tune" in capsys.readouterr().out
+    path = tmp_path / "_tuned.py"
+    path.write_text(Path(_tuned.__file__).read_text())
+    tune.write("sm_86", {"fwd/w64": [128, 32, 4, 2]}, path)
+    tune.write("sm_90", {"bwd/w128": (64, 64, 4, 2)}, path)
+    ns = {}
+    exec(path.read_text(), ns)
+    assert ns["TUNED"] == {"sm_86": {"fwd/w64": (128, 32, 4, 2)}, "sm_90": {"bwd/w128": (64, 64, 4, 2)}}
+
+
+def test_what_no_config_fits_is_refused_with_its_reason(monkeypatch):
+    """Shaw in float32 with D = 256 on a 99 KiB part: refused by name, never a launch failure."""
+    import posattn
+    from posattn import _validate
+    q = torch.randn(1, 2, 8, 256)
+    rel = posattn.RelativeEmbeddings(torch.randn(2, 5, 256), None, 2)
+    p = _validate.check(q, q, q, rel_emb=rel)
+    monkeypatch.setattr(_triton, "interpreting", lambda: False)
+    monkeypatch.setattr(_triton, "TARGET_ARCH", (8, 6))
+    assert "need more shared memory than this GPU's 99 KiB" in _triton.refusal(p)
+    monkeypatch.setattr(_triton, "TARGET_ARCH", (9, 0))
+    assert "shared memory" not in (_triton.refusal(p) or "")
+    p16 = _validate.check(q.half(), q.half(), q.half(), rel_emb=rel)
+    monkeypatch.setattr(_triton, "TARGET_ARCH", (8, 6))
+    assert "shared memory" not in (_triton.refusal(p16) or "")
