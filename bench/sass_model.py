@@ -1089,6 +1089,10 @@ def table_near(N, BM, BN, L, R):
 def _mixed(cycles, variant, direction, N, BM, BN):
     """Cycles per 128x128 block of a kernel with several hot loops, averaged over the
     tiles each loop visits at length N (DistanceBias: near / far loops), else its loop."""
+    if direction == "fwd" and "shaw" in variant and len(cycles) == 2:
+        # loop 0: interior tiles beyond the clip (plain + row constant), 1: the rest, masked
+        f = table_near(N, BM, BN, SHAW_K, SHAW_K)
+        return f * cycles[1] + (1 - f) * cycles[0]
     if len(cycles) == 1 or not ("table" in variant or direction == "fwd" and variant == "alibi"):
         return cycles[-1]
     # the tiles meeting a band around the diagonal: DistanceBias's -L < rel < R, or
@@ -1115,7 +1119,8 @@ def fwd_totals(recs, Ns=(2048, 8192)):
     plain = {D: c[0] for (v, D, _), c in per.items() if v == "plain"}
     for (v, D, tile), c in sorted(per.items(), key=lambda kv: (kv[0][1], kv[0][0] != "plain")):
         # interior tiles only (non-causal, N a multiple of the tiles): plain's loop 0
-        cyc = [c[0] if len(c) < 3 else _mixed(c, v, "fwd", N, tile[0], tile[1]) for N in Ns] if tile else [c[0]] * 2
+        cyc = ([c[0] if len(c) < 3 and "shaw" not in v else _mixed(c, v, "fwd", N, tile[0], tile[1]) for N in Ns]
+               if tile else [c[0]] * 2)
         out.append(f"| {v} | {D} | {' / '.join(f'{x:.0f}' for x in c)} | {' / '.join(f'{x:.0f}' for x in cyc)} | "
                    + (" / ".join(f"{x / plain[D]:.2f}" for x in cyc) if D in plain else "") + " |")
     return "\n".join(out)

@@ -11,14 +11,16 @@ from .scores import _head_params, _load_queries, _logits, _scores, _table_far
 @triton.jit
 def _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_k, k_base, v_base, ak_ptr, av_ptr,
               offs_m, offs_n0, offs_d, Nq, Nk, D, skn, svn, rel_k, qk_scale, slope, r1, r2, table_ptr,
-              tab_l, tab_r, bias_ptr, sbm, win_l, win_r, col_add, row_add,
+              tab_l, tab_r, bias_ptr, sbm, win_l, win_r, col_add, row_add, v_add,
               FLAGS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-              COLS: tl.constexpr = 0):
+              COLS: tl.constexpr = 0, V_ADD: tl.constexpr = 0):
     """One key tile of the online softmax: scores, running max and sum, P @ V.
     row_add [BLOCK_M] (or a scalar) and, with COLS, col_add [BLOCK_N]: terms (log2
     domain) outside FLAGS added to the tile's scores, row_add folded into the row max
     and the exponent: 0.0, a far DistanceBias tile's column, or ALiBi's bias on one
-    side of the diagonal, slope * (j - i) = column term + row term."""
+    side of the diagonal, slope * (j - i) = column term + row term. With V_ADD, v_add
+    [BLOCK_D] is added to every value row (Shaw's aV end row on a tile beyond the
+    clip): acc += rowsum(P) v_add."""
     REL_V: tl.constexpr = (FLAGS >> _REL_V.value) & 1
     UPCAST: tl.constexpr = (FLAGS >> _UPCAST.value) & 1
     ADDITIVE: tl.constexpr = ((FLAGS >> _ALIBI.value) & 1 | (FLAGS >> _KERPLE.value) & 1 | (FLAGS >> _TABLE.value) & 3
@@ -53,9 +55,13 @@ def _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_k, k_base, v_base
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(s - (m_safe - row_add)[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
+    p_sum = tl.sum(p, 1)
+    l_i = l_i * alpha + p_sum
     v = _load_tile(v_base, offs_n, offs_d, svn, Nk, D)
-    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
+    acc = acc * alpha[:, None]
+    if V_ADD:
+        acc += p_sum[:, None] * v_add[None, :]
+    acc += _dot(p.to(v.dtype), v, UPCAST)
     if REL_V:  # Shaw's value side: sum_j p_ij aV[c(i, j)], bucketed per row
         av = _load_rel(av_ptr, _rel_rows(start_m, start_n, Nq, Nk, rel_k, BLOCK_M, BLOCK_N), offs_d, D)
         acc += _dot(_keys_to_rel(p, BLOCK_M, BLOCK_N).to(v.dtype), av.to(v.dtype), UPCAST)
@@ -87,6 +93,7 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel,
                                  * (((FLAGS >> _KERPLE.value) & 1 | (FLAGS >> _TABLE.value) & 3
                                      | (FLAGS >> _BIAS.value) & 1 & ~(FLAGS >> _BIAS_MASK.value)) == 0))
     NO_ALIBI: tl.constexpr = FLAGS & ~(1 << _ALIBI.value)
+    NO_REL: tl.constexpr = FLAGS & ~(1 << _REL_K.value) & ~(1 << _REL_V.value)
     CAUSAL: tl.constexpr = (FLAGS >> _CAUSAL.value) & 1
     start_m = tl.program_id(0) * BLOCK_M
     off_h = tl.program_id(1).to(tl.int64)
@@ -111,11 +118,44 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel,
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     lo, hi = _key_range(start_m, BLOCK_M, Nq, Nk, win_l, win_r, FLAGS, BLOCK_N)
     if REL_K or REL_V:
-        # Shaw's loop body is large (slices, per-row shifts): one masked loop, not two copies
-        for start_n in range(lo, hi, BLOCK_N):
+        # Shaw (default positions): interior tiles wholly beyond the clip (rel <= -K or
+        # >= K) read aK / aV's end rows only: the key term is a per-row constant
+        # (q + w) . aK[0 or 2K], folded into the row max, and the value term adds
+        # rowsum(P) aV[0 or 2K]. They run as plain tiles; the others (near the
+        # diagonal, boundaries) in one masked loop (two copies of its large body spill).
+        f_lo, f_hi, n_low, n_masked = _split_keys(start_m, BLOCK_M, Nq, Nk, lo, hi, win_l, win_r, FLAGS, BLOCK_N)
+        b_lo, b_hi, n_side_low, n_side = _band(f_lo, f_hi, start_m + Nk - Nq - rel_k,
+                                               start_m + BLOCK_M - 1 + Nk - Nq + rel_k, BLOCK_N)
+        in_d = offs_d < D
+        r_low = 0.0
+        r_high = 0.0
+        av_low = 0.0
+        av_high = 0.0
+        if REL_K:
+            qw32 = qw.to(tl.float32)
+            ak_low = tl.load(ak_ptr + offs_d, mask=in_d, other=0.0).to(qw.dtype).to(tl.float32)
+            ak_high = tl.load(ak_ptr + 2 * rel_k * D + offs_d, mask=in_d, other=0.0).to(qw.dtype).to(tl.float32)
+            r_low = tl.sum(qw32 * ak_low[None, :], 1) * qk_scale
+            r_high = tl.sum(qw32 * ak_high[None, :], 1) * qk_scale
+        if REL_V:
+            av_low = tl.load(av_ptr + offs_d, mask=in_d, other=0.0).to(q.dtype).to(tl.float32)
+            av_high = tl.load(av_ptr + 2 * rel_k * D + offs_d, mask=in_d, other=0.0).to(q.dtype).to(tl.float32)
+        for t in range(0, n_side):
+            low = t < n_side_low
+            start_n = tl.where(low, f_lo + t * BLOCK_N, b_hi + (t - n_side_low) * BLOCK_N)
             acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_q + Nq, k_base, v_base,
                                       ak_ptr, av_ptr, offs_m, offs_n0, offs_d, Nq, Nk, D, skn, svn, rel_k, qk_scale,
-                                      slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r, 0.0, 0.0,
+                                      slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r, 0.0,
+                                      tl.where(low, r_low, r_high), tl.where(low, av_low, av_high), NO_REL,
+                                      BLOCK_M, BLOCK_N, 0, 0, REL_V)
+        n_near = (b_hi - b_lo) // BLOCK_N
+        for t in range(0, n_masked + n_near):  # boundary tiles below, near tiles, boundary tiles above
+            start_n = tl.where(t < n_low, lo + t * BLOCK_N,
+                               tl.where(t < n_low + n_near, b_lo + (t - n_low) * BLOCK_N,
+                                        f_hi + (t - n_low - n_near) * BLOCK_N))
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_q + Nq, k_base, v_base,
+                                      ak_ptr, av_ptr, offs_m, offs_n0, offs_d, Nq, Nk, D, skn, svn, rel_k, qk_scale,
+                                      slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r, 0.0, 0.0, 0.0,
                                       FLAGS, BLOCK_M, BLOCK_N, 1)
     else:
         f_lo, f_hi, n_low, n_masked = _split_keys(start_m, BLOCK_M, Nq, Nk, lo, hi, win_l, win_r, FLAGS, BLOCK_N)
@@ -148,19 +188,19 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel,
                 acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_q + Nq, k_base, v_base,
                                           ak_ptr, av_ptr, offs_m, offs_n0, offs_d, Nq, Nk, D, skn, svn, rel_k,
                                           qk_scale, slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l,
-                                          win_r, col, row, NO_TABLE if FAR else NO_ALIBI, BLOCK_M, BLOCK_N, 0,
+                                          win_r, col, row, 0.0, NO_TABLE if FAR else NO_ALIBI, BLOCK_M, BLOCK_N, 0,
                                           1 - FAR)
         # interior tiles: no mask (none left here for causal ALiBi: all are below the diagonal)
         for start_n in range(b_lo, b_lo if ALIBI_SIDES and CAUSAL else b_hi, BLOCK_N):
             acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_q + Nq, k_base, v_base,
                                       ak_ptr, av_ptr, offs_m, offs_n0, offs_d, Nq, Nk, D, skn, svn, rel_k, qk_scale,
-                                      slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r, 0.0, 0.0,
+                                      slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r, 0.0, 0.0, 0.0,
                                       FLAGS, BLOCK_M, BLOCK_N, 0)
         for t in range(0, n_masked):  # boundary tiles (bounds, causal diagonal, window edges), masked
             start_n = tl.where(t < n_low, lo + t * BLOCK_N, f_hi + (t - n_low) * BLOCK_N)
             acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_q + Nq, k_base, v_base,
                                       ak_ptr, av_ptr, offs_m, offs_n0, offs_d, Nq, Nk, D, skn, svn, rel_k, qk_scale,
-                                      slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r, 0.0, 0.0,
+                                      slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r, 0.0, 0.0, 0.0,
                                       FLAGS, BLOCK_M, BLOCK_N, 1)
 
     # Rows that saw no key: output 0, lse = -inf.

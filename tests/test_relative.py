@@ -167,6 +167,15 @@ def test_shaw_clips_and_shared_tables(K, device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_shaw_tiles_beyond_the_clip(dtype, device):
+    """Key tiles wholly at rel <= -K or >= K read aK / aV's end rows only (the forward
+    runs them as plain tiles plus a row constant and rowsum(P) aV[0 or 2K]): long
+    enough rows for such tiles on both sides of the diagonal, u and w too."""
+    q, k, v = make(1, 2, 2, 150, 16, dtype, device, Nk=170)
+    check(q, k, v, rel_emb=shaw(2, 5, 16, device, u=True, w=True), return_lse=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_transformer_xl_kernel(dtype, device):
     """u, w and a key table spanning every distance (K = Nk - 1), causal, GQA."""
     N, H, D = 67, 4, 32
