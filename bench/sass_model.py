@@ -548,7 +548,8 @@ BWD_ENCODINGS = {"plain": ({}, {}), "rope": (dict(ROPE=True, ROT_DIM=-1), {}),
                  # a per-sample dense bias (dS written by dK/dV) and one shared by the batch
                  # (its own dBias pass sums over the batch)
                  "bias+dbias": (dict(BIAS=True), dict(D_BIAS=True)),
-                 "bias[1,H]+dbias": (dict(BIAS=True, BIAS_BATCH=1), dict(D_BIAS=True))}
+                 "bias[1,H]+dbias": (dict(BIAS=True, BIAS_BATCH=1), dict(D_BIAS=True)),
+                 "shaw-kv+dak,dav": (dict(REL_K=True, REL_V=True), dict(D_AK=True, D_AV=True))}
 
 # --- copied from posattn tests/aot_compile.py (signature building), used by --aot
 POINTERS = set("Q K V Out Lse Lse2 Pos Params Table Bias Rel DO DK DV DQ Stats DLse DParams DAK DAV DBias".split())
@@ -1093,11 +1094,12 @@ def _mixed(cycles, variant, direction, N, BM, BN):
         # loop 0: interior tiles beyond the clip (plain + row constant), 1: the rest, masked
         f = table_near(N, BM, BN, SHAW_K, SHAW_K)
         return f * cycles[1] + (1 - f) * cycles[0]
-    if len(cycles) == 1 or not ("table" in variant or direction == "fwd" and variant == "alibi"):
+    if len(cycles) == 1 or not ("table" in variant or "shaw" in variant or direction == "fwd" and variant == "alibi"):
         return cycles[-1]
-    # the tiles meeting a band around the diagonal: DistanceBias's -L < rel < R, or
-    # rel = 0 for ALiBi alone (the forward splits its |rel| there)
-    f = table_near(N, BM, BN, *((TABLE_L, TABLE_R) if "table" in variant else (0, 0)))
+    # the tiles meeting a band around the diagonal: DistanceBias's -L < rel < R, Shaw's
+    # -K < rel < K, or rel = 0 for ALiBi alone (the forward splits its |rel| there)
+    f = table_near(N, BM, BN, *((TABLE_L, TABLE_R) if "table" in variant else (SHAW_K, SHAW_K) if "shaw" in variant
+                                else (0, 0)))
     if direction == "fwd":  # loop 0: far interior tiles, 1: near interior tiles, 2: boundary (none here)
         return f * cycles[1] + (1 - f) * cycles[0]
     return f * cycles[0] + (1 - f) * sum(cycles[1:]) / len(cycles[1:])   # loop 0 near, then the far ones
@@ -1159,6 +1161,9 @@ def bwd_totals(recs, Ns=(2048, 8192)):
         tp = [cyc("_attn_bwd_dq[TABLE_PASS]", N) * table_near(N, 64, 64, TABLE_L, TABLE_R) for N in Ns]
         hist = d.get("hist_inner", 0)
         dbias = [cyc("_attn_bwd_dbias", N) for N in Ns]   # the dense-bias gradient's pass
+        # d(aK, aV)'s interior rows: a pass over the tiles on the diagonals -K < rel < K only
+        # (about the near-tile fraction of the grid)
+        dbias = [x + cyc("_attn_bwd_rel", N) * table_near(N, 64, 64, SHAW_K, SHAW_K) for x, N in zip(dbias, Ns)]
         tots = []
         for i, N in enumerate(Ns):
             t = table_trips(N, 64, 64, TABLE_L, TABLE_R) if hist else 0

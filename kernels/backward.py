@@ -6,9 +6,11 @@ are the rotated copies and dQ / dK are rotated back in the epilogues."""
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, _COL_BCAST, _D_AK, _D_AV, _DBIAS_ROWS, _HAS_POS, _HEAD_BCAST, _ROPE, _ROW_BCAST, _TABLE, _UPCAST, _dot,
-                     _key_range, _load_row_stats, _load_tile, _positions, _query_range, _stats_row)
+from .common import (LOG2E, _COL_BCAST, _D_AK, _D_AV, _DBIAS_ROWS, _HAS_POS, _HEAD_BCAST, _REL_K, _REL_V, _ROPE,
+                     _ROW_BCAST, _TABLE, _UPCAST, _band, _dot, _key_range, _load_row_stats, _load_tile, _positions,
+                     _query_range, _stats_row)
 from .rope import _rope_factor, _unrotate
+from .relative import _rel_end_rows, _row_dot
 from .scores import _head_params, _load_queries, _probs_and_ds, _table_far
 
 
@@ -47,6 +49,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, Stats, DK, DV, DBias, Pos, Params, Table, Bias, 
     DBIAS_ROWS: tl.constexpr = (FLAGS >> _DBIAS_ROWS.value) & 1
     FAR: tl.constexpr = (((FLAGS >> _TABLE.value) & 3) == 1) * (1 - ((FLAGS >> _HAS_POS.value) & 1))
     NO_TABLE: tl.constexpr = FLAGS & ~(3 << _TABLE.value)
+    REL_K: tl.constexpr = (FLAGS >> _REL_K.value) & 1
+    REL_V: tl.constexpr = (FLAGS >> _REL_V.value) & 1
+    SHAW_FAR: tl.constexpr = (REL_K | REL_V) * (1 - FAR)   # as in _attn_bwd_dq
+    NO_REL: tl.constexpr = FLAGS & ~(1 << _REL_K.value) & ~(1 << _REL_V.value)
     GROUP = Hq // tl.num_programs(1)   # query heads per kv head
     start_n = tl.program_id(0) * BLOCK_N
     off_hk = tl.program_id(1).to(tl.int64)
@@ -79,7 +85,11 @@ def _attn_bwd_dkdv(Q, K, V, DO, Stats, DK, DV, DBias, Pos, Params, Table, Bias, 
         if FAR:
             b_lo, b_hi, n_low, n_far, c_low, c_high = _table_far(start_n, lo, hi, Nq, Nk, tab_l, tab_r, table_ptr,
                                                                  False, BLOCK_M, BLOCK_N)
-        for part in tl.static_range(1 + 2 * FAR):  # the near tiles (all without FAR), then the far ones
+        if SHAW_FAR:  # rows i <= start_n - shift - K: rel >= K (row 2K); i >= last key - shift + K: rel <= -K (row 0)
+            b_lo, b_hi, n_low, n_far = _band(lo, hi, start_n - (Nk - Nq) - rel_k,
+                                             start_n + BLOCK_N - 1 - (Nk - Nq) + rel_k, BLOCK_M)
+            ak_end0, ak_end2k, av_end0, av_end2k = _rel_end_rows(ak_ptr, av_ptr, rel_k, offs_d, D, k, REL_K, REL_V)
+        for part in tl.static_range(1 + 2 * (FAR | SHAW_FAR)):  # the near tiles (all without a split), then the far ones
             if part == 0:
                 p_lo = b_lo
                 p_hi = b_hi
@@ -97,10 +107,16 @@ def _attn_bwd_dkdv(Q, K, V, DO, Stats, DK, DV, DBias, Pos, Params, Table, Bias, 
                 qp, q, qu, qw = _load_queries(q_base, pos_q, offs_m, offs_d, sqm, Nq, Nk, D, u_ptr, w_ptr, FLAGS)
                 do = _load_tile(do_base, offs_m, offs_d, sdom, Nq, D)
                 lse2, delta = _load_row_stats(stats, offs_m, Nq)
+                if SHAW_FAR and part > 0:   # logits + (q + w) . aK[end], dP + dO . aV[end], per row
+                    tile_c = _row_dot(qw, ak_end2k if part == 1 else ak_end0, REL_K) * qk_scale
+                    tile_d = _row_dot(do, av_end2k if part == 1 else av_end0, REL_V)
+                else:
+                    tile_c = far_c
+                    tile_d = 0.0
                 p, ds, rel, ak = _probs_and_ds(
-                    qu, qw, k, v, do, ak_ptr, av_ptr, qp, kp, lse2 - far_c, delta, start_m, start_n, offs_m, offs_n,
-                    offs_d, Nq, Nk, D, rel_k, qk_scale, slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm,
-                    win_l, win_r, FLAGS if part == 0 else NO_TABLE, BLOCK_M, BLOCK_N)
+                    qu, qw, k, v, do, ak_ptr, av_ptr, qp, kp, lse2 - tile_c, delta - tile_d, start_m, start_n, offs_m,
+                    offs_n, offs_d, Nq, Nk, D, rel_k, qk_scale, slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm,
+                    win_l, win_r, FLAGS if part == 0 else NO_REL if SHAW_FAR else NO_TABLE, BLOCK_M, BLOCK_N)
                 dv += _dot(tl.trans(p.to(do.dtype)), do, UPCAST)
                 dk += _dot(tl.trans(ds.to(qu.dtype)), qu, UPCAST)
                 if DBIAS_ROWS:

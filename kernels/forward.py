@@ -4,7 +4,7 @@ import triton.language as tl
 
 from .common import (LOG2E, _ALIBI, _BIAS, _BIAS_MASK, _CAUSAL, _HAS_POS, _KERPLE, _REL_K, _REL_V, _SCALE_POS, _TABLE,
                      _UPCAST, _band, _dot, _key_range, _load_tile, _positions, _split_keys)
-from .relative import _keys_to_rel, _load_rel, _rel_rows
+from .relative import _keys_to_rel, _load_rel, _rel_end_rows, _rel_rows, _row_dot
 from .scores import _head_params, _load_queries, _logits, _scores, _table_far
 
 
@@ -126,20 +126,9 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel,
         f_lo, f_hi, n_low, n_masked = _split_keys(start_m, BLOCK_M, Nq, Nk, lo, hi, win_l, win_r, FLAGS, BLOCK_N)
         b_lo, b_hi, n_side_low, n_side = _band(f_lo, f_hi, start_m + Nk - Nq - rel_k,
                                                start_m + BLOCK_M - 1 + Nk - Nq + rel_k, BLOCK_N)
-        in_d = offs_d < D
-        r_low = 0.0
-        r_high = 0.0
-        av_low = 0.0
-        av_high = 0.0
-        if REL_K:
-            qw32 = qw.to(tl.float32)
-            ak_low = tl.load(ak_ptr + offs_d, mask=in_d, other=0.0).to(qw.dtype).to(tl.float32)
-            ak_high = tl.load(ak_ptr + 2 * rel_k * D + offs_d, mask=in_d, other=0.0).to(qw.dtype).to(tl.float32)
-            r_low = tl.sum(qw32 * ak_low[None, :], 1) * qk_scale
-            r_high = tl.sum(qw32 * ak_high[None, :], 1) * qk_scale
-        if REL_V:
-            av_low = tl.load(av_ptr + offs_d, mask=in_d, other=0.0).to(q.dtype).to(tl.float32)
-            av_high = tl.load(av_ptr + 2 * rel_k * D + offs_d, mask=in_d, other=0.0).to(q.dtype).to(tl.float32)
+        ak_low, ak_high, av_low, av_high = _rel_end_rows(ak_ptr, av_ptr, rel_k, offs_d, D, q, REL_K, REL_V)
+        r_low = _row_dot(qw, ak_low, REL_K) * qk_scale
+        r_high = _row_dot(qw, ak_high, REL_K) * qk_scale
         for t in range(0, n_side):
             low = t < n_side_low
             start_n = tl.where(low, f_lo + t * BLOCK_N, b_hi + (t - n_side_low) * BLOCK_N)

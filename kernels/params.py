@@ -4,10 +4,11 @@ fixed order; with DELTA_PASS, the exact-delta pass."""
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, _CORRECT, _HAS_POS, _DELTA_PASS, _TABLE_PASS, _D_AK, _D_AV, _D_KERPLE, _D_SLOPE, _D_TABLE, _D_U, _D_W, _REL_K, _ROPE,
-                     _TABLE, _UPCAST, _dot, _key_range, _load_row_stats, _load_tile, _positions, _stats_row)
+from .common import (LOG2E, _CORRECT, _HAS_POS, _DELTA_PASS, _TABLE_PASS, _D_AK, _D_AV, _D_KERPLE, _D_SLOPE,
+                     _D_TABLE, _D_U, _D_W, _REL_K, _REL_V, _ROPE, _TABLE, _UPCAST, _band, _dot, _key_range,
+                     _load_row_stats, _load_tile, _positions, _stats_row)
 from .rope import _rope_factor, _unrotate
-from .relative import _keys_to_rel
+from .relative import _keys_to_rel, _rel_end_rows, _row_dot
 from .scores import _head_params, _load_queries, _probs_and_ds, _table_columns, _table_far, _table_index
 
 
@@ -117,6 +118,11 @@ def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
     TABLE_PASS: tl.constexpr = (GRADS >> _TABLE_PASS.value) & 1
     FAR: tl.constexpr = (TABLE == 1) * (1 - HAS_POS)
     NO_TABLE: tl.constexpr = FLAGS & ~(3 << _TABLE.value)
+    REL_V: tl.constexpr = (FLAGS >> _REL_V.value) & 1
+    # Shaw (default positions, no DistanceBias split): key tiles beyond the clip read
+    # aK / aV's end rows only and run as plain tiles (see _attn_fwd)
+    SHAW_FAR: tl.constexpr = (REL_K | REL_V) * (1 - FAR)
+    NO_REL: tl.constexpr = FLAGS & ~(1 << _REL_K.value) & ~(1 << _REL_V.value)
     pid_m = tl.program_id(0)
     start_m = pid_m * BLOCK_M
     off_h = tl.program_id(1).to(tl.int64)
@@ -175,31 +181,47 @@ def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
     b_hi = hi
     c_low = 0.0
     c_high = 0.0
+    d_low = 0.0
+    d_high = 0.0
     if FAR:
         b_lo, b_hi, n_low, n_far, c_low, c_high = _table_far(start_m, lo, hi, Nq, Nk, tab_l, tab_r, table_ptr,
                                                              True, BLOCK_N, BLOCK_M)
-    for part in tl.static_range(1 if TABLE_PASS else 1 + 2 * FAR):  # the near tiles (all without FAR), then the far ones below, above
+    if SHAW_FAR:  # logits + (q + w) . aK[end], dP + dO . aV[end]: lse and delta shifted per row
+        b_lo, b_hi, n_low, n_far = _band(lo, hi, start_m + Nk - Nq - rel_k, start_m + BLOCK_M - 1 + Nk - Nq + rel_k,
+                                         BLOCK_N)
+        ak_low, ak_high, av_low, av_high = _rel_end_rows(ak_ptr, av_ptr, rel_k, offs_d, D, q, REL_K, REL_V)
+        c_low = _row_dot(qw, ak_low, REL_K) * qk_scale
+        c_high = _row_dot(qw, ak_high, REL_K) * qk_scale
+        d_low = _row_dot(do, av_low, REL_V)
+        d_high = _row_dot(do, av_high, REL_V)
+        ds_far_low = tl.zeros([BLOCK_M], tl.float32)
+        ds_far_high = tl.zeros([BLOCK_M], tl.float32)
+    FAR_PARTS: tl.constexpr = 0 if TABLE_PASS else 2 * (FAR | SHAW_FAR)
+    for part in tl.static_range(1 + FAR_PARTS):  # the near tiles (all without a split), the far ones below, above
         if part == 0:
             p_lo = b_lo
             p_hi = b_hi
             far_c = 0.0
+            far_d = 0.0
         elif part == 1:
             p_lo = lo
             p_hi = b_lo
             far_c = c_low
+            far_d = d_low
         else:
             p_lo = b_hi
             p_hi = hi
             far_c = c_high
+            far_d = d_high
         for start_n in range(p_lo, p_hi, BLOCK_N):
             offs_n = start_n + offs_n0
             kp = _positions(pos_q + Nq, offs_n, Nk, 0, FLAGS)
             k = _load_tile(k_base, offs_n, offs_d, skn, Nk, D)
             v = _load_tile(v_base, offs_n, offs_d, svn, Nk, D)
             p, ds, rel, ak = _probs_and_ds(
-                qu, qw, k, v, do, ak_ptr, av_ptr, qp, kp, lse2 - far_c, delta, start_m, start_n, offs_m, offs_n,
-                offs_d, Nq, Nk, D, rel_k, qk_scale, slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm,
-                win_l, win_r, FLAGS if part == 0 else NO_TABLE, BLOCK_M, BLOCK_N)
+                qu, qw, k, v, do, ak_ptr, av_ptr, qp, kp, lse2 - far_c, delta - far_d, start_m, start_n, offs_m,
+                offs_n, offs_d, Nq, Nk, D, rel_k, qk_scale, slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm,
+                win_l, win_r, FLAGS if part == 0 else NO_REL if SHAW_FAR else NO_TABLE, BLOCK_M, BLOCK_N)
             if DELTA_PASS:
                 p_dp += tl.sum(ds, 1)
                 p_sum += tl.sum(p, 1)
@@ -208,10 +230,15 @@ def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
                                          FLAGS, BLOCK_M, BLOCK_N)
             else:
                 dq_c += _dot(ds.to(k.dtype), k, UPCAST)
+                if SHAW_FAR and part > 0:   # the position term reads aK[end]: summed per row, applied once
+                    if part == 1:
+                        ds_far_low += tl.sum(ds, 1)
+                    else:
+                        ds_far_high += tl.sum(ds, 1)
                 if CORRECT:
                     row_s += tl.sum(ds, 1)
                     row_l += tl.sum(p, 1)
-                if REL_K:
+                if REL_K and (part == 0 or not SHAW_FAR):
                     dq_p += _dot(_keys_to_rel(ds, BLOCK_M, BLOCK_N).to(k.dtype), ak, UPCAST)
                 if D_SLOPE:
                     dist = tl.abs(rel).to(tl.float32)
@@ -264,6 +291,8 @@ def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
         o_slope, o_kerple, o_u, o_w, o_ak, o_av, o_tab, size = _grad_slot(D, T, GRADS)
         slot = DParams + (off_bh * tl.cdiv(Nq, BLOCK_M) + pid_m) * size
         in_d = offs_d < D
+        if SHAW_FAR and REL_K:  # the far tiles' position term: their dS row sums times aK's end rows
+            dq_p += ds_far_low[:, None] * ak_low[None, :] + ds_far_high[:, None] * ak_high[None, :]
         if CORRECT:
             live = (offs_m < Nq) & (row_l > 0.0)
             inv_l = tl.where(live, 1.0 / tl.where(live, row_l, 1.0), 0.0)

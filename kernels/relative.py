@@ -49,3 +49,31 @@ def _add_row(x, ptr, offs_d, D, FLAG: tl.constexpr):
         return (x.to(tl.float32) + vec[None, :]).to(x.dtype)
     else:
         return x
+
+
+@triton.jit
+def _rel_end_rows(ak_ptr, av_ptr, rel_k, offs_d, D, like, REL_K: tl.constexpr, REL_V: tl.constexpr):
+    """aK's and aV's end rows, row 0 (rel <= -K) and row 2K (rel >= K), as float32
+    [BLOCK_D] vectors rounded to the input dtype as the slices are (0.0 when absent):
+    a tile beyond the clip reads only these."""
+    in_d = offs_d < D
+    ak_lo = 0.0
+    ak_hi = 0.0
+    av_lo = 0.0
+    av_hi = 0.0
+    if REL_K:
+        ak_lo = tl.load(ak_ptr + offs_d, mask=in_d, other=0.0).to(like.dtype).to(tl.float32)
+        ak_hi = tl.load(ak_ptr + 2 * rel_k * D + offs_d, mask=in_d, other=0.0).to(like.dtype).to(tl.float32)
+    if REL_V:
+        av_lo = tl.load(av_ptr + offs_d, mask=in_d, other=0.0).to(like.dtype).to(tl.float32)
+        av_hi = tl.load(av_ptr + 2 * rel_k * D + offs_d, mask=in_d, other=0.0).to(like.dtype).to(tl.float32)
+    return ak_lo, ak_hi, av_lo, av_hi
+
+
+@triton.jit
+def _row_dot(x, vec, HAS: tl.constexpr):
+    """x [M, D] . vec [D] for each row, float32; 0.0 without HAS."""
+    if HAS:
+        return tl.sum(x.to(tl.float32) * vec[None, :], 1)
+    else:
+        return 0.0
