@@ -20,6 +20,11 @@ Conventions
   k_pos = j (bottom-right alignment), which also lets the loops skip tiles that
   causal / window masks hide entirely, and lets the forward score the tiles every
   row sees whole without any mask (common.py: _split_keys).
+- Tiles beyond a band around the diagonal run as plain tiles (common.py: _band):
+  where a DistanceBias reads one end column, Shaw's tables one end row, or ALiBi's
+  |rel| is linear, the encoding's term is a per-row constant (folded into the row
+  max, the lse or delta) plus, for ALiBi, a per-column one; only the band's tiles
+  pay for gathers and per-row shifts.
 - Every encoding is a bit of the FLAGS constexpr of the same kernels (common.py):
   a disabled encoding costs nothing in the compiled code. Its runtime arguments are
   one group: a segment of the float32 Params buffer (scores.py: _head_params), or
