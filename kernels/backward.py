@@ -7,8 +7,8 @@ import triton
 import triton.language as tl
 
 from .common import (LOG2E, _COL_BCAST, _D_AK, _D_AV, _DBIAS_ROWS, _HAS_POS, _HEAD_BCAST, _REL_K, _REL_V, _ROPE,
-                     _ROW_BCAST, _TABLE, _UPCAST, _band, _dot, _key_range, _load_row_stats, _load_tile, _positions,
-                     _query_range, _stats_row)
+                     _ROW_BCAST, _TABLE, _UPCAST, _beyond, _dot, _key_range, _load_row_stats, _load_tile, _part_range,
+                     _positions, _query_range, _stats_row)
 from .rope import _rope_factor, _unrotate
 from .relative import _rel_end_rows, _row_dot
 from .scores import _head_params, _load_queries, _probs_and_ds, _table_far
@@ -86,22 +86,11 @@ def _attn_bwd_dkdv(Q, K, V, DO, Stats, DK, DV, DBias, Pos, Params, Table, Bias, 
             b_lo, b_hi, n_low, n_far, c_low, c_high = _table_far(start_n, lo, hi, Nq, Nk, tab_l, tab_r, table_ptr,
                                                                  False, BLOCK_M, BLOCK_N)
         if SHAW_FAR:  # rows i <= start_n - shift - K: rel >= K (row 2K); i >= last key - shift + K: rel <= -K (row 0)
-            b_lo, b_hi, n_low, n_far = _band(lo, hi, start_n - (Nk - Nq) - rel_k,
-                                             start_n + BLOCK_N - 1 - (Nk - Nq) + rel_k, BLOCK_M)
+            b_lo, b_hi, n_low, n_far = _beyond(start_n, lo, hi, Nq, Nk, rel_k, rel_k, False, BLOCK_M, BLOCK_N)
             ak_end0, ak_end2k, av_end0, av_end2k = _rel_end_rows(ak_ptr, av_ptr, rel_k, offs_d, D, k, REL_K, REL_V)
         for part in tl.static_range(1 + 2 * (FAR | SHAW_FAR)):  # the near tiles (all without a split), then the far ones
-            if part == 0:
-                p_lo = b_lo
-                p_hi = b_hi
-                far_c = 0.0
-            elif part == 1:
-                p_lo = lo
-                p_hi = b_lo
-                far_c = c_low
-            else:
-                p_lo = b_hi
-                p_hi = hi
-                far_c = c_high
+            p_lo, p_hi = _part_range(part, lo, hi, b_lo, b_hi)
+            far_c = 0.0 if part == 0 else c_low if part == 1 else c_high
             for start_m in range(p_lo, p_hi, BLOCK_M):
                 offs_m = start_m + offs_m0
                 qp, q, qu, qw = _load_queries(q_base, pos_q, offs_m, offs_d, sqm, Nq, Nk, D, u_ptr, w_ptr, FLAGS)

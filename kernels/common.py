@@ -154,6 +154,32 @@ def _band(lo, hi, x_lo, x_hi, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _beyond(start, lo, hi, Nq, Nk, left, right, KEYS: tl.constexpr, BLOCK: tl.constexpr,
+            BLOCK_OTHER: tl.constexpr):
+    """Default positions: split the tiles of [lo, hi) (keys of the query block at
+    `start` when KEYS, else queries of the key block at `start`) into the band that
+    meets -left < rel < right, [b_lo, b_hi), and the tiles wholly beyond it (as in
+    _band): below b_lo every pair has rel <= -left (KEYS) or rel >= right (queries),
+    above b_hi the other side."""
+    shift = Nk - Nq
+    if KEYS:  # keys j <= start + shift - left; j >= last row + shift + right
+        return _band(lo, hi, start + shift - left, start + BLOCK_OTHER - 1 + shift + right, BLOCK)
+    else:  # rows i <= start - shift - right; i >= last key - shift + left
+        return _band(lo, hi, start - shift - right, start + BLOCK_OTHER - 1 - shift + left, BLOCK)
+
+
+@triton.jit
+def _part_range(part: tl.constexpr, lo, hi, b_lo, b_hi):
+    """The tiles of a _beyond split's part: 0 the band, 1 those below it, 2 above."""
+    if part == 0:
+        return b_lo, b_hi
+    elif part == 1:
+        return lo, b_lo
+    else:
+        return b_hi, hi
+
+
+@triton.jit
 def _split_keys(start_m, BLOCK_M: tl.constexpr, Nq, Nk, lo, hi, win_l, win_r,
                 FLAGS: tl.constexpr, BLOCK_N: tl.constexpr):
     """The key tiles of [lo, hi) that every row of the block sees whole (in bounds,

@@ -3,7 +3,7 @@ import triton
 import triton.language as tl
 
 from .common import (LOG2E, _ALIBI, _BIAS, _BIAS_MASK, _CAUSAL, _HAS_POS, _KERPLE, _REL_K, _REL_V, _SCALE_POS, _TABLE,
-                     _UPCAST, _band, _dot, _key_range, _load_tile, _positions, _split_keys)
+                     _UPCAST, _beyond, _dot, _key_range, _load_tile, _positions, _split_keys)
 from .relative import _keys_to_rel, _load_rel, _rel_end_rows, _rel_rows, _row_dot
 from .scores import _head_params, _load_queries, _logits, _scores, _table_far
 
@@ -124,8 +124,7 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel,
         # rowsum(P) aV[0 or 2K]. They run as plain tiles; the others (near the
         # diagonal, boundaries) in one masked loop (two copies of its large body spill).
         f_lo, f_hi, n_low, n_masked = _split_keys(start_m, BLOCK_M, Nq, Nk, lo, hi, win_l, win_r, FLAGS, BLOCK_N)
-        b_lo, b_hi, n_side_low, n_side = _band(f_lo, f_hi, start_m + Nk - Nq - rel_k,
-                                               start_m + BLOCK_M - 1 + Nk - Nq + rel_k, BLOCK_N)
+        b_lo, b_hi, n_side_low, n_side = _beyond(start_m, f_lo, f_hi, Nq, Nk, rel_k, rel_k, True, BLOCK_N, BLOCK_M)
         ak_low, ak_high, av_low, av_high = _rel_end_rows(ak_ptr, av_ptr, rel_k, offs_d, D, q, REL_K, REL_V)
         r_low = _row_dot(qw, ak_low, REL_K) * qk_scale
         r_high = _row_dot(qw, ak_high, REL_K) * qk_scale
@@ -161,9 +160,8 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel,
             if FAR:
                 b_lo, b_hi, n_side_low, n_side, c_low, c_high = _table_far(start_m, f_lo, f_hi, Nq, Nk, tab_l,
                                                                            tab_r, table_ptr, True, BLOCK_N, BLOCK_M)
-            else:  # keys j <= first row + shift: rel <= 0 for every row; j >= last row + shift: rel >= 0
-                b_lo, b_hi, n_side_low, n_side = _band(f_lo, f_hi, start_m + Nk - Nq,
-                                                       start_m + BLOCK_M - 1 + Nk - Nq, BLOCK_N)
+            else:  # ALiBi: rel <= 0 for every pair below the diagonal's tiles, >= 0 above
+                b_lo, b_hi, n_side_low, n_side = _beyond(start_m, f_lo, f_hi, Nq, Nk, 0, 0, True, BLOCK_N, BLOCK_M)
             for t in range(0, n_side):
                 low = t < n_side_low
                 start_n = tl.where(low, f_lo + t * BLOCK_N, b_hi + (t - n_side_low) * BLOCK_N)

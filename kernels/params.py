@@ -5,7 +5,7 @@ import triton
 import triton.language as tl
 
 from .common import (LOG2E, _CORRECT, _HAS_POS, _DELTA_PASS, _TABLE_PASS, _D_AK, _D_AV, _D_KERPLE, _D_SLOPE,
-                     _D_TABLE, _D_U, _D_W, _REL_K, _REL_V, _ROPE, _TABLE, _UPCAST, _band, _dot, _key_range,
+                     _D_TABLE, _D_U, _D_W, _REL_K, _REL_V, _ROPE, _TABLE, _UPCAST, _beyond, _dot, _key_range, _part_range,
                      _load_row_stats, _load_tile, _positions, _stats_row)
 from .rope import _rope_factor, _unrotate
 from .relative import _keys_to_rel, _rel_end_rows, _row_dot
@@ -187,8 +187,7 @@ def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
         b_lo, b_hi, n_low, n_far, c_low, c_high = _table_far(start_m, lo, hi, Nq, Nk, tab_l, tab_r, table_ptr,
                                                              True, BLOCK_N, BLOCK_M)
     if SHAW_FAR:  # logits + (q + w) . aK[end], dP + dO . aV[end]: lse and delta shifted per row
-        b_lo, b_hi, n_low, n_far = _band(lo, hi, start_m + Nk - Nq - rel_k, start_m + BLOCK_M - 1 + Nk - Nq + rel_k,
-                                         BLOCK_N)
+        b_lo, b_hi, n_low, n_far = _beyond(start_m, lo, hi, Nq, Nk, rel_k, rel_k, True, BLOCK_N, BLOCK_M)
         ak_low, ak_high, av_low, av_high = _rel_end_rows(ak_ptr, av_ptr, rel_k, offs_d, D, q, REL_K, REL_V)
         c_low = _row_dot(qw, ak_low, REL_K) * qk_scale
         c_high = _row_dot(qw, ak_high, REL_K) * qk_scale
@@ -198,21 +197,9 @@ def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
         ds_far_high = tl.zeros([BLOCK_M], tl.float32)
     FAR_PARTS: tl.constexpr = 0 if TABLE_PASS else 2 * (FAR | SHAW_FAR)
     for part in tl.static_range(1 + FAR_PARTS):  # the near tiles (all without a split), the far ones below, above
-        if part == 0:
-            p_lo = b_lo
-            p_hi = b_hi
-            far_c = 0.0
-            far_d = 0.0
-        elif part == 1:
-            p_lo = lo
-            p_hi = b_lo
-            far_c = c_low
-            far_d = d_low
-        else:
-            p_lo = b_hi
-            p_hi = hi
-            far_c = c_high
-            far_d = d_high
+        p_lo, p_hi = _part_range(part, lo, hi, b_lo, b_hi)
+        far_c = 0.0 if part == 0 else c_low if part == 1 else c_high   # lse shift (log2 domain)
+        far_d = 0.0 if part == 0 else d_low if part == 1 else d_high   # delta shift
         for start_n in range(p_lo, p_hi, BLOCK_N):
             offs_n = start_n + offs_n0
             kp = _positions(pos_q + Nq, offs_n, Nk, 0, FLAGS)

@@ -5,7 +5,7 @@ import triton
 import triton.language as tl
 
 from .common import (LOG2E, _ALIBI, _BIAS, _BIAS_KEYS, _BIAS_MASK, _CAUSAL, _HAS_WL, _HAS_WR, _KERPLE, _REL_K,
-                     _REL_SHARED, _REL_U, _REL_V, _REL_W, _ROPE, _TABLE, _UPCAST, _band, _dot, _load_tile,
+                     _REL_SHARED, _REL_U, _REL_V, _REL_W, _ROPE, _TABLE, _UPCAST, _beyond, _dot, _load_tile,
                      _positions)
 from .relative import _add_row, _load_rel, _rel_rows, _rel_to_keys
 
@@ -44,21 +44,13 @@ def _table_far(start, lo, hi, Nq, Nk, tab_l, tab_r, table_ptr,
     block at `start` (KEYS) or queries for the key block at `start`. Returns the near
     tiles [b_lo, b_hi), n_low and n_far as in _band, and the constants (log2 domain)
     of the far tiles below b_lo and above b_hi."""
-    shift = Nk - Nq
     first = tl.load(table_ptr).to(tl.float32) * LOG2E
     last = tl.load(table_ptr + tab_l + tab_r).to(tl.float32) * LOG2E
-    if KEYS:  # keys j <= start + shift - L: rel <= -L for every row; j >= last row + shift + R: rel >= R
-        x_lo = start + shift - tab_l
-        x_hi = start + BLOCK_OTHER - 1 + shift + tab_r
-        c_low = first
-        c_high = last
-    else:  # rows i <= start - shift - R: rel >= R for every key; i >= last key - shift + L: rel <= -L
-        x_lo = start - shift - tab_r
-        x_hi = start + BLOCK_OTHER - 1 - shift + tab_l
-        c_low = last
-        c_high = first
-    b_lo, b_hi, n_low, n_far = _band(lo, hi, x_lo, x_hi, BLOCK)
-    return b_lo, b_hi, n_low, n_far, c_low, c_high
+    b_lo, b_hi, n_low, n_far = _beyond(start, lo, hi, Nq, Nk, tab_l, tab_r, KEYS, BLOCK, BLOCK_OTHER)
+    if KEYS:  # keys below the band: rel <= -L (column 0)
+        return b_lo, b_hi, n_low, n_far, first, last
+    else:     # rows below the band: rel >= R (column T - 1)
+        return b_lo, b_hi, n_low, n_far, last, first
 
 
 @triton.jit
