@@ -272,3 +272,30 @@ def test_triton_refuses_heads_whose_offsets_pass_int32():
     assert "bias spans" in _triton._int32_overflow(problem(2 ** 16, 2 ** 15 + 1, 8, bias=big_bias))
     many_heads = torch.empty(64, 64, 1024, 128, device="meta")   # 2^29 elements per batch: fine
     assert _triton._int32_overflow(_validate.check(many_heads, many_heads, many_heads)) is None
+
+
+def test_bf16_conversion_rounds_to_nearest(device):
+    """float32 -> bfloat16 inside a kernel (a cast and a store) rounds to nearest even, as
+    on the GPU and in PyTorch; under the interpreter this holds through conftest's patch,
+    without which every bf16 rounding error of the kernels is doubled."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _cast(X, Y, Z, N: tl.constexpr):
+        offs = tl.arange(0, N)
+        x = tl.load(X + offs)
+        tl.store(Y + offs, x.to(tl.bfloat16))
+        tl.store(Z + offs, x)  # implicit conversion by the store
+
+    x = torch.randn(1024) * torch.logspace(-40, 38, 1024)
+    x[:8] = torch.tensor([1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -8), 3.4e38, float("inf"),
+                          -float("inf"), float("nan"), 1e-40])  # ties (to even), overflow, subnormal
+    x = x.to(device)
+    y, z = (torch.empty(1024, device=device, dtype=torch.bfloat16) for _ in range(2))
+    _cast[(1,)](x, y, z, 1024)
+    want = x.to(torch.bfloat16)
+    for got in (y, z):
+        assert torch.equal(got.isnan(), want.isnan())
+        ok = ~want.isnan()
+        assert torch.equal(got[ok].view(torch.int16), want[ok].view(torch.int16))
