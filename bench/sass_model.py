@@ -529,7 +529,7 @@ def group_model(members, tile):
 
 NONE = dict(CAUSAL=False, HAS_WL=False, HAS_WR=False, HAS_POS=False, ROPE=False, ROT_DIM=0, INTERLEAVED=False,
             ALIBI=False, TABLE=0, BIAS=False, BIAS_MASK=False, REL_K=False, REL_V=False, REL_U=False,
-            REL_W=False, UPCAST=False)
+            REL_W=False, UPCAST=False, SOFTCAP=False, SINKS=False)
 FWD_ENCODINGS = {
     "plain": {},
     "causal": dict(CAUSAL=True),
@@ -541,6 +541,8 @@ FWD_ENCODINGS = {
     "causal+alibi": dict(CAUSAL=True, ALIBI=True),
     "causal+bias": dict(CAUSAL=True, BIAS=True),
     "shaw-kv": dict(REL_K=True, REL_V=True),
+    "softcap": dict(SOFTCAP=True),
+    "causal+softcap+sinks": dict(CAUSAL=True, SOFTCAP=True, SINKS=True),
 }
 BWD_ENCODINGS = {"plain": ({}, {}), "rope": (dict(ROPE=True, ROT_DIM=-1), {}),
                  "alibi+dslope": (dict(ALIBI=True), dict(D_SLOPE=True)),
@@ -549,7 +551,9 @@ BWD_ENCODINGS = {"plain": ({}, {}), "rope": (dict(ROPE=True, ROT_DIM=-1), {}),
                  # (its own dBias pass sums over the batch)
                  "bias+dbias": (dict(BIAS=True), dict(D_BIAS=True)),
                  "bias[1,H]+dbias": (dict(BIAS=True, BIAS_BATCH=1), dict(D_BIAS=True)),
-                 "shaw-kv+dak,dav": (dict(REL_K=True, REL_V=True), dict(D_AK=True, D_AV=True))}
+                 "shaw-kv+dak,dav": (dict(REL_K=True, REL_V=True), dict(D_AK=True, D_AV=True)),
+                 "softcap": (dict(SOFTCAP=True), {}),
+                 "sinks+dsinks": (dict(SINKS=True), dict(D_SINKS=True))}
 
 # --- copied from posattn tests/aot_compile.py (signature building), used by --aot
 POINTERS = set("Q K V Out Lse Lse2 Pos Params Table Bias Rel DO DK DV DQ Stats DLse DParams DAK DAV DBias".split())
@@ -614,6 +618,10 @@ def posattn_launches(enc, D, backward, bwd_grads=None):
                                  value=torch.randn(PH, 2 * SHAW_K + 1, D, dtype=dt) if flags["REL_V"] else None,
                                  clip=SHAW_K)
         kw["rel_emb"] = rel
+    if flags["SOFTCAP"]:
+        kw["softcap"] = 50.0
+    sinks = torch.randn(PH) if flags["SINKS"] else None
+    kw["sinks"] = sinks
     p = _validate.check(q, k, v, **kw)
     calls = []
 
@@ -629,14 +637,15 @@ def posattn_launches(enc, D, backward, bwd_grads=None):
     re_ = p.rel_emb
     params = (p.alibi, p.rel_bias.table if p.rel_bias is not None else None, p.bias,
               re_.key if re_ else None, re_.value if re_ else None, None, None)
-    L = T._Launch(p, q, *params)
+    L = T._Launch(p, q, *params, sinks=sinks)
     out, lse, lse2 = T._forward(L, q, k, v, wrap=Cap)
     if not backward:
         return calls
     calls.clear()
     need = dict.fromkeys(T._PARAMS, False)
     for g in (bwd_grads or {}):
-        need[{"D_SLOPE": "alibi", "D_TABLE": "table", "D_AK": "rel_key", "D_AV": "rel_value", "D_BIAS": "bias"}[g]] = True
+        need[{"D_SLOPE": "alibi", "D_TABLE": "table", "D_AK": "rel_key", "D_AV": "rel_value", "D_BIAS": "bias",
+              "D_SINKS": "sinks"}[g]] = True
     T._backward(L, q, k, v, out, lse2, torch.randn_like(out), None, need, wrap=Cap)
     return calls
 

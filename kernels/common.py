@@ -7,7 +7,7 @@ __all__ = ["LOG2E", "_CAUSAL", "_HAS_WL", "_HAS_WR", "_HAS_POS", "_ROPE", "_INTE
            "_BIAS", "_BIAS_MASK", "_REL_K", "_REL_V", "_REL_U", "_REL_W", "_UPCAST", "_KERPLE", "_D_SLOPE",
            "_D_TABLE", "_D_U", "_D_W", "_D_AK", "_D_AV", "_DELTA_PASS", "_HEAD_BCAST", "_ROW_BCAST",
            "_COL_BCAST", "_D_KERPLE", "_CORRECT", "_TABLE_PASS", "_REL_SHARED", "_BIAS_KEYS",
-           "_SCALE_POS", "_DBIAS_ROWS"]  # (and the helpers, imported by name)
+           "_SCALE_POS", "_DBIAS_ROWS", "_SOFTCAP", "_SINKS", "_FAST_TANH"]  # (and the helpers, imported by name)
 
 LOG2E = tl.constexpr(1.4426950408889634)  # a constexpr: jitted code reads no plain globals
 
@@ -36,6 +36,9 @@ _REL_SHARED = tl.constexpr(17)
 _BIAS_KEYS = tl.constexpr(18)
 _SCALE_POS = tl.constexpr(19)  # scale > 0: max(scale * qk) = scale * max(qk)
 _DBIAS_ROWS = tl.constexpr(20)  # backward: the dense bias has a row per (batch, head); dK/dV writes its dS
+_SOFTCAP = tl.constexpr(21)     # scaled logits capped: cap * tanh(scale * logit / cap)
+_SINKS = tl.constexpr(22)       # a per-head logit in every row's softmax denominator
+_FAST_TANH = tl.constexpr(23)   # softcap's tanh by the GPU's tanh.approx (half-precision inputs)
 _D_SLOPE = tl.constexpr(0)
 _D_TABLE = tl.constexpr(1)
 _D_U = tl.constexpr(2)
@@ -59,6 +62,15 @@ def _dot(a, b, UPCAST: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32))
     else:
         return tl.dot(a, b)
+
+
+@triton.jit
+def _tanh(x, FAST: tl.constexpr):
+    if FAST:  # one MUFU op; max relative error ~2^-11, below bf16 / fp16 rounding of the scores
+        return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:  # 1 - 2 / (e^2x + 1): +-1 at the limits, absolute error ~ float32 eps
+        return 1.0 - 2.0 / (tl.math.exp2(x * (2.0 * LOG2E)) + 1.0)
 
 
 @triton.jit

@@ -2,8 +2,8 @@
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, _ALIBI, _BIAS, _BIAS_MASK, _CAUSAL, _HAS_POS, _KERPLE, _REL_K, _REL_V, _SCALE_POS, _TABLE,
-                     _UPCAST, _beyond, _dot, _key_range, _load_tile, _positions, _split_keys)
+from .common import (LOG2E, _ALIBI, _BIAS, _BIAS_MASK, _CAUSAL, _HAS_POS, _KERPLE, _REL_K, _REL_V, _SCALE_POS, _SINKS,
+                     _SOFTCAP, _TABLE, _UPCAST, _beyond, _dot, _key_range, _load_tile, _positions, _split_keys)
 from .relative import _keys_to_rel, _load_rel, _rel_end_rows, _rel_rows, _row_dot
 from .scores import _head_params, _load_queries, _logits, _scores, _table_far
 
@@ -11,7 +11,7 @@ from .scores import _head_params, _load_queries, _logits, _scores, _table_far
 @triton.jit
 def _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_k, k_base, v_base, ak_ptr, av_ptr,
               offs_m, offs_n0, offs_d, Nq, Nk, D, skn, svn, rel_k, qk_scale, slope, r1, r2, table_ptr,
-              tab_l, tab_r, bias_ptr, sbm, win_l, win_r, col_add, row_add, v_add,
+              tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, col_add, row_add, v_add,
               FLAGS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
               COLS: tl.constexpr = 0, V_ADD: tl.constexpr = 0):
     """One key tile of the online softmax: scores, running max and sum, P @ V.
@@ -25,7 +25,8 @@ def _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_k, k_base, v_base
     UPCAST: tl.constexpr = (FLAGS >> _UPCAST.value) & 1
     ADDITIVE: tl.constexpr = ((FLAGS >> _ALIBI.value) & 1 | (FLAGS >> _KERPLE.value) & 1 | (FLAGS >> _TABLE.value) & 3
                               | (FLAGS >> _REL_K.value) & 1 | (FLAGS >> _BIAS.value) & 1 & ~(FLAGS >> _BIAS_MASK.value))
-    FUSED_SCALE: tl.constexpr = (FLAGS >> _SCALE_POS.value) & 1 if ADDITIVE == 0 else 0
+    SOFTCAP: tl.constexpr = (FLAGS >> _SOFTCAP.value) & 1
+    FUSED_SCALE: tl.constexpr = (FLAGS >> _SCALE_POS.value) & 1 if ADDITIVE == 0 and SOFTCAP == 0 else 0
     offs_n = start_n + offs_n0
     kp = _positions(pos_k, offs_n, Nk, 0, FLAGS)
     k = _load_tile(k_base, offs_n, offs_d, skn, Nk, D)
@@ -33,8 +34,8 @@ def _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_k, k_base, v_base
     if FUSED_SCALE:
         # No additive term and scale > 0: the row max is scale * max(qk), and
         # scale * qk - m is one FMA per element (Triton's tutorial 06).
-        s, rel = _scores(qk, qp, kp, offs_m, offs_n, Nq, Nk, 1.0, slope, r1, r2, table_ptr,
-                         tab_l, tab_r, bias_ptr, sbm, win_l, win_r, FLAGS, MASKED)
+        s, rel, t = _scores(qk, qp, kp, offs_m, offs_n, Nq, Nk, 1.0, slope, r1, r2, table_ptr,
+                         tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, FLAGS, MASKED)
         if COLS:  # scale * qk + column term: one FMA per element, then the row's
             s = s * qk_scale + col_add[None, :]
             m_new = tl.maximum(m_i, tl.max(s, 1) + row_add)
@@ -45,8 +46,8 @@ def _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_k, k_base, v_base
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # as below
             p = tl.math.exp2(s * qk_scale - (m_safe - row_add)[:, None])
     else:
-        s, rel = _scores(qk, qp, kp, offs_m, offs_n, Nq, Nk, qk_scale, slope, r1, r2, table_ptr,
-                         tab_l, tab_r, bias_ptr, sbm, win_l, win_r, FLAGS, MASKED)
+        s, rel, t = _scores(qk, qp, kp, offs_m, offs_n, Nq, Nk, qk_scale, slope, r1, r2, table_ptr,
+                         tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, FLAGS, MASKED)
         if COLS:
             s += col_add[None, :]
         m_new = tl.maximum(m_i, tl.max(s, 1) + row_add)
@@ -95,6 +96,9 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel,
     NO_ALIBI: tl.constexpr = FLAGS & ~(1 << _ALIBI.value)
     NO_REL: tl.constexpr = FLAGS & ~(1 << _REL_K.value) & ~(1 << _REL_V.value)
     CAUSAL: tl.constexpr = (FLAGS >> _CAUSAL.value) & 1
+    SINKS: tl.constexpr = (FLAGS >> _SINKS.value) & 1
+    # Shaw's tiles beyond the clip fold the key term into the row max: not through a soft cap
+    SHAW_FAR: tl.constexpr = 1 - ((FLAGS >> _SOFTCAP.value) & 1)
     start_m = tl.program_id(0) * BLOCK_M
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
@@ -105,7 +109,7 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel,
     offs_d = tl.arange(0, BLOCK_D)
     qk_scale = sm_scale * LOG2E
 
-    slope, r1, r2, table_ptr, bias_ptr, ak_ptr, av_ptr, u_ptr, w_ptr = _head_params(
+    slope, r1, r2, table_ptr, bias_ptr, ak_ptr, av_ptr, u_ptr, w_ptr, cap2, sink2 = _head_params(
         off_b, off_h, Params, Table, tab_l, tab_r, Bias, sbb, sbh, bias_nb, Rel, rel_k, Hq, D, FLAGS, ROT_DIM)
     pos_q = Pos + off_b * (Nq + Nk)
     qp, q, qu, qw = _load_queries(Q + off_b * sqb + off_h * sqh, pos_q, offs_m, offs_d, sqm, Nq, Nk, D,
@@ -113,8 +117,12 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel,
     k_base = K + off_b * skb + off_hk * skh
     v_base = V + off_b * svb + off_hk * svh
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
+    if SINKS:  # the sink as the first "key": exp2(sink2 - m) with m = sink2, no value
+        m_i = tl.zeros([BLOCK_M], tl.float32) + sink2
+        l_i = tl.zeros([BLOCK_M], tl.float32) + 1.0
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     lo, hi = _key_range(start_m, BLOCK_M, Nq, Nk, win_l, win_r, FLAGS, BLOCK_N)
     if REL_K or REL_V:
@@ -124,7 +132,11 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel,
         # rowsum(P) aV[0 or 2K]. They run as plain tiles; the others (near the
         # diagonal, boundaries) in one masked loop (two copies of its large body spill).
         f_lo, f_hi, n_low, n_masked = _split_keys(start_m, BLOCK_M, Nq, Nk, lo, hi, win_l, win_r, FLAGS, BLOCK_N)
-        b_lo, b_hi, n_side_low, n_side = _beyond(start_m, f_lo, f_hi, Nq, Nk, rel_k, rel_k, True, BLOCK_N, BLOCK_M)
+        if SHAW_FAR:
+            b_lo, b_hi, n_side_low, n_side = _beyond(start_m, f_lo, f_hi, Nq, Nk, rel_k, rel_k, True, BLOCK_N,
+                                                     BLOCK_M)
+        else:
+            b_lo, b_hi, n_side_low, n_side = f_lo, f_hi, 0, 0
         ak_low, ak_high, av_low, av_high = _rel_end_rows(ak_ptr, av_ptr, rel_k, offs_d, D, q, REL_K, REL_V)
         r_low = _row_dot(qw, ak_low, REL_K) * qk_scale
         r_high = _row_dot(qw, ak_high, REL_K) * qk_scale
@@ -133,7 +145,7 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel,
             start_n = tl.where(low, f_lo + t * BLOCK_N, b_hi + (t - n_side_low) * BLOCK_N)
             acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_q + Nq, k_base, v_base,
                                       ak_ptr, av_ptr, offs_m, offs_n0, offs_d, Nq, Nk, D, skn, svn, rel_k, qk_scale,
-                                      slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r, 0.0,
+                                      slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, 0.0,
                                       tl.where(low, r_low, r_high), tl.where(low, av_low, av_high), NO_REL,
                                       BLOCK_M, BLOCK_N, 0, 0, REL_V)
         n_near = (b_hi - b_lo) // BLOCK_N
@@ -143,7 +155,7 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel,
                                         f_hi + (t - n_low - n_near) * BLOCK_N))
             acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_q + Nq, k_base, v_base,
                                       ak_ptr, av_ptr, offs_m, offs_n0, offs_d, Nq, Nk, D, skn, svn, rel_k, qk_scale,
-                                      slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r, 0.0, 0.0, 0.0,
+                                      slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, 0.0, 0.0, 0.0,
                                       FLAGS, BLOCK_M, BLOCK_N, 1)
     else:
         f_lo, f_hi, n_low, n_masked = _split_keys(start_m, BLOCK_M, Nq, Nk, lo, hi, win_l, win_r, FLAGS, BLOCK_N)
@@ -175,19 +187,19 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel,
                 acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_q + Nq, k_base, v_base,
                                           ak_ptr, av_ptr, offs_m, offs_n0, offs_d, Nq, Nk, D, skn, svn, rel_k,
                                           qk_scale, slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l,
-                                          win_r, col, row, 0.0, NO_TABLE if FAR else NO_ALIBI, BLOCK_M, BLOCK_N, 0,
+                                          win_r, cap2, col, row, 0.0, NO_TABLE if FAR else NO_ALIBI, BLOCK_M, BLOCK_N, 0,
                                           1 - FAR)
         # interior tiles: no mask (none left here for causal ALiBi: all are below the diagonal)
         for start_n in range(b_lo, b_lo if ALIBI_SIDES and CAUSAL else b_hi, BLOCK_N):
             acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_q + Nq, k_base, v_base,
                                       ak_ptr, av_ptr, offs_m, offs_n0, offs_d, Nq, Nk, D, skn, svn, rel_k, qk_scale,
-                                      slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r, 0.0, 0.0, 0.0,
+                                      slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, 0.0, 0.0, 0.0,
                                       FLAGS, BLOCK_M, BLOCK_N, 0)
         for t in range(0, n_masked):  # boundary tiles (bounds, causal diagonal, window edges), masked
             start_n = tl.where(t < n_low, lo + t * BLOCK_N, f_hi + (t - n_low) * BLOCK_N)
             acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_q + Nq, k_base, v_base,
                                       ak_ptr, av_ptr, offs_m, offs_n0, offs_d, Nq, Nk, D, skn, svn, rel_k, qk_scale,
-                                      slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r, 0.0, 0.0, 0.0,
+                                      slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, 0.0, 0.0, 0.0,
                                       FLAGS, BLOCK_M, BLOCK_N, 1)
 
     # Rows that saw no key: output 0, lse = -inf.

@@ -5,7 +5,7 @@ import triton
 import triton.language as tl
 
 from .common import (LOG2E, _CORRECT, _HAS_POS, _DELTA_PASS, _TABLE_PASS, _D_AK, _D_AV, _D_KERPLE, _D_SLOPE,
-                     _D_TABLE, _D_U, _D_W, _REL_K, _REL_V, _ROPE, _TABLE, _UPCAST, _beyond, _dot, _key_range, _part_range,
+                     _D_TABLE, _D_U, _D_W, _REL_K, _REL_V, _ROPE, _SINKS, _SOFTCAP, _TABLE, _UPCAST, _beyond, _dot, _key_range, _part_range,
                      _load_row_stats, _load_tile, _positions, _stats_row)
 from .rope import _rope_factor, _unrotate
 from .relative import _keys_to_rel, _rel_end_rows, _row_dot
@@ -121,7 +121,8 @@ def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
     REL_V: tl.constexpr = (FLAGS >> _REL_V.value) & 1
     # Shaw (default positions, no DistanceBias split): key tiles beyond the clip read
     # aK / aV's end rows only and run as plain tiles (see _attn_fwd)
-    SHAW_FAR: tl.constexpr = (REL_K | REL_V) * (1 - FAR)
+    SHAW_FAR: tl.constexpr = (REL_K | REL_V) * (1 - FAR) * (1 - ((FLAGS >> _SOFTCAP.value) & 1))
+    SINKS: tl.constexpr = (FLAGS >> _SINKS.value) & 1
     NO_REL: tl.constexpr = FLAGS & ~(1 << _REL_K.value) & ~(1 << _REL_V.value)
     pid_m = tl.program_id(0)
     start_m = pid_m * BLOCK_M
@@ -137,7 +138,7 @@ def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
     if TABLE:
         T = _table_columns(tab_l, tab_r, TABLE)
 
-    slope, r1, r2, table_ptr, bias_ptr, ak_ptr, av_ptr, u_ptr, w_ptr = _head_params(
+    slope, r1, r2, table_ptr, bias_ptr, ak_ptr, av_ptr, u_ptr, w_ptr, cap2, sink2 = _head_params(
         off_b, off_h, Params, Table, tab_l, tab_r, Bias, sbb, sbh, bias_nb, Rel, rel_k, Hq, D, FLAGS, ROT_DIM)
     pos_q = Pos + off_b * (Nq + Nk)
     qp, q, qu, qw = _load_queries(Q + off_b * sqb + off_h * sqh, pos_q, offs_m, offs_d, sqm, Nq, Nk, D,
@@ -205,10 +206,10 @@ def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
             kp = _positions(pos_q + Nq, offs_n, Nk, 0, FLAGS)
             k = _load_tile(k_base, offs_n, offs_d, skn, Nk, D)
             v = _load_tile(v_base, offs_n, offs_d, svn, Nk, D)
-            p, ds, rel, ak = _probs_and_ds(
+            p, ds, rel, ak, ds_qk = _probs_and_ds(
                 qu, qw, k, v, do, ak_ptr, av_ptr, qp, kp, lse2 - far_c, delta - far_d, start_m, start_n, offs_m,
                 offs_n, offs_d, Nq, Nk, D, rel_k, qk_scale, slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm,
-                win_l, win_r, FLAGS if part == 0 else NO_REL if SHAW_FAR else NO_TABLE, BLOCK_M, BLOCK_N)
+                win_l, win_r, cap2, FLAGS if part == 0 else NO_REL if SHAW_FAR else NO_TABLE, BLOCK_M, BLOCK_N)
             if DELTA_PASS:
                 p_dp += tl.sum(ds, 1)
                 p_sum += tl.sum(p, 1)
@@ -216,17 +217,17 @@ def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
                 d_tab = _table_histogram(d_tab, ds, rel, qp, kp, start_m, start_n, Nq, Nk, tab_l, tab_r, T, offs_t,
                                          FLAGS, BLOCK_M, BLOCK_N)
             else:
-                dq_c += _dot(ds.to(k.dtype), k, UPCAST)
+                dq_c += _dot(ds_qk.to(k.dtype), k, UPCAST)
                 if SHAW_FAR and part > 0:   # the position term reads aK[end]: summed per row, applied once
                     if part == 1:
-                        ds_far_low += tl.sum(ds, 1)
+                        ds_far_low += tl.sum(ds_qk, 1)
                     else:
-                        ds_far_high += tl.sum(ds, 1)
+                        ds_far_high += tl.sum(ds_qk, 1)
                 if CORRECT:
                     row_s += tl.sum(ds, 1)
                     row_l += tl.sum(p, 1)
                 if REL_K and (part == 0 or not SHAW_FAR):
-                    dq_p += _dot(_keys_to_rel(ds, BLOCK_M, BLOCK_N).to(k.dtype), ak, UPCAST)
+                    dq_p += _dot(_keys_to_rel(ds_qk, BLOCK_M, BLOCK_N).to(k.dtype), ak, UPCAST)
                 if D_SLOPE:
                     dist = tl.abs(rel).to(tl.float32)
                     d_slope -= tl.sum(ds * dist, 1)
@@ -259,13 +260,15 @@ def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
                     left = rel <= -rel_k
                     right = (rel >= rel_k) & (rel > -rel_k)
                     if D_AK:
-                        ds_left += tl.sum(tl.where(left, ds, 0.0), 1)
-                        ds_right += tl.sum(tl.where(right, ds, 0.0), 1)
+                        ds_left += tl.sum(tl.where(left, ds_qk, 0.0), 1)
+                        ds_right += tl.sum(tl.where(right, ds_qk, 0.0), 1)
                     if D_AV:
                         p_left += tl.sum(tl.where(left, p, 0.0), 1)
                         p_right += tl.sum(tl.where(right, p, 0.0), 1)
 
     if DELTA_PASS:
+        if SINKS:  # the sink's probability joins the row's total
+            p_sum += tl.math.exp2(sink2 - lse2)
         live = (offs_m < Nq) & (p_sum > 0.0)
         tl.store(stats + Nq + offs_m, p_dp / tl.where(live, p_sum, 1.0), mask=offs_m < Nq)
         tl.store(stats + offs_m, lse2 + tl.math.log2(tl.where(live, p_sum, 1.0)), mask=live)
@@ -281,9 +284,13 @@ def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
         if SHAW_FAR and REL_K:  # the far tiles' position term: their dS row sums times aK's end rows
             dq_p += ds_far_low[:, None] * ak_low[None, :] + ds_far_high[:, None] * ak_high[None, :]
         if CORRECT:
+            p_sink = 0.0
+            if SINKS:  # in the total, with no dS of its own: s_i = L delta_exact - delta_a (L - P_sink)
+                p_sink = tl.math.exp2(sink2 - lse2)
+                row_l += p_sink
             live = (offs_m < Nq) & (row_l > 0.0)
             inv_l = tl.where(live, 1.0 / tl.where(live, row_l, 1.0), 0.0)
-            shift = row_s * inv_l          # delta_exact - delta_a
+            shift = (row_s - delta * p_sink) * inv_l          # delta_exact - delta_a
             d_slope = (d_slope - shift * b_slope) * inv_l
             d_r1 = (d_r1 - shift * b_r1) * inv_l
             d_r2 = (d_r2 - shift * b_r2) * inv_l

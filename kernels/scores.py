@@ -4,9 +4,9 @@ the per-head encoding parameters; P and dS recomputed for the backward."""
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, _ALIBI, _BIAS, _BIAS_KEYS, _BIAS_MASK, _CAUSAL, _HAS_WL, _HAS_WR, _KERPLE, _REL_K,
-                     _REL_SHARED, _REL_U, _REL_V, _REL_W, _ROPE, _TABLE, _UPCAST, _beyond, _dot, _load_tile,
-                     _positions)
+from .common import (LOG2E, _ALIBI, _BIAS, _BIAS_KEYS, _BIAS_MASK, _CAUSAL, _FAST_TANH, _HAS_WL, _HAS_WR, _KERPLE,
+                     _REL_K, _REL_SHARED, _REL_U, _REL_V, _REL_W, _ROPE, _SINKS, _SOFTCAP, _TABLE, _UPCAST, _beyond,
+                     _dot, _load_tile, _positions, _tanh)
 from .relative import _add_row, _load_rel, _rel_rows, _rel_to_keys
 
 
@@ -56,13 +56,15 @@ def _table_far(start, lo, hi, Nq, Nk, tab_l, tab_r, table_ptr,
 @triton.jit
 def _head_params(off_b, off_h, Params, Table, tab_l, tab_r, Bias, sbb, sbh, bias_nb, Rel, rel_k, Hq, D,
                  FLAGS: tl.constexpr, ROT_DIM: tl.constexpr):
-    """Per (batch, query head): ALiBi slope, KERPLE's r1 / r2, and the bases of the
-    bias table row, the dense bias, the relative tables aK / aV and u / w.
+    """Per (batch, query head): ALiBi slope, KERPLE's r1 / r2, the bases of the
+    bias table row, the dense bias, the relative tables aK / aV and u / w, and (log2
+    domain) the soft cap and the sink logit.
 
     Params (float32) holds the encodings' small tensors, each present only with its
     flag, in this order (posattn/_triton.py writes it): RoPE's ROT_DIM / 2 frequencies
     and attention factor, KERPLE's r1 [Hq] and r2 [Hq], Transformer-XL's u [Hq, D] and
-    w [Hq, D], ALiBi's slopes [B, Hq]. Rel holds aK then aV, each [Hr, 2K+1, D]
+    w [Hq, D], the soft cap [1], the sinks [Hq], ALiBi's slopes [B, Hq]. Rel holds aK then aV,
+    each [Hr, 2K+1, D]
     (Hr = 1 with REL_SHARED, else Hq); Table is [Hq, T] contiguous."""
     ROPE: tl.constexpr = (FLAGS >> _ROPE.value) & 1
     ALIBI: tl.constexpr = (FLAGS >> _ALIBI.value) & 1
@@ -72,6 +74,8 @@ def _head_params(off_b, off_h, Params, Table, tab_l, tab_r, Bias, sbb, sbh, bias
     REL_K: tl.constexpr = (FLAGS >> _REL_K.value) & 1
     REL_SHARED: tl.constexpr = (FLAGS >> _REL_SHARED.value) & 1
     TABLE: tl.constexpr = (FLAGS >> _TABLE.value) & 3
+    SOFTCAP: tl.constexpr = (FLAGS >> _SOFTCAP.value) & 1
+    SINKS: tl.constexpr = (FLAGS >> _SINKS.value) & 1
     ptr = Params
     if ROPE:
         ptr += ROT_DIM // 2 + 1
@@ -87,8 +91,16 @@ def _head_params(off_b, off_h, Params, Table, tab_l, tab_r, Bias, sbb, sbh, bias
     w_ptr = ptr + off_h * D
     if REL_W:
         ptr += Hq * D
+    cap2 = 0.0
+    if SOFTCAP:
+        cap2 = tl.load(ptr) * LOG2E
+        ptr += 1
+    sink2 = 0.0
+    if SINKS:
+        sink2 = tl.load(ptr + off_h) * LOG2E
+        ptr += Hq
     slope = 0.0
-    if ALIBI:
+    if ALIBI:  # last: the only segment whose size depends on B
         slope = tl.load(ptr + off_b * Hq + off_h)
     table_ptr = Table
     if TABLE:
@@ -101,7 +113,7 @@ def _head_params(off_b, off_h, Params, Table, tab_l, tab_r, Bias, sbb, sbh, bias
         ak_ptr = Rel + off_h * rel_rows
         av_ptr = ak_ptr + Hq * rel_rows if REL_K else ak_ptr
     return (slope, r1, r2, table_ptr, Bias + (off_b % bias_nb) * sbb + off_h * sbh, ak_ptr, av_ptr,
-            u_ptr, w_ptr)
+            u_ptr, w_ptr, cap2, sink2)
 
 
 @triton.jit
@@ -135,9 +147,11 @@ def _logits(qu, qw, k, ak_ptr, start_m, start_n, Nq, Nk, rel_k, offs_d, D,
 
 @triton.jit
 def _scores(qk, qp, kp, offs_m, offs_n, Nq, Nk, qk_scale, slope, r1, r2, table_ptr,
-            tab_l, tab_r, bias_ptr, stride_bm, win_l, win_r,
+            tab_l, tab_r, bias_ptr, stride_bm, win_l, win_r, cap2,
             FLAGS: tl.constexpr, MASKED: tl.constexpr):
-    """The [BLOCK_M, BLOCK_N] score tile in the log2 domain, masked entries = -inf.
+    """The [BLOCK_M, BLOCK_N] score tile in the log2 domain, masked entries = -inf, its
+    relative positions, and with SOFTCAP t = tanh(scale * logit / cap) (the capped
+    logit is cap2 * t, cap2 = cap * log2(e)).
     MASKED: the tile may hold pairs out of bounds or hidden by causal / window (the
     loops pass 0 for the interior tiles they know to be fully visible: Triton's
     tutorial 06 masks the diagonal block only); a bool bias masks every tile."""
@@ -150,7 +164,14 @@ def _scores(qk, qp, kp, offs_m, offs_n, Nq, Nk, qk_scale, slope, r1, r2, table_p
     BIAS: tl.constexpr = (FLAGS >> _BIAS.value) & 1
     BIAS_MASK: tl.constexpr = (FLAGS >> _BIAS_MASK.value) & 1
     BIAS_KEYS: tl.constexpr = (FLAGS >> _BIAS_KEYS.value) & 1
-    s = qk * qk_scale
+    SOFTCAP: tl.constexpr = (FLAGS >> _SOFTCAP.value) & 1
+    FAST_TANH: tl.constexpr = (FLAGS >> _FAST_TANH.value) & 1
+    if SOFTCAP:
+        t = _tanh(qk * (qk_scale / cap2), FAST_TANH)
+        s = cap2 * t
+    else:
+        t = 0.0
+        s = qk * qk_scale
     rel = kp[None, :] - qp[:, None]
     if ALIBI:
         s -= (slope * LOG2E) * tl.abs(rel).to(tl.float32)
@@ -184,26 +205,29 @@ def _scores(qk, qp, kp, offs_m, offs_n, Nq, Nk, qk_scale, slope, r1, r2, table_p
         s = tl.where(keep, s, float("-inf"))
     elif BIAS_MASK:
         s = tl.where(visible, s, float("-inf"))
-    return s, rel
+    return s, rel, t
 
 
 @triton.jit
 def _probs_and_ds(qu, qw, k, v, do, ak_ptr, av_ptr, qp, kp, lse2, delta, start_m, start_n, offs_m, offs_n,
                   offs_d, Nq, Nk, D, rel_k, qk_scale, slope, r1, r2, table_ptr, tab_l, tab_r,
-                  bias_ptr, sbm, win_l, win_r,
+                  bias_ptr, sbm, win_l, win_r, cap2,
                   FLAGS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr = 1):
     """Recompute P from the saved log-sum-exp and dS = P * (dP - delta), the gradient
     w.r.t. the natural-domain score scale * q.k + bias. dP_ij = dO_i . (v_j + aV[c]).
-    Also returns rel and the aK slice (for dQ's position term)."""
+    Also returns rel, the aK slice (for dQ's position term) and dS_qk, the gradient
+    w.r.t. scale * logit (dS; with SOFTCAP, dS * (1 - t^2)) that dQ, dK and d(aK) use."""
     REL_V: tl.constexpr = (FLAGS >> _REL_V.value) & 1
     UPCAST: tl.constexpr = (FLAGS >> _UPCAST.value) & 1
     qk, ak = _logits(qu, qw, k, ak_ptr, start_m, start_n, Nq, Nk, rel_k, offs_d, D, FLAGS, BLOCK_M, BLOCK_N)
-    s, rel = _scores(qk, qp, kp, offs_m, offs_n, Nq, Nk, qk_scale, slope, r1, r2, table_ptr,
-                     tab_l, tab_r, bias_ptr, sbm, win_l, win_r, FLAGS, MASKED)
+    SOFTCAP: tl.constexpr = (FLAGS >> _SOFTCAP.value) & 1
+    s, rel, t = _scores(qk, qp, kp, offs_m, offs_n, Nq, Nk, qk_scale, slope, r1, r2, table_ptr,
+                        tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, FLAGS, MASKED)
     p = tl.math.exp2(s - lse2[:, None])
     dp = _dot(do, tl.trans(v), UPCAST)
     if REL_V:
         av = _load_rel(av_ptr, _rel_rows(start_m, start_n, Nq, Nk, rel_k, BLOCK_M, BLOCK_N), offs_d, D)
         dp += _rel_to_keys(_dot(do, tl.trans(av.to(do.dtype)), UPCAST), BLOCK_M, BLOCK_N)
     ds = p * (dp - delta[:, None])
-    return p, ds, rel, ak
+    ds_qk = ds * (1.0 - t * t) if SOFTCAP else ds
+    return p, ds, rel, ak, ds_qk

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from . import _autograd, _triton, _validate
-from .encodings import KERPLE, ALiBi, DenseBias, DistanceBias, GridBias, RelativeEmbeddings, RoPE
+from .encodings import KERPLE, ALiBi, DenseBias, DistanceBias, GridBias, RelativeEmbeddings, RoPE, Sinks, SoftCap
 from .kernels.attention import (_attn_bwd_dbias, _attn_bwd_delta, _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_rel,
                                 _attn_fwd, _rope_rotate)
 
@@ -134,6 +134,12 @@ CODECS = (
     Codec("kerple", (KERPLE,), (("kerple_r1", "Tensor?"), ("kerple_r2", "Tensor?")), (),
           lambda e, p: ((None, None) if e is None else (e.r1, e.r2), ()),
           lambda t, sc: None if t[0] is None else KERPLE(t[0], t[1])),
+    Codec("softcap", (SoftCap,), (), (("softcap", "float"),),   # 0.0: none
+          lambda e, p: ((), (0.0 if e is None else e.cap,)),
+          lambda t, sc: None if sc[0] == 0.0 else SoftCap(sc[0])),
+    Codec("sinks", (Sinks,), (("sinks", "Tensor?"),), (),
+          lambda e, p: ((None if e is None else e.sinks,), ()),
+          lambda t, sc: None if t[0] is None else Sinks(t[0])),
 )
 _COMMON_TENSORS = (("q", "Tensor"), ("k", "Tensor"), ("v", "Tensor"), ("q_pos", "Tensor?"), ("k_pos", "Tensor?"))
 _COMMON_SCALARS = (("causal", "bool"), ("scale", "float"), ("window_left", "int?"), ("window_right", "int?"))

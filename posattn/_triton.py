@@ -10,7 +10,7 @@ import torch
 from . import _tuned
 from ._validate import Problem
 from .backends import Declaration
-from .encodings import KERPLE, ALiBi, DenseBias, DistanceBias, GridBias, RelativeEmbeddings, RoPE
+from .encodings import KERPLE, ALiBi, DenseBias, DistanceBias, GridBias, RelativeEmbeddings, RoPE, Sinks, SoftCap
 
 _MAX_TABLE_COLUMNS = 8192
 
@@ -77,7 +77,7 @@ DECLARATION = Declaration(
     dtypes=(torch.float16, torch.bfloat16, torch.float32),
     max_head_dim=256,
     encodings={RoPE: None, ALiBi: None, DistanceBias: _table_columns, GridBias: _table_columns, DenseBias: None,
-               RelativeEmbeddings: _relative_positions, KERPLE: None},
+               RelativeEmbeddings: _relative_positions, KERPLE: None, SoftCap: None, Sinks: None},
     checks=(_int32_overflow,),
 )
 
@@ -207,7 +207,8 @@ CORRECT_IN_PASS = True
 _PARAM_TENSORS = (("alibi", "alibi_slopes", "alibi_slopes"), ("table", "rel_bias", "table"), ("bias", "bias", "bias"),
                   ("rel_key", "rel_emb", "rel_key"), ("rel_value", "rel_emb", "rel_value"),
                   ("rel_u", "rel_emb", "rel_content_bias"), ("rel_w", "rel_emb", "rel_position_bias"),
-                  ("kerple_r1", "kerple", "kerple_r1"), ("kerple_r2", "kerple", "kerple_r2"))
+                  ("kerple_r1", "kerple", "kerple_r1"), ("kerple_r2", "kerple", "kerple_r2"),
+                  ("sinks", "sinks", "sinks"))
 _PARAMS = tuple(slot for slot, _, _ in _PARAM_TENSORS)                 # the operators' names
 _PARAM_NAMES = tuple((kw, name) for _, kw, name in _PARAM_TENSORS)   # (keyword, tensor name): Problem.params()
 
@@ -216,7 +217,7 @@ _PARAM_NAMES = tuple((kw, name) for _, kw, name in _PARAM_TENSORS)   # (keyword,
 # One per encoding (and one for the positions): the FLAGS bits it sets, the named
 # kernel arguments it owns and its segment of Params, the float32 buffer of the
 # encodings' small tensors (kernels/scores.py's _head_params reads it, in the order
-# _Launch writes it: RoPE, KERPLE, u, w, ALiBi). Absent: flags off, no segment, and the
+# _Launch writes it: RoPE, KERPLE, u, w, soft cap, sinks, ALiBi). Absent: flags off, no segment, and the
 # shared dummy pointer, which disabled code never dereferences.
 
 def _positions_args(p: Problem, dummy):
@@ -289,12 +290,23 @@ def _kerple_args(r1, r2, dummy):
     return dict(KERPLE=True), {}, (r1, r2)
 
 
+def _softmax_args(p: Problem, sinks, dummy):
+    """The soft cap (a float, then a Params segment [1]) and the sinks [Hq]; tanh.approx
+    on a GPU for half-precision inputs (its error is below their rounding)."""
+    e = p.get("softcap")
+    flags = dict(SOFTCAP=e is not None, SINKS=sinks is not None,
+                 FAST_TANH=e is not None and not interpreting() and p.q.dtype != torch.float32)
+    segments = ((torch.full((1,), e.cap, device=dummy.device),) if e is not None else ()) + \
+        ((sinks,) if sinks is not None else ())
+    return flags, {}, segments
+
+
 class _Launch:
     """The kernels' shared arguments, by name, built once per call from a validated
     Problem by the adapters above; every launch passes them by keyword."""
 
     def __init__(self, p: Problem, q, alibi, table, bias, rel_key, rel_value, rel_u, rel_w, kerple_r1=None,
-                 kerple_r2=None):
+                 kerple_r2=None, sinks=None):
         self.p = p
         dummy = q
         self.upcast = interpreting() and q.dtype == torch.bfloat16
@@ -302,10 +314,11 @@ class _Launch:
                      UPCAST=self.upcast, SCALE_POS=p.scale > 0)
         args = dict(Hq=p.Hq, Nq=p.Nq, Nk=p.Nk, D=p.D, GROUP=p.group, sm_scale=p.scale,
                     win_l=p.window_left or 0, win_r=p.window_right or 0)
-        # Params' segments in the kernels' order: RoPE, KERPLE, u, w, ALiBi
+        # Params' segments in the kernels' order: RoPE, KERPLE, u, w, soft cap, sinks, ALiBi
         segments = []
         for f, a, seg in (_positions_args(p, dummy), _rope_args(p, dummy), _kerple_args(kerple_r1, kerple_r2, dummy),
-                          _relative_args(p, rel_key, rel_value, rel_u, rel_w, dummy), _alibi_args(p, alibi, dummy),
+                          _relative_args(p, rel_key, rel_value, rel_u, rel_w, dummy), _softmax_args(p, sinks, dummy),
+                          _alibi_args(p, alibi, dummy),
                           _table_args(p.rel_bias, table, dummy), _bias_args(p, bias, dummy)):
             flags.update(f)
             args.update(a)
@@ -316,6 +329,7 @@ class _Launch:
         self.args = args
         self.alibi, self.table, self.bias = alibi, table, bias
         self.kerple = (kerple_r1, kerple_r2)
+        self.sinks = sinks
         self.grid_table = isinstance(p.rel_bias, GridBias)
         self.table_columns = 0 if table is None else table.shape[0 if self.grid_table else 1]
         self.rel_heads = ([t for t in (rel_key, rel_value) if t is not None] or [q])[0].shape[0]
@@ -552,6 +566,11 @@ def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need, wrap=_direct):
              FLAGS=L.args["FLAGS"] | pack_flags(DBIAS_ROWS=dbias is not None))
 
     grads = dict.fromkeys(_PARAMS)
+    if need["sinks"]:
+        # d sink_h = sum_i P_sink,i (0 - delta_i): the sink has no value and no dS of its
+        # own; Stats hold the exact delta and the renormalised lse (log2) by now.
+        p_sink = torch.exp2(L.sinks.detach().to(torch.float32)[None, :, None] * LOG2E - stats[:, :, 0])
+        grads["sinks"] = (-(p_sink * stats[:, :, 1]).sum(dim=(0, 2))).to(L.sinks.dtype)
     for i, name in enumerate(("kerple_r1", "kerple_r2")):
         if need[name]:  # each its own sum: the operators' outputs must not alias
             grads[name] = part("kerple", 2)[..., i].sum(dim=(0, 2)).to(L.kerple[i].dtype)   # [Hq]
@@ -613,4 +632,6 @@ def _launch_params(p: Problem):
     re = p.rel_emb
     rel = (re.key, re.value, re.content_bias, re.position_bias) if re is not None else (None,) * 4
     ke = p.get("kerple")
-    return (p.alibi, table, bias, *rel, *((ke.r1, ke.r2) if ke is not None else (None, None)))
+    sk = p.get("sinks")
+    return (p.alibi, table, bias, *rel, *((ke.r1, ke.r2) if ke is not None else (None, None)),
+            sk.sinks if sk is not None else None)

@@ -139,8 +139,8 @@ def _positions(name, pos, B, N, device):
 
 
 def check(q, k, v, *, causal=False, scale=None, window=None, q_pos=None, k_pos=None, rope=None,
-          alibi_slopes=None, rel_bias=None, bias=None, return_lse=False, rel_emb=None,
-          **encodings) -> Problem:
+          alibi_slopes=None, rel_bias=None, bias=None, return_lse=False, rel_emb=None, softcap=None,
+          sinks=None, **encodings) -> Problem:
     for name, x in (("q", q), ("k", k), ("v", v)):
         _tensor(name, x)
         if x.dim() != 4:
@@ -196,7 +196,8 @@ def check(q, k, v, *, causal=False, scale=None, window=None, q_pos=None, k_pos=N
     k_pos = _positions("k_pos", k_pos, B, Nk, q.device)
 
     shape = Shape(B, Hq, Hkv, Nq, Nk, D, q.dtype, q.device, q_pos, k_pos)
-    given = dict(rope=rope, alibi_slopes=alibi_slopes, rel_bias=rel_bias, bias=bias, rel_emb=rel_emb, **encodings)
+    given = dict(rope=rope, alibi_slopes=alibi_slopes, rel_bias=rel_bias, bias=bias, rel_emb=rel_emb,
+                 softcap=softcap, sinks=sinks, **encodings)
     unknown = set(given) - set(_encodings.keywords())
     if unknown:
         raise TypeError(f"unexpected keyword argument(s) {sorted(unknown)}: the encodings are "

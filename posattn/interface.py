@@ -66,8 +66,8 @@ def _select(p: _validate.Problem, backend=None) -> str:
 
 
 def attention(q, k, v, *, causal=False, scale=None, window=None, q_pos=None, k_pos=None, rope=None,
-              alibi_slopes=None, rel_bias=None, bias=None, return_lse=False, rel_emb=None, backend=None,
-              **encodings):
+              alibi_slopes=None, rel_bias=None, bias=None, return_lse=False, rel_emb=None, softcap=None,
+              sinks=None, backend=None, **encodings):
     """Fused attention with positional encodings: ``softmax(scale * q'k'^T + bias) v``
     with the encodings computed inside the kernel (docs/SPEC.md defines each term).
 
@@ -92,10 +92,17 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, q_pos=None, k_p
             ``bias[b % nB]``), added to the scores and differentiable; or a bool
             keep-mask (True = attend).
         return_lse: also return the natural-log log-sum-exp ``[B, Hq, Nq]``
-            (float32; float64 for float64 inputs; ``-inf`` for rows with no key),
-            differentiable.
+            (float32; float64 for float64 inputs; ``-inf`` for rows with no key, or
+            the row's sink with ``sinks``), differentiable.
         rel_emb: :class:`posattn.RelativeEmbeddings`: Shaw's key / value relative
             embeddings and Transformer-XL's ``u`` / ``w``; all differentiable.
+        softcap: a float ``c > 0``: the scaled logits become ``c * tanh(scale * logit / c)``
+            before the biases are added and the masks applied (Gemma 2).
+        sinks: ``[Hq]`` float tensor of finite per-head logits that join each row's
+            softmax denominator and nothing else (gpt-oss): ``p_ij = exp(s_ij) /
+            (exp(sinks[h]) + sum_j exp(s_ij))``, so rows may sum to less than 1;
+            lse includes it; a row with no visible key gives zeros and ``lse =
+            sinks[h]``. Differentiable.
         **encodings: any further encoding registered in posattn.encodings, by its
             keyword (an unknown keyword raises ``TypeError`` listing them):
             ``kerple=`` :class:`posattn.KERPLE` (KERPLE's logarithmic bias
@@ -122,10 +129,11 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, q_pos=None, k_p
         with torch.autocast(q.device.type, enabled=False):
             return attention(q, k, v, causal=causal, scale=scale, window=window, q_pos=q_pos, k_pos=k_pos,
                              rope=rope, alibi_slopes=alibi_slopes, rel_bias=rel_bias, bias=bias,
-                             return_lse=return_lse, rel_emb=rel_emb, backend=backend, **encodings)
+                             return_lse=return_lse, rel_emb=rel_emb, softcap=softcap, sinks=sinks,
+                             backend=backend, **encodings)
     p = _validate.check(q, k, v, causal=causal, scale=scale, window=window, q_pos=q_pos, k_pos=k_pos,
                         rope=rope, alibi_slopes=alibi_slopes, rel_bias=rel_bias, bias=bias,
-                        return_lse=return_lse, rel_emb=rel_emb, **encodings)
+                        return_lse=return_lse, rel_emb=rel_emb, softcap=softcap, sinks=sinks, **encodings)
     name = _select(p, backend)
     if name != "reference" and torch.jit.is_tracing():
         raise RuntimeError(f"posattn: torch.jit.trace cannot record the {name!r} backend's kernels (the trace "

@@ -67,6 +67,8 @@ def _run(p: _validate.Problem, upcast: bool):
     for e in p.encodings:                                           # Shaw's key term
         e.add_logits(ctx)
     scores = ctx.logits * p.scale
+    for e in p.encodings:                                           # soft-capping
+        scores = e.cap_scores(ctx, scores)
     rel = ctx.rel
     keep = torch.ones_like(rel, dtype=torch.bool)
     if p.causal:
@@ -85,10 +87,20 @@ def _run(p: _validate.Problem, upcast: bool):
     scores = scores.masked_fill(~keep, float("-inf"))
 
     # Softmax by hand so that rows with no visible key give zeros, lse = -inf, no NaN.
+    # Sinks join the denominator only (such rows then have lse = sink).
+    sink = None
+    for e in p.encodings:
+        s = e.sink_logits(ctx)
+        if s is not None:
+            sink = s
     m = scores.amax(dim=-1, keepdim=True).detach()
+    if sink is not None:
+        m = torch.maximum(m, sink.detach())
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
     e = torch.exp(scores - m)
     l = e.sum(dim=-1, keepdim=True)
+    if sink is not None:
+        l = l + torch.exp(sink - m)
     probs = e / torch.where(l == 0, torch.ones_like(l), l)
     out = torch.matmul(probs.to(v.dtype), v)
     for e in p.encodings:                                           # Shaw's value term

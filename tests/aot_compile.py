@@ -42,10 +42,10 @@ def _problem(enc, dt, D):
         kw = dict(causal=True, rope=posattn.RoPE(), alibi_slopes=r(HQ), rel_bias=posattn.DistanceBias(r(HQ, 24), 15, 8),
                   bias=r(1, HQ, N, N, dtype=dt), kerple=posattn.KERPLE(r(HQ).abs().detach().requires_grad_(),
                                                                       r(HQ).abs().detach().requires_grad_()))
-    elif enc == "window+pos+ropei+grid+mask":
+    elif enc == "window+pos+ropei+grid+mask+softcap+sinks":
         kw = dict(window=(40, 9), q_pos=torch.arange(N), k_pos=torch.arange(N),
                   rope=posattn.RoPE(dim=32, interleaved=True), rel_bias=posattn.GridBias(r(31 * 19, HQ), (16, 10)),
-                  bias=torch.rand(N, N, generator=g) < 0.8)
+                  bias=torch.rand(N, N, generator=g) < 0.8, softcap=20.0, sinks=r(HQ))
     elif enc == "causal+shaw+xl":
         kw = dict(causal=True, rel_emb=posattn.RelativeEmbeddings(r(HQ, 9, D), r(HQ, 9, D), 4, r(HQ, D), r(HQ, D)))
     elif enc != "plain":
@@ -148,7 +148,7 @@ def cases(quick, only=None):
                     yield enc, dt, D
 
 
-ENCODINGS = ["plain", "causal+rope+alibi+table+bias", "window+pos+ropei+grid+mask", "causal+shaw+xl"]
+ENCODINGS = ["plain", "causal+rope+alibi+table+bias", "window+pos+ropei+grid+mask+softcap+sinks", "causal+shaw+xl"]
 
 
 def compile_case(args):

@@ -56,6 +56,10 @@ def _kerple(H, D, Nq, Nk, device, dtype):
                                       (0.1 + torch.rand(H, device=device)).requires_grad_()), causal=True)
 
 
+def _softcap_sinks(H, D, Nq, Nk, device, dtype):
+    return dict(softcap=3.0, sinks=torch.randn(H, device=device).requires_grad_(), window=(4, 1))
+
+
 CASES = {
     "rope": _rope,
     "rope-inv-freq": _rope_inv_freq,
@@ -66,4 +70,5 @@ CASES = {
     "mask": _mask,
     "shaw+xl": _shaw_xl,
     "kerple": _kerple,
+    "softcap+sinks": _softcap_sinks,
 }

@@ -58,11 +58,15 @@ def encoding(name, shape, device, dtype):
     if "kerple" in name:
         kw["kerple"] = posattn.KERPLE((0.5 + torch.rand(Hq, device=device)).requires_grad_(),
                                       (0.05 + 0.5 * torch.rand(Hq, device=device)).requires_grad_())
+    if "softcap" in name:  # a small cap: tanh well away from linear
+        kw["softcap"] = 2.5
+    if "sinks" in name:
+        kw["sinks"] = torch.randn(Hq, device=device).requires_grad_()
     return kw
 
 
 ENCODINGS = ["none", "rope", "ropei", "alibi", "dist", "bias", "mask", "rope+alibi", "rope+dist",
-             "rope+bias", "ropei+mask", "kerple+alibi"]
+             "rope+bias", "ropei+mask", "kerple+alibi", "softcap+sinks+dist"]
 MASKS = {"full": {}, "causal": {"causal": True}, "window": {"window": (23, 9)}}
 
 

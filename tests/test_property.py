@@ -44,6 +44,9 @@ def configs(draw):
         kw.pop("rope", None)    # float32 angles at 2^31 are PyTorch's error too, not this test's point
     if enc == "grid":  # one window per batch row: Nq <= Nk <= Wh * Ww
         Nq = min(Nq, Nk)
+    if draw(st.booleans()):
+        kw["softcap"] = draw(st.sampled_from([1.0, 5.0, 50.0]))
+    kw["sinks"] = draw(st.booleans())   # replaced by a random [Hq] tensor
     kw["return_lse"] = draw(st.booleans())
     seed = draw(st.integers(0, 2 ** 31 - 1))
     return (B, Hq, Hkv, Nq, Nk, D, dtype, enc, explicit_pos, regime, seed), kw
@@ -61,6 +64,7 @@ def test_random_configurations(device, cfg):
     q = rnd(B, Hq, Nq, D).requires_grad_()
     k = rnd(B, Hkv, Nk, D).requires_grad_()
     v = rnd(B, Hkv, Nk, D).requires_grad_()
+    kw["sinks"] = rnd(Hq, dt=torch.float32).requires_grad_() if kw["sinks"] else None
     if explicit_pos:
         top = 2 ** 31 - 1
         lo_q, lo_k, dt = {"small": (0, 0, torch.int64), "int32-edge": (top - 199, top - 199, torch.int32),

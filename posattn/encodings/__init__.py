@@ -13,6 +13,7 @@ from .tables import DistanceBias, GridBias, t5_relative_bucket
 from .dense import DenseBias
 from .relative import RelativeEmbeddings
 from .kerple import KERPLE
+from .softmax_terms import Sinks, SoftCap
 
 # What posattn exports (posattn.RoPE, ...): the objects users build.
 __all__ = ["RoPE", "DistanceBias", "GridBias", "RelativeEmbeddings", "KERPLE", "alibi_slopes"]

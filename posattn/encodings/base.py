@@ -84,7 +84,7 @@ class Encoding:
         """The same encoding with some of its tensors replaced (None keeps the current)."""
         return self
 
-    # -- reference terms (docs/SPEC.md's order: rotate, logits, scale, bias, mask, softmax, value)
+    # -- reference terms (docs/SPEC.md's order: rotate, logits, scale, cap, bias, mask, softmax with sinks, value)
     def rotate(self, x: torch.Tensor, pos: torch.Tensor, head_dim: int, dt: torch.dtype) -> torch.Tensor:
         """q or k ``[B, H, N, D]`` at positions ``pos`` ``[1 or B, N]`` -> transformed."""
         return x
@@ -96,12 +96,20 @@ class Encoding:
     def add_logits(self, ctx: "ReferenceTerms") -> None:
         """Add to ``ctx.logits`` (before scaling) terms that are products with q."""
 
+    def cap_scores(self, ctx: "ReferenceTerms", scores: torch.Tensor) -> torch.Tensor:
+        """The scaled logits, transformed before any bias is added (soft-capping)."""
+        return scores
+
     def score_bias(self, ctx: "ReferenceTerms") -> Optional[torch.Tensor]:
         """An additive score term (after scaling), broadcastable to [B, Hq, Nq, Nk]."""
         return None
 
     def keep_mask(self, ctx: "ReferenceTerms") -> Optional[torch.Tensor]:
         """A bool keep-mask broadcastable to [B, Hq, Nq, Nk]."""
+        return None
+
+    def sink_logits(self, ctx: "ReferenceTerms") -> Optional[torch.Tensor]:
+        """Logits broadcastable to [B, Hq, Nq, 1] that join the softmax's denominator only."""
         return None
 
     def value_term(self, ctx: "ReferenceTerms", probs: torch.Tensor) -> Optional[torch.Tensor]:
