@@ -173,9 +173,36 @@ def test_refusals():
     out, weights = hf.attention_forward(m.eval(), q, q, q, None, dropout=0.1)
     assert out.shape == (1, 4, 2, 8) and weights is None
     with pytest.raises(ValueError, match="softcap"):
-        hf.attention_forward(m, q, q, q, None, softcap=30.0)
+        hf.attention_forward(m, q, q, q, None, softcap=-1.0)
     with pytest.raises(ValueError, match="sinks"):
-        hf.attention_forward(m, q, q, q, None, s_aux=torch.zeros(2))
+        hf.attention_forward(m, q, q, q, None, s_aux=torch.zeros(3))
+
+
+def test_gemma2_softcap(registered):
+    """Gemma 2: logit soft-capping (a small cap, so that tanh is far from linear), its
+    query_pre_attn_scalar scaling and sliding-window layers: fused softcap=."""
+    config = transformers.Gemma2Config(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                       query_pre_attn_scalar=16, attn_logit_softcapping=2.0,
+                                       final_logit_softcapping=None, sliding_window=5,
+                                       max_position_embeddings=64)
+    ids = torch.randint(0, 100, (2, N))
+    _compare(transformers.Gemma2ForCausalLM, config, dict(input_ids=ids))
+    assert registered and all(c["softcap"] == 2.0 for c in registered)
+
+
+def test_gpt_oss_sinks(registered):
+    """gpt-oss: a learned sink logit per head (s_aux) in the softmax denominator, with
+    its gradient, and left padding."""
+    config = transformers.GptOssConfig(vocab_size=100, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                       num_local_experts=4, num_experts_per_tok=2, sliding_window=5,
+                                       max_position_embeddings=64)
+    ids = torch.randint(0, 100, (2, N))
+    mask = torch.ones(2, N, dtype=torch.long)
+    mask[1, :3] = 0
+    _compare(transformers.GptOssForCausalLM, config, dict(input_ids=ids, attention_mask=mask), keep=mask)
+    assert registered and all(c["sinks"] is not None for c in registered)
 
 
 def test_mask_and_position_bias_combined():

@@ -28,9 +28,11 @@ What the attention function receives, and what it does with it:
   transformers' SDPA path does); its gradient reaches the bias table through
   autograd.
 - ``scaling``: posattn's ``scale`` (T5 uses 1.0).
+- ``softcap`` (Gemma 2) and ``s_aux`` (gpt-oss's attention sinks, ``[Hq]``):
+  posattn's ``softcap=`` and ``sinks=``, fused in the kernels.
 
 Refused with an error: attention dropout while training (``dropout > 0``;
-posattn has no dropout), ``softcap``, attention sinks (``s_aux``) and paged caches.
+posattn has no dropout) and paged caches.
 ``output_attentions`` is not supported (the weights are returned as ``None``).
 
 BLOOM computes its attention itself (no AttentionInterface in transformers
@@ -66,10 +68,6 @@ def _combine(attention_mask, position_bias):
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                       position_bias=None, **kwargs):
     """transformers' attention-function signature: returns ``(out [B, Nq, Hq, D], None)``."""
-    if kwargs.get("softcap") is not None:
-        raise ValueError("posattn: attention logit softcapping (softcap) is not supported")
-    if kwargs.get("s_aux") is not None:
-        raise ValueError("posattn: attention sinks (s_aux) are not supported")
     if kwargs.get("cache") is not None:
         raise ValueError("posattn: paged attention caches are not supported")
     if dropout and getattr(module, "training", False):
@@ -93,7 +91,9 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     bias = _combine(attention_mask, position_bias)
     if bias is not None and bias.dtype != torch.bool and bias.dtype not in (query.dtype, torch.float32):
         bias = bias.to(query.dtype)
-    out = posattn.attention(query, key, value, causal=causal, scale=scaling, bias=bias)
+    # Gemma 2's logit soft-capping and gpt-oss's sinks (s_aux, [Hq]) are posattn's softcap= / sinks=
+    out = posattn.attention(query, key, value, causal=causal, scale=scaling, bias=bias,
+                            softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux"))
     return out.transpose(1, 2).contiguous(), None
 
 
