@@ -529,7 +529,7 @@ def group_model(members, tile):
 
 NONE = dict(CAUSAL=False, HAS_WL=False, HAS_WR=False, HAS_POS=False, ROPE=False, ROT_DIM=0, INTERLEAVED=False,
             ALIBI=False, TABLE=0, BIAS=False, BIAS_MASK=False, REL_K=False, REL_V=False, REL_U=False,
-            REL_W=False, UPCAST=False, SOFTCAP=False, SINKS=False)
+            REL_W=False, UPCAST=False, SOFTCAP=False, SINKS=False, DROPOUT=False)
 FWD_ENCODINGS = {
     "plain": {},
     "causal": dict(CAUSAL=True),
@@ -543,6 +543,7 @@ FWD_ENCODINGS = {
     "shaw-kv": dict(REL_K=True, REL_V=True),
     "softcap": dict(SOFTCAP=True),
     "causal+softcap+sinks": dict(CAUSAL=True, SOFTCAP=True, SINKS=True),
+    "dropout": dict(DROPOUT=True),
 }
 BWD_ENCODINGS = {"plain": ({}, {}), "rope": (dict(ROPE=True, ROT_DIM=-1), {}),
                  "alibi+dslope": (dict(ALIBI=True), dict(D_SLOPE=True)),
@@ -553,10 +554,11 @@ BWD_ENCODINGS = {"plain": ({}, {}), "rope": (dict(ROPE=True, ROT_DIM=-1), {}),
                  "bias[1,H]+dbias": (dict(BIAS=True, BIAS_BATCH=1), dict(D_BIAS=True)),
                  "shaw-kv+dak,dav": (dict(REL_K=True, REL_V=True), dict(D_AK=True, D_AV=True)),
                  "softcap": (dict(SOFTCAP=True), {}),
-                 "sinks+dsinks": (dict(SINKS=True), dict(D_SINKS=True))}
+                 "sinks+dsinks": (dict(SINKS=True), dict(D_SINKS=True)),
+                 "dropout": (dict(DROPOUT=True), {})}
 
 # --- copied from posattn tests/aot_compile.py (signature building), used by --aot
-POINTERS = set("Q K V Out Lse Lse2 Pos Params Table Bias Rel DO DK DV DQ Stats DLse DParams DAK DAV DBias".split())
+POINTERS = set("Q K V Out Lse Lse2 Pos Params Table Bias Rel Rng DO DK DV DQ Stats DLse DParams DAK DAV DBias".split())
 FLOAT_POINTERS = set("Lse Lse2 Stats DLse DParams DAK DAV DBias Params Table Rel".split())
 FLOATS = {"sm_scale"}
 
@@ -569,7 +571,7 @@ def aot_signature(fn, cx, dt, flags):
         if "constexpr" in str(prm.annotation):
             sig[p] = "constexpr"
         elif p in POINTERS:
-            sig[p] = "*fp32" if p in FLOAT_POINTERS else ("*i64" if p == "Pos" else "*" + dt)
+            sig[p] = "*fp32" if p in FLOAT_POINTERS else ("*i64" if p in ("Pos", "Rng") else "*" + dt)
         else:
             sig[p] = "fp32" if p in FLOATS else "i32"
     if "Bias" in sig and flags.get("BIAS"):
@@ -622,7 +624,11 @@ def posattn_launches(enc, D, backward, bwd_grads=None):
         kw["softcap"] = 50.0
     sinks = torch.randn(PH) if flags["SINKS"] else None
     kw["sinks"] = sinks
+    if flags["DROPOUT"]:
+        kw["dropout_p"] = 0.1
     p = _validate.check(q, k, v, **kw)
+    if p.dropout_p > 0:
+        p = p.replace(dropout_rng=torch.zeros(1, dtype=torch.int64))
     calls = []
 
     class Cap:

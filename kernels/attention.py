@@ -35,9 +35,9 @@ Conventions
 from .backward import _attn_bwd_dbias, _attn_bwd_delta, _attn_bwd_dkdv, _attn_bwd_rel  # noqa: F401
 from .common import *  # noqa: F401,F403  (LOG2E and the bit offsets: posattn/_triton.py packs with them)
 from .common import __all__ as _common
-from .forward import _attn_fwd  # noqa: F401
+from .forward import _attn_fwd, _dropout_mask  # noqa: F401
 from .params import _attn_bwd_dq  # noqa: F401
 from .rope import _rope_rotate  # noqa: F401
 
-__all__ = ["_rope_rotate", "_attn_fwd", "_attn_bwd_delta", "_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_bwd_rel", "_attn_bwd_dbias",
+__all__ = ["_rope_rotate", "_attn_fwd", "_dropout_mask", "_attn_bwd_delta", "_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_bwd_rel", "_attn_bwd_dbias",
            *_common]

@@ -6,7 +6,8 @@ are the rotated copies and dQ / dK are rotated back in the epilogues."""
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, _COL_BCAST, _D_AK, _D_AV, _DBIAS_ROWS, _HAS_POS, _HEAD_BCAST, _REL_K, _REL_V, _ROPE, _SOFTCAP,
+from .common import (LOG2E, _COL_BCAST, _D_AK, _D_AV, _DBIAS_ROWS, _DROPOUT, _HAS_POS, _HEAD_BCAST, _REL_K, _REL_V, _ROPE,
+                     _SOFTCAP,
                      _ROW_BCAST, _TABLE, _UPCAST, _beyond, _dot, _key_range, _load_row_stats, _load_tile, _part_range,
                      _positions, _query_range, _stats_row)
 from .rope import _rope_factor, _unrotate
@@ -34,9 +35,9 @@ def _attn_bwd_delta(Out, DO, Stats, DLse, sob, soh, som, sdob, sdoh, sdom,
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, Stats, DK, DV, DBias, Pos, Params, Table, Bias, Rel,
+def _attn_bwd_dkdv(Q, K, V, DO, Stats, DK, DV, DBias, Pos, Params, Table, Bias, Rel, Rng,
                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
-                   sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, sbb, sbh, sbm, bias_nb,
+                   sdkb, sdkh, sdkn, sbb, sbh, sbm, bias_nb,
                    Hq, Nq, Nk, D, sm_scale, win_l, win_r, tab_l, tab_r, rel_k,
                    FLAGS: tl.constexpr, ROT_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr):
@@ -51,7 +52,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, Stats, DK, DV, DBias, Pos, Params, Table, Bias, 
     NO_TABLE: tl.constexpr = FLAGS & ~(3 << _TABLE.value)
     REL_K: tl.constexpr = (FLAGS >> _REL_K.value) & 1
     REL_V: tl.constexpr = (FLAGS >> _REL_V.value) & 1
-    SHAW_FAR: tl.constexpr = (REL_K | REL_V) * (1 - FAR) * (1 - ((FLAGS >> _SOFTCAP.value) & 1))   # as in _attn_bwd_dq
+    SHAW_FAR: tl.constexpr = ((REL_K | REL_V) * (1 - FAR)
+                              * (1 - ((FLAGS >> _SOFTCAP.value) & 1 | (FLAGS >> _DROPOUT.value) & 1)))  # as in dQ
     NO_REL: tl.constexpr = FLAGS & ~(1 << _REL_K.value) & ~(1 << _REL_V.value)
     GROUP = Hq // tl.num_programs(1)   # query heads per kv head
     start_n = tl.program_id(0) * BLOCK_N
@@ -61,6 +63,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, Stats, DK, DV, DBias, Pos, Params, Table, Bias, 
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     qk_scale = sm_scale * LOG2E
+    seed = tl.load(Rng) if (FLAGS >> _DROPOUT.value) & 1 else 0
 
     pos_q = Pos + off_b * (Nq + Nk)
     kp = _positions(pos_q + Nq, offs_n, Nk, 0, FLAGS)
@@ -71,7 +74,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, Stats, DK, DV, DBias, Pos, Params, Table, Bias, 
     lo, hi = _query_range(start_n, BLOCK_N, Nq, Nk, win_l, win_r, FLAGS, BLOCK_M)
     for g in range(0, GROUP):
         off_h = off_hk * GROUP + g
-        slope, r1, r2, table_ptr, bias_ptr, ak_ptr, av_ptr, u_ptr, w_ptr, cap2, sink2 = _head_params(
+        slope, r1, r2, table_ptr, bias_ptr, ak_ptr, av_ptr, u_ptr, w_ptr, cap2, sink2, drop_p = _head_params(
             off_b, off_h, Params, Table, tab_l, tab_r, Bias, sbb, sbh, bias_nb, Rel, rel_k, Hq, D, FLAGS, ROT_DIM)
         q_base = Q + off_b * sqb + off_h * sqh
         do_base = DO + off_b * sdob + off_h * sdoh
@@ -102,11 +105,12 @@ def _attn_bwd_dkdv(Q, K, V, DO, Stats, DK, DV, DBias, Pos, Params, Table, Bias, 
                 else:
                     tile_c = far_c
                     tile_d = 0.0
-                p, ds, rel, ak, ds_qk = _probs_and_ds(
+                p, ds, rel, ak, ds_qk, p_v = _probs_and_ds(
                     qu, qw, k, v, do, ak_ptr, av_ptr, qp, kp, lse2 - tile_c, delta - tile_d, start_m, start_n, offs_m,
                     offs_n, offs_d, Nq, Nk, D, rel_k, qk_scale, slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm,
-                    win_l, win_r, cap2, FLAGS if part == 0 else NO_REL if SHAW_FAR else NO_TABLE, BLOCK_M, BLOCK_N)
-                dv += _dot(tl.trans(p.to(do.dtype)), do, UPCAST)
+                    win_l, win_r, cap2, seed, off_b * Hq + off_h, drop_p,
+                    FLAGS if part == 0 else NO_REL if SHAW_FAR else NO_TABLE, BLOCK_M, BLOCK_N)
+                dv += _dot(tl.trans(p_v.to(do.dtype)), do, UPCAST)
                 dk += _dot(tl.trans(ds_qk.to(qu.dtype)), qu, UPCAST)
                 if DBIAS_ROWS:
                     tl.store(DBias + (off_b % bias_nb) * sbb + off_h * sbh + offs_m[:, None] * sbm + offs_n[None, :],
@@ -118,12 +122,12 @@ def _attn_bwd_dkdv(Q, K, V, DO, Stats, DK, DV, DBias, Pos, Params, Table, Bias, 
     mask = (offs_n[:, None] < Nk) & (offs_d[None, :] < D)
     tl.store(DK + off_b * sdkb + off_hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=mask)
-    tl.store(DV + off_b * sdvb + off_hk * sdvh + offs_n[:, None] * sdvn + offs_d[None, :],
+    tl.store(DV + off_b * sdkb + off_hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :],
              dv.to(DV.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _attn_bwd_rel(Q, K, V, DO, Stats, DAK, DAV, Pos, Params, Table, Bias, Rel,
+def _attn_bwd_rel(Q, K, V, DO, Stats, DAK, DAV, Pos, Params, Table, Bias, Rel, Rng,
                   sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sbb, sbh, sbm, bias_nb,
                   Hq, Nq, Nk, D, GROUP, rel_first, head_step, sm_scale, win_l, win_r, tab_l, tab_r, rel_k,
                   FLAGS: tl.constexpr, GRADS: tl.constexpr, ROT_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -144,13 +148,14 @@ def _attn_bwd_rel(Q, K, V, DO, Stats, DAK, DAV, Pos, Params, Table, Bias, Rel,
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     qk_scale = sm_scale * LOG2E
+    seed = tl.load(Rng) if (FLAGS >> _DROPOUT.value) & 1 else 0
     pos_q = Pos + off_b * (Nq + Nk)
     acc_k = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     acc_v = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for h in range(ha, Hq, head_step):  # this table head's query heads
         off_h = tl.cast(h, tl.int64)
         off_hk = off_h // GROUP
-        slope, r1, r2, table_ptr, bias_ptr, ak_ptr, av_ptr, u_ptr, w_ptr, cap2, sink2 = _head_params(
+        slope, r1, r2, table_ptr, bias_ptr, ak_ptr, av_ptr, u_ptr, w_ptr, cap2, sink2, drop_p = _head_params(
             off_b, off_h, Params, Table, tab_l, tab_r, Bias, sbb, sbh, bias_nb, Rel, rel_k, Hq, D, FLAGS, ROT_DIM)
         stats = _stats_row(Stats, off_b * Hq + off_h, Nq)
         for start_m in range(0, Nq, BLOCK_M):
@@ -168,10 +173,10 @@ def _attn_bwd_rel(Q, K, V, DO, Stats, DAK, DAV, Pos, Params, Table, Bias, Rel,
                 kp = _positions(pos_q + Nq, offs_n, Nk, 0, FLAGS)
                 k = _load_tile(K + off_b * skb + off_hk * skh, offs_n, offs_d, skn, Nk, D)
                 v = _load_tile(V + off_b * svb + off_hk * svh, offs_n, offs_d, svn, Nk, D)
-                p, ds, rel, ak, ds_qk = _probs_and_ds(
+                p, ds, rel, ak, ds_qk, p_v = _probs_and_ds(
                     qu, qw, k, v, do, ak_ptr, av_ptr, qp, kp, lse2, delta, start_m, start_n, offs_m,
                     offs_n, offs_d, Nq, Nk, D, rel_k, qk_scale, slope, r1, r2, table_ptr, tab_l, tab_r,
-                    bias_ptr, sbm, win_l, win_r, cap2, FLAGS, BLOCK_M, BLOCK_N)
+                    bias_ptr, sbm, win_l, win_r, cap2, seed, off_b * Hq + off_h, drop_p, FLAGS, BLOCK_M, BLOCK_N)
                 # column r of row i: the key at distance rel0 + r, if it is in this tile
                 jl = (start_m + shift + rel0 - start_n) + offs_n0[None, :] + offs_m0[:, None]
                 inside = (jl >= 0) & (jl < BLOCK_N)
@@ -180,7 +185,7 @@ def _attn_bwd_rel(Q, K, V, DO, Stats, DAK, DAV, Pos, Params, Table, Bias, Rel,
                     ds_r = tl.where(inside, tl.gather(ds_qk, jl, axis=1), 0.0)
                     acc_k += _dot(tl.trans(ds_r.to(qw.dtype)), qw, UPCAST)
                 if D_AV:
-                    p_r = tl.where(inside, tl.gather(p, jl, axis=1), 0.0)
+                    p_r = tl.where(inside, tl.gather(p_v, jl, axis=1), 0.0)
                     acc_v += _dot(tl.trans(p_r.to(do.dtype)), do, UPCAST)
 
     rel = rel0 + offs_n0
@@ -194,7 +199,7 @@ def _attn_bwd_rel(Q, K, V, DO, Stats, DAK, DAV, Pos, Params, Table, Bias, Rel,
 
 
 @triton.jit
-def _attn_bwd_dbias(Q, K, V, DO, Stats, DBias, Pos, Params, Table, Bias, Rel,
+def _attn_bwd_dbias(Q, K, V, DO, Stats, DBias, Pos, Params, Table, Bias, Rel, Rng,
                     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sbb, sbh, sbm, bias_nb,
                     B, Hq, Nq, Nk, D, GROUP, BH, BM_, BN_, NUM_N, sm_scale, win_l, win_r, tab_l, tab_r, rel_k,
                     FLAGS: tl.constexpr, GRADS: tl.constexpr, ROT_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -232,6 +237,7 @@ def _attn_bwd_dbias(Q, K, V, DO, Stats, DBias, Pos, Params, Table, Bias, Rel,
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     qk_scale = sm_scale * LOG2E
+    seed = tl.load(Rng) if (FLAGS >> _DROPOUT.value) & 1 else 0
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for b in range(ob, B, bias_nb):  # every batch whose bias is bias[ob] (b % nB == ob)
         off_b = tl.cast(b, tl.int64)
@@ -240,7 +246,7 @@ def _attn_bwd_dbias(Q, K, V, DO, Stats, DBias, Pos, Params, Table, Bias, Rel,
             off_h = tl.cast(h, tl.int64)
             off_hk = off_h // GROUP
             stats = _stats_row(Stats, off_b * Hq + off_h, Nq)
-            slope, r1, r2, table_ptr, bias_ptr, ak_ptr, av_ptr, u_ptr, w_ptr, cap2, sink2 = _head_params(
+            slope, r1, r2, table_ptr, bias_ptr, ak_ptr, av_ptr, u_ptr, w_ptr, cap2, sink2, drop_p = _head_params(
                 off_b, off_h, Params, Table, tab_l, tab_r, Bias, sbb, sbh, bias_nb, Rel, rel_k, Hq, D, FLAGS,
                 ROT_DIM)
             for start_m in range(m_lo, m_hi, BLOCK_M):
@@ -254,10 +260,11 @@ def _attn_bwd_dbias(Q, K, V, DO, Stats, DBias, Pos, Params, Table, Bias, Rel,
                     kp = _positions(pos_q + Nq, offs_n, Nk, 0, FLAGS)
                     k = _load_tile(K + off_b * skb + off_hk * skh, offs_n, offs_d, skn, Nk, D)
                     v = _load_tile(V + off_b * svb + off_hk * svh, offs_n, offs_d, svn, Nk, D)
-                    p, ds, rel, ak, ds_qk = _probs_and_ds(
+                    p, ds, rel, ak, ds_qk, p_v = _probs_and_ds(
                         qu, qw, k, v, do, ak_ptr, av_ptr, qp, kp, lse2, delta, start_m, start_n, offs_m,
                         offs_n, offs_d, Nq, Nk, D, rel_k, qk_scale, slope, r1, r2, table_ptr, tab_l, tab_r,
-                        bias_ptr, sbm, win_l, win_r, cap2, FLAGS, BLOCK_M, BLOCK_N)
+                        bias_ptr, sbm, win_l, win_r, cap2, seed, off_b * Hq + off_h, drop_p, FLAGS, BLOCK_M,
+                        BLOCK_N)
                     acc += ds
 
     offs_m = pid_m * BLOCK_M + offs_m0

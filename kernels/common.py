@@ -7,7 +7,7 @@ __all__ = ["LOG2E", "_CAUSAL", "_HAS_WL", "_HAS_WR", "_HAS_POS", "_ROPE", "_INTE
            "_BIAS", "_BIAS_MASK", "_REL_K", "_REL_V", "_REL_U", "_REL_W", "_UPCAST", "_KERPLE", "_D_SLOPE",
            "_D_TABLE", "_D_U", "_D_W", "_D_AK", "_D_AV", "_DELTA_PASS", "_HEAD_BCAST", "_ROW_BCAST",
            "_COL_BCAST", "_D_KERPLE", "_CORRECT", "_TABLE_PASS", "_REL_SHARED", "_BIAS_KEYS",
-           "_SCALE_POS", "_DBIAS_ROWS", "_SOFTCAP", "_SINKS", "_FAST_TANH"]  # (and the helpers, imported by name)
+           "_SCALE_POS", "_DBIAS_ROWS", "_SOFTCAP", "_SINKS", "_FAST_TANH", "_DROPOUT"]  # (and the helpers, imported by name)
 
 LOG2E = tl.constexpr(1.4426950408889634)  # a constexpr: jitted code reads no plain globals
 
@@ -39,6 +39,7 @@ _DBIAS_ROWS = tl.constexpr(20)  # backward: the dense bias has a row per (batch,
 _SOFTCAP = tl.constexpr(21)     # scaled logits capped: cap * tanh(scale * logit / cap)
 _SINKS = tl.constexpr(22)       # a per-head logit in every row's softmax denominator
 _FAST_TANH = tl.constexpr(23)   # softcap's tanh by the GPU's tanh.approx (half-precision inputs)
+_DROPOUT = tl.constexpr(24)     # attention dropout: a Philox keep-mask drawn per (batch, head, row, key)
 _D_SLOPE = tl.constexpr(0)
 _D_TABLE = tl.constexpr(1)
 _D_U = tl.constexpr(2)
@@ -71,6 +72,18 @@ def _tanh(x, FAST: tl.constexpr):
                                          is_pure=True, pack=1)
     else:  # 1 - 2 / (e^2x + 1): +-1 at the limits, absolute error ~ float32 eps
         return 1.0 - 2.0 / (tl.math.exp2(x * (2.0 * LOG2E)) + 1.0)
+
+
+@triton.jit
+def _dropout_keep(seed, bh, offs_m, offs_n, drop_p):
+    """Dropout's keep-mask of a tile: Philox with key `seed` and counter (key j, row i,
+    b * Hq + h, 0) (32-bit words: no 64-bit index arithmetic per element), so that the
+    forward and every backward kernel draw the same mask whatever their tiling; kept
+    with probability 1 - drop_p."""
+    zero = (offs_m[:, None] * 0 + offs_n[None, :] * 0).to(tl.uint32)
+    r, _, _, _ = tl.philox(seed, zero + offs_n[None, :].to(tl.uint32), zero + offs_m[:, None].to(tl.uint32),
+                           zero + bh.to(tl.uint32), zero)
+    return tl.uint_to_uniform_float(r) >= drop_p
 
 
 @triton.jit

@@ -3,7 +3,8 @@ import triton
 import triton.language as tl
 
 from .common import (LOG2E, _ALIBI, _BIAS, _BIAS_MASK, _CAUSAL, _HAS_POS, _KERPLE, _REL_K, _REL_V, _SCALE_POS, _SINKS,
-                     _SOFTCAP, _TABLE, _UPCAST, _beyond, _dot, _key_range, _load_tile, _positions, _split_keys)
+                     _SOFTCAP, _TABLE, _UPCAST, _DROPOUT, _beyond, _dot, _dropout_keep, _key_range, _load_tile, _positions,
+                     _split_keys)
 from .relative import _keys_to_rel, _load_rel, _rel_end_rows, _rel_rows, _row_dot
 from .scores import _head_params, _load_queries, _logits, _scores, _table_far
 
@@ -11,7 +12,7 @@ from .scores import _head_params, _load_queries, _logits, _scores, _table_far
 @triton.jit
 def _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_k, k_base, v_base, ak_ptr, av_ptr,
               offs_m, offs_n0, offs_d, Nq, Nk, D, skn, svn, rel_k, qk_scale, slope, r1, r2, table_ptr,
-              tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, col_add, row_add, v_add,
+              tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, seed, rng_row, drop_p, col_add, row_add, v_add,
               FLAGS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
               COLS: tl.constexpr = 0, V_ADD: tl.constexpr = 0):
     """One key tile of the online softmax: scores, running max and sum, P @ V.
@@ -20,9 +21,11 @@ def _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_k, k_base, v_base
     and the exponent: 0.0, a far DistanceBias tile's column, or ALiBi's bias on one
     side of the diagonal, slope * (j - i) = column term + row term. With V_ADD, v_add
     [BLOCK_D] is added to every value row (Shaw's aV end row on a tile beyond the
-    clip): acc += rowsum(P) v_add."""
+    clip): acc += rowsum(P) v_add. With DROPOUT, P @ V takes P * keep (the 1 / (1 - p)
+    is applied once, at the end); the row sum l does not."""
     REL_V: tl.constexpr = (FLAGS >> _REL_V.value) & 1
     UPCAST: tl.constexpr = (FLAGS >> _UPCAST.value) & 1
+    DROPOUT: tl.constexpr = (FLAGS >> _DROPOUT.value) & 1
     ADDITIVE: tl.constexpr = ((FLAGS >> _ALIBI.value) & 1 | (FLAGS >> _KERPLE.value) & 1 | (FLAGS >> _TABLE.value) & 3
                               | (FLAGS >> _REL_K.value) & 1 | (FLAGS >> _BIAS.value) & 1 & ~(FLAGS >> _BIAS_MASK.value))
     SOFTCAP: tl.constexpr = (FLAGS >> _SOFTCAP.value) & 1
@@ -58,6 +61,8 @@ def _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_k, k_base, v_base
     alpha = tl.math.exp2(m_i - m_safe)
     p_sum = tl.sum(p, 1)
     l_i = l_i * alpha + p_sum
+    if DROPOUT:
+        p = tl.where(_dropout_keep(seed, rng_row, offs_m, offs_n, drop_p), p, 0.0)
     v = _load_tile(v_base, offs_n, offs_d, svn, Nk, D)
     acc = acc * alpha[:, None]
     if V_ADD:
@@ -70,7 +75,7 @@ def _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_k, k_base, v_base
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel,
+def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel, Rng,
               sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, sbb, sbh, sbm, bias_nb,
               Hq, Nq, Nk, D, GROUP, sm_scale, win_l, win_r, tab_l, tab_r, rel_k,
               FLAGS: tl.constexpr, ROT_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -97,8 +102,10 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel,
     NO_REL: tl.constexpr = FLAGS & ~(1 << _REL_K.value) & ~(1 << _REL_V.value)
     CAUSAL: tl.constexpr = (FLAGS >> _CAUSAL.value) & 1
     SINKS: tl.constexpr = (FLAGS >> _SINKS.value) & 1
-    # Shaw's tiles beyond the clip fold the key term into the row max: not through a soft cap
-    SHAW_FAR: tl.constexpr = 1 - ((FLAGS >> _SOFTCAP.value) & 1)
+    DROPOUT: tl.constexpr = (FLAGS >> _DROPOUT.value) & 1
+    # Shaw's tiles beyond the clip fold the key term into the row max and rowsum(P) aV:
+    # not through a soft cap, nor under dropout
+    SHAW_FAR: tl.constexpr = 1 - ((FLAGS >> _SOFTCAP.value) & 1 | DROPOUT)
     start_m = tl.program_id(0) * BLOCK_M
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
@@ -109,13 +116,15 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel,
     offs_d = tl.arange(0, BLOCK_D)
     qk_scale = sm_scale * LOG2E
 
-    slope, r1, r2, table_ptr, bias_ptr, ak_ptr, av_ptr, u_ptr, w_ptr, cap2, sink2 = _head_params(
+    slope, r1, r2, table_ptr, bias_ptr, ak_ptr, av_ptr, u_ptr, w_ptr, cap2, sink2, drop_p = _head_params(
         off_b, off_h, Params, Table, tab_l, tab_r, Bias, sbb, sbh, bias_nb, Rel, rel_k, Hq, D, FLAGS, ROT_DIM)
     pos_q = Pos + off_b * (Nq + Nk)
     qp, q, qu, qw = _load_queries(Q + off_b * sqb + off_h * sqh, pos_q, offs_m, offs_d, sqm, Nq, Nk, D,
                                   u_ptr, w_ptr, FLAGS)
     k_base = K + off_b * skb + off_hk * skh
     v_base = V + off_b * svb + off_hk * svh
+    seed = tl.load(Rng) if DROPOUT else 0
+    rng_row = off_bh   # dropout's counter word for (batch, head)
 
     if SINKS:  # the sink as the first "key": exp2(sink2 - m) with m = sink2, no value
         m_i = tl.zeros([BLOCK_M], tl.float32) + sink2
@@ -145,7 +154,7 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel,
             start_n = tl.where(low, f_lo + t * BLOCK_N, b_hi + (t - n_side_low) * BLOCK_N)
             acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_q + Nq, k_base, v_base,
                                       ak_ptr, av_ptr, offs_m, offs_n0, offs_d, Nq, Nk, D, skn, svn, rel_k, qk_scale,
-                                      slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, 0.0,
+                                      slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, seed, rng_row, drop_p, 0.0,
                                       tl.where(low, r_low, r_high), tl.where(low, av_low, av_high), NO_REL,
                                       BLOCK_M, BLOCK_N, 0, 0, REL_V)
         n_near = (b_hi - b_lo) // BLOCK_N
@@ -155,7 +164,7 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel,
                                         f_hi + (t - n_low - n_near) * BLOCK_N))
             acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_q + Nq, k_base, v_base,
                                       ak_ptr, av_ptr, offs_m, offs_n0, offs_d, Nq, Nk, D, skn, svn, rel_k, qk_scale,
-                                      slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, 0.0, 0.0, 0.0,
+                                      slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, seed, rng_row, drop_p, 0.0, 0.0, 0.0,
                                       FLAGS, BLOCK_M, BLOCK_N, 1)
     else:
         f_lo, f_hi, n_low, n_masked = _split_keys(start_m, BLOCK_M, Nq, Nk, lo, hi, win_l, win_r, FLAGS, BLOCK_N)
@@ -187,26 +196,40 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel,
                 acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_q + Nq, k_base, v_base,
                                           ak_ptr, av_ptr, offs_m, offs_n0, offs_d, Nq, Nk, D, skn, svn, rel_k,
                                           qk_scale, slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l,
-                                          win_r, cap2, col, row, 0.0, NO_TABLE if FAR else NO_ALIBI, BLOCK_M, BLOCK_N, 0,
+                                          win_r, cap2, seed, rng_row, drop_p, col, row, 0.0, NO_TABLE if FAR else NO_ALIBI, BLOCK_M, BLOCK_N, 0,
                                           1 - FAR)
         # interior tiles: no mask (none left here for causal ALiBi: all are below the diagonal)
         for start_n in range(b_lo, b_lo if ALIBI_SIDES and CAUSAL else b_hi, BLOCK_N):
             acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_q + Nq, k_base, v_base,
                                       ak_ptr, av_ptr, offs_m, offs_n0, offs_d, Nq, Nk, D, skn, svn, rel_k, qk_scale,
-                                      slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, 0.0, 0.0, 0.0,
+                                      slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, seed, rng_row, drop_p, 0.0, 0.0, 0.0,
                                       FLAGS, BLOCK_M, BLOCK_N, 0)
         for t in range(0, n_masked):  # boundary tiles (bounds, causal diagonal, window edges), masked
             start_n = tl.where(t < n_low, lo + t * BLOCK_N, f_hi + (t - n_low) * BLOCK_N)
             acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_q + Nq, k_base, v_base,
                                       ak_ptr, av_ptr, offs_m, offs_n0, offs_d, Nq, Nk, D, skn, svn, rel_k, qk_scale,
-                                      slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, 0.0, 0.0, 0.0,
+                                      slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, seed, rng_row, drop_p, 0.0, 0.0, 0.0,
                                       FLAGS, BLOCK_M, BLOCK_N, 1)
 
     # Rows that saw no key: output 0, lse = -inf.
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    if DROPOUT:
+        out = out * (1.0 / (1.0 - drop_p))
     lse2 = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
     o_ptrs = Out + off_b * sob + off_h * soh + offs_m[:, None] * som + offs_d[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < D))
     tl.store(Lse + off_bh * Nq + offs_m, lse2 / LOG2E, mask=offs_m < Nq)
     tl.store(Lse2 + off_bh * Nq + offs_m, lse2, mask=offs_m < Nq)
+
+
+@triton.jit
+def _dropout_mask(Rng, Out, Nq, Nk, drop_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The keep-mask [B * Hq, Nq, Nk] (int8) of seed Rng[0]: posattn.testing's hook, and
+    the double backward's reference pass (the attention kernels never store it)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    bh = tl.program_id(2).to(tl.int64)
+    keep = _dropout_keep(tl.load(Rng), bh, offs_m, offs_n, drop_p)
+    tl.store(Out + (bh * Nq + offs_m[:, None]) * Nk + offs_n[None, :], keep.to(tl.int8),
+             mask=(offs_m[:, None] < Nq) & (offs_n[None, :] < Nk))

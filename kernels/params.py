@@ -5,7 +5,7 @@ import triton
 import triton.language as tl
 
 from .common import (LOG2E, _CORRECT, _HAS_POS, _DELTA_PASS, _TABLE_PASS, _D_AK, _D_AV, _D_KERPLE, _D_SLOPE,
-                     _D_TABLE, _D_U, _D_W, _REL_K, _REL_V, _ROPE, _SINKS, _SOFTCAP, _TABLE, _UPCAST, _beyond, _dot, _key_range, _part_range,
+                     _D_TABLE, _D_U, _D_W, _DROPOUT, _REL_K, _REL_V, _ROPE, _SINKS, _SOFTCAP, _TABLE, _UPCAST, _beyond, _dot, _key_range, _part_range,
                      _load_row_stats, _load_tile, _positions, _stats_row)
 from .rope import _rope_factor, _unrotate
 from .relative import _keys_to_rel, _rel_end_rows, _row_dot
@@ -73,7 +73,7 @@ def _table_histogram(d_tab, ds, rel, qp, kp, start_m, start_n, Nq, Nk, tab_l, ta
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
+def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel, Rng,
                  sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sdqb, sdqh, sdqm,
                  sbb, sbh, sbm, bias_nb,
                  Hq, Nq, Nk, D, GROUP, sm_scale, win_l, win_r, tab_l, tab_r, rel_k,
@@ -121,7 +121,9 @@ def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
     REL_V: tl.constexpr = (FLAGS >> _REL_V.value) & 1
     # Shaw (default positions, no DistanceBias split): key tiles beyond the clip read
     # aK / aV's end rows only and run as plain tiles (see _attn_fwd)
-    SHAW_FAR: tl.constexpr = (REL_K | REL_V) * (1 - FAR) * (1 - ((FLAGS >> _SOFTCAP.value) & 1))
+    # (not through a soft cap, nor under dropout: see _attn_fwd)
+    SHAW_FAR: tl.constexpr = ((REL_K | REL_V) * (1 - FAR)
+                              * (1 - ((FLAGS >> _SOFTCAP.value) & 1 | (FLAGS >> _DROPOUT.value) & 1)))
     SINKS: tl.constexpr = (FLAGS >> _SINKS.value) & 1
     NO_REL: tl.constexpr = FLAGS & ~(1 << _REL_K.value) & ~(1 << _REL_V.value)
     pid_m = tl.program_id(0)
@@ -134,11 +136,12 @@ def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     qk_scale = sm_scale * LOG2E
+    seed = tl.load(Rng) if (FLAGS >> _DROPOUT.value) & 1 else 0
     T = 0  # the bias table's columns
     if TABLE:
         T = _table_columns(tab_l, tab_r, TABLE)
 
-    slope, r1, r2, table_ptr, bias_ptr, ak_ptr, av_ptr, u_ptr, w_ptr, cap2, sink2 = _head_params(
+    slope, r1, r2, table_ptr, bias_ptr, ak_ptr, av_ptr, u_ptr, w_ptr, cap2, sink2, drop_p = _head_params(
         off_b, off_h, Params, Table, tab_l, tab_r, Bias, sbb, sbh, bias_nb, Rel, rel_k, Hq, D, FLAGS, ROT_DIM)
     pos_q = Pos + off_b * (Nq + Nk)
     qp, q, qu, qw = _load_queries(Q + off_b * sqb + off_h * sqh, pos_q, offs_m, offs_d, sqm, Nq, Nk, D,
@@ -206,10 +209,11 @@ def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
             kp = _positions(pos_q + Nq, offs_n, Nk, 0, FLAGS)
             k = _load_tile(k_base, offs_n, offs_d, skn, Nk, D)
             v = _load_tile(v_base, offs_n, offs_d, svn, Nk, D)
-            p, ds, rel, ak, ds_qk = _probs_and_ds(
+            p, ds, rel, ak, ds_qk, p_v = _probs_and_ds(
                 qu, qw, k, v, do, ak_ptr, av_ptr, qp, kp, lse2 - far_c, delta - far_d, start_m, start_n, offs_m,
                 offs_n, offs_d, Nq, Nk, D, rel_k, qk_scale, slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm,
-                win_l, win_r, cap2, FLAGS if part == 0 else NO_REL if SHAW_FAR else NO_TABLE, BLOCK_M, BLOCK_N)
+                win_l, win_r, cap2, seed, off_bh, drop_p, FLAGS if part == 0 else NO_REL if SHAW_FAR else NO_TABLE,
+                BLOCK_M, BLOCK_N)
             if DELTA_PASS:
                 p_dp += tl.sum(ds, 1)
                 p_sum += tl.sum(p, 1)
@@ -263,8 +267,8 @@ def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
                         ds_left += tl.sum(tl.where(left, ds_qk, 0.0), 1)
                         ds_right += tl.sum(tl.where(right, ds_qk, 0.0), 1)
                     if D_AV:
-                        p_left += tl.sum(tl.where(left, p, 0.0), 1)
-                        p_right += tl.sum(tl.where(right, p, 0.0), 1)
+                        p_left += tl.sum(tl.where(left, p_v, 0.0), 1)
+                        p_right += tl.sum(tl.where(right, p_v, 0.0), 1)
 
     if DELTA_PASS:
         if SINKS:  # the sink's probability joins the row's total

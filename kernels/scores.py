@@ -5,8 +5,8 @@ import triton
 import triton.language as tl
 
 from .common import (LOG2E, _ALIBI, _BIAS, _BIAS_KEYS, _BIAS_MASK, _CAUSAL, _FAST_TANH, _HAS_WL, _HAS_WR, _KERPLE,
-                     _REL_K, _REL_SHARED, _REL_U, _REL_V, _REL_W, _ROPE, _SINKS, _SOFTCAP, _TABLE, _UPCAST, _beyond,
-                     _dot, _load_tile, _positions, _tanh)
+                     _REL_K, _REL_SHARED, _REL_U, _REL_V, _REL_W, _ROPE, _SINKS, _SOFTCAP, _TABLE, _UPCAST, _DROPOUT, _beyond,
+                     _dot, _dropout_keep, _load_tile, _positions, _tanh)
 from .relative import _add_row, _load_rel, _rel_rows, _rel_to_keys
 
 
@@ -63,7 +63,8 @@ def _head_params(off_b, off_h, Params, Table, tab_l, tab_r, Bias, sbb, sbh, bias
     Params (float32) holds the encodings' small tensors, each present only with its
     flag, in this order (posattn/_triton.py writes it): RoPE's ROT_DIM / 2 frequencies
     and attention factor, KERPLE's r1 [Hq] and r2 [Hq], Transformer-XL's u [Hq, D] and
-    w [Hq, D], the soft cap [1], the sinks [Hq], ALiBi's slopes [B, Hq]. Rel holds aK then aV,
+    w [Hq, D], the soft cap [1], the sinks [Hq], the dropout probability [1], ALiBi's slopes
+    [B, Hq]. Rel holds aK then aV,
     each [Hr, 2K+1, D]
     (Hr = 1 with REL_SHARED, else Hq); Table is [Hq, T] contiguous."""
     ROPE: tl.constexpr = (FLAGS >> _ROPE.value) & 1
@@ -76,6 +77,7 @@ def _head_params(off_b, off_h, Params, Table, tab_l, tab_r, Bias, sbb, sbh, bias
     TABLE: tl.constexpr = (FLAGS >> _TABLE.value) & 3
     SOFTCAP: tl.constexpr = (FLAGS >> _SOFTCAP.value) & 1
     SINKS: tl.constexpr = (FLAGS >> _SINKS.value) & 1
+    DROPOUT: tl.constexpr = (FLAGS >> _DROPOUT.value) & 1
     ptr = Params
     if ROPE:
         ptr += ROT_DIM // 2 + 1
@@ -99,6 +101,10 @@ def _head_params(off_b, off_h, Params, Table, tab_l, tab_r, Bias, sbb, sbh, bias
     if SINKS:
         sink2 = tl.load(ptr + off_h) * LOG2E
         ptr += Hq
+    drop_p = 0.0
+    if DROPOUT:
+        drop_p = tl.load(ptr)
+        ptr += 1
     slope = 0.0
     if ALIBI:  # last: the only segment whose size depends on B
         slope = tl.load(ptr + off_b * Hq + off_h)
@@ -113,7 +119,7 @@ def _head_params(off_b, off_h, Params, Table, tab_l, tab_r, Bias, sbb, sbh, bias
         ak_ptr = Rel + off_h * rel_rows
         av_ptr = ak_ptr + Hq * rel_rows if REL_K else ak_ptr
     return (slope, r1, r2, table_ptr, Bias + (off_b % bias_nb) * sbb + off_h * sbh, ak_ptr, av_ptr,
-            u_ptr, w_ptr, cap2, sink2)
+            u_ptr, w_ptr, cap2, sink2, drop_p)
 
 
 @triton.jit
@@ -211,16 +217,20 @@ def _scores(qk, qp, kp, offs_m, offs_n, Nq, Nk, qk_scale, slope, r1, r2, table_p
 @triton.jit
 def _probs_and_ds(qu, qw, k, v, do, ak_ptr, av_ptr, qp, kp, lse2, delta, start_m, start_n, offs_m, offs_n,
                   offs_d, Nq, Nk, D, rel_k, qk_scale, slope, r1, r2, table_ptr, tab_l, tab_r,
-                  bias_ptr, sbm, win_l, win_r, cap2,
+                  bias_ptr, sbm, win_l, win_r, cap2, seed, rng_row, drop_p,
                   FLAGS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr = 1):
     """Recompute P from the saved log-sum-exp and dS = P * (dP - delta), the gradient
     w.r.t. the natural-domain score scale * q.k + bias. dP_ij = dO_i . (v_j + aV[c]).
     Also returns rel, the aK slice (for dQ's position term) and dS_qk, the gradient
-    w.r.t. scale * logit (dS; with SOFTCAP, dS * (1 - t^2)) that dQ, dK and d(aK) use."""
+    w.r.t. scale * logit (dS; with SOFTCAP, dS * (1 - t^2)) that dQ, dK and d(aK) use, and
+    the probabilities that multiplied the values (P; with DROPOUT, P * keep / (1 - p):
+    dV and d(aV) use them). With DROPOUT, dP is masked and scaled the same way; delta =
+    rowsum(dO * O) is unchanged (FlashAttention 2's dropout backward)."""
     REL_V: tl.constexpr = (FLAGS >> _REL_V.value) & 1
     UPCAST: tl.constexpr = (FLAGS >> _UPCAST.value) & 1
     qk, ak = _logits(qu, qw, k, ak_ptr, start_m, start_n, Nq, Nk, rel_k, offs_d, D, FLAGS, BLOCK_M, BLOCK_N)
     SOFTCAP: tl.constexpr = (FLAGS >> _SOFTCAP.value) & 1
+    DROPOUT: tl.constexpr = (FLAGS >> _DROPOUT.value) & 1
     s, rel, t = _scores(qk, qp, kp, offs_m, offs_n, Nq, Nk, qk_scale, slope, r1, r2, table_ptr,
                         tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, FLAGS, MASKED)
     p = tl.math.exp2(s - lse2[:, None])
@@ -228,6 +238,13 @@ def _probs_and_ds(qu, qw, k, v, do, ak_ptr, av_ptr, qp, kp, lse2, delta, start_m
     if REL_V:
         av = _load_rel(av_ptr, _rel_rows(start_m, start_n, Nq, Nk, rel_k, BLOCK_M, BLOCK_N), offs_d, D)
         dp += _rel_to_keys(_dot(do, tl.trans(av.to(do.dtype)), UPCAST), BLOCK_M, BLOCK_N)
+    if DROPOUT:
+        keep = _dropout_keep(seed, rng_row, offs_m, offs_n, drop_p)
+        inv_keep = 1.0 / (1.0 - drop_p)
+        dp = tl.where(keep, dp * inv_keep, 0.0)
+        p_v = tl.where(keep, p * inv_keep, 0.0)
+    else:
+        p_v = p
     ds = p * (dp - delta[:, None])
     ds_qk = ds * (1.0 - t * t) if SOFTCAP else ds
-    return p, ds, rel, ak, ds_qk
+    return p, ds, rel, ak, ds_qk, p_v

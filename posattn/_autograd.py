@@ -60,6 +60,10 @@ class FusedBackward(torch.autograd.Function):
         slots = [q, k, v, *params]                    # the forward's outputs are their gradients
         live = [i for i, t in enumerate(slots) if t is not None and t.is_floating_point()]
         p, names = ctx.problem, ctx.names
+        keep = None
+        if p.dropout_p > 0:  # the kernels' keep-mask, for the reference's recomputation
+            from . import _dropout
+            keep = _dropout.keep_mask(p.B, p.Hq, p.Nq, p.Nk, p.dropout_p, p.dropout_rng)
 
         def first(*ins):
             """The first derivatives at ``ins`` (the live slots, then dout [, dlse]) from
@@ -73,7 +77,7 @@ class FusedBackward(torch.autograd.Function):
                     use[i] = x
                 rp = p.with_tensors(use[0], use[1], use[2],
                                     {n: t for n, t in zip(names, use[3:]) if t is not None})
-                out, lse = reference._run(dataclasses.replace(rp, return_lse=True), upcast=False)
+                out, lse = reference._run(dataclasses.replace(rp, return_lse=True), upcast=False, dropout_mask=keep)
                 return (out, lse) if dlse is not None else (out,)
 
             _, vjp = torch.func.vjp(attend, *xs)

@@ -114,7 +114,8 @@ DECLARATION = Declaration(
     dtypes=(torch.float16, torch.bfloat16, torch.float32),
     max_head_dim=256,
     encodings={RoPE: None, ALiBi: None, DistanceBias: None, GridBias: None, DenseBias: None},
-    checks=(_grid_limits,),
+    checks=(_grid_limits, lambda p: "attention dropout (dropout_p > 0) is not implemented by the cuda backend"
+                                    if p.dropout_p > 0 else None),
 )
 
 

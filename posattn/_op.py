@@ -36,7 +36,7 @@ from torch import Tensor
 from . import _autograd, _triton, _validate
 from .encodings import KERPLE, ALiBi, DenseBias, DistanceBias, GridBias, RelativeEmbeddings, RoPE, Sinks, SoftCap
 from .kernels.attention import (_attn_bwd_dbias, _attn_bwd_delta, _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_rel,
-                                _attn_fwd, _rope_rotate)
+                                _attn_fwd, _dropout_mask, _rope_rotate)
 
 __all__ = ["attention", "op_args", "fwd", "bwd", "CODECS"]
 
@@ -141,8 +141,10 @@ CODECS = (
           lambda e, p: ((None if e is None else e.sinks,), ()),
           lambda t, sc: None if t[0] is None else Sinks(t[0])),
 )
-_COMMON_TENSORS = (("q", "Tensor"), ("k", "Tensor"), ("v", "Tensor"), ("q_pos", "Tensor?"), ("k_pos", "Tensor?"))
-_COMMON_SCALARS = (("causal", "bool"), ("scale", "float"), ("window_left", "int?"), ("window_right", "int?"))
+_COMMON_TENSORS = (("q", "Tensor"), ("k", "Tensor"), ("v", "Tensor"), ("q_pos", "Tensor?"), ("k_pos", "Tensor?"),
+                   ("dropout_rng", "Tensor?"))
+_COMMON_SCALARS = (("causal", "bool"), ("scale", "float"), ("window_left", "int?"), ("window_right", "int?"),
+                   ("dropout_p", "float"))
 _ENC_TENSORS = tuple(f for c in CODECS for f in c.tensors)
 _ENC_SCALARS = tuple(f for c in CODECS for f in c.scalars)
 NUM_TENSORS = len(_COMMON_TENSORS) + len(_ENC_TENSORS)
@@ -161,7 +163,8 @@ _BWD_INPUTS = (_COMMON_TENSORS[:3] + (("out", "Tensor"), ("lse2", "Tensor"), ("d
 def _kernels():
     """Every kernel the operators launch. torch.library.triton_op finds them through
     this function's return value; torch.compile's caches key on their source."""
-    return (_rope_rotate, _attn_fwd, _attn_bwd_delta, _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_rel, _attn_bwd_dbias)
+    return (_rope_rotate, _attn_fwd, _attn_bwd_delta, _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_rel, _attn_bwd_dbias,
+            _dropout_mask)
 
 
 def _interpreted(kernel) -> bool:
@@ -228,7 +231,10 @@ def _problem(tensors: dict, scalars: dict) -> _validate.Problem:
     window = tuple(None if w is None else int(w) for w in (scalars["window_left"], scalars["window_right"]))
     q = tensors["q"]
     p = _validate.check(q, tensors["k"], tensors["v"], causal=scalars["causal"], scale=scalars["scale"],
-                        window=window, q_pos=tensors["q_pos"], k_pos=tensors["k_pos"], **encodings)
+                        window=window, q_pos=tensors["q_pos"], k_pos=tensors["k_pos"], dropout_p=scalars["dropout_p"],
+                        dropout_rng=tensors["dropout_rng"], **encodings)
+    if p.dropout_p > 0 and p.dropout_rng is None:
+        raise ValueError("posattn op: dropout_p > 0 needs dropout_rng (posattn._dropout.draw)")
     why = _triton.refusal(p)
     if why is not None and not _is_fake(q):
         raise ValueError(f"posattn op: the Triton backend refused: {why}")
@@ -406,7 +412,8 @@ def op_args(p: _validate.Problem) -> tuple:
         t, sc = c.encode(by_keyword.get(c.keyword), p)
         tensors += t
         scalars += sc
-    return (p.q, p.k, p.v, p.q_pos, p.k_pos, *tensors, p.causal, p.scale, p.window_left, p.window_right, *scalars)
+    return (p.q, p.k, p.v, p.q_pos, p.k_pos, p.dropout_rng, *tensors, p.causal, p.scale, p.window_left,
+            p.window_right, p.dropout_p, *scalars)
 
 
 def attention(p: _validate.Problem):

@@ -217,7 +217,7 @@ _PARAM_NAMES = tuple((kw, name) for _, kw, name in _PARAM_TENSORS)   # (keyword,
 # One per encoding (and one for the positions): the FLAGS bits it sets, the named
 # kernel arguments it owns and its segment of Params, the float32 buffer of the
 # encodings' small tensors (kernels/scores.py's _head_params reads it, in the order
-# _Launch writes it: RoPE, KERPLE, u, w, soft cap, sinks, ALiBi). Absent: flags off, no segment, and the
+# _Launch writes it: RoPE, KERPLE, u, w, soft cap, sinks, dropout, ALiBi). Absent: flags off, no segment, and the
 # shared dummy pointer, which disabled code never dereferences.
 
 def _positions_args(p: Problem, dummy):
@@ -301,6 +301,14 @@ def _softmax_args(p: Problem, sinks, dummy):
     return flags, {}, segments
 
 
+def _dropout_args(p: Problem, dummy):
+    """Dropout: its probability (a Params segment [1]) and the call's Philox seed Rng."""
+    if p.dropout_p == 0:
+        return dict(DROPOUT=False), dict(Rng=dummy), ()
+    return (dict(DROPOUT=True), dict(Rng=p.dropout_rng),
+            (torch.full((1,), p.dropout_p, device=dummy.device),))
+
+
 class _Launch:
     """The kernels' shared arguments, by name, built once per call from a validated
     Problem by the adapters above; every launch passes them by keyword."""
@@ -314,11 +322,11 @@ class _Launch:
                      UPCAST=self.upcast, SCALE_POS=p.scale > 0)
         args = dict(Hq=p.Hq, Nq=p.Nq, Nk=p.Nk, D=p.D, GROUP=p.group, sm_scale=p.scale,
                     win_l=p.window_left or 0, win_r=p.window_right or 0)
-        # Params' segments in the kernels' order: RoPE, KERPLE, u, w, soft cap, sinks, ALiBi
+        # Params' segments in the kernels' order: RoPE, KERPLE, u, w, soft cap, sinks, dropout, ALiBi
         segments = []
         for f, a, seg in (_positions_args(p, dummy), _rope_args(p, dummy), _kerple_args(kerple_r1, kerple_r2, dummy),
                           _relative_args(p, rel_key, rel_value, rel_u, rel_w, dummy), _softmax_args(p, sinks, dummy),
-                          _alibi_args(p, alibi, dummy),
+                          _dropout_args(p, dummy), _alibi_args(p, alibi, dummy),
                           _table_args(p.rel_bias, table, dummy), _bias_args(p, bias, dummy)):
             flags.update(f)
             args.update(a)
@@ -559,10 +567,10 @@ def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need, wrap=_direct):
     # dK / dV after dQ: with CORRECT they read the exact delta dQ wrote. A dense bias
     # with a row per (batch, head) gets its gradient (dS itself) from the same tiles.
     dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
+    dv = torch.empty_strided(dk.shape, dk.stride(), device=dev, dtype=v.dtype)   # dK's strides serve both
     dbias = _dbias_rows(L, p) if need["bias"] else None
     L.launch(wrap, _attn_bwd_dkdv, (_cdiv(p.Nk, bn), p.Hkv, p.B), **inputs, DK=dk, DV=dv,
-             DBias=stats if dbias is None else dbias, **_strides("sdk", dk), **_strides("sdv", dv),
+             DBias=stats if dbias is None else dbias, **_strides("sdk", dk),
              FLAGS=L.args["FLAGS"] | pack_flags(DBIAS_ROWS=dbias is not None))
 
     grads = dict.fromkeys(_PARAMS)

@@ -43,6 +43,8 @@ class Problem:
     k_pos: Optional[torch.Tensor]       # [1 or B, Nk]
     return_lse: bool
     encodings: Tuple[Encoding, ...] = ()
+    dropout_p: float = 0.0
+    dropout_rng: Optional[torch.Tensor] = None   # int64 [1]: the Philox seed (posattn._dropout.draw)
 
     @property
     def group(self) -> int:
@@ -140,7 +142,7 @@ def _positions(name, pos, B, N, device):
 
 def check(q, k, v, *, causal=False, scale=None, window=None, q_pos=None, k_pos=None, rope=None,
           alibi_slopes=None, rel_bias=None, bias=None, return_lse=False, rel_emb=None, softcap=None,
-          sinks=None, **encodings) -> Problem:
+          sinks=None, dropout_p=0.0, dropout_rng=None, **encodings) -> Problem:
     for name, x in (("q", q), ("k", k), ("v", v)):
         _tensor(name, x)
         if x.dim() != 4:
@@ -192,6 +194,20 @@ def check(q, k, v, *, causal=False, scale=None, window=None, q_pos=None, k_pos=N
         # backend's arithmetic (tile ranges, tensor comparisons) inside int64.
         wl, wr = (None if w is None else min(int(w), WINDOW_MAX) for w in window)
 
+    if _is_bool(dropout_p) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__} {dropout_p!r}")
+    dropout_p = float(dropout_p)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    if dropout_p > 0 and dropout_rng is not None:
+        _tensor("dropout_rng", dropout_rng)
+        if dropout_rng.dtype != torch.int64 or dropout_rng.shape != (1,):
+            raise ValueError(f"dropout_rng must be an int64 tensor of shape [1], got {dropout_rng.dtype} "
+                             f"{tuple(dropout_rng.shape)}")
+        same_device("dropout_rng", dropout_rng, q.device)
+    if dropout_p == 0:
+        dropout_rng = None
+
     q_pos = _positions("q_pos", q_pos, B, Nq, q.device)
     k_pos = _positions("k_pos", k_pos, B, Nk, q.device)
 
@@ -207,4 +223,4 @@ def check(q, k, v, *, causal=False, scale=None, window=None, q_pos=None, k_pos=N
 
     return Problem(q=q, k=k, v=v, B=B, Hq=Hq, Hkv=Hkv, Nq=Nq, Nk=Nk, D=D, causal=causal, scale=float(scale),
                    window_left=wl, window_right=wr, q_pos=q_pos, k_pos=k_pos, return_lse=return_lse,
-                   encodings=bound)
+                   encodings=bound, dropout_p=dropout_p, dropout_rng=dropout_rng)

@@ -6,7 +6,7 @@ import warnings
 
 import torch
 
-from . import _cuda, _triton, _validate, reference
+from . import _cuda, _dropout, _triton, _validate, reference
 
 
 
@@ -67,7 +67,7 @@ def _select(p: _validate.Problem, backend=None) -> str:
 
 def attention(q, k, v, *, causal=False, scale=None, window=None, q_pos=None, k_pos=None, rope=None,
               alibi_slopes=None, rel_bias=None, bias=None, return_lse=False, rel_emb=None, softcap=None,
-              sinks=None, backend=None, **encodings):
+              sinks=None, dropout_p=0.0, backend=None, **encodings):
     """Fused attention with positional encodings: ``softmax(scale * q'k'^T + bias) v``
     with the encodings computed inside the kernel (docs/SPEC.md defines each term).
 
@@ -103,6 +103,14 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, q_pos=None, k_p
             (exp(sinks[h]) + sum_j exp(s_ij))``, so rows may sum to less than 1;
             lse includes it; a row with no visible key gives zeros and ``lse =
             sinks[h]``. Differentiable.
+        dropout_p: attention dropout (SDPA's name; apply it in training only): each
+            probability is kept with probability ``1 - dropout_p`` and scaled by
+            ``1 / (1 - dropout_p)``, after the lse (which it leaves unchanged). The
+            Triton kernels draw a Philox keep-mask from one seed taken from torch's
+            default generator for the device (``torch.manual_seed`` reproduces a
+            run bit for bit; the backward regenerates the mask, never stored); the
+            reference backend draws its own with ``torch.rand``; the CUDA fallback
+            refuses it. ``posattn.testing.dropout_keep_mask`` returns the kernels' mask.
         **encodings: any further encoding registered in posattn.encodings, by its
             keyword (an unknown keyword raises ``TypeError`` listing them):
             ``kerple=`` :class:`posattn.KERPLE` (KERPLE's logarithmic bias
@@ -130,10 +138,11 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, q_pos=None, k_p
             return attention(q, k, v, causal=causal, scale=scale, window=window, q_pos=q_pos, k_pos=k_pos,
                              rope=rope, alibi_slopes=alibi_slopes, rel_bias=rel_bias, bias=bias,
                              return_lse=return_lse, rel_emb=rel_emb, softcap=softcap, sinks=sinks,
-                             backend=backend, **encodings)
+                             dropout_p=dropout_p, backend=backend, **encodings)
     p = _validate.check(q, k, v, causal=causal, scale=scale, window=window, q_pos=q_pos, k_pos=k_pos,
                         rope=rope, alibi_slopes=alibi_slopes, rel_bias=rel_bias, bias=bias,
-                        return_lse=return_lse, rel_emb=rel_emb, softcap=softcap, sinks=sinks, **encodings)
+                        return_lse=return_lse, rel_emb=rel_emb, softcap=softcap, sinks=sinks,
+                        dropout_p=dropout_p, **encodings)
     name = _select(p, backend)
     if name != "reference" and torch.jit.is_tracing():
         raise RuntimeError(f"posattn: torch.jit.trace cannot record the {name!r} backend's kernels (the trace "
@@ -142,6 +151,8 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, q_pos=None, k_p
     if p.B == 0 or p.Hq == 0 or p.Nq == 0 or p.Nk == 0:
         return reference.empty_result(p)
     if name == "triton":
+        if p.dropout_p > 0:  # the call's Philox seed, from torch's generator for the device
+            p = p.replace(dropout_rng=_dropout.draw(p.q.device))
         return _op.attention(p)
     if name == "cuda":
         return _cuda.attention(p)

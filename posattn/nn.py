@@ -492,8 +492,9 @@ class MultiheadAttention(nn.Module):
       causality and the positional encoding; default ``k_pos = 0..Nk-1`` and
       ``q_pos`` bottom-right aligned (see :func:`posattn.attention`).
     - The second result is always None: the fused kernels never form the
-      attention weights, so ``need_weights=True`` raises ``ValueError``; so does
-      ``dropout != 0`` (the kernels have no attention dropout).
+      attention weights, so ``need_weights=True`` raises ``ValueError``.
+    - ``dropout``: attention dropout probability, applied in training mode only
+      (as torch's): :func:`posattn.attention`'s ``dropout_p``.
 
     ``causal``, ``window=(left, right)`` and ``scale`` (default ``1/sqrt(D)``) are
     fixed per module; ``backend`` is passed to :func:`posattn.attention` (None:
@@ -514,9 +515,8 @@ class MultiheadAttention(nn.Module):
         if num_heads % num_kv_heads:
             raise ValueError(f"MultiheadAttention: num_heads={num_heads} must be a multiple of "
                              f"num_kv_heads={num_kv_heads}")
-        if dropout != 0:
-            raise ValueError(f"MultiheadAttention: dropout={dropout!r} is not supported (the fused kernels "
-                             f"have no attention dropout); use dropout=0.0")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"MultiheadAttention: dropout must be a float in [0, 1), got {dropout!r}")
         if positional is not None:
             if isinstance(positional, _AbsoluteEncoding):
                 raise TypeError(f"MultiheadAttention: {type(positional).__name__} is an absolute encoding: add "
@@ -544,7 +544,7 @@ class MultiheadAttention(nn.Module):
         self.window = None if window is None else tuple(window)
         self.scale = scale
         self.batch_first = bool(batch_first)
-        self.dropout = 0.0
+        self.dropout = float(dropout)
         self.backend = backend
         fk = {"device": device, "dtype": dtype}
         kv_dim = num_kv_heads * self.head_dim
@@ -643,7 +643,8 @@ class MultiheadAttention(nn.Module):
             kwargs[self.positional.attention_keyword] = self.positional()
         bias = self._with_padding(self._mask(attn_mask, B, Nq, Nk, q.dtype), key_padding_mask, B, Nk, q.dtype)
         out = _attention(q, k, v, causal=self.causal, scale=self.scale, window=self.window, q_pos=q_pos,
-                         k_pos=k_pos, bias=bias, backend=self.backend, **kwargs)
+                         k_pos=k_pos, bias=bias, backend=self.backend,
+                         dropout_p=self.dropout if self.training else 0.0, **kwargs)
         out = self.out_proj(out.transpose(1, 2).reshape(B, Nq, H * D))
         if not batch_first:
             out = out.transpose(0, 1)

@@ -25,13 +25,18 @@ def relative_positions(p: _validate.Problem, device) -> torch.Tensor:
 
 def attention(q, k, v, *, causal=False, scale=None, window=None, q_pos=None, k_pos=None, rope=None,
               alibi_slopes=None, rel_bias=None, bias=None, return_lse=False, rel_emb=None, backend=None,
-              upcast=False, **encodings):
+              upcast=False, dropout_p=0.0, dropout_mask=None, **encodings):
+    """posattn.attention's computation in plain PyTorch (O(Nq * Nk) memory): the oracle
+    of the tests. ``upcast``: compute in float64. ``dropout_mask``: a bool keep-mask
+    broadcastable to ``[B, Hq, Nq, Nk]`` to apply with ``dropout_p`` (e.g.
+    posattn.testing.dropout_keep_mask, the Triton kernels' mask); without it a mask is
+    drawn with torch.rand."""
     if backend not in (None, "reference"):
         raise ValueError(f"posattn.reference.attention runs the reference backend only, got backend={backend!r}")
     p = _validate.check(q, k, v, causal=causal, scale=scale, window=window, q_pos=q_pos, k_pos=k_pos,
                         rope=rope, alibi_slopes=alibi_slopes, rel_bias=rel_bias, bias=bias,
-                        return_lse=return_lse, rel_emb=rel_emb, **encodings)
-    return _run(p, upcast)
+                        return_lse=return_lse, rel_emb=rel_emb, dropout_p=dropout_p, **encodings)
+    return _run(p, upcast, dropout_mask)
 
 
 def empty_result(p: _validate.Problem, upcast: bool = False):
@@ -45,7 +50,7 @@ def empty_result(p: _validate.Problem, upcast: bool = False):
     return out, torch.full((p.B, p.Hq, p.Nq), float("-inf"), device=p.q.device, dtype=lse_dt)
 
 
-def _run(p: _validate.Problem, upcast: bool):
+def _run(p: _validate.Problem, upcast: bool, dropout_mask=None):
     if p.B == 0 or p.Hq == 0 or p.Nq == 0 or p.Nk == 0:
         return empty_result(p, upcast)
     dev = p.q.device
@@ -102,6 +107,10 @@ def _run(p: _validate.Problem, upcast: bool):
     if sink is not None:
         l = l + torch.exp(sink - m)
     probs = e / torch.where(l == 0, torch.ones_like(l), l)
+    if p.dropout_p > 0:  # on the probabilities that multiply the values (lse unchanged)
+        keep = dropout_mask if dropout_mask is not None else \
+            torch.rand(probs.shape, device=dev) >= p.dropout_p
+        probs = probs * keep.to(probs.dtype) / (1.0 - p.dropout_p)
     out = torch.matmul(probs.to(v.dtype), v)
     for e in p.encodings:                                           # Shaw's value term
         term = e.value_term(ctx, probs)

@@ -12,6 +12,7 @@ float32 itself lose digits.
 import torch
 
 import posattn
+import posattn.testing
 from posattn import reference
 from posattn.encodings import keywords, wrap
 
@@ -96,7 +97,21 @@ def check(q, k, v, *, backend="triton", grad_lse=False, fp32_tol=None, **kw):
     is within tolerance of the float64 reference. Returns the error table."""
     dtype = q.dtype
     params = _params(kw)
-    got = _run(lambda *a, **k_: posattn.attention(*a, backend=backend, **k_), q, k, v, kw,
+    ref_kw = {}
+    if kw.get("dropout_p"):
+        # The kernels' keep-mask for a seed (posattn.testing's hook), and the call reseeded
+        # to it: the reference applies the very mask the kernels drew.
+        seed = int(torch.randint(2 ** 62, (1,)))
+        torch.manual_seed(seed)
+        ref_kw["dropout_mask"] = posattn.testing.dropout_keep_mask(q, k, kw["dropout_p"])
+
+        def fused(*a, **k_):
+            torch.manual_seed(seed)
+            return posattn.attention(*a, backend=backend, **k_)
+    else:
+        def fused(*a, **k_):
+            return posattn.attention(*a, backend=backend, **k_)
+    got = _run(fused, q, k, v, kw,
                dout := torch.randn(q.shape[:3] + (q.shape[3],), device=q.device, dtype=dtype),
                dlse := (torch.randn(q.shape[:3], device=q.device) if grad_lse else None))
 
@@ -104,7 +119,7 @@ def check(q, k, v, *, backend="triton", grad_lse=False, fp32_tol=None, **kw):
         cq, ck, cv = (_clone(x, dt) for x in (q, k, v))
         cp = {n: _clone(x, dt if dt == torch.float64 else None) for n, x in params.items()}
         kw2 = _rebuild(kw, cp)
-        return _run(lambda *a, **k_: reference.attention(*a, **k_), cq, ck, cv, kw2,
+        return _run(lambda *a, **k_: reference.attention(*a, **k_, **ref_kw), cq, ck, cv, kw2,
                     dout.to(dt), dlse)
 
     ref64 = reference_in(torch.float64)

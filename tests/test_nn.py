@@ -82,7 +82,7 @@ def test_shapes_and_extra_repr():
 
 def test_construction_errors():
     with pytest.raises(ValueError, match="dropout"):
-        pnn.MultiheadAttention(E, H, dropout=0.1)
+        pnn.MultiheadAttention(E, H, dropout=1.0)
     with pytest.raises(TypeError, match="absolute encoding"):
         pnn.MultiheadAttention(E, H, positional=pnn.SinusoidalPositionalEncoding(E))
     with pytest.raises(TypeError, match="positional must be"):

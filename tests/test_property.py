@@ -47,6 +47,7 @@ def configs(draw):
     if draw(st.booleans()):
         kw["softcap"] = draw(st.sampled_from([1.0, 5.0, 50.0]))
     kw["sinks"] = draw(st.booleans())   # replaced by a random [Hq] tensor
+    kw["dropout_p"] = draw(st.sampled_from([0.0, 0.0, 0.3]))   # checked with the kernels' own mask
     kw["return_lse"] = draw(st.booleans())
     seed = draw(st.integers(0, 2 ** 31 - 1))
     return (B, Hq, Hkv, Nq, Nk, D, dtype, enc, explicit_pos, regime, seed), kw

@@ -31,8 +31,9 @@ What the attention function receives, and what it does with it:
 - ``softcap`` (Gemma 2) and ``s_aux`` (gpt-oss's attention sinks, ``[Hq]``):
   posattn's ``softcap=`` and ``sinks=``, fused in the kernels.
 
-Refused with an error: attention dropout while training (``dropout > 0``;
-posattn has no dropout) and paged caches.
+- ``dropout``: posattn's ``dropout_p`` (the models pass 0 outside training).
+
+Refused with an error: paged caches.
 ``output_attentions`` is not supported (the weights are returned as ``None``).
 
 BLOOM computes its attention itself (no AttentionInterface in transformers
@@ -70,9 +71,6 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     """transformers' attention-function signature: returns ``(out [B, Nq, Hq, D], None)``."""
     if kwargs.get("cache") is not None:
         raise ValueError("posattn: paged attention caches are not supported")
-    if dropout and getattr(module, "training", False):
-        raise ValueError(f"posattn: attention dropout is not supported (dropout={dropout} in training mode); "
-                         f"set the model's attention dropout to 0 or call model.eval()")
     if kwargs.get("output_attentions", False):
         warnings.warn("posattn does not return attention weights (output_attentions=True): they are None",
                       stacklevel=2)
@@ -92,8 +90,9 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     if bias is not None and bias.dtype != torch.bool and bias.dtype not in (query.dtype, torch.float32):
         bias = bias.to(query.dtype)
     # Gemma 2's logit soft-capping and gpt-oss's sinks (s_aux, [Hq]) are posattn's softcap= / sinks=
+    # the models pass dropout=0.0 outside training (as to SDPA)
     out = posattn.attention(query, key, value, causal=causal, scale=scaling, bias=bias,
-                            softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux"))
+                            softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux"), dropout_p=float(dropout or 0.0))
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -109,9 +108,6 @@ def _bloom_attention_forward(self, hidden_states, residual, alibi, attention_mas
     positions, the mask as the dense keep-mask, no [N, N] bias."""
     from transformers.models.bloom.modeling_bloom import dropout_add
 
-    if self.training and self.attention_dropout.p > 0:
-        raise ValueError(f"posattn: attention dropout is not supported (attention_dropout="
-                         f"{self.attention_dropout.p} in training mode)")
     if output_attentions:
         warnings.warn("posattn does not return attention weights (output_attentions=True): they are None",
                       stacklevel=2)
@@ -129,7 +125,8 @@ def _bloom_attention_forward(self, hidden_states, residual, alibi, attention_mas
         real = keep.expand(batch, 1, q_len, kv_len)[:, 0, -1].long()         # the last query sees every real key
         k_pos = (real.cumsum(-1) - 1) * real                                  # BLOOM's build_alibi_tensor
         kw = dict(bias=attention_mask, q_pos=k_pos[:, kv_len - q_len:], k_pos=k_pos)
-    out = posattn.attention(query, key, value, scale=self.inv_norm_factor, alibi_slopes=slopes, **kw)
+    out = posattn.attention(query, key, value, scale=self.inv_norm_factor, alibi_slopes=slopes,
+                            dropout_p=self.attention_dropout.p if self.training else 0.0, **kw)
     context = out.transpose(1, 2).reshape(batch, q_len, self.num_heads * self.head_dim)
     return dropout_add(self.dense(context), residual, self.hidden_dropout, self.training), None
 
