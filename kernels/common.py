@@ -3,13 +3,16 @@ ranges that causal and window masks leave visible, the row statistics."""
 import triton
 import triton.language as tl
 
-__all__ = ["LOG2E", "_CAUSAL", "_HAS_WL", "_HAS_WR", "_HAS_POS", "_ROPE", "_INTERLEAVED", "_ALIBI", "_TABLE",
+__all__ = ["LOG2E", "PHILOX_ROUNDS", "_CAUSAL", "_HAS_WL", "_HAS_WR", "_HAS_POS", "_ROPE", "_INTERLEAVED", "_ALIBI", "_TABLE",
            "_BIAS", "_BIAS_MASK", "_REL_K", "_REL_V", "_REL_U", "_REL_W", "_UPCAST", "_KERPLE", "_D_SLOPE",
            "_D_TABLE", "_D_U", "_D_W", "_D_AK", "_D_AV", "_DELTA_PASS", "_HEAD_BCAST", "_ROW_BCAST",
            "_COL_BCAST", "_D_KERPLE", "_CORRECT", "_TABLE_PASS", "_REL_SHARED", "_BIAS_KEYS",
            "_SCALE_POS", "_DBIAS_ROWS", "_SOFTCAP", "_SINKS", "_FAST_TANH", "_DROPOUT"]  # (and the helpers, imported by name)
 
 LOG2E = tl.constexpr(1.4426950408889634)  # a constexpr: jitted code reads no plain globals
+# Philox4x32 rounds for dropout's keep-mask: 7, Random123's Crush-resistant count (10 is
+# curand's default); the rounds are most of dropout's per-element cost.
+PHILOX_ROUNDS = tl.constexpr(7)
 
 # Bit offsets of the FLAGS constexpr (what the problem has: masks, positions, encodings,
 # and two layout facts: REL_SHARED, one relative table for every head; BIAS_KEYS, the
@@ -75,15 +78,19 @@ def _tanh(x, FAST: tl.constexpr):
 
 
 @triton.jit
-def _dropout_keep(seed, bh, offs_m, offs_n, drop_p):
-    """Dropout's keep-mask of a tile: Philox with key `seed` and counter (key j, row i,
-    b * Hq + h, 0) (32-bit words: no 64-bit index arithmetic per element), so that the
-    forward and every backward kernel draw the same mask whatever their tiling; kept
-    with probability 1 - drop_p."""
-    zero = (offs_m[:, None] * 0 + offs_n[None, :] * 0).to(tl.uint32)
-    r, _, _, _ = tl.philox(seed, zero + offs_n[None, :].to(tl.uint32), zero + offs_m[:, None].to(tl.uint32),
-                           zero + bh.to(tl.uint32), zero)
-    return tl.uint_to_uniform_float(r) >= drop_p
+def _dropout_keep(seed, bh, offs_m, start_n, drop_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Dropout's keep-mask of the tile of keys start_n.. (a multiple of 4): Philox with
+    key `seed` and counter (j // 4, row i, b * Hq + h, 0), whose four 32-bit words are
+    keys 4 (j // 4) .. + 3 (one Philox call per 4 pairs; 32-bit words: no 64-bit index
+    arithmetic per element). Every kernel draws the same mask whatever its tiling;
+    a pair is kept with probability 1 - drop_p."""
+    grp = start_n // 4 + tl.arange(0, BLOCK_N // 4)
+    zero = (offs_m[:, None] * 0 + grp[None, :] * 0).to(tl.uint32)
+    r0, r1, r2, r3 = tl.philox(seed, zero + grp[None, :].to(tl.uint32), zero + offs_m[:, None].to(tl.uint32),
+                               zero + bh.to(tl.uint32), zero, PHILOX_ROUNDS)
+    r = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), [BLOCK_M, BLOCK_N])  # word c -> key 4t + c
+    # kept when the word, as a fraction of 2^32, is >= drop_p: an unsigned compare
+    return r >= tl.cast(drop_p * 4294967296.0, tl.uint32)
 
 
 @triton.jit

@@ -62,7 +62,7 @@ def _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_k, k_base, v_base
     p_sum = tl.sum(p, 1)
     l_i = l_i * alpha + p_sum
     if DROPOUT:
-        p = tl.where(_dropout_keep(seed, rng_row, offs_m, offs_n, drop_p), p, 0.0)
+        p = tl.where(_dropout_keep(seed, rng_row, offs_m, start_n, drop_p, BLOCK_M, BLOCK_N), p, 0.0)
     v = _load_tile(v_base, offs_n, offs_d, svn, Nk, D)
     acc = acc * alpha[:, None]
     if V_ADD:
@@ -230,6 +230,6 @@ def _dropout_mask(Rng, Out, Nq, Nk, drop_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.c
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     bh = tl.program_id(2).to(tl.int64)
-    keep = _dropout_keep(tl.load(Rng), bh, offs_m, offs_n, drop_p)
+    keep = _dropout_keep(tl.load(Rng), bh, offs_m, tl.program_id(1) * BLOCK_N, drop_p, BLOCK_M, BLOCK_N)
     tl.store(Out + (bh * Nq + offs_m[:, None]) * Nk + offs_n[None, :], keep.to(tl.int8),
              mask=(offs_m[:, None] < Nq) & (offs_n[None, :] < Nk))

@@ -239,7 +239,7 @@ def _probs_and_ds(qu, qw, k, v, do, ak_ptr, av_ptr, qp, kp, lse2, delta, start_m
         av = _load_rel(av_ptr, _rel_rows(start_m, start_n, Nq, Nk, rel_k, BLOCK_M, BLOCK_N), offs_d, D)
         dp += _rel_to_keys(_dot(do, tl.trans(av.to(do.dtype)), UPCAST), BLOCK_M, BLOCK_N)
     if DROPOUT:
-        keep = _dropout_keep(seed, rng_row, offs_m, offs_n, drop_p)
+        keep = _dropout_keep(seed, rng_row, offs_m, start_n, drop_p, BLOCK_M, BLOCK_N)
         inv_keep = 1.0 / (1.0 - drop_p)
         dp = tl.where(keep, dp * inv_keep, 0.0)
         p_v = tl.where(keep, p * inv_keep, 0.0)

@@ -3,8 +3,8 @@
 A call with ``dropout_p > 0`` draws one int64 Philox seed from torch's default
 generator for q's device (advancing it, as SDPA's dropout does), so
 ``torch.manual_seed`` makes runs reproducible. The kernels keep pair (b, h, i, j)
-when the first word of ``Philox(key=seed, counter=(j, i, b * Hq + h, 0))``, as a
-uniform float, is ``>= p`` (kernels/common.py: _dropout_keep): the forward and
+when word ``j % 4`` of ``Philox(key=seed, counter=(j // 4, i, b * Hq + h, 0))``,
+as a uniform float, is ``>= p`` (kernels/common.py: _dropout_keep): the forward and
 every backward kernel regenerate the same mask, which is never stored.
 """
 from __future__ import annotations
@@ -27,6 +27,6 @@ def keep_mask(B: int, Hq: int, Nq: int, Nk: int, dropout_p: float, rng: torch.Te
     out = torch.empty(B, Hq, Nq, Nk, device=rng.device, dtype=torch.int8)
     if out.numel():
         bm, bn = 32, 32
-        _dropout_mask[(-(-Nq // bm), -(-Nk // bn), B * Hq)](rng, out, Nq, Nk, float(dropout_p), BLOCK_M=bm,
-                                                            BLOCK_N=bn)
+        p32 = float(torch.tensor(dropout_p, dtype=torch.float32))   # the kernels read it as float32
+        _dropout_mask[(-(-Nq // bm), -(-Nk // bn), B * Hq)](rng, out, Nq, Nk, p32, BLOCK_M=bm, BLOCK_N=bn)
     return out.bool()

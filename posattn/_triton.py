@@ -360,6 +360,8 @@ class _Launch:
             # spills; causal interior tiles 1098 cycles per 128x128 block with 4 warps,
             # 1208 with 8; dense bias 1652 against 1740).
             warps = 8
+        if not backward and p.dropout_p > 0 and bd * (2 if p.q.dtype == torch.float32 else 1) <= 64:
+            warps = 8   # the Philox words of a 128x64 tile spill one warpgroup (static sm_90 model: 28 B)
         if not backward and (self.table is not None or self.bias is not None):
             # Triton pipelines the per-element table / bias gathers too ([BLOCK_M, BLOCK_N]
             # per stage): with 3 stages the bf16 D=64 forward needs 172 KiB of shared
