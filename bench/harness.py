@@ -19,7 +19,9 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 KIB = 1024
 MIB = 1024 * 1024
 
-ENCODINGS = ("none", "rope", "alibi", "distance")
+ENCODINGS = ("none", "rope", "alibi", "distance", "softcap", "dropout")
+SOFTCAP = 50.0      # Gemma 2's attention logit cap
+DROPOUT_P = 0.1
 MODES = ("fwd", "fwd+bwd")
 POSATTN = "posattn"
 
@@ -30,6 +32,8 @@ METHODS = {
     "rope": (POSATTN, "torch-rope+sdpa-cudnn", "torch-rope+sdpa-flash", "torch-rope+sdpa-efficient"),
     "alibi": (POSATTN, "flex", "dense-bias+sdpa-efficient"),
     "distance": (POSATTN, "flex", "dense-bias+sdpa-efficient"),
+    "softcap": (POSATTN, "flex"),                                   # cap * tanh(score / cap)
+    "dropout": (POSATTN, "sdpa-flash", "sdpa-efficient"),           # dropout_p = DROPOUT_P
 }
 
 
@@ -132,7 +136,7 @@ def full_protocol() -> Protocol:
 
 QUICK_NOTES = (
     "Quick protocol: two (D, N) shapes, (128, 8192) then (64, 1024), instead of the 2 x 6 grid; "
-    "encoding 'none' with the full and the causal mask, RoPE / ALiBi / DistanceBias causal only. "
+    "encoding 'none' with the full and the causal mask, RoPE / ALiBi / DistanceBias / softcap / dropout causal only. "
     "About 3 minutes on an H200, mostly compilation (FlexAttention compiles once per shape, mask, "
     "encoding and mode; posattn once per head dim, mask and encoding).",
 )
@@ -142,7 +146,7 @@ def quick_protocol() -> Protocol:
     """A fast GPU run (about 3 minutes, see QUICK_NOTES): both head dims, N from 1k to 8k,
     every method and encoding, forward and forward+backward, 80 rows in 20 groups."""
     return Protocol(name="quick", head_dims=(128, 64), seqlens=(8192, 1024), pairs=((128, 8192), (64, 1024)),
-                    causal_only=("rope", "alibi", "distance"), notes=QUICK_NOTES + PROTOCOL_NOTES)
+                    causal_only=("rope", "alibi", "distance", "softcap", "dropout"), notes=QUICK_NOTES + PROTOCOL_NOTES)
 
 
 def smoke_protocol() -> Protocol:

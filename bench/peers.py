@@ -14,6 +14,10 @@ one positional encoding:
 - distance:  posattn.DistanceBias(table, L, R); FlexAttention score_mod reading the
              table; a dense bias gathered from the table, then SDPA efficient.
              In fwd+bwd the table gets its gradient in every method.
+- softcap:   posattn (softcap=50, Gemma 2's cap); FlexAttention score_mod
+             cap * tanh(score / cap).
+- dropout:   posattn (dropout_p=0.1); SDPA flash / efficient with dropout_p=0.1
+             (each draws its own mask: max|diff| is not a check there).
 - reference: posattn.reference.attention (dense float terms), CPU smoke only.
 """
 from __future__ import annotations
@@ -29,6 +33,8 @@ import torch.nn.functional as F
 
 import posattn
 import posattn.reference
+
+import harness   # (bench/ is on sys.path: run.py and the tests put it there)
 
 SDPA_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION"}
 
@@ -143,6 +149,10 @@ def _posattn_kwargs(inp: Inputs) -> dict:
         kw["alibi_slopes"] = inp.slopes
     elif inp.encoding == "distance":
         kw["rel_bias"] = posattn.DistanceBias(inp.table, left=inp.left, right=inp.right)
+    elif inp.encoding == "softcap":
+        kw["softcap"] = harness.SOFTCAP
+    elif inp.encoding == "dropout":
+        kw["dropout_p"] = harness.DROPOUT_P
     return kw
 
 
@@ -191,7 +201,8 @@ def torch_rope(x, cos, sin):
 
 def build_sdpa(inp: Inputs, backend: Optional[str]) -> Bench:
     label = f"sdpa:{SDPA_BACKENDS[backend]}" if backend else "sdpa (default dispatch)"
-    fwd = lambda: F.scaled_dot_product_attention(inp.q, inp.k, inp.v, is_causal=inp.causal)
+    drop = harness.DROPOUT_P if inp.encoding == "dropout" else 0.0
+    fwd = lambda: F.scaled_dot_product_attention(inp.q, inp.k, inp.v, is_causal=inp.causal, dropout_p=drop)
     return Bench(_call(inp, fwd), label, context=_sdpa_context(backend))
 
 
@@ -281,6 +292,12 @@ def flex_score_mod(inp: Inputs):
         def distance(score, b, h, q_idx, kv_idx):
             return score + table[h, torch.clamp(kv_idx - q_idx, -left, right) + left]
         return distance
+    if inp.encoding == "softcap":
+        cap = harness.SOFTCAP
+
+        def softcap(score, b, h, q_idx, kv_idx):
+            return cap * torch.tanh(score / cap)
+        return softcap
     if inp.encoding == "none":
         return None
     raise ValueError(f"FlexAttention has no score_mod for {inp.encoding!r} (it cannot touch q or k)")

@@ -110,17 +110,17 @@ def test_plan_ids_and_filters():
     assert harness.matches("a/b/c", None) and harness.matches("a/b/c", ["a/", "/c"])
     assert not harness.matches("a/b/c", ["a/", "d"])
     grouped = harness.groups(planned)
-    assert len(grouped) == 2 * 6 * 2 * 4 * 2
+    assert len(grouped) == 2 * 6 * 2 * len(harness.ENCODINGS) * 2
     assert all(len({p.group for p in g}) == 1 and g[0].method == "posattn" for g in grouped)
     # quick: 2 shapes; none with both masks, the other encodings causal only; 2 modes
     quick = harness.quick_protocol()
     planned = harness.plan(quick)
     per_mask = {e: len(quick.methods(e)) for e in quick.encodings}
     assert len(planned) == 2 * 2 * (2 * per_mask["none"] + per_mask["rope"] + per_mask["alibi"]
-                                    + per_mask["distance"]) == 80
-    assert len(harness.groups(planned)) == 20
+                                    + per_mask["distance"] + per_mask["softcap"] + per_mask["dropout"]) == 100
+    assert len(harness.groups(planned)) == 28
     assert [p.id for p in planned[:2]] == ["D128/N8192/full/none/fwd/posattn", "D128/N8192/full/none/fwd/sdpa-cudnn"]
-    assert planned[-1].id == "D64/N1024/causal/distance/fwd+bwd/dense-bias+sdpa-efficient"
+    assert planned[-1].id == "D64/N1024/causal/dropout/fwd+bwd/sdpa-efficient"
     assert not [p for p in planned if p.encoding != "none" and not p.causal]
     assert all((p.B, p.H) == ((2, 16) if p.D == 128 else (16, 32)) for p in planned)
     d = quick.as_dict()
@@ -281,14 +281,14 @@ def test_resume_helpers():
     full = harness.full_protocol()
     planned = harness.plan(full, ["D128/", "/N16384/", "/full/", "/fwd+bwd/"])
     grouped = harness.groups(planned)
-    assert [g[0].encoding for g in grouped] == ["none", "rope", "alibi", "distance"]
+    assert [g[0].encoding for g in grouped] == list(harness.ENCODINGS)
     # previous run: the whole 'none' group, part of 'rope', and a row not in the plan
     prev = [harness.make_row(p, status="ok", ms=1.0) for p in grouped[0]]
     prev += [harness.make_row(grouped[1][0], status="ok", ms=1.0)]
     prev += [harness.make_row(_p("posattn", enc="none", n=512), status="ok", ms=1.0)]
     kept, todo = harness.split_resume(prev, grouped)
     assert [r["id"] for r in kept] == [p.id for p in grouped[0]]
-    assert [g[0].encoding for g in todo] == ["rope", "alibi", "distance"]
+    assert [g[0].encoding for g in todo] == list(harness.ENCODINGS[1:])
     assert not harness.is_complete(kept, planned)
     rows = [harness.make_row(p, status="ok", ms=1.0) for p in reversed(planned)]
     assert [r["id"] for r in harness.order_rows(rows, planned)] == [p.id for p in planned]
@@ -391,6 +391,15 @@ def _oracle(enc, causal, mode):
 @pytest.mark.parametrize("causal", (False, True), ids=("full", "causal"))
 @pytest.mark.parametrize("enc", harness.ENCODINGS)
 def test_peers_match_reference(enc, causal, mode):
+    if enc == "dropout":  # each method draws its own mask: run, shapes, and mean over the mask
+        for method in [m for m in harness.METHODS[enc]] + ["reference"]:
+            inp = _fresh(enc, causal, mode)
+            b = peers.build(method, inp, force_backends=False)
+            assert b.skip is None, (method, b.skip)
+            with b.context():
+                out = b.fn()
+            assert out.shape == inp.q.shape and torch.isfinite(out).all(), method
+        return
     ref_out, ref_grads = _oracle(enc, causal, mode)
     methods = [m for m in harness.METHODS[enc] if m != "flex"] + ["reference"]
     for method in methods:
@@ -409,7 +418,7 @@ def test_peers_match_reference(enc, causal, mode):
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 @pytest.mark.parametrize("causal", (False, True), ids=("full", "causal"))
-@pytest.mark.parametrize("enc", ("none", "alibi", "distance"))
+@pytest.mark.parametrize("enc", ("none", "alibi", "distance", "softcap"))
 def test_flex_score_mods_match_reference(enc, causal):
     """The FlexAttention score_mods and block mask (eager flex here; compiled in the smoke run)."""
     ref_out, _ = _oracle(enc, causal, "fwd")
@@ -495,7 +504,7 @@ def test_cpu_smoke_run(tmp_path):
             assert r["status"] == ("skipped" if p.mode == "fwd+bwd" else "ok"), r
         if p.method in ("sdpa-efficient", "dense-bias+sdpa-efficient", "sdpa-cudnn"):
             assert r["status"] == "error" and r["note"].startswith("RuntimeError"), r
-        if r["status"] == "ok":         # every method computes what posattn computes (bf16)
+        if r["status"] == "ok" and p.encoding != "dropout":   # every method computes what posattn computes (bf16)
             assert r["max_abs_diff"] is not None and r["max_abs_diff"] < 0.1, r
     interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     assert rows["D64/N128/full/none/fwd/posattn"]["backend"] == ("triton (interpreter)" if interpreted
@@ -506,7 +515,7 @@ def test_cpu_smoke_run(tmp_path):
     # --resume: nothing left to measure, the file is rewritten unchanged in rows
     res = _run(["--resume", str(out / (next(iter(stems)) + ".json")), "--no-plot"], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "0 of 16 groups to measure" in res.stdout
+    assert f"0 of {len(harness.groups(planned))} groups to measure" in res.stdout
     doc2 = json.load(open(out / (next(iter(stems)) + ".json")))
     assert [r["id"] for r in doc2["rows"]] == [r["id"] for r in doc["rows"]]
     assert doc2["env"]["resumed_from"][0]["started_utc"] == doc["env"]["started_utc"]
