@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from . import encodings as _enc
+from .encodings import SoftCap
 from .interface import attention as _attention
 
 __all__ = [
@@ -495,6 +496,9 @@ class MultiheadAttention(nn.Module):
       attention weights, so ``need_weights=True`` raises ``ValueError``.
     - ``dropout``: attention dropout probability, applied in training mode only
       (as torch's): :func:`posattn.attention`'s ``dropout_p``.
+    - ``softcap``: Gemma 2's logit cap (:func:`posattn.attention`'s ``softcap``);
+      ``sinks=True``: a learned sink logit per head (``self.sinks`` ``[num_heads]``,
+      zeros at init; gpt-oss's), :func:`posattn.attention`'s ``sinks``.
 
     ``causal``, ``window=(left, right)`` and ``scale`` (default ``1/sqrt(D)``) are
     fixed per module; ``backend`` is passed to :func:`posattn.attention` (None:
@@ -504,6 +508,7 @@ class MultiheadAttention(nn.Module):
     def __init__(self, embed_dim: int, num_heads: int, *, num_kv_heads: Optional[int] = None, bias: bool = True,
                  positional: Optional[nn.Module] = None, causal: bool = False, window=None,
                  scale: Optional[float] = None, batch_first: bool = True, dropout: float = 0.0,
+                 softcap: Optional[float] = None, sinks: bool = False,
                  backend: Optional[str] = None, device=None, dtype=None):
         super().__init__()
         _pos_int("embed_dim", embed_dim, "MultiheadAttention")
@@ -545,6 +550,9 @@ class MultiheadAttention(nn.Module):
         self.scale = scale
         self.batch_first = bool(batch_first)
         self.dropout = float(dropout)
+        if softcap is not None:
+            SoftCap(softcap)   # checks it (a float > 0)
+        self.softcap = None if softcap is None else float(softcap)
         self.backend = backend
         fk = {"device": device, "dtype": dtype}
         kv_dim = num_kv_heads * self.head_dim
@@ -553,6 +561,9 @@ class MultiheadAttention(nn.Module):
         self.v_proj = nn.Linear(embed_dim, kv_dim, bias=bias, **fk)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **fk)
         self.positional = positional
+        # gpt-oss's learned sink logit per head (zeros at init: each row's softmax then
+        # has one extra unit of mass that its values never see)
+        self.sinks = nn.Parameter(torch.zeros(num_heads, **fk)) if sinks else None
         self._reset_parameters()
 
     def _reset_parameters(self):
@@ -643,7 +654,7 @@ class MultiheadAttention(nn.Module):
             kwargs[self.positional.attention_keyword] = self.positional()
         bias = self._with_padding(self._mask(attn_mask, B, Nq, Nk, q.dtype), key_padding_mask, B, Nk, q.dtype)
         out = _attention(q, k, v, causal=self.causal, scale=self.scale, window=self.window, q_pos=q_pos,
-                         k_pos=k_pos, bias=bias, backend=self.backend,
+                         k_pos=k_pos, bias=bias, backend=self.backend, softcap=self.softcap, sinks=self.sinks,
                          dropout_p=self.dropout if self.training else 0.0, **kwargs)
         out = self.out_proj(out.transpose(1, 2).reshape(B, Nq, H * D))
         if not batch_first:
@@ -662,6 +673,12 @@ class MultiheadAttention(nn.Module):
         if self.scale is not None:
             s += f", scale={self.scale}"
         s += f", batch_first={self.batch_first}"
+        if self.dropout:
+            s += f", dropout={self.dropout}"
+        if self.softcap is not None:
+            s += f", softcap={self.softcap}"
+        if self.sinks is not None:
+            s += ", sinks=True"
         if self.backend is not None:
             s += f", backend={self.backend!r}"
         return s

@@ -117,3 +117,4 @@ def test_multihead_attention_dropout_in_training_only(device):
     c, _ = m(x, x, x)
     d, _ = m(x, x, x)
     assert torch.equal(c, d)
+

@@ -443,3 +443,25 @@ def test_kerple_module_trains_through_multihead_attention():
     assert torch.equal(kerple().r2, torch.full((H,), 1e-2))   # clamped positive
     with pytest.raises(ValueError, match="r1_init must be a positive number"):
         pnn.KERPLE(H, r1_init=0.0)
+
+
+def test_multihead_attention_softcap_and_sinks(device):
+    """posattn.nn.MultiheadAttention(softcap=, sinks=True): the module's output equals the
+    reference backend's, and the learned sinks get their gradient."""
+    torch.manual_seed(0)
+    fused = pnn.MultiheadAttention(32, 4, causal=True, softcap=2.0, sinks=True).to(device)
+    ref = pnn.MultiheadAttention(32, 4, causal=True, softcap=2.0, sinks=True, backend="reference").to(device)
+    ref.load_state_dict(fused.state_dict())
+    with torch.no_grad():
+        fused.sinks.normal_()
+        ref.sinks.copy_(fused.sinks)
+    assert "softcap=2.0, sinks=True" in repr(fused)
+    x = torch.randn(2, 10, 32, device=device)
+    outs = [m(x, x, x)[0] for m in (fused, ref)]
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    for o in outs:
+        o.square().sum().backward()
+    torch.testing.assert_close(fused.sinks.grad, ref.sinks.grad, rtol=1e-4, atol=1e-5)
+    assert fused.sinks.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="softcap"):
+        pnn.MultiheadAttention(32, 4, softcap=0.0)
