@@ -38,7 +38,7 @@ def _attn_bwd_delta(Out, DO, Stats, DLse, sob, soh, som, sdob, sdoh, sdom,
 def _attn_bwd_dkdv(Q, K, V, DO, Stats, DK, DV, DBias, Pos, Params, Table, Bias, Rel, Rng,
                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
                    sdkb, sdkh, sdkn, sbb, sbh, sbm, bias_nb,
-                   Hq, Nq, Nk, D, sm_scale, win_l, win_r, tab_l, tab_r, rel_k,
+                   Hq, Nq, Nk, D, GROUP, sm_scale, win_l, win_r, tab_l, tab_r, rel_k,
                    FLAGS: tl.constexpr, ROT_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr):
     """One program per (key block, kv head, batch): dK and dV summed over the GROUP
@@ -55,7 +55,6 @@ def _attn_bwd_dkdv(Q, K, V, DO, Stats, DK, DV, DBias, Pos, Params, Table, Bias, 
     SHAW_FAR: tl.constexpr = ((REL_K | REL_V) * (1 - FAR)
                               * (1 - ((FLAGS >> _SOFTCAP.value) & 1 | (FLAGS >> _DROPOUT.value) & 1)))  # as in dQ
     NO_REL: tl.constexpr = FLAGS & ~(1 << _REL_K.value) & ~(1 << _REL_V.value)
-    GROUP = Hq // tl.num_programs(1)   # query heads per kv head
     start_n = tl.program_id(0) * BLOCK_N
     off_hk = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
