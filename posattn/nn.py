@@ -67,9 +67,16 @@ class RotaryEmbedding(_AttentionEncoding):
       2023), ``inv_freq / f``;
     - ``{"type": "ntk", "factor": f}``: NTK-aware scaling, ``base * f ** (R / (R - 2))``;
     - ``{"type": "llama3", "factor": 8, "low_freq_factor": 1, "high_freq_factor": 4,
-      "original_max_position_embeddings": 8192}``: Llama 3.1's frequency bands.
+      "original_max_position_embeddings": 8192}``: Llama 3.1's frequency bands;
+    - ``{"type": "yarn", "factor": f, "original_max_position_embeddings": L,
+      "beta_fast": 32, "beta_slow": 1}`` (Peng et al. 2023; Hugging Face's key names and
+      defaults, plus optional ``attention_factor``, ``mscale``, ``mscale_all_dim``,
+      ``truncate=True``): pairs that turn fewer than ``beta_slow`` times over ``L``
+      positions are interpolated (``inv_freq / f``), those that turn more than
+      ``beta_fast`` times are kept, with a linear ramp between; the attention factor
+      is ``0.1 ln f + 1`` unless given (or the ratio of the two ``mscale`` terms).
 
-    ``attention_factor`` multiplies cos and sin (scores by its square; YaRN).
+    ``attention_factor`` multiplies cos and sin (scores by its square); YaRN sets it.
     ``module()`` returns a :class:`posattn.RoPE` (keyword ``rope=``); q and k are
     rotated at their positions inside the kernel.
     """
@@ -85,13 +92,15 @@ class RotaryEmbedding(_AttentionEncoding):
         if not _enc.is_real(base) or not base > 0:
             raise ValueError(f"RotaryEmbedding: base must be a positive number, got {base!r}")
         if scaling is not None:
-            if not isinstance(scaling, dict) or scaling.get("type") not in ("linear", "ntk", "llama3"):
-                raise ValueError(f"RotaryEmbedding: scaling must be None or a dict with type 'linear', 'ntk' "
-                                 f"or 'llama3', got {scaling!r}")
+            if not isinstance(scaling, dict) or scaling.get("type") not in ("linear", "ntk", "llama3", "yarn"):
+                raise ValueError(f"RotaryEmbedding: scaling must be None or a dict with type 'linear', 'ntk', "
+                                 f"'llama3' or 'yarn', got {scaling!r}")
             factor = scaling.get("factor")
             if not _enc.is_real(factor) or not factor > 0:
                 raise ValueError(f"RotaryEmbedding: scaling['factor'] must be a positive number, got {factor!r}")
             scaling = dict(scaling)
+            if scaling["type"] == "yarn":
+                attention_factor = self._yarn_attention_factor(scaling, attention_factor)
         self.dim = dim
         self.base = float(base)
         self.interleaved = bool(interleaved)
@@ -106,6 +115,8 @@ class RotaryEmbedding(_AttentionEncoding):
         inv = 1.0 / base ** (torch.arange(0, r, 2, dtype=torch.float64) / r)
         if s is not None and s["type"] == "linear":
             inv = inv / s["factor"]
+        elif s is not None and s["type"] == "yarn":
+            inv = self._yarn_inv_freq(inv, s, r, base)
         elif s is not None and s["type"] == "llama3":
             factor = s["factor"]
             low, high = s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
@@ -118,6 +129,46 @@ class RotaryEmbedding(_AttentionEncoding):
             medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
             inv = torch.where(medium, smoothed, scaled)
         return inv.to(device=device, dtype=torch.float32)
+
+    @staticmethod
+    def _yarn_attention_factor(s, given):
+        f = s["factor"]
+        old = s.get("original_max_position_embeddings")
+        if not _enc.is_int(old) or old <= 0:
+            raise ValueError(f"RotaryEmbedding: yarn scaling needs original_max_position_embeddings, a positive "
+                             f"int, got {old!r}")
+        if given != 1.0:
+            raise ValueError("RotaryEmbedding: with yarn scaling the attention factor comes from the scaling dict "
+                             "(its 'attention_factor', or mscale / mscale_all_dim); leave attention_factor=1.0")
+        if s.get("attention_factor") is not None:
+            return float(s["attention_factor"])
+
+        def m(scale, k=1.0):   # YaRN's mscale: 0.1 k ln(scale) + 1, for scale > 1
+            return 1.0 if scale <= 1 else 0.1 * k * math.log(scale) + 1.0
+        if s.get("mscale") and s.get("mscale_all_dim"):
+            return m(f, s["mscale"]) / m(f, s["mscale_all_dim"])
+        return m(f)
+
+    @staticmethod
+    def _yarn_inv_freq(inv, s, r, base):
+        """YaRN's blend of interpolated (inv / f) and original frequencies: pair i keeps its
+        frequency when it turns more than beta_fast times over the original length L,
+        is interpolated below beta_slow turns, linearly in i between (in float32, as
+        Hugging Face computes it)."""
+        f, old = s["factor"], s["original_max_position_embeddings"]
+        fast, slow = s.get("beta_fast") or 32, s.get("beta_slow") or 1
+
+        def pair_turning(turns):   # the (fractional) pair index whose frequency turns `turns` times over L
+            return r * math.log(old / (turns * 2 * math.pi)) / (2 * math.log(base))
+        lo, hi = pair_turning(fast), pair_turning(slow)
+        if s.get("truncate", True):
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, r - 1)
+        if lo == hi:
+            hi += 0.001
+        theta = 1.0 / base ** (torch.arange(0, r, 2, dtype=torch.float32) / r)
+        keep = 1 - ((torch.arange(r // 2, dtype=torch.float32) - lo) / (hi - lo)).clamp(0, 1)
+        return (theta / f * (1 - keep) + theta * keep).to(inv.dtype)
 
     def _apply(self, fn, *args, **kwargs):
         # .to(dtype) / .half() would round the frequencies: recompute them in float32

@@ -465,3 +465,25 @@ def test_multihead_attention_softcap_and_sinks(device):
     assert fused.sinks.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="softcap"):
         pnn.MultiheadAttention(32, 4, softcap=0.0)
+
+
+@pytest.mark.parametrize("extra", [{}, {"beta_fast": 16, "beta_slow": 2, "truncate": False},
+                                   {"mscale": 1.0, "mscale_all_dim": 0.707}, {"attention_factor": 1.25}],
+                         ids=["defaults", "betas+no-truncate", "mscale", "attention_factor"])
+@pytest.mark.parametrize("head_dim,base,factor", [(64, 10000.0, 4.0), (128, 500000.0, 16.0)])
+def test_yarn_matches_hugging_face(head_dim, base, factor, extra):
+    """RotaryEmbedding(scaling={"type": "yarn", ...}) gives the inv_freq and attention
+    factor of transformers' YaRN initialisation for the same values."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    params = dict(factor=factor, original_max_position_embeddings=4096, **extra)
+    config = transformers.LlamaConfig(hidden_size=head_dim * 4, num_attention_heads=4, head_dim=head_dim,
+                                      max_position_embeddings=int(4096 * factor),
+                                      rope_parameters=dict(rope_type="yarn", rope_theta=base, **params))
+    inv_hf, att_hf = ROPE_INIT_FUNCTIONS["yarn"](config, "cpu")
+    m = pnn.RotaryEmbedding(head_dim, base=base, scaling=dict(type="yarn", **params))
+    torch.testing.assert_close(m.inv_freq, inv_hf.float(), rtol=2e-7, atol=0)
+    assert m.attention_factor == pytest.approx(att_hf, rel=1e-12)
+    assert m().attention_factor == m.attention_factor
+    with pytest.raises(ValueError, match="attention factor"):
+        pnn.RotaryEmbedding(head_dim, base=base, scaling=dict(type="yarn", **params), attention_factor=2.0)
