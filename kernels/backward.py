@@ -8,8 +8,8 @@ import triton.language as tl
 
 from .common import (LOG2E, _COL_BCAST, _D_AK, _D_AV, _DBIAS_ROWS, _DROPOUT, _HAS_POS, _HEAD_BCAST, _REL_K, _REL_V, _ROPE,
                      _SOFTCAP,
-                     _ROW_BCAST, _TABLE, _UPCAST, _beyond, _dot, _key_range, _load_row_stats, _load_tile, _part_range,
-                     _positions, _query_range, _stats_row)
+                     _ROW_BCAST, _TABLE, _UPCAST, _VARLEN, _beyond, _dot, _key_range, _load_row_stats, _load_tile, _part_range,
+                     _positions, _query_range, _sequence, _stats_row)
 from .rope import _rope_factor, _unrotate
 from .relative import _rel_end_rows, _row_dot
 from .scores import _head_params, _load_queries, _probs_and_ds, _table_far
@@ -63,21 +63,30 @@ def _attn_bwd_dkdv(Q, K, V, DO, Stats, DK, DV, DBias, Pos, Params, Table, Bias, 
     offs_d = tl.arange(0, BLOCK_D)
     qk_scale = sm_scale * LOG2E
     seed = tl.load(Rng) if (FLAGS >> _DROPOUT.value) & 1 else 0
+    NQ_T = Nq   # the row statistics' length (packed sequences: every sequence's rows)
+    q0 = 0
+    k0 = 0
+    pb = off_b
+    if (FLAGS >> _VARLEN.value) & 1:  # (a call only when packed: Triton's mutation analysis sees Pos)
+        q0, k0, Nq, Nk = _sequence(Pos, off_b)
+        pb = off_b * 0
 
     pos_q = Pos + off_b * (Nq + Nk)
     kp = _positions(pos_q + Nq, offs_n, Nk, 0, FLAGS)
-    k = _load_tile(K + off_b * skb + off_hk * skh, offs_n, offs_d, skn, Nk, D)
-    v = _load_tile(V + off_b * svb + off_hk * svh, offs_n, offs_d, svn, Nk, D)
+    k = _load_tile(K + off_b * skb + off_hk * skh + k0 * skn, offs_n, offs_d, skn, Nk, D)
+    v = _load_tile(V + off_b * svb + off_hk * svh + k0 * svn, offs_n, offs_d, svn, Nk, D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     lo, hi = _query_range(start_n, BLOCK_N, Nq, Nk, win_l, win_r, FLAGS, BLOCK_M)
+    if (FLAGS >> _VARLEN.value) & 1:  # a block past its sequence's keys
+        hi = tl.where(start_n < Nk, hi, lo)
     for g in range(0, GROUP):
         off_h = off_hk * GROUP + g
         slope, r1, r2, table_ptr, bias_ptr, ak_ptr, av_ptr, u_ptr, w_ptr, cap2, sink2, drop_p = _head_params(
-            off_b, off_h, Params, Table, tab_l, tab_r, Bias, sbb, sbh, bias_nb, Rel, rel_k, Hq, D, FLAGS, ROT_DIM)
-        q_base = Q + off_b * sqb + off_h * sqh
-        do_base = DO + off_b * sdob + off_h * sdoh
-        stats = _stats_row(Stats, off_b * Hq + off_h, Nq)
+            pb, off_h, Params, Table, tab_l, tab_r, Bias, sbb, sbh, bias_nb, Rel, rel_k, Hq, D, FLAGS, ROT_DIM)
+        q_base = Q + off_b * sqb + off_h * sqh + q0 * sqm
+        do_base = DO + off_b * sdob + off_h * sdoh + q0 * sdom
+        stats = _stats_row(Stats, pb * Hq + off_h, NQ_T) + q0
         # DistanceBias with default positions: the query tiles far from the diagonal
         # read one table column; they are scored as plain tiles, lse shifted by it.
         b_lo = lo
@@ -97,7 +106,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, Stats, DK, DV, DBias, Pos, Params, Table, Bias, 
                 offs_m = start_m + offs_m0
                 qp, q, qu, qw = _load_queries(q_base, pos_q, offs_m, offs_d, sqm, Nq, Nk, D, u_ptr, w_ptr, FLAGS)
                 do = _load_tile(do_base, offs_m, offs_d, sdom, Nq, D)
-                lse2, delta = _load_row_stats(stats, offs_m, Nq)
+                lse2, delta = _load_row_stats(stats, offs_m, Nq, NQ_T)
                 if SHAW_FAR and part > 0:   # logits + (q + w) . aK[end], dP + dO . aV[end], per row
                     tile_c = _row_dot(qw, ak_end2k if part == 1 else ak_end0, REL_K) * qk_scale
                     tile_d = _row_dot(do, av_end2k if part == 1 else av_end0, REL_V)
@@ -119,9 +128,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, Stats, DK, DV, DBias, Pos, Params, Table, Bias, 
     if ROPE:
         dk = _unrotate(dk, offs_d, kp, Params, _rope_factor(Params, FLAGS, ROT_DIM), FLAGS, ROT_DIM)
     mask = (offs_n[:, None] < Nk) & (offs_d[None, :] < D)
-    tl.store(DK + off_b * sdkb + off_hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :],
+    tl.store(DK + off_b * sdkb + off_hk * sdkh + (k0 + offs_n[:, None]) * sdkn + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=mask)
-    tl.store(DV + off_b * sdkb + off_hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :],
+    tl.store(DV + off_b * sdkb + off_hk * sdkh + (k0 + offs_n[:, None]) * sdkn + offs_d[None, :],
              dv.to(DV.dtype.element_ty), mask=mask)
 
 
@@ -142,6 +151,13 @@ def _attn_bwd_rel(Q, K, V, DO, Stats, DAK, DAV, Pos, Params, Table, Bias, Rel, R
     rel0 = rel_first + tl.program_id(0) * BLOCK_N
     ha = tl.program_id(1)
     off_b = tl.program_id(2).to(tl.int64)
+    NQ_T = Nq
+    q0 = 0
+    k0 = 0
+    pb = off_b
+    if (FLAGS >> _VARLEN.value) & 1:  # (a call only when packed: Triton's mutation analysis sees Pos)
+        q0, k0, Nq, Nk = _sequence(Pos, off_b)
+        pb = off_b * 0
     shift = Nk - Nq
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -155,23 +171,23 @@ def _attn_bwd_rel(Q, K, V, DO, Stats, DAK, DAV, Pos, Params, Table, Bias, Rel, R
         off_h = tl.cast(h, tl.int64)
         off_hk = off_h // GROUP
         slope, r1, r2, table_ptr, bias_ptr, ak_ptr, av_ptr, u_ptr, w_ptr, cap2, sink2, drop_p = _head_params(
-            off_b, off_h, Params, Table, tab_l, tab_r, Bias, sbb, sbh, bias_nb, Rel, rel_k, Hq, D, FLAGS, ROT_DIM)
-        stats = _stats_row(Stats, off_b * Hq + off_h, Nq)
+            pb, off_h, Params, Table, tab_l, tab_r, Bias, sbb, sbh, bias_nb, Rel, rel_k, Hq, D, FLAGS, ROT_DIM)
+        stats = _stats_row(Stats, pb * Hq + off_h, NQ_T) + q0
         for start_m in range(0, Nq, BLOCK_M):
             # keys j = i + shift + rel for rows i of the block and rel in [rel0, rel0 + BLOCK_N)
             lo, hi = _key_range(start_m, BLOCK_M, Nq, Nk, win_l, win_r, FLAGS, BLOCK_N)
             j_lo = tl.maximum(lo, start_m + shift + rel0)
             j_hi = tl.minimum(hi, start_m + BLOCK_M + shift + rel0 + BLOCK_N - 1)
             offs_m = start_m + offs_m0
-            qp, q, qu, qw = _load_queries(Q + off_b * sqb + off_h * sqh, pos_q, offs_m, offs_d, sqm, Nq, Nk, D,
-                                          u_ptr, w_ptr, FLAGS)
-            do = _load_tile(DO + off_b * sdob + off_h * sdoh, offs_m, offs_d, sdom, Nq, D)
-            lse2, delta = _load_row_stats(stats, offs_m, Nq)
+            qp, q, qu, qw = _load_queries(Q + off_b * sqb + off_h * sqh + q0 * sqm, pos_q, offs_m, offs_d, sqm, Nq,
+                                          Nk, D, u_ptr, w_ptr, FLAGS)
+            do = _load_tile(DO + off_b * sdob + off_h * sdoh + q0 * sdom, offs_m, offs_d, sdom, Nq, D)
+            lse2, delta = _load_row_stats(stats, offs_m, Nq, NQ_T)
             for start_n in range((tl.maximum(j_lo, 0) // BLOCK_N) * BLOCK_N, j_hi, BLOCK_N):
                 offs_n = start_n + offs_n0
                 kp = _positions(pos_q + Nq, offs_n, Nk, 0, FLAGS)
-                k = _load_tile(K + off_b * skb + off_hk * skh, offs_n, offs_d, skn, Nk, D)
-                v = _load_tile(V + off_b * svb + off_hk * svh, offs_n, offs_d, svn, Nk, D)
+                k = _load_tile(K + off_b * skb + off_hk * skh + k0 * skn, offs_n, offs_d, skn, Nk, D)
+                v = _load_tile(V + off_b * svb + off_hk * svh + k0 * svn, offs_n, offs_d, svn, Nk, D)
                 p, ds, rel, ak, ds_qk, p_v = _probs_and_ds(
                     qu, qw, k, v, do, ak_ptr, av_ptr, qp, kp, lse2, delta, start_m, start_n, offs_m,
                     offs_n, offs_d, Nq, Nk, D, rel_k, qk_scale, slope, r1, r2, table_ptr, tab_l, tab_r,
@@ -253,7 +269,7 @@ def _attn_bwd_dbias(Q, K, V, DO, Stats, DBias, Pos, Params, Table, Bias, Rel, Rn
                 qp, q, qu, qw = _load_queries(Q + off_b * sqb + off_h * sqh, pos_q, offs_m, offs_d, sqm, Nq, Nk,
                                               D, u_ptr, w_ptr, FLAGS)
                 do = _load_tile(DO + off_b * sdob + off_h * sdoh, offs_m, offs_d, sdom, Nq, D)
-                lse2, delta = _load_row_stats(stats, offs_m, Nq)
+                lse2, delta = _load_row_stats(stats, offs_m, Nq, Nq)
                 for start_n in range(n_lo, n_hi, BLOCK_N):
                     offs_n = start_n + offs_n0
                     kp = _positions(pos_q + Nq, offs_n, Nk, 0, FLAGS)

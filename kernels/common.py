@@ -7,7 +7,7 @@ __all__ = ["LOG2E", "PHILOX_ROUNDS", "_CAUSAL", "_HAS_WL", "_HAS_WR", "_HAS_POS"
            "_BIAS", "_BIAS_MASK", "_REL_K", "_REL_V", "_REL_U", "_REL_W", "_UPCAST", "_KERPLE", "_D_SLOPE",
            "_D_TABLE", "_D_U", "_D_W", "_D_AK", "_D_AV", "_DELTA_PASS", "_HEAD_BCAST", "_ROW_BCAST",
            "_COL_BCAST", "_D_KERPLE", "_CORRECT", "_TABLE_PASS", "_REL_SHARED", "_BIAS_KEYS",
-           "_SCALE_POS", "_DBIAS_ROWS", "_SOFTCAP", "_SINKS", "_FAST_TANH", "_DROPOUT"]  # (and the helpers, imported by name)
+           "_SCALE_POS", "_DBIAS_ROWS", "_SOFTCAP", "_SINKS", "_FAST_TANH", "_DROPOUT", "_VARLEN"]  # (and the helpers, imported by name)
 
 LOG2E = tl.constexpr(1.4426950408889634)  # a constexpr: jitted code reads no plain globals
 # Philox4x32 rounds for dropout's keep-mask: 7, Random123's Crush-resistant count (10 is
@@ -43,6 +43,7 @@ _SOFTCAP = tl.constexpr(21)     # scaled logits capped: cap * tanh(scale * logit
 _SINKS = tl.constexpr(22)       # a per-head logit in every row's softmax denominator
 _FAST_TANH = tl.constexpr(23)   # softcap's tanh by the GPU's tanh.approx (half-precision inputs)
 _DROPOUT = tl.constexpr(24)     # attention dropout: a Philox keep-mask drawn per (batch, head, row, key)
+_VARLEN = tl.constexpr(25)      # packed sequences: grid axis 2 is a sequence, Pos holds cu_seqlens_q, cu_seqlens_k
 _D_SLOPE = tl.constexpr(0)
 _D_TABLE = tl.constexpr(1)
 _D_U = tl.constexpr(2)
@@ -264,6 +265,19 @@ def _split_queries(start_n, BLOCK_N: tl.constexpr, Nq, Nk, lo, hi, win_l, win_r,
 
 
 @triton.jit
+def _sequence(Pos, off_b):
+    """Packed sequences (VARLEN): program axis 2 is sequence off_b of a packed batch, Pos
+    its cu_seqlens_q then cu_seqlens_k (int32, num_programs(2) + 1 each), the tensors
+    one [1, H, total, D] batch. Returns the sequence's first query and key rows and its
+    lengths: every mask, position and encoding then acts within it (the row statistics
+    and per-batch parameters use batch 0)."""
+    cu_k = Pos + tl.num_programs(2) + 1
+    q0 = tl.load(Pos + off_b)
+    k0 = tl.load(cu_k + off_b)
+    return q0, k0, tl.load(Pos + off_b + 1) - q0, tl.load(cu_k + off_b + 1) - k0
+
+
+@triton.jit
 def _stats_row(Stats, off_bh, Nq):
     """The backward's row statistics, [B, Hq, 2, Nq] float32: this (batch, head)'s lse
     (log2 domain) row; its delta row follows at + Nq."""
@@ -271,10 +285,11 @@ def _stats_row(Stats, off_bh, Nq):
 
 
 @triton.jit
-def _load_row_stats(stats_row, offs_m, Nq):
-    """lse (log2 domain) and delta of rows; rows with no visible key or past Nq get
-    lse = +inf so that their recomputed probabilities are exactly 0."""
+def _load_row_stats(stats_row, offs_m, Nq, NQ_T):
+    """lse (log2 domain) and delta of rows (the delta row NQ_T after the lse row: the
+    statistics' row length, Nq but for packed sequences); rows with no visible key or
+    past Nq get lse = +inf so that their recomputed probabilities are exactly 0."""
     lse = tl.load(stats_row + offs_m, mask=offs_m < Nq, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
-    delta = tl.load(stats_row + Nq + offs_m, mask=offs_m < Nq, other=0.0)
+    delta = tl.load(stats_row + NQ_T + offs_m, mask=offs_m < Nq, other=0.0)
     return lse, delta

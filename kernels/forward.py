@@ -3,8 +3,8 @@ import triton
 import triton.language as tl
 
 from .common import (LOG2E, _ALIBI, _BIAS, _BIAS_MASK, _CAUSAL, _HAS_POS, _KERPLE, _REL_K, _REL_V, _SCALE_POS, _SINKS,
-                     _SOFTCAP, _TABLE, _UPCAST, _DROPOUT, _beyond, _dot, _dropout_keep, _key_range, _load_tile, _positions,
-                     _split_keys)
+                     _SOFTCAP, _TABLE, _UPCAST, _DROPOUT, _VARLEN, _beyond, _dot, _dropout_keep, _key_range, _load_tile,
+                     _positions, _sequence, _split_keys)
 from .relative import _keys_to_rel, _load_rel, _rel_end_rows, _rel_rows, _row_dot
 from .scores import _head_params, _load_queries, _logits, _scores, _table_far
 
@@ -115,14 +115,22 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel, Rng,
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     qk_scale = sm_scale * LOG2E
+    NQ_T = Nq   # the lse rows' length (packed sequences: every sequence's rows)
+    q0 = 0
+    k0 = 0
+    pb = off_b
+    if (FLAGS >> _VARLEN.value) & 1:  # (a call only when packed: Triton's mutation analysis sees Pos)
+        q0, k0, Nq, Nk = _sequence(Pos, off_b)
+        pb = off_b * 0
+    stat_bh = pb * Hq + off_h
 
     slope, r1, r2, table_ptr, bias_ptr, ak_ptr, av_ptr, u_ptr, w_ptr, cap2, sink2, drop_p = _head_params(
-        off_b, off_h, Params, Table, tab_l, tab_r, Bias, sbb, sbh, bias_nb, Rel, rel_k, Hq, D, FLAGS, ROT_DIM)
+        pb, off_h, Params, Table, tab_l, tab_r, Bias, sbb, sbh, bias_nb, Rel, rel_k, Hq, D, FLAGS, ROT_DIM)
     pos_q = Pos + off_b * (Nq + Nk)
-    qp, q, qu, qw = _load_queries(Q + off_b * sqb + off_h * sqh, pos_q, offs_m, offs_d, sqm, Nq, Nk, D,
+    qp, q, qu, qw = _load_queries(Q + off_b * sqb + off_h * sqh + q0 * sqm, pos_q, offs_m, offs_d, sqm, Nq, Nk, D,
                                   u_ptr, w_ptr, FLAGS)
-    k_base = K + off_b * skb + off_hk * skh
-    v_base = V + off_b * svb + off_hk * svh
+    k_base = K + off_b * skb + off_hk * skh + k0 * skn
+    v_base = V + off_b * svb + off_hk * svh + k0 * svn
     seed = tl.load(Rng) if DROPOUT else 0
     rng_row = off_bh   # dropout's counter word for (batch, head)
 
@@ -134,6 +142,8 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel, Rng,
         l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     lo, hi = _key_range(start_m, BLOCK_M, Nq, Nk, win_l, win_r, FLAGS, BLOCK_N)
+    if (FLAGS >> _VARLEN.value) & 1:  # a block past its sequence's rows (the grid fits the longest)
+        hi = tl.where(start_m < Nq, hi, lo)
     if REL_K or REL_V:
         # Shaw (default positions): interior tiles wholly beyond the clip (rel <= -K or
         # >= K) read aK / aV's end rows only: the key term is a per-row constant
@@ -217,10 +227,10 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel, Rng,
     if DROPOUT:
         out = out * (1.0 / (1.0 - drop_p))
     lse2 = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
-    o_ptrs = Out + off_b * sob + off_h * soh + offs_m[:, None] * som + offs_d[None, :]
+    o_ptrs = Out + off_b * sob + off_h * soh + (q0 + offs_m[:, None]) * som + offs_d[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < D))
-    tl.store(Lse + off_bh * Nq + offs_m, lse2 / LOG2E, mask=offs_m < Nq)
-    tl.store(Lse2 + off_bh * Nq + offs_m, lse2, mask=offs_m < Nq)
+    tl.store(Lse + stat_bh * NQ_T + q0 + offs_m, lse2 / LOG2E, mask=offs_m < Nq)
+    tl.store(Lse2 + stat_bh * NQ_T + q0 + offs_m, lse2, mask=offs_m < Nq)
 
 
 @triton.jit

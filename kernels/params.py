@@ -5,7 +5,7 @@ import triton
 import triton.language as tl
 
 from .common import (LOG2E, _CORRECT, _HAS_POS, _DELTA_PASS, _TABLE_PASS, _D_AK, _D_AV, _D_KERPLE, _D_SLOPE,
-                     _D_TABLE, _D_U, _D_W, _DROPOUT, _REL_K, _REL_V, _ROPE, _SINKS, _SOFTCAP, _TABLE, _UPCAST, _beyond, _dot, _key_range, _part_range,
+                     _D_TABLE, _D_U, _D_W, _DROPOUT, _REL_K, _REL_V, _ROPE, _SINKS, _SOFTCAP, _TABLE, _UPCAST, _VARLEN, _sequence, _beyond, _dot, _key_range, _part_range,
                      _load_row_stats, _load_tile, _positions, _stats_row)
 from .rope import _rope_factor, _unrotate
 from .relative import _keys_to_rel, _rel_end_rows, _row_dot
@@ -140,21 +140,28 @@ def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
     T = 0  # the bias table's columns
     if TABLE:
         T = _table_columns(tab_l, tab_r, TABLE)
+    NQ_T = Nq   # the row statistics' length (packed sequences: every sequence's rows)
+    q0 = 0
+    k0 = 0
+    pb = off_b
+    if (FLAGS >> _VARLEN.value) & 1:  # (a call only when packed: Triton's mutation analysis sees Pos)
+        q0, k0, Nq, Nk = _sequence(Pos, off_b)
+        pb = off_b * 0
 
     slope, r1, r2, table_ptr, bias_ptr, ak_ptr, av_ptr, u_ptr, w_ptr, cap2, sink2, drop_p = _head_params(
-        off_b, off_h, Params, Table, tab_l, tab_r, Bias, sbb, sbh, bias_nb, Rel, rel_k, Hq, D, FLAGS, ROT_DIM)
+        pb, off_h, Params, Table, tab_l, tab_r, Bias, sbb, sbh, bias_nb, Rel, rel_k, Hq, D, FLAGS, ROT_DIM)
     pos_q = Pos + off_b * (Nq + Nk)
-    qp, q, qu, qw = _load_queries(Q + off_b * sqb + off_h * sqh, pos_q, offs_m, offs_d, sqm, Nq, Nk, D,
+    qp, q, qu, qw = _load_queries(Q + off_b * sqb + off_h * sqh + q0 * sqm, pos_q, offs_m, offs_d, sqm, Nq, Nk, D,
                                   u_ptr, w_ptr, FLAGS)
-    do = _load_tile(DO + off_b * sdob + off_h * sdoh, offs_m, offs_d, sdom, Nq, D)
-    stats = _stats_row(Stats, off_bh, Nq)
-    lse2, delta = _load_row_stats(stats, offs_m, Nq)
+    do = _load_tile(DO + off_b * sdob + off_h * sdoh + q0 * sdom, offs_m, offs_d, sdom, Nq, D)
+    stats = _stats_row(Stats, pb * Hq + off_h, NQ_T) + q0
+    lse2, delta = _load_row_stats(stats, offs_m, Nq, NQ_T)
     if DELTA_PASS:
         delta = tl.zeros([BLOCK_M], tl.float32)   # then dS = P * dP
         p_dp = tl.zeros([BLOCK_M], tl.float32)
         p_sum = tl.zeros([BLOCK_M], tl.float32)
-    k_base = K + off_b * skb + off_hk * skh
-    v_base = V + off_b * svb + off_hk * svh
+    k_base = K + off_b * skb + off_hk * skh + k0 * skn
+    v_base = V + off_b * svb + off_hk * svh + k0 * svn
 
     dq_c = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)   # from (q + u) . k
     dq_p = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)   # from (q + w) . aK
@@ -179,6 +186,8 @@ def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
         far_ds2 = tl.zeros([BLOCK_M], tl.float32)
         far_p2 = tl.zeros([BLOCK_M], tl.float32)
     lo, hi = _key_range(start_m, BLOCK_M, Nq, Nk, win_l, win_r, FLAGS, BLOCK_N)
+    if (FLAGS >> _VARLEN.value) & 1:  # a block past its sequence's rows (the grid fits the longest)
+        hi = tl.where(start_m < Nq, hi, lo)
     # DistanceBias with default positions: the key tiles far from the diagonal read one
     # table column; they are scored as plain tiles, lse shifted by that column.
     b_lo = lo
@@ -274,16 +283,16 @@ def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
         if SINKS:  # the sink's probability joins the row's total
             p_sum += tl.math.exp2(sink2 - lse2)
         live = (offs_m < Nq) & (p_sum > 0.0)
-        tl.store(stats + Nq + offs_m, p_dp / tl.where(live, p_sum, 1.0), mask=offs_m < Nq)
+        tl.store(stats + NQ_T + offs_m, p_dp / tl.where(live, p_sum, 1.0), mask=offs_m < Nq)
         tl.store(stats + offs_m, lse2 + tl.math.log2(tl.where(live, p_sum, 1.0)), mask=live)
     elif TABLE_PASS:
         o_slope, o_kerple, o_u, o_w, o_ak, o_av, o_tab, size = _grad_slot(D, T, GRADS)
-        slot = DParams + (off_bh * tl.cdiv(Nq, BLOCK_M) + pid_m) * size
+        slot = DParams + (off_bh * tl.num_programs(0) + pid_m) * size
         d_tab += tl.load(slot + o_tab + offs_t, mask=offs_t < T, other=0.0)   # the far tiles' part
         tl.store(slot + o_tab + offs_t, d_tab, mask=offs_t < T)
     else:
         o_slope, o_kerple, o_u, o_w, o_ak, o_av, o_tab, size = _grad_slot(D, T, GRADS)
-        slot = DParams + (off_bh * tl.cdiv(Nq, BLOCK_M) + pid_m) * size
+        slot = DParams + (off_bh * tl.num_programs(0) + pid_m) * size
         in_d = offs_d < D
         if SHAW_FAR and REL_K:  # the far tiles' position term: their dS row sums times aK's end rows
             dq_p += ds_far_low[:, None] * ak_low[None, :] + ds_far_high[:, None] * ak_high[None, :]
@@ -301,7 +310,7 @@ def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
             if D_TABLE:
                 d_tab += (tl.where(offs_t == 0, tl.sum((far_ds - shift * far_p) * inv_l, 0), 0.0)
                           + tl.where(offs_t == T - 1, tl.sum((far_ds2 - shift * far_p2) * inv_l, 0), 0.0))
-            tl.store(stats + Nq + offs_m, delta + shift, mask=offs_m < Nq)
+            tl.store(stats + NQ_T + offs_m, delta + shift, mask=offs_m < Nq)
             tl.store(stats + offs_m, lse2 + tl.math.log2(tl.where(live, row_l, 1.0)), mask=live)
         if D_SLOPE:
             tl.store(slot + o_slope, tl.sum(d_slope, 0))
@@ -326,5 +335,5 @@ def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
         dq = (dq_c + dq_p) * sm_scale
         if ROPE:
             dq = _unrotate(dq, offs_d, qp, Params, _rope_factor(Params, FLAGS, ROT_DIM), FLAGS, ROT_DIM)
-        tl.store(DQ + off_b * sdqb + off_h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :],
+        tl.store(DQ + off_b * sdqb + off_h * sdqh + (q0 + offs_m[:, None]) * sdqm + offs_d[None, :],
                  dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < Nq) & in_d[None, :])

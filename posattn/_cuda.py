@@ -115,7 +115,9 @@ DECLARATION = Declaration(
     max_head_dim=256,
     encodings={RoPE: None, ALiBi: None, DistanceBias: None, GridBias: None, DenseBias: None},
     checks=(_grid_limits, lambda p: "attention dropout (dropout_p > 0) is not implemented by the cuda backend"
-                                    if p.dropout_p > 0 else None),
+                                    if p.dropout_p > 0 else None,
+            lambda p: "packed sequences (attention_varlen) are not implemented by the cuda backend"
+            if p.varlen is not None else None),
 )
 
 

@@ -142,9 +142,9 @@ CODECS = (
           lambda t, sc: None if t[0] is None else Sinks(t[0])),
 )
 _COMMON_TENSORS = (("q", "Tensor"), ("k", "Tensor"), ("v", "Tensor"), ("q_pos", "Tensor?"), ("k_pos", "Tensor?"),
-                   ("dropout_rng", "Tensor?"))
+                   ("dropout_rng", "Tensor?"), ("cu_seqlens_q", "Tensor?"), ("cu_seqlens_k", "Tensor?"))
 _COMMON_SCALARS = (("causal", "bool"), ("scale", "float"), ("window_left", "int?"), ("window_right", "int?"),
-                   ("dropout_p", "float"))
+                   ("dropout_p", "float"), ("max_seqlen_q", "int"), ("max_seqlen_k", "int"))
 _ENC_TENSORS = tuple(f for c in CODECS for f in c.tensors)
 _ENC_SCALARS = tuple(f for c in CODECS for f in c.scalars)
 NUM_TENSORS = len(_COMMON_TENSORS) + len(_ENC_TENSORS)
@@ -235,6 +235,10 @@ def _problem(tensors: dict, scalars: dict) -> _validate.Problem:
                         dropout_rng=tensors["dropout_rng"], **encodings)
     if p.dropout_p > 0 and p.dropout_rng is None:
         raise ValueError("posattn op: dropout_p > 0 needs dropout_rng (posattn._dropout.draw)")
+    if tensors["cu_seqlens_q"] is not None:
+        from .interface import _varlen_problem_fields
+        p = p.replace(varlen=_varlen_problem_fields(p, tensors["cu_seqlens_q"], tensors["cu_seqlens_k"],
+                                                    scalars["max_seqlen_q"], scalars["max_seqlen_k"]))
     why = _triton.refusal(p)
     if why is not None and not _is_fake(q):
         raise ValueError(f"posattn op: the Triton backend refused: {why}")
@@ -412,8 +416,9 @@ def op_args(p: _validate.Problem) -> tuple:
         t, sc = c.encode(by_keyword.get(c.keyword), p)
         tensors += t
         scalars += sc
-    return (p.q, p.k, p.v, p.q_pos, p.k_pos, p.dropout_rng, *tensors, p.causal, p.scale, p.window_left,
-            p.window_right, p.dropout_p, *scalars)
+    cu_q, cu_k, max_q, max_k = p.varlen if p.varlen is not None else (None, None, 0, 0)
+    return (p.q, p.k, p.v, p.q_pos, p.k_pos, p.dropout_rng, cu_q, cu_k, *tensors, p.causal, p.scale, p.window_left,
+            p.window_right, p.dropout_p, max_q, max_k, *scalars)
 
 
 def attention(p: _validate.Problem):

@@ -221,7 +221,10 @@ _PARAM_NAMES = tuple((kw, name) for _, kw, name in _PARAM_TENSORS)   # (keyword,
 # shared dummy pointer, which disabled code never dereferences.
 
 def _positions_args(p: Problem, dummy):
-    """Pos [B, Nq + Nk]: the queries' positions then the keys' (int32 or int64)."""
+    """Pos [B, Nq + Nk]: the queries' positions then the keys' (int32 or int64); packed
+    sequences: cu_seqlens_q then cu_seqlens_k (int32; positions restart per sequence)."""
+    if p.varlen is not None:
+        return dict(HAS_POS=False, VARLEN=True), dict(Pos=torch.cat((p.varlen[0], p.varlen[1]))), ()
     if p.q_pos is None and p.k_pos is None:
         return dict(HAS_POS=False), dict(Pos=dummy), ()
     qpos, kpos = p.default_positions(dummy.device)  # one side given: the other, O(N)
@@ -410,10 +413,13 @@ def _direct(kernel):
     return kernel
 
 
-def _strides(prefix, t):
-    """A tensor's batch, head and row strides by the kernels' names: prefix + b, h, m or n."""
-    return dict(zip((prefix + c for c in ("b", "h", "m" if prefix in ("sq", "so", "sdo", "sdq") else "n")),
-                    t.stride()[:3]))
+def _strides(prefix, t, varlen=False):
+    """A tensor's batch, head and row strides by the kernels' names: prefix + b, h, m or n
+    (packed sequences: batch stride 0, grid axis 2 being a sequence of the one batch)."""
+    st = t.stride()[:3]
+    if varlen:
+        st = (0,) + tuple(st[1:])
+    return dict(zip((prefix + c for c in ("b", "h", "m" if prefix in ("sq", "so", "sdo", "sdq") else "n")), st))
 
 
 def _aligned(B, H, N, D, like):
@@ -446,10 +452,29 @@ def _rotated(L: _Launch, x, keys: bool, wrap):
     out = _aligned(B, H, N, D, like=x)
     bd = max(16, _next_pow2(D))
     rows = 64 if interpreting() else max(16, 2048 // bd)  # memory-bound: small tiles, many CTAs per SM
+    extra = {}
+    if p.varlen is not None:   # positions restart in each packed sequence: explicit per-row positions
+        extra = dict(Pos=_packed_positions(p), FLAGS=L.args["FLAGS"] & ~pack_flags(VARLEN=True) | pack_flags(HAS_POS=True))
     L.launch(wrap, _rope_rotate, (_cdiv(N, rows), H, B), X=x, Out=out, sxb=x.stride(0), sxh=x.stride(1),
-             sxn=x.stride(2), son=out.stride(2), H=H, N=N, OFF=p.Nq if keys else 0, SHIFT=0 if keys else p.Nk - p.Nq, BLOCK_N=rows,
-             BLOCK_D=bd, num_warps=4)
+             sxn=x.stride(2), son=out.stride(2), H=H, N=N, OFF=p.Nq if keys else 0, SHIFT=0 if keys else p.Nk - p.Nq,
+             BLOCK_N=rows, BLOCK_D=bd, num_warps=4, **extra)
     return out
+
+
+def _packed_positions(p: Problem):
+    """[1, total_q + total_k] int32: each packed row's position within its sequence,
+    bottom-right aligned per sequence (queries at Nk_s - Nq_s + i), as the kernels'
+    default positions are (no host sync: the totals are the tensors' lengths)."""
+    cu_q, cu_k = (c.to(torch.int64) for c in p.varlen[:2])
+    dev = cu_q.device
+
+    def rows(cu, total):
+        r = torch.arange(total, device=dev)
+        return r, torch.searchsorted(cu, r, right=True) - 1   # each row's sequence
+    rq, sq = rows(cu_q, p.Nq)
+    rk, sk = rows(cu_k, p.Nk)
+    shift = (cu_k[1:] - cu_k[:-1]) - (cu_q[1:] - cu_q[:-1])
+    return torch.cat((rq - cu_q[sq] + shift[sq], rk - cu_k[sk])).to(torch.int32)[None]
 
 
 def _forward(L: _Launch, q, k, v, wrap=_direct):
@@ -461,8 +486,9 @@ def _forward(L: _Launch, q, k, v, wrap=_direct):
     lse = torch.empty(p.B, p.Hq, p.Nq, device=q.device, dtype=torch.float32)
     lse2 = torch.empty_like(lse)
     bm, bn, bd, launch = L.config(backward=False)
-    L.launch(wrap, _attn_fwd, (_cdiv(p.Nq, bm), p.Hq, p.B), Q=q, K=k, V=v, Out=out, Lse=lse, Lse2=lse2,
-             **_strides("sq", q), **_strides("sk", k), **_strides("sv", v), **_strides("so", out),
+    vl = p.varlen is not None
+    L.launch(wrap, _attn_fwd, (_cdiv(p.rows_q, bm), p.Hq, p.batches), Q=q, K=k, V=v, Out=out, Lse=lse, Lse2=lse2,
+             **_strides("sq", q, vl), **_strides("sk", k, vl), **_strides("sv", v, vl), **_strides("so", out, vl),
              BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, **launch)
     return out, lse, lse2
 
@@ -532,14 +558,16 @@ def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need, wrap=_direct):
                  DLse=dlse.contiguous() if has_dlse else stats, **_strides("so", out), **_strides("sdo", do),
                  HAS_DLSE=has_dlse, BLOCK_M=64, BLOCK_D=bd)
 
-    num_m = _cdiv(p.Nq, bm)
-    inputs = dict(Q=q, K=k, V=v, DO=do, Stats=stats, **_strides("sq", q), **_strides("sk", k),
-                  **_strides("sv", v), **_strides("sdo", do), **blocks, **launch)
+    num_m = _cdiv(p.rows_q, bm)
+    vl = p.varlen is not None
+    nb = p.batches
+    inputs = dict(Q=q, K=k, V=v, DO=do, Stats=stats, **_strides("sq", q, vl), **_strides("sk", k, vl),
+                  **_strides("sv", v, vl), **_strides("sdo", do, vl), **blocks, **launch)
     if exact_delta:
         # Parameter gradients weight dS by large factors (|rel|, table columns), so
         # delta is summed from the same P and dP tiles the gradient uses, and lse is
         # renormalised with them.
-        L.launch(wrap, _attn_bwd_dq, (num_m, p.Hq, p.B), **inputs, DQ=q, DParams=stats, **_strides("sdq", q),
+        L.launch(wrap, _attn_bwd_dq, (num_m, p.Hq, nb), **inputs, DQ=q, DParams=stats, **_strides("sdq", q, vl),
                  GRADS=pack_grads(DELTA_PASS=True), BLOCK_T=16)
         if has_dlse:
             stats[:, :, 1] -= dlse.to(torch.float32)
@@ -550,20 +578,20 @@ def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need, wrap=_direct):
     want = dict(need, kerple=need["kerple_r1"] or need["kerple_r2"])
     tab_t = max(L.table_columns, 1)
     layout, slot = _grad_layout(want, p.D, tab_t)
-    work = torch.empty(p.B, p.Hq, num_m, slot, **f32) if slot else stats
+    work = torch.empty(nb, p.Hq, num_m, slot, **f32) if slot else stats
 
     def part(name, *shape):  # [B, Hq, num_m, *shape]
         offset, size = layout[name]
-        return work[..., offset:offset + size].reshape(p.B, p.Hq, num_m, *shape)
+        return work[..., offset:offset + size].reshape(nb, p.Hq, num_m, *shape)
 
     grads_bits = dict(D_SLOPE=want["alibi"], D_TABLE=want["table"], D_U=want["rel_u"], D_W=want["rel_w"],
                       D_AK=want["rel_key"], D_AV=want["rel_value"], D_KERPLE=want["kerple"])
     block_t = _next_pow2(tab_t) if want["table"] else 16
-    L.launch(wrap, _attn_bwd_dq, (num_m, p.Hq, p.B), **inputs, DQ=dq, DParams=work, **_strides("sdq", dq),
+    L.launch(wrap, _attn_bwd_dq, (num_m, p.Hq, nb), **inputs, DQ=dq, DParams=work, **_strides("sdq", dq, vl),
              GRADS=pack_grads(CORRECT=correct, **grads_bits), BLOCK_T=block_t)
     if correct and want["table"]:
         # d(table) over the tiles near the diagonal, from the exact delta just written
-        L.launch(wrap, _attn_bwd_dq, (num_m, p.Hq, p.B), **inputs, DQ=dq, DParams=work, **_strides("sdq", dq),
+        L.launch(wrap, _attn_bwd_dq, (num_m, p.Hq, nb), **inputs, DQ=dq, DParams=work, **_strides("sdq", dq, vl),
                  GRADS=pack_grads(TABLE_PASS=True, **grads_bits), BLOCK_T=block_t)
 
     # dK / dV after dQ: with CORRECT they read the exact delta dQ wrote. A dense bias
@@ -571,8 +599,8 @@ def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need, wrap=_direct):
     dk = torch.empty_like(k)
     dv = torch.empty_strided(dk.shape, dk.stride(), device=dev, dtype=v.dtype)   # dK's strides serve both
     dbias = _dbias_rows(L, p) if need["bias"] else None
-    L.launch(wrap, _attn_bwd_dkdv, (_cdiv(p.Nk, bn), p.Hkv, p.B), **inputs, DK=dk, DV=dv,
-             DBias=stats if dbias is None else dbias, **_strides("sdk", dk),
+    L.launch(wrap, _attn_bwd_dkdv, (_cdiv(p.rows_k, bn), p.Hkv, nb), **inputs, DK=dk, DV=dv,
+             DBias=stats if dbias is None else dbias, **_strides("sdk", dk, vl),
              FLAGS=L.args["FLAGS"] | pack_flags(DBIAS_ROWS=dbias is not None))
 
     grads = dict.fromkeys(_PARAMS)
@@ -613,11 +641,11 @@ def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need, wrap=_direct):
         K = L.rel_k
         ha = L.rel_heads
         # interior rows -K < rel < K that some (query, key) pair reaches: rel in [1 - Nk, Nq - 1]
-        rel_first, rel_last = max(1 - K, 1 - p.Nk), min(K - 1, p.Nq - 1)
-        tables = {n: torch.zeros(p.B, ha, 2 * K + 1, p.D, **f32) if need[n] else stats
+        rel_first, rel_last = max(1 - K, 1 - p.rows_k), min(K - 1, p.rows_q - 1)
+        tables = {n: torch.zeros(nb, ha, 2 * K + 1, p.D, **f32) if need[n] else stats
                   for n in ("rel_key", "rel_value")}
         if rel_last >= rel_first:
-            L.launch(wrap, _attn_bwd_rel, (_cdiv(rel_last - rel_first + 1, bn), ha, p.B), **inputs,
+            L.launch(wrap, _attn_bwd_rel, (_cdiv(rel_last - rel_first + 1, bn), ha, nb), **inputs,
                      DAK=tables["rel_key"], DAV=tables["rel_value"], rel_first=rel_first,
                      head_step=p.Hq if ha > 1 else 1, GRADS=pack_grads(D_AK=need["rel_key"], D_AV=need["rel_value"]))
         for name, attr in (("rel_key", "key"), ("rel_value", "value")):

@@ -45,6 +45,23 @@ class Problem:
     encodings: Tuple[Encoding, ...] = ()
     dropout_p: float = 0.0
     dropout_rng: Optional[torch.Tensor] = None   # int64 [1]: the Philox seed (posattn._dropout.draw)
+    # Packed sequences (posattn.attention_varlen): (cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+    # max_seqlen_k); q, k, v are then one batch [1, H, total, D] of the sequences' rows.
+    varlen: Optional[tuple] = None
+
+    @property
+    def batches(self) -> int:
+        """The kernels' grid axis 2: the batch, or the packed sequences."""
+        return self.B if self.varlen is None else self.varlen[0].shape[0] - 1
+
+    @property
+    def rows_q(self) -> int:
+        """Query rows per batch for the grid: Nq, or the longest packed sequence."""
+        return self.Nq if self.varlen is None else self.varlen[2]
+
+    @property
+    def rows_k(self) -> int:
+        return self.Nk if self.varlen is None else self.varlen[3]
 
     @property
     def group(self) -> int:

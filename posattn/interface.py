@@ -179,3 +179,112 @@ def select_backend(q, k, v, *, backend=None, **kwargs) -> str:
     """The name of the backend ``attention(q, k, v, backend=backend, **kwargs)`` would
     run; raises the same error as ``attention`` when a forced backend refuses."""
     return _select(_validate.check(q, k, v, **kwargs), backend)
+
+
+def _cu_seqlens(name, cu, total, device):
+    """Check one cu_seqlens tensor (values read once: a device sync)."""
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32 (FlashAttention's varlen layout), got {cu.dtype}")
+    if cu.dim() != 1 or cu.numel() < 1:
+        raise ValueError(f"{name} must be 1-D [num_seqs + 1], got shape {tuple(cu.shape)}")
+    if cu.device != device:
+        raise ValueError(f"{name} is on {cu.device} but q is on {device}")
+    from .encodings.base import readable
+    if readable(cu):
+        if int(cu[0]) != 0:
+            raise ValueError(f"{name} must start at 0, got {int(cu[0])}")
+        if cu.numel() > 1 and bool((cu[1:] < cu[:-1]).any()):
+            raise ValueError(f"{name} must be non-decreasing")
+        if int(cu[-1]) != total:
+            raise ValueError(f"{name} must end at the total number of rows ({total}), got {int(cu[-1])}")
+
+
+def _varlen_problem_fields(p, cu_q, cu_k, max_q, max_k):
+    """The Problem's varlen field: (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
+    the maxima computed (one sync) when not given, and checked against the lengths."""
+    if cu_k is None or cu_q.shape != cu_k.shape:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (one entry per sequence + 1), "
+                         f"got {None if cu_q is None else tuple(cu_q.shape)} and "
+                         f"{None if cu_k is None else tuple(cu_k.shape)}")
+    from .encodings.base import readable
+    maxima = []
+    for name, cu, m in (("max_seqlen_q", cu_q, max_q), ("max_seqlen_k", cu_k, max_k)):
+        longest = int((cu[1:] - cu[:-1]).max()) if readable(cu) and cu.numel() > 1 else None
+        if m is None or m == 0 and longest:
+            m = longest or 0
+        if not _validate._is_int(m) or m < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {m!r}")
+        if longest is not None and m < longest:
+            raise ValueError(f"{name}={m} is shorter than the longest sequence ({longest})")
+        maxima.append(int(m))
+    return (cu_q, cu_k, *maxima)
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, max_seqlen_k=None, causal=False,
+                     scale=None, window=None, rope=None, alibi_slopes=None, rel_bias=None, return_lse=False,
+                     rel_emb=None, softcap=None, sinks=None, dropout_p=0.0, backend=None, **encodings):
+    """:func:`attention` over packed sequences (padding-free batches), in FlashAttention's
+    varlen layout: ``q`` ``[total_q, Hq, D]``, ``k`` / ``v`` ``[total_k, Hkv, D]`` (any
+    strides), ``cu_seqlens_q`` / ``cu_seqlens_k`` int32 ``[num_seqs + 1]`` (0, then each
+    sequence's end row; non-decreasing, ending at the totals). Sequence ``s`` is rows
+    ``cu_seqlens_q[s]:cu_seqlens_q[s + 1]`` of q against rows ``cu_seqlens_k[s]:...`` of
+    k and v, a problem of its own: positions restart in it (bottom-right aligned, as
+    FlashAttention), and causal, window, RoPE, ALiBi (``[Hq]`` slopes), DistanceBias,
+    KERPLE, relative embeddings, softcap, sinks and dropout act within it. Empty
+    sequences are allowed. ``max_seqlen_*``: the longest sequence (computed, one host
+    sync, when None). Refused: a dense ``bias`` (no [total, total] tensor exists) and
+    GridBias.
+
+    The Triton kernels' grid is sequences x query blocks of the longest sequence:
+    no tile outside a sequence is visited.
+
+    Returns ``out`` ``[total_q, Hq, D]`` (and ``lse`` ``[Hq, total_q]`` with
+    ``return_lse``); gradients to q, k, v and every encoding parameter.
+    """
+    for name in ("bias", "q_pos", "k_pos"):
+        if encodings.get(name) is not None:
+            raise ValueError(f"attention_varlen: {name}= is not supported (each sequence's positions restart at "
+                             f"0; a dense bias would be [total, total])")
+    encodings = {n: e for n, e in encodings.items() if n not in ("bias", "q_pos", "k_pos")}
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 3:
+            raise ValueError(f"{name} must be 3-D [total, H, D] (the varlen layout), got shape {tuple(x.shape)}")
+    _cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
+    _cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
+    from .encodings import GridBias
+    if isinstance(rel_bias, GridBias):
+        raise ValueError("attention_varlen: rel_bias=GridBias is not supported (a window grid per packed sequence)")
+    q4, k4, v4 = (x.transpose(0, 1)[None] for x in (q, k, v))     # [1, H, total, D] views
+    amp = _autocast_dtype(q4)
+    if amp is not None:
+        q4, k4, v4 = (x.to(amp) if x.dtype != amp else x for x in (q4, k4, v4))
+    with torch.autocast(q4.device.type, enabled=False) if amp is not None else _nullcontext():
+        p = _validate.check(q4, k4, v4, causal=causal, scale=scale, window=window, rope=rope,
+                            alibi_slopes=alibi_slopes, rel_bias=rel_bias, return_lse=True, rel_emb=rel_emb,
+                            softcap=softcap, sinks=sinks, dropout_p=dropout_p, **encodings)
+        p = p.replace(varlen=_varlen_problem_fields(p, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
+        name = _select(p, backend)
+        if name != "reference" and torch.jit.is_tracing():
+            raise RuntimeError(f"posattn: torch.jit.trace cannot record the {name!r} backend's kernels")
+        if p.Hq == 0 or p.Nq == 0 or p.batches == 0:
+            out, lse = reference.empty_result(p)
+        elif name == "triton":
+            if p.dropout_p > 0:
+                p = p.replace(dropout_rng=_dropout.draw(p.q.device))
+            out, lse = _op.attention(p)
+        else:
+            out, lse = reference._run(p, upcast=False)
+    out = out[0].transpose(0, 1)
+    return (out, lse[0]) if return_lse else out
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

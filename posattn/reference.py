@@ -47,10 +47,16 @@ def empty_result(p: _validate.Problem, upcast: bool = False):
     if not p.return_lse:
         return out
     lse_dt = torch.float64 if upcast or p.q.dtype == torch.float64 else torch.float32
-    return out, torch.full((p.B, p.Hq, p.Nq), float("-inf"), device=p.q.device, dtype=lse_dt)
+    lse = torch.full((p.B, p.Hq, p.Nq), float("-inf"), device=p.q.device, dtype=lse_dt)
+    sk = p.get("sinks")
+    if sk is not None:  # no key: the sink alone is the denominator
+        lse = sk.sinks.to(lse_dt)[None, :, None].expand(p.B, p.Hq, p.Nq)
+    return out, lse
 
 
 def _run(p: _validate.Problem, upcast: bool, dropout_mask=None):
+    if p.varlen is not None:
+        return _run_packed(p, upcast, dropout_mask)
     if p.B == 0 or p.Hq == 0 or p.Nq == 0 or p.Nk == 0:
         return empty_result(p, upcast)
     dev = p.q.device
@@ -120,3 +126,23 @@ def _run(p: _validate.Problem, upcast: bool, dropout_mask=None):
         return out
     lse = (torch.log(l) + m).squeeze(-1)
     return out, lse.to(torch.float64 if dt == torch.float64 else torch.float32)
+
+
+def _run_packed(p: _validate.Problem, upcast: bool, dropout_mask=None):
+    """Packed sequences (posattn.attention_varlen): each sequence on its own, its rows
+    concatenated (q, k, v are one batch [1, H, total, D]; dropout_mask, if given,
+    [Hq, total_q, total_k] or broadcastable, read on each sequence's block)."""
+    cu_q, cu_k = (c.tolist() for c in p.varlen[:2])
+    outs, lses = [], []
+    for s in range(len(cu_q) - 1):
+        (q0, q1), (k0, k1) = (cu_q[s], cu_q[s + 1]), (cu_k[s], cu_k[s + 1])
+        sub = p.replace(q=p.q[:, :, q0:q1], k=p.k[:, :, k0:k1], v=p.v[:, :, k0:k1], Nq=q1 - q0, Nk=k1 - k0,
+                        varlen=None, return_lse=True)
+        mask = None if dropout_mask is None else dropout_mask[..., q0:q1, k0:k1]
+        o, l = _run(sub, upcast, mask)
+        outs.append(o)
+        lses.append(l)
+    out = torch.cat(outs, dim=2) if outs else p.q.new_zeros(p.q.shape)
+    if not p.return_lse:
+        return out
+    return out, torch.cat(lses, dim=2)

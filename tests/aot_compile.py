@@ -46,6 +46,9 @@ def _problem(enc, dt, D):
         kw = dict(window=(40, 9), q_pos=torch.arange(N), k_pos=torch.arange(N),
                   rope=posattn.RoPE(dim=32, interleaved=True), rel_bias=posattn.GridBias(r(31 * 19, HQ), (16, 10)),
                   bias=torch.rand(N, N, generator=g) < 0.8, softcap=20.0, sinks=r(HQ), dropout_p=0.1)
+    elif enc == "varlen+causal+rope+alibi+table":   # packed sequences of 70, 0 and 90 rows (N in all)
+        kw = dict(causal=True, rope=posattn.RoPE(), alibi_slopes=r(HQ), rel_bias=posattn.DistanceBias(r(HQ, 24), 15, 8),
+                  varlen=(70, 0, 90))
     elif enc == "causal+shaw+xl":
         kw = dict(causal=True, rel_emb=posattn.RelativeEmbeddings(r(HQ, 9, D), r(HQ, 9, D), 4, r(HQ, D), r(HQ, D)))
     elif enc != "plain":
@@ -59,7 +62,11 @@ def launches(enc, dt, D, arch=90):
     instead of run: the arguments a GPU launch gets."""
     from posattn import _triton, _validate
     q, k, v, kw = _problem(enc, dt, D)
+    lens = kw.pop("varlen", None)
     p = _validate.check(q, k, v, **kw)
+    if lens is not None:
+        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+        p = p.replace(varlen=(cu, cu, max(lens), max(lens)))
     if p.dropout_p > 0:  # the seed posattn.attention draws per call
         p = p.replace(dropout_rng=torch.zeros(1, dtype=torch.int64))
     calls = []
@@ -150,7 +157,7 @@ def cases(quick, only=None):
                     yield enc, dt, D
 
 
-ENCODINGS = ["plain", "causal+rope+alibi+table+bias", "window+pos+ropei+grid+mask+softcap+sinks+dropout", "causal+shaw+xl"]
+ENCODINGS = ["plain", "causal+rope+alibi+table+bias", "varlen+causal+rope+alibi+table", "window+pos+ropei+grid+mask+softcap+sinks+dropout", "causal+shaw+xl"]
 
 
 def compile_case(args):

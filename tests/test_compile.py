@@ -138,7 +138,7 @@ def test_operators_registered(op):
     bwd = torch.ops.posattn.attn_bwd.default._schema
     assert [a.name for a in fwd.arguments[:3]] == ["q", "k", "v"] and len(fwd.returns) == 3
     assert len(bwd.returns) == 3 + len(posattn._triton._PARAMS)
-    assert op.NUM_TENSORS == 6 + sum(len(c.tensors) for c in op.CODECS)  # q, k, v, q_pos, k_pos, dropout_rng
+    assert op.NUM_TENSORS == 8 + sum(len(c.tensors) for c in op.CODECS)  # q, k, v, q_pos, k_pos, dropout_rng, cu_seqlens_q, cu_seqlens_k
 
 
 @pytest.mark.parametrize("case", CASES)
