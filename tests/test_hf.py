@@ -252,3 +252,29 @@ def test_t5_attention_dropout_in_training(registered):
     se = ((s["eager"].var(0) + s["posattn"].var(0)) / n).sqrt()
     z = (s["eager"].mean(0) - s["posattn"].mean(0)) / se
     assert z.abs().mean() < 1.3 and z.abs().max() < 6, (z.abs().mean(), z.abs().max())
+
+
+@pytest.mark.parametrize("flash_kwargs", [False, True], ids=["position_ids", "cu_seq_lens"])
+def test_llama_padding_free_packed_row(registered, monkeypatch, flash_kwargs):
+    """A padding-free batch (DataCollatorWithFlattening: one row, position_ids restarting
+    per sequence, optionally the cu_seq_lens_* / max_length_* keywords) runs
+    posattn.attention_varlen with no [N, N] mask; logits and every gradient equal
+    eager's on the same packed row (eager masks each sequence off the others)."""
+    varlen_calls = []
+    orig = posattn.attention_varlen
+
+    def counting(*args, **kwargs):
+        varlen_calls.append(args[3])
+        return orig(*args, **kwargs)
+
+    monkeypatch.setattr(posattn, "attention_varlen", counting)
+    lens = [5, 9, 6]
+    ids = torch.randint(0, 100, (1, sum(lens)))
+    pos = torch.cat([torch.arange(n) for n in lens])[None]
+    inputs = dict(input_ids=ids, position_ids=pos, use_cache=False)   # (a cache turns packing detection off)
+    if flash_kwargs:
+        cu = torch.tensor([0, 5, 14, 20], dtype=torch.int32)
+        inputs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=9, max_length_k=9)
+    _compare(transformers.LlamaForCausalLM, _llama_config(), inputs)
+    assert len(varlen_calls) == 2 and registered == []        # every layer packed, no dense-mask call
+    assert varlen_calls[0].tolist() == [0, 5, 14, 20]

@@ -5,10 +5,14 @@
     model = AutoModelForCausalLM.from_config(config, attn_implementation="posattn")
 
 ``register()`` adds :func:`attention_forward` to transformers' ``AttentionInterface``
-and, where transformers has one (>= 4.53), SDPA's mask builder to its
+and, where transformers has one (>= 4.53), :func:`posattn_mask` to its
 ``AttentionMaskInterface`` under the same name: the model then hands the
 attention function a bool keep-mask ``[B, 1, Nq, Nk]`` or ``None`` (no padding,
-plain causal or full attention), exactly as it would to ``"sdpa"``.
+plain causal or full attention), exactly as it would to ``"sdpa"``, except for a
+padding-free packed row (causal sequences packed end to end: ``position_ids``
+restarting), which arrives as :class:`PackedSequences` and runs
+``posattn.attention_varlen`` (as do the ``cu_seq_lens_q`` / ``cu_seq_lens_k``
+keywords of ``DataCollatorWithFlattening``): no ``[N, N]`` mask.
 
 What the attention function receives, and what it does with it:
 
@@ -66,9 +70,83 @@ def _combine(attention_mask, position_bias):
     return position_bias + attention_mask
 
 
+class PackedSequences:
+    """What posattn's mask function hands the attention function for a padding-free
+    batch (one row of causal sequences packed end to end, e.g. from
+    DataCollatorWithFlattening): the sequences' boundaries, not a [N, N] mask."""
+
+    def __init__(self, cu_seqlens: torch.Tensor, max_seqlen: int):
+        self.cu_seqlens, self.max_seqlen = cu_seqlens, max_seqlen
+
+    def __repr__(self):
+        return f"PackedSequences({self.cu_seqlens.numel() - 1} sequences, longest {self.max_seqlen})"
+
+
+def _packed_boundaries(q_length, mask_function, device):
+    """If ``mask_function`` is causal attention within consecutive segments of one row
+    (each row sees its predecessor unless it starts a segment, never its successor, and
+    always its segment's first row), the segments' cu_seqlens (int32); else None. O(N)
+    evaluations of the mask function (the masks transformers composes: causal, sliding
+    window, chunks, packing), never the [N, N] mask."""
+    if q_length < 2:
+        return None
+    i = torch.arange(1, q_length, device=device)
+    zero = torch.zeros_like(i)
+    with torch.no_grad():
+        sees_prev = mask_function(zero, zero, i, i - 1)
+        sees_next = mask_function(zero, zero, i - 1, i)
+        if bool(sees_next.any()) or bool(sees_prev.all()):
+            return None       # not causal, or a single segment (plain causal: no packing)
+        starts = torch.cat((torch.zeros(1, dtype=torch.long, device=device), i[~sees_prev]))
+        seg = torch.cumsum(torch.cat((torch.ones(1, dtype=torch.long, device=device), (~sees_prev).long())), 0) - 1
+        rows = torch.arange(q_length, device=device)
+        if not bool(mask_function(torch.zeros_like(rows), torch.zeros_like(rows), rows, starts[seg]).all()):
+            return None       # a window or another mask inside the segments: keep the dense mask
+    return torch.cat((starts, torch.tensor([q_length], device=device))).to(torch.int32)
+
+
+def posattn_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                 attention_mask=None, allow_is_causal_skip=True, device="cpu", **kwargs):
+    """transformers' mask interface for "posattn": SDPA's mask (a bool keep-mask, or None
+    for plain causal / full attention), except for a padding-free packed row (batch 1,
+    no padding mask, causal segments), which becomes :class:`PackedSequences`: the
+    attention then runs posattn.attention_varlen, with no [N, N] mask."""
+    from transformers.masking_utils import causal_mask_function, sdpa_mask
+    mask_function = mask_function or causal_mask_function
+    if (batch_size == 1 and attention_mask is None and q_length == kv_length and q_offset == 0 and kv_offset == 0
+            and not allow_is_causal_skip):
+        cu = _packed_boundaries(q_length, mask_function, device)
+        if cu is not None:
+            return PackedSequences(cu, int((cu[1:] - cu[:-1]).max()))
+    return sdpa_mask(batch_size, q_length, kv_length, q_offset=q_offset, kv_offset=kv_offset,
+                     mask_function=mask_function, attention_mask=attention_mask,
+                     allow_is_causal_skip=allow_is_causal_skip, device=device, **kwargs)
+
+
+def _packed_from_kwargs(kwargs, q_len):
+    """DataCollatorWithFlattening(return_flash_attn_kwargs=True)'s cu_seq_lens_q / _k."""
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is None or cu_k is None or int(cu_q[-1]) != q_len:
+        return None
+    return cu_q.to(torch.int32), cu_k.to(torch.int32), kwargs.get("max_length_q"), kwargs.get("max_length_k")
+
+
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                       position_bias=None, **kwargs):
     """transformers' attention-function signature: returns ``(out [B, Nq, Hq, D], None)``."""
+    packed = None
+    if isinstance(attention_mask, PackedSequences):
+        packed = (attention_mask.cu_seqlens, attention_mask.cu_seqlens, attention_mask.max_seqlen,
+                  attention_mask.max_seqlen)
+    elif query.shape[0] == 1 and position_bias is None and getattr(module, "is_causal", True):
+        packed = _packed_from_kwargs(kwargs, query.shape[2])
+    if packed is not None:   # padding-free packed row: each sequence on its own, no [N, N] mask
+        cu_q, cu_k, max_q, max_k = packed
+        out = posattn.attention_varlen(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
+                                       cu_q, cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k, causal=True,
+                                       scale=scaling, softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux"),
+                                       dropout_p=float(dropout or 0.0))
+        return out[None].contiguous(), None
     if kwargs.get("cache") is not None:
         raise ValueError("posattn: paged attention caches are not supported")
     if kwargs.get("output_attentions", False):
@@ -167,10 +245,10 @@ def register(name: str = NAME) -> str:
                           "pip install 'posattn[hf]'") from e
     AttentionInterface.register(name, attention_forward)
     try:
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: F401 (availability)
     except ImportError:  # older transformers: the models build their masks themselves
         pass
     else:
-        AttentionMaskInterface.register(name, sdpa_mask)
+        AttentionMaskInterface.register(name, posattn_mask)
     _route_bloom(name)
     return name
