@@ -61,13 +61,24 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case,dtype", [(c, d) for c in CASES for d in (torch.float32, torch.bfloat16)]
+                         + [("alibi+window", torch.float16)], ids=str)
 def test_varlen_matches_each_sequence_alone(case, dtype, device):
     # sequences longer than a tile, shorter, empty on either side, Nq != Nk; GQA
     q, k, v, cu_q, cu_k = _packed([37, 0, 70, 5, 9], [45, 3, 70, 0, 17], 4, 2, 24, dtype, device)
     kw, params = CASES[case]
     _check(q, k, v, cu_q, cu_k, kw, {n: t.to(device) for n, t in params.items()}, device)
+
+
+def test_varlen_dropout_is_seeded(device):
+    q, k, v, cu_q, cu_k = _packed([20, 0, 33], [25, 4, 33], 2, 1, 16, torch.bfloat16, device)
+
+    def run(seed, p):
+        torch.manual_seed(seed)
+        return posattn.attention_varlen(q, k, v, cu_q, cu_k, causal=True, dropout_p=p)
+
+    a, b, c = run(1, 0.3), run(1, 0.3), run(2, 0.3)
+    assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, run(1, 0.0))
 
 
 def test_varlen_visits_no_tile_outside_a_sequence(device):
