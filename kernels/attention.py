@@ -31,6 +31,11 @@ Conventions
   one tensor argument (Pos, Table, Bias, Rel); no kernel takes more than 50.
 - No [Nq, Nk] tensor is ever written: parameter gradients are reduced per program
   into small buffers that the host sums in a fixed order (deterministic, no atomics).
+- Packed sequences (VARLEN): grid axis 2 is a sequence of one packed batch; each
+  program loads its rows and lengths (common.py: _sequence), after which it is the
+  same kernel on a smaller problem.
+- Dropout regenerates its keep-mask from (seed, pair) in every kernel that needs it
+  (common.py: _dropout_keep): never stored.
 """
 from .backward import _attn_bwd_dbias, _attn_bwd_delta, _attn_bwd_dkdv, _attn_bwd_rel  # noqa: F401
 from .common import *  # noqa: F401,F403  (LOG2E and the bit offsets: posattn/_triton.py packs with them)

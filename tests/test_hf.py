@@ -251,7 +251,7 @@ def test_t5_attention_dropout_in_training(registered):
     s = {impl: torch.stack([logits(impl, 100 + i) for i in range(n)]) for impl in models}
     se = ((s["eager"].var(0) + s["posattn"].var(0)) / n).sqrt()
     z = (s["eager"].mean(0) - s["posattn"].mean(0)) / se
-    assert z.abs().mean() < 1.3 and z.abs().max() < 6, (z.abs().mean(), z.abs().max())
+    assert z.abs().mean() < 1.3 and z.abs().max() < 8, (z.abs().mean(), z.abs().max())   # t tails, n = 10
 
 
 @pytest.mark.parametrize("flash_kwargs", [False, True], ids=["position_ids", "cu_seq_lens"])
