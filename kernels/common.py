@@ -89,7 +89,8 @@ def _dropout_keep(seed, bh, offs_m, start_n, drop_p, BLOCK_M: tl.constexpr, BLOC
     zero = (offs_m[:, None] * 0 + grp[None, :] * 0).to(tl.uint32)
     r0, r1, r2, r3 = tl.philox(seed, zero + grp[None, :].to(tl.uint32), zero + offs_m[:, None].to(tl.uint32),
                                zero + bh.to(tl.uint32), zero, PHILOX_ROUNDS)
-    r = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), [BLOCK_M, BLOCK_N])  # word c -> key 4t + c
+    # join appends its axis last: (r0, r2) and (r1, r3) paired, then joined, flatten to r0 r1 r2 r3
+    r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [BLOCK_M, BLOCK_N])  # word c -> key 4t + c
     # kept when the word, as a fraction of 2^32, is >= drop_p: an unsigned compare
     return r >= tl.cast(drop_p * 4294967296.0, tl.uint32)
 

@@ -63,7 +63,7 @@ class FusedBackward(torch.autograd.Function):
         keep = None
         if p.dropout_p > 0:  # the kernels' keep-mask, for the reference's recomputation
             from . import _dropout
-            keep = _dropout.keep_mask(p.B, p.Hq, p.Nq, p.Nk, p.dropout_p, p.dropout_rng)
+            keep = _dropout.keep_mask_for(p)
 
         def first(*ins):
             """The first derivatives at ``ins`` (the live slots, then dout [, dlse]) from

@@ -20,6 +20,15 @@ def draw(device) -> torch.Tensor:
     return torch.randint(0, _SEED_LIMIT, (1,), device=device, dtype=torch.int64)
 
 
+def keep_mask_for(p) -> torch.Tensor:
+    """The kernels' keep-mask of a validated Problem: [B, Hq, Nq, Nk]; for packed
+    sequences [num_seqs, Hq, max_seqlen_q, max_seqlen_k], sequence s's block at its own
+    rows and keys (the kernels' counters are per sequence)."""
+    if p.varlen is not None:
+        return keep_mask(p.batches, p.Hq, p.rows_q, p.rows_k, p.dropout_p, p.dropout_rng)
+    return keep_mask(p.B, p.Hq, p.Nq, p.Nk, p.dropout_p, p.dropout_rng)
+
+
 def keep_mask(B: int, Hq: int, Nq: int, Nk: int, dropout_p: float, rng: torch.Tensor) -> torch.Tensor:
     """The bool keep-mask ``[B, Hq, Nq, Nk]`` the kernels apply for seed ``rng``
     (O(Nq * Nk): for tests and the double backward's reference pass only)."""

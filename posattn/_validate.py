@@ -214,8 +214,9 @@ def check(q, k, v, *, causal=False, scale=None, window=None, q_pos=None, k_pos=N
     if _is_bool(dropout_p) or not isinstance(dropout_p, numbers.Real):
         raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__} {dropout_p!r}")
     dropout_p = float(dropout_p)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    # the kernels read it as float32, which rounds [1 - 2^-25, 1) up to 1.0
+    if not 0.0 <= dropout_p < 1.0 - 2.0 ** -25:
+        raise ValueError(f"dropout_p must be in [0, 1) (as float32 too), got {dropout_p!r}")
     if dropout_p > 0 and dropout_rng is not None:
         _tensor("dropout_rng", dropout_rng)
         if dropout_rng.dtype != torch.int64 or dropout_rng.shape != (1,):

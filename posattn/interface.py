@@ -212,6 +212,9 @@ def _varlen_problem_fields(p, cu_q, cu_k, max_q, max_k):
     maxima = []
     for name, cu, m in (("max_seqlen_q", cu_q, max_q), ("max_seqlen_k", cu_k, max_k)):
         longest = int((cu[1:] - cu[:-1]).max()) if readable(cu) and cu.numel() > 1 else None
+        if (m is None or m == 0) and longest is None and cu.numel() > 1:
+            raise ValueError(f"{name} must be given when cu_seqlens cannot be read (torch.compile, fake tensors): "
+                             f"the kernels' grid is sized by it")
         if m is None or m == 0 and longest:
             m = longest or 0
         if not _validate._is_int(m) or m < 0:
@@ -224,7 +227,8 @@ def _varlen_problem_fields(p, cu_q, cu_k, max_q, max_k):
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, max_seqlen_k=None, causal=False,
                      scale=None, window=None, rope=None, alibi_slopes=None, rel_bias=None, return_lse=False,
-                     rel_emb=None, softcap=None, sinks=None, dropout_p=0.0, backend=None, **encodings):
+                     rel_emb=None, softcap=None, sinks=None, dropout_p=0.0, backend=None, dropout_mask=None,
+                     **encodings):
     """:func:`attention` over packed sequences (padding-free batches), in FlashAttention's
     varlen layout: ``q`` ``[total_q, Hq, D]``, ``k`` / ``v`` ``[total_k, Hkv, D]`` (any
     strides), ``cu_seqlens_q`` / ``cu_seqlens_k`` int32 ``[num_seqs + 1]`` (0, then each
@@ -242,7 +246,13 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
 
     Returns ``out`` ``[total_q, Hq, D]`` (and ``lse`` ``[Hq, total_q]`` with
     ``return_lse``); gradients to q, k, v and every encoding parameter.
+
+    ``dropout_mask`` (reference backend only, for tests): the keep-mask to apply,
+    ``[num_seqs, Hq, max_seqlen_q, max_seqlen_k]``, each sequence's block at its own rows
+    and keys (posattn.testing.dropout_keep_mask_varlen gives the kernels').
     """
+    if dropout_mask is not None and backend != "reference":
+        raise ValueError("attention_varlen: dropout_mask is for backend='reference' (the kernels draw their own)")
     for name in ("bias", "q_pos", "k_pos"):
         if encodings.get(name) is not None:
             raise ValueError(f"attention_varlen: {name}= is not supported (each sequence's positions restart at "
@@ -277,7 +287,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
                 p = p.replace(dropout_rng=_dropout.draw(p.q.device))
             out, lse = _op.attention(p)
         else:
-            out, lse = reference._run(p, upcast=False)
+            out, lse = reference._run(p, upcast=False, dropout_mask=dropout_mask)
     out = out[0].transpose(0, 1)
     return (out, lse[0]) if return_lse else out
 

@@ -131,14 +131,15 @@ def _run(p: _validate.Problem, upcast: bool, dropout_mask=None):
 def _run_packed(p: _validate.Problem, upcast: bool, dropout_mask=None):
     """Packed sequences (posattn.attention_varlen): each sequence on its own, its rows
     concatenated (q, k, v are one batch [1, H, total, D]; dropout_mask, if given,
-    [Hq, total_q, total_k] or broadcastable, read on each sequence's block)."""
+    [num_seqs, Hq, max_seqlen_q, max_seqlen_k]: sequence s reads its own block at its
+    own rows and keys, as the kernels draw it)."""
     cu_q, cu_k = (c.tolist() for c in p.varlen[:2])
     outs, lses = [], []
     for s in range(len(cu_q) - 1):
         (q0, q1), (k0, k1) = (cu_q[s], cu_q[s + 1]), (cu_k[s], cu_k[s + 1])
         sub = p.replace(q=p.q[:, :, q0:q1], k=p.k[:, :, k0:k1], v=p.v[:, :, k0:k1], Nq=q1 - q0, Nk=k1 - k0,
                         varlen=None, return_lse=True)
-        mask = None if dropout_mask is None else dropout_mask[..., q0:q1, k0:k1]
+        mask = None if dropout_mask is None else dropout_mask[s, :, :q1 - q0, :k1 - k0][None]
         o, l = _run(sub, upcast, mask)
         outs.append(o)
         lses.append(l)

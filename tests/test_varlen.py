@@ -70,6 +70,33 @@ def test_varlen_matches_each_sequence_alone(case, dtype, device):
     _check(q, k, v, cu_q, cu_k, kw, {n: t.to(device) for n, t in params.items()}, device)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_varlen_dropout_matches_reference_with_the_kernels_mask(dtype, device):
+    """Each sequence's dropout mask (the kernels' counters are per sequence): forward,
+    gradients, and the double backward (the reference's second pass reads it too)."""
+    lens_q, lens_k = [20, 0, 33, 7], [25, 4, 33, 7]
+    q, k, v, cu_q, cu_k = _packed(lens_q, lens_k, 2, 1, 16, dtype, device)
+    torch.manual_seed(3)
+    keep = posattn.testing.dropout_keep_mask_varlen(q, cu_q, cu_k, 0.3, max(lens_q), max(lens_k))
+    kw = dict(causal=True, dropout_p=0.3, max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k))
+
+    def run(backend, dt, **extra):
+        x = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
+        torch.manual_seed(3)
+        out = posattn.attention_varlen(*x, cu_q, cu_k, backend=backend, **kw, **extra)
+        g = torch.autograd.grad(out.float().square().sum(), x, create_graph=True)
+        gg = torch.autograd.grad(sum(t.float().square().sum() for t in g), x)
+        return [out, *g, *gg]
+
+    got = run("triton", dtype)
+    ref = run("reference", torch.float64, dropout_mask=keep)
+    low = run("reference", dtype, dropout_mask=keep)
+    floor = 1e-5 if dtype == torch.float32 else FLOOR[dtype]
+    for i, (x, r, lx) in enumerate(zip(got, ref, low)):
+        limit = 2 * rel_err(lx, r) + floor * (1 if i < 4 else 4)
+        assert rel_err(x, r) <= limit, f"output {i}: {rel_err(x, r):.3g} > {limit:.3g}"
+
+
 def test_varlen_dropout_is_seeded(device):
     q, k, v, cu_q, cu_k = _packed([20, 0, 33], [25, 4, 33], 2, 1, 16, torch.bfloat16, device)
 

@@ -100,8 +100,12 @@ def _packed_boundaries(q_length, mask_function, device):
         starts = torch.cat((torch.zeros(1, dtype=torch.long, device=device), i[~sees_prev]))
         seg = torch.cumsum(torch.cat((torch.ones(1, dtype=torch.long, device=device), (~sees_prev).long())), 0) - 1
         rows = torch.arange(q_length, device=device)
-        if not bool(mask_function(torch.zeros_like(rows), torch.zeros_like(rows), rows, starts[seg]).all()):
+        z = torch.zeros_like(rows)
+        if not bool(mask_function(z, z, rows, starts[seg]).all()):
             return None       # a window or another mask inside the segments: keep the dense mask
+        later = seg > 0       # nor may a row see the previous segment's last row
+        if bool(mask_function(z[later], z[later], rows[later], starts[seg[later]] - 1).any()):
+            return None
     return torch.cat((starts, torch.tensor([q_length], device=device))).to(torch.int32)
 
 
@@ -138,7 +142,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     if isinstance(attention_mask, PackedSequences):
         packed = (attention_mask.cu_seqlens, attention_mask.cu_seqlens, attention_mask.max_seqlen,
                   attention_mask.max_seqlen)
-    elif query.shape[0] == 1 and position_bias is None and getattr(module, "is_causal", True):
+    elif (attention_mask is None and query.shape[0] == 1 and position_bias is None
+          and getattr(module, "is_causal", True)):   # (a dense mask, e.g. a sliding window, is kept)
         packed = _packed_from_kwargs(kwargs, query.shape[2])
     if packed is not None:   # padding-free packed row: each sequence on its own, no [N, N] mask
         cu_q, cu_k, max_q, max_k = packed
