@@ -1,6 +1,7 @@
 """posattn.attention: the public entry point, with backend dispatch."""
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 
@@ -143,6 +144,11 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, q_pos=None, k_p
                         rope=rope, alibi_slopes=alibi_slopes, rel_bias=rel_bias, bias=bias,
                         return_lse=return_lse, rel_emb=rel_emb, softcap=softcap, sinks=sinks,
                         dropout_p=dropout_p, **encodings)
+    return _run(p, backend)
+
+
+def _run(p: _validate.Problem, backend, dropout_mask=None):
+    """A validated problem on its backend (attention and attention_varlen)."""
     name = _select(p, backend)
     if name != "reference" and torch.jit.is_tracing():
         raise RuntimeError(f"posattn: torch.jit.trace cannot record the {name!r} backend's kernels (the trace "
@@ -156,7 +162,7 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, q_pos=None, k_p
         return _op.attention(p)
     if name == "cuda":
         return _cuda.attention(p)
-    return reference._run(p, upcast=False)
+    return reference._run(p, upcast=False, dropout_mask=dropout_mask)
 
 
 def _autocast_dtype(q):
@@ -272,29 +278,12 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
     amp = _autocast_dtype(q4)
     if amp is not None:
         q4, k4, v4 = (x.to(amp) if x.dtype != amp else x for x in (q4, k4, v4))
-    with torch.autocast(q4.device.type, enabled=False) if amp is not None else _nullcontext():
+    with torch.autocast(q4.device.type, enabled=False) if amp is not None else contextlib.nullcontext():
         p = _validate.check(q4, k4, v4, causal=causal, scale=scale, window=window, rope=rope,
                             alibi_slopes=alibi_slopes, rel_bias=rel_bias, return_lse=True, rel_emb=rel_emb,
                             softcap=softcap, sinks=sinks, dropout_p=dropout_p, **encodings)
         p = p.replace(varlen=_varlen_problem_fields(p, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
-        name = _select(p, backend)
-        if name != "reference" and torch.jit.is_tracing():
-            raise RuntimeError(f"posattn: torch.jit.trace cannot record the {name!r} backend's kernels")
-        if p.Hq == 0 or p.Nq == 0 or p.batches == 0:
-            out, lse = reference.empty_result(p)
-        elif name == "triton":
-            if p.dropout_p > 0:
-                p = p.replace(dropout_rng=_dropout.draw(p.q.device))
-            out, lse = _op.attention(p)
-        else:
-            out, lse = reference._run(p, upcast=False, dropout_mask=dropout_mask)
+        out, lse = _run(p, backend, dropout_mask)
     out = out[0].transpose(0, 1)
     return (out, lse[0]) if return_lse else out
 
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
