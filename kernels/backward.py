@@ -6,7 +6,7 @@ are the rotated copies and dQ / dK are rotated back in the epilogues."""
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, _COL_BCAST, _D_AK, _D_AV, _DBIAS_ROWS, _DROPOUT, _HAS_POS, _HEAD_BCAST, _REL_K, _REL_V, _ROPE,
+from .common import (LOG2E, _COL_BCAST, _D_AK, _D_AV, _DBIAS_ROWS, _DROPOUT, _HAS_POS, _HEAD_BCAST, _REL_K, _REL_V, _ROPE, _ROPE_AXES,
                      _SOFTCAP,
                      _ROW_BCAST, _TABLE, _UPCAST, _VARLEN, _beyond, _dot, _key_range, _load_row_stats, _load_tile, _part_range,
                      _positions, _query_range, _sequence, _stats_row)
@@ -125,7 +125,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, Stats, DK, DV, DBias, Pos, Params, Table, Bias, 
                              ds, mask=(offs_m[:, None] < Nq) & (offs_n[None, :] < Nk))
 
     dk *= sm_scale
-    if ROPE:
+    if ROPE and not (FLAGS >> _ROPE_AXES.value) & 1:  # (ROPE_AXES: a pass after)
         dk = _unrotate(dk, offs_d, kp, Params, _rope_factor(Params, FLAGS, ROT_DIM), FLAGS, ROT_DIM)
     mask = (offs_n[:, None] < Nk) & (offs_d[None, :] < D)
     tl.store(DK + off_b * sdkb + off_hk * sdkh + (k0 + offs_n[:, None]) * sdkn + offs_d[None, :],

@@ -3,7 +3,7 @@ ranges that causal and window masks leave visible, the row statistics."""
 import triton
 import triton.language as tl
 
-__all__ = ["LOG2E", "PHILOX_ROUNDS", "_CAUSAL", "_HAS_WL", "_HAS_WR", "_HAS_POS", "_ROPE", "_INTERLEAVED", "_ALIBI", "_TABLE",
+__all__ = ["LOG2E", "PHILOX_ROUNDS", "_CAUSAL", "_HAS_WL", "_HAS_WR", "_HAS_POS", "_ROPE", "_ROPE_AXES", "_INTERLEAVED", "_ALIBI", "_TABLE",
            "_BIAS", "_BIAS_MASK", "_REL_K", "_REL_V", "_REL_U", "_REL_W", "_UPCAST", "_KERPLE", "_D_SLOPE",
            "_D_TABLE", "_D_U", "_D_W", "_D_AK", "_D_AV", "_DELTA_PASS", "_HEAD_BCAST", "_ROW_BCAST",
            "_COL_BCAST", "_D_KERPLE", "_CORRECT", "_TABLE_PASS", "_REL_SHARED", "_BIAS_KEYS",
@@ -44,6 +44,7 @@ _SINKS = tl.constexpr(22)       # a per-head logit in every row's softmax denomi
 _FAST_TANH = tl.constexpr(23)   # softcap's tanh by the GPU's tanh.approx (half-precision inputs)
 _DROPOUT = tl.constexpr(24)     # attention dropout: a Philox keep-mask drawn per (batch, head, row, key)
 _VARLEN = tl.constexpr(25)      # packed sequences: grid axis 2 is a sequence, Pos holds cu_seqlens_q, cu_seqlens_k
+_ROPE_AXES = tl.constexpr(26)   # RoPE at positions per axis: _rope_rotate rotates dQ / dK back, not the epilogues
 _D_SLOPE = tl.constexpr(0)
 _D_TABLE = tl.constexpr(1)
 _D_U = tl.constexpr(2)

@@ -5,7 +5,7 @@ import triton
 import triton.language as tl
 
 from .common import (LOG2E, _CORRECT, _HAS_POS, _DELTA_PASS, _TABLE_PASS, _D_AK, _D_AV, _D_KERPLE, _D_SLOPE,
-                     _D_TABLE, _D_U, _D_W, _DROPOUT, _REL_K, _REL_V, _ROPE, _SINKS, _SOFTCAP, _TABLE, _UPCAST, _VARLEN, _sequence, _beyond, _dot, _key_range, _part_range,
+                     _D_TABLE, _D_U, _D_W, _DROPOUT, _REL_K, _REL_V, _ROPE, _ROPE_AXES, _SINKS, _SOFTCAP, _TABLE, _UPCAST, _VARLEN, _sequence, _beyond, _dot, _key_range, _part_range,
                      _load_row_stats, _load_tile, _positions, _stats_row)
 from .rope import _rope_factor, _unrotate
 from .relative import _keys_to_rel, _rel_end_rows, _row_dot
@@ -333,7 +333,7 @@ def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
             tl.store(slot + o_tab + offs_t, d_tab, mask=offs_t < T)
 
         dq = (dq_c + dq_p) * sm_scale
-        if ROPE:
+        if ROPE and not (FLAGS >> _ROPE_AXES.value) & 1:  # (ROPE_AXES: a pass after)
             dq = _unrotate(dq, offs_d, qp, Params, _rope_factor(Params, FLAGS, ROT_DIM), FLAGS, ROT_DIM)
         tl.store(DQ + off_b * sdqb + off_h * sdqh + (q0 + offs_m[:, None]) * sdqm + offs_d[None, :],
                  dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < Nq) & in_d[None, :])

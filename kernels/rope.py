@@ -1,10 +1,11 @@
 """RoPE: q and k rotated once per call into contiguous workspaces by _rope_rotate (the
 attention kernels' loops then read them as plain tiles), and dQ / dK rotated back in
-the backward kernels' epilogues."""
+the backward kernels' epilogues; with positions per axis (ROPE_AXES, multi-axis RoPE)
+by a second _rope_rotate pass (SIGN = -1) instead."""
 import triton
 import triton.language as tl
 
-from .common import _INTERLEAVED, _ROPE, _positions
+from .common import _INTERLEAVED, _ROPE, _ROPE_AXES, _positions
 
 
 @triton.jit
@@ -59,17 +60,19 @@ def _unrotate(g, offs_d, pos, inv_freq_ptr, factor, FLAGS: tl.constexpr, ROT_DIM
 
 
 @triton.jit
-def _rope_rotate(X, Out, Pos, Params, sxb, sxh, sxn, son, H, N, OFF, SHIFT, Nq, Nk, D,
-                 FLAGS: tl.constexpr, ROT_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _rope_rotate(X, Out, Pos, Params, RopePos, Axis, sxb, sxh, sxn, sob, soh, son, srb, sra, H, N, OFF, SHIFT,
+                 Nq, Nk, D, SIGN, FLAGS: tl.constexpr, ROT_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
     """One program per (row block, head, batch): rows of q (OFF = 0, SHIFT = Nk - Nq) or
-    of k (OFF = Nq, SHIFT = 0) rotated at their positions into Out [B, H, N, D]
-    (rows son apart, dense otherwise), in fp32 and rounded to the input dtype. A pass
-    over q and k per call instead of a sin / cos of every key tile in every query
-    block's loop. The pairs
-    (x1, x2) (channels i and i + R/2, or 2i and 2i + 1 interleaved) are loaded as two
-    tiles, so each angle's sin and cos are computed once:
-    (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), times the attention factor."""
+    of k (OFF = Nq, SHIFT = 0) rotated at their positions into Out (SIGN = 1), or a
+    gradient rotated back (SIGN = -1), in fp32 and rounded to Out's dtype. A pass over
+    q and k per call instead of a sin / cos of every key tile in every query block's
+    loop. The pairs (x1, x2) (channels i and i + R/2, or 2i and 2i + 1 interleaved) are
+    loaded as two tiles, so each angle's sin and cos are computed once:
+    (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), times the attention factor.
+    ROPE_AXES: pair i's position is RopePos[b, Axis[i], n] (srb = 0: shared by the batch)."""
     INTERLEAVED: tl.constexpr = (FLAGS >> _INTERLEAVED.value) & 1
+    ROPE_AXES: tl.constexpr = (FLAGS >> _ROPE_AXES.value) & 1
     HALF: tl.constexpr = ROT_DIM // 2
     BLOCK_H: tl.constexpr = BLOCK_D // 2
     start_n = tl.program_id(0) * BLOCK_N
@@ -78,7 +81,7 @@ def _rope_rotate(X, Out, Pos, Params, sxb, sxh, sxn, son, H, N, OFF, SHIFT, Nq, 
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_f = tl.arange(0, BLOCK_H)
     x_ptr = X + off_b * sxb + off_h * sxh + offs_n[:, None] * sxn
-    o_ptr = Out + ((off_b * H + off_h) * N + offs_n[:, None]) * son
+    o_ptr = Out + off_b * sob + off_h * soh + offs_n[:, None] * son
     if INTERLEAVED:
         c1 = 2 * offs_f
         c2 = 2 * offs_f + 1
@@ -88,12 +91,17 @@ def _rope_rotate(X, Out, Pos, Params, sxb, sxh, sxn, son, H, N, OFF, SHIFT, Nq, 
     pair = (offs_n[:, None] < N) & (offs_f[None, :] < HALF)
     x1 = tl.load(x_ptr + c1[None, :], mask=pair, other=0.0).to(tl.float32)
     x2 = tl.load(x_ptr + c2[None, :], mask=pair, other=0.0).to(tl.float32)
-    pos = _positions(Pos + off_b * (Nq + Nk) + OFF, offs_n, N, SHIFT, FLAGS)
     freq = tl.load(Params + offs_f, mask=offs_f < HALF, other=0.0)
     factor = tl.load(Params + HALF)
-    theta = pos.to(tl.float32)[:, None] * freq[None, :]
+    if ROPE_AXES:
+        axis = tl.load(Axis + offs_f, mask=offs_f < HALF, other=0)
+        pos = tl.load(RopePos + off_b * srb + axis[None, :] * sra + offs_n[:, None], mask=pair, other=0)
+        theta = pos.to(tl.float32) * freq[None, :]
+    else:
+        pos = _positions(Pos + off_b * (Nq + Nk) + OFF, offs_n, N, SHIFT, FLAGS)
+        theta = pos.to(tl.float32)[:, None] * freq[None, :]
     cos = factor * tl.cos(theta)
-    sin = factor * tl.sin(theta)
+    sin = (SIGN * factor) * tl.sin(theta)
     tl.store(o_ptr + c1[None, :], (x1 * cos - x2 * sin).to(Out.dtype.element_ty), mask=pair)
     tl.store(o_ptr + c2[None, :], (x2 * cos + x1 * sin).to(Out.dtype.element_ty), mask=pair)
     if ROT_DIM < BLOCK_D:  # channels past the rotary dim are copied

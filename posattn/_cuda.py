@@ -109,11 +109,17 @@ def _grid_limits(p: Problem) -> Optional[str]:
     return None
 
 
+def _rope_single_axis(e, p):
+    if e.axis_positions is not None:
+        return "multi-axis RoPE (rope_pos=) is not implemented by the cuda backend"
+    return None
+
+
 DECLARATION = Declaration(
     name="cuda",
     dtypes=(torch.float16, torch.bfloat16, torch.float32),
     max_head_dim=256,
-    encodings={RoPE: None, ALiBi: None, DistanceBias: None, GridBias: None, DenseBias: None},
+    encodings={RoPE: _rope_single_axis, ALiBi: None, DistanceBias: None, GridBias: None, DenseBias: None},
     checks=(_grid_limits, lambda p: "attention dropout (dropout_p > 0) is not implemented by the cuda backend"
                                     if p.dropout_p > 0 else None,
             lambda p: "packed sequences (attention_varlen) are not implemented by the cuda backend"

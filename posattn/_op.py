@@ -28,7 +28,7 @@ extern operator and the fake kernel skips the launches.
 """
 import inspect
 import threading
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -59,19 +59,22 @@ class Codec:
 
 def _rope_encode(e, p):
     if e is None:
-        return (None,), (False, 1.0)
-    return (e.inv_freq_for(p.D, p.q.device),), (e.interleaved, e.attention_factor)
+        return (None, None, None), (False, 1.0, [])
+    axis_pos = e.axis_positions or (None, None)
+    return (e.inv_freq_for(p.D, p.q.device), *axis_pos), (e.interleaved, e.attention_factor, list(e.sections or ()))
 
 
 def _rope_decode(t, sc):
-    (inv_freq,), (interleaved, factor) = t, sc
+    # the positions per axis (rope_q_pos, rope_k_pos) are checked as rope_pos= by _problem
+    (inv_freq, _, _), (interleaved, factor, sections) = t, sc
     if inv_freq is None:
         return None
     if inv_freq.dim() != 1 or not inv_freq.is_floating_point():
         raise ValueError(f"posattn op: inv_freq must be a 1-D float tensor, got {inv_freq.dtype} "
                          f"{tuple(inv_freq.shape)}")
     # The rotary dim is a constexpr of the kernels: a symbolic length is specialised here.
-    rope = RoPE(dim=2 * int(inv_freq.shape[0]), interleaved=interleaved, attention_factor=factor)
+    rope = RoPE(dim=2 * int(inv_freq.shape[0]), interleaved=interleaved, attention_factor=factor,
+                sections=tuple(sections) or None)
     rope.inv_freq = inv_freq
     return rope
 
@@ -119,7 +122,8 @@ def _dense_encode(e, p):
 
 
 CODECS = (
-    Codec("rope", (RoPE,), (("inv_freq", "Tensor?"),), (("rope_interleaved", "bool"), ("rope_factor", "float")),
+    Codec("rope", (RoPE,), (("inv_freq", "Tensor?"), ("rope_q_pos", "Tensor?"), ("rope_k_pos", "Tensor?")),
+          (("rope_interleaved", "bool"), ("rope_factor", "float"), ("rope_sections", "int[]")),
           _rope_encode, _rope_decode),
     Codec("alibi_slopes", (ALiBi,), (("alibi", "Tensor?"),), (),
           lambda e, p: ((None if e is None else e.slopes,), ()),
@@ -149,7 +153,8 @@ _ENC_TENSORS = tuple(f for c in CODECS for f in c.tensors)
 _ENC_SCALARS = tuple(f for c in CODECS for f in c.scalars)
 NUM_TENSORS = len(_COMMON_TENSORS) + len(_ENC_TENSORS)
 # The differentiable tensors, in _triton._PARAMS order, and their positions among the tensors.
-_PARAM_NAMES = tuple(n for n, _ in _ENC_TENSORS if n != "inv_freq")
+_CONSTANTS = ("inv_freq", "rope_q_pos", "rope_k_pos")   # encoding tensors without a gradient
+_PARAM_NAMES = tuple(n for n, _ in _ENC_TENSORS if n not in _CONSTANTS)
 assert _PARAM_NAMES == _triton._PARAMS, "the operators' parameter tensors must follow _triton._PARAMS"
 _PARAM_SLOTS = tuple(len(_COMMON_TENSORS) + [n for n, _ in _ENC_TENSORS].index(n) for n in _PARAM_NAMES)
 
@@ -230,9 +235,12 @@ def _problem(tensors: dict, scalars: dict) -> _validate.Problem:
             encodings[c.keyword] = e
     window = tuple(None if w is None else int(w) for w in (scalars["window_left"], scalars["window_right"]))
     q = tensors["q"]
+    rope_pos = None
+    if tensors["rope_q_pos"] is not None or tensors["rope_k_pos"] is not None:
+        rope_pos = (tensors["rope_q_pos"], tensors["rope_k_pos"])
     p = _validate.check(q, tensors["k"], tensors["v"], causal=scalars["causal"], scale=scalars["scale"],
                         window=window, q_pos=tensors["q_pos"], k_pos=tensors["k_pos"], dropout_p=scalars["dropout_p"],
-                        dropout_rng=tensors["dropout_rng"], **encodings)
+                        dropout_rng=tensors["dropout_rng"], rope_pos=rope_pos, **encodings)
     if p.dropout_p > 0 and p.dropout_rng is None:
         raise ValueError("posattn op: dropout_p > 0 needs dropout_rng (posattn._dropout.draw)")
     if tensors["cu_seqlens_q"] is not None:
@@ -303,7 +311,7 @@ def _bwd(*args):
 def _signed(fn, inputs, n_returns):
     """``fn(*args)`` with the signature ``inputs`` (what torch.library reads the schema from)."""
     types = {"Tensor": Tensor, "Tensor?": Optional[Tensor], "bool": bool, "float": float, "int": int,
-             "int?": Optional[int]}
+             "int?": Optional[int], "int[]": List[int]}
     fn.__signature__ = inspect.Signature(
         [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=types[t]) for n, t in inputs],
         return_annotation=Tuple[(Tensor,) * n_returns])

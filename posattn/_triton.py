@@ -234,12 +234,14 @@ def _positions_args(p: Problem, dummy):
 
 
 def _rope_args(p: Problem, dummy):
+    """RoPE's frequencies and factor (Params); ROPE_AXES with positions per axis (rope_pos=),
+    which only _rope_rotate reads (_Launch.rope_axes)."""
     e = p.rope
     if e is None:
-        return dict(ROPE=False, INTERLEAVED=False), dict(ROT_DIM=0), ()
+        return dict(ROPE=False, INTERLEAVED=False, ROPE_AXES=False), dict(ROT_DIM=0), ()
     freq = e.inv_freq_for(p.D, dummy.device)
-    return (dict(ROPE=True, INTERLEAVED=e.interleaved), dict(ROT_DIM=p.rotary_dim),
-            (freq, freq.new_full((1,), e.attention_factor)))
+    return (dict(ROPE=True, INTERLEAVED=e.interleaved, ROPE_AXES=e.axis_positions is not None),
+            dict(ROT_DIM=p.rotary_dim), (freq, freq.new_full((1,), e.attention_factor)))
 
 
 def _alibi_args(p: Problem, slopes, dummy):
@@ -346,6 +348,10 @@ class _Launch:
         self.rel_heads = ([t for t in (rel_key, rel_value) if t is not None] or [q])[0].shape[0]
         self.rel_k = args["rel_k"]
         self.has_rel = p.rel_emb is not None
+        e = p.rope
+        # multi-axis RoPE: each frequency pair's axis [R/2] int32, then the positions per axis
+        self.rope_axes = None if e is None or e.axis_positions is None else \
+            (e.pair_axis(p.D, dummy.device).to(torch.int32), *e.axis_positions)
 
     def config(self, backward):
         self.arch = _arch(self.p.q.device)
@@ -442,22 +448,30 @@ def _unit_last(x):
     return out
 
 
-def _rotated(L: _Launch, x, keys: bool, wrap):
-    """q or k rotated by RoPE into a workspace (kernels/rope.py, rows 16-aligned); x without RoPE."""
+def _rotated(L: _Launch, x, keys: bool, wrap, out=None, sign=1.0):
+    """q or k rotated by RoPE into a workspace (kernels/rope.py, rows 16-aligned); x without
+    RoPE. ``sign=-1``: a gradient rotated back, into ``out`` (multi-axis RoPE's dQ / dK)."""
     from .kernels.attention import _rope_rotate
     p = L.p
     if p.rope is None:
         return x
     B, H, N, D = x.shape
-    out = _aligned(B, H, N, D, like=x)
+    if out is None:
+        out = _aligned(B, H, N, D, like=x)
     bd = max(16, _next_pow2(D))
     rows = 64 if interpreting() else max(16, 2048 // bd)  # memory-bound: small tiles, many CTAs per SM
-    extra = {}
+    extra = dict(RopePos=x, Axis=x, srb=0, sra=0)
     if p.varlen is not None:   # positions restart in each packed sequence: explicit per-row positions
-        extra = dict(Pos=_packed_positions(p), FLAGS=L.args["FLAGS"] & ~pack_flags(VARLEN=True) | pack_flags(HAS_POS=True))
+        extra.update(Pos=_packed_positions(p),
+                     FLAGS=L.args["FLAGS"] & ~pack_flags(VARLEN=True) | pack_flags(HAS_POS=True))
+    if L.rope_axes is not None:   # [1 or B, A, N] int64, a row per axis
+        axis, pos = L.rope_axes[0], L.rope_axes[2 if keys else 1]
+        pos = pos.contiguous()
+        extra.update(RopePos=pos, Axis=axis, srb=pos.stride(0) if pos.shape[0] > 1 else 0, sra=pos.stride(1))
     L.launch(wrap, _rope_rotate, (_cdiv(N, rows), H, B), X=x, Out=out, sxb=x.stride(0), sxh=x.stride(1),
-             sxn=x.stride(2), son=out.stride(2), H=H, N=N, OFF=p.Nq if keys else 0, SHIFT=0 if keys else p.Nk - p.Nq,
-             BLOCK_N=rows, BLOCK_D=bd, num_warps=4, **extra)
+             sxn=x.stride(2), sob=out.stride(0), soh=out.stride(1), son=out.stride(2), H=H, N=N,
+             OFF=p.Nq if keys else 0, SHIFT=0 if keys else p.Nk - p.Nq, SIGN=sign, BLOCK_N=rows, BLOCK_D=bd,
+             num_warps=4, **extra)
     return out
 
 
@@ -536,6 +550,7 @@ def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need, wrap=_direct):
     dev = q.device
     q, k, v, do = (_unit_last(x) for x in (q, k, v, do))
     q, k = _rotated(L, q, False, wrap), _rotated(L, k, True, wrap)   # dq, dk are rotated back in the kernels
+    axes = L.rope_axes is not None   # (except with positions per axis: float32 dq, dk, rotated back after)
     bm, bn, bd, launch = L.config(backward=True)
     blocks = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
     f32 = dict(device=dev, dtype=torch.float32)
@@ -572,7 +587,7 @@ def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need, wrap=_direct):
         if has_dlse:
             stats[:, :, 1] -= dlse.to(torch.float32)
 
-    dq = torch.empty_like(q)
+    dq = torch.empty_like(q, dtype=torch.float32 if axes else q.dtype)
 
     # dQ and each program's partial sums of the small parameters' gradients.
     want = dict(need, kerple=need["kerple_r1"] or need["kerple_r2"])
@@ -596,12 +611,16 @@ def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need, wrap=_direct):
 
     # dK / dV after dQ: with CORRECT they read the exact delta dQ wrote. A dense bias
     # with a row per (batch, head) gets its gradient (dS itself) from the same tiles.
-    dk = torch.empty_like(k)
+    dk = torch.empty_like(k, dtype=torch.float32 if axes else k.dtype)
     dv = torch.empty_strided(dk.shape, dk.stride(), device=dev, dtype=v.dtype)   # dK's strides serve both
     dbias = _dbias_rows(L, p) if need["bias"] else None
     L.launch(wrap, _attn_bwd_dkdv, (_cdiv(p.rows_k, bn), p.Hkv, nb), **inputs, DK=dk, DV=dv,
              DBias=stats if dbias is None else dbias, **_strides("sdk", dk, vl),
              FLAGS=L.args["FLAGS"] | pack_flags(DBIAS_ROWS=dbias is not None))
+
+    if axes:
+        dq = _rotated(L, dq, False, wrap, out=torch.empty_like(q), sign=-1.0)
+        dk = _rotated(L, dk, True, wrap, out=torch.empty_like(k), sign=-1.0)
 
     grads = dict.fromkeys(_PARAMS)
     if need["sinks"]:

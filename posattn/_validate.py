@@ -157,9 +157,38 @@ def _positions(name, pos, B, N, device):
     return pos
 
 
+def _rope_positions(rope_pos, rope, B, Nq, Nk, q_pos, k_pos, device):
+    """rope_pos=(q_rope_pos, k_rope_pos) -> ([1 or B, A, Nq], [1 or B, A, Nk]) int64; a None
+    side takes its 1-D positions (given or default) on every axis."""
+    if rope is None:
+        raise ValueError("rope_pos needs rope= (a posattn.RoPE): it holds RoPE's positions per axis")
+    if not isinstance(rope_pos, (tuple, list)) or len(rope_pos) != 2:
+        raise ValueError(f"rope_pos must be a pair (q_rope_pos, k_rope_pos), got {type(rope_pos).__name__}")
+    A = rope.num_axes
+    defaults = (q_pos if q_pos is not None else torch.arange(Nk - Nq, Nk, device=device)[None],
+                k_pos if k_pos is not None else torch.arange(Nk, device=device)[None])
+    out = []
+    for name, pos, N, default in (("q_rope_pos", rope_pos[0], Nq, defaults[0]),
+                                  ("k_rope_pos", rope_pos[1], Nk, defaults[1])):
+        if pos is None:
+            out.append(default.to(torch.int64)[:, None].expand(-1, A, N))
+            continue
+        _tensor(name, pos)
+        same_device(name, pos, device)
+        if pos.dtype not in _INDEX_DTYPES:
+            raise TypeError(f"{name} must be int32 or int64, got {pos.dtype}")
+        if pos.dim() == 2:
+            pos = pos[None]
+        if pos.dim() != 3 or pos.shape[1:] != (A, N) or pos.shape[0] not in (1, B):
+            raise ValueError(f"{name} must have shape [{A}, {N}] or [{B}, {A}, {N}] (A = {A} position axes: "
+                             f"len(rope.sections)), got {tuple(pos.shape)}")
+        out.append(pos.to(torch.int64))
+    return tuple(out)
+
+
 def check(q, k, v, *, causal=False, scale=None, window=None, q_pos=None, k_pos=None, rope=None,
           alibi_slopes=None, rel_bias=None, bias=None, return_lse=False, rel_emb=None, softcap=None,
-          sinks=None, dropout_p=0.0, dropout_rng=None, **encodings) -> Problem:
+          sinks=None, dropout_p=0.0, dropout_rng=None, rope_pos=None, **encodings) -> Problem:
     for name, x in (("q", q), ("k", k), ("v", v)):
         _tensor(name, x)
         if x.dim() != 4:
@@ -238,6 +267,10 @@ def check(q, k, v, *, causal=False, scale=None, window=None, q_pos=None, k_pos=N
                         f"{list(_encodings.keywords())}")
     bound = tuple(_encodings.wrap(kw, given[kw]).bind(shape) for kw in _encodings.keywords()
                   if given.get(kw) is not None)
+    if rope_pos is not None:   # RoPE's own positions per axis (multi-axis RoPE)
+        rope_e = next((e for e in bound if e.keyword == "rope"), None)
+        axis_pos = _rope_positions(rope_pos, rope_e, B, Nq, Nk, q_pos, k_pos, q.device)
+        bound = tuple(e.bind_positions(*axis_pos) if e is rope_e else e for e in bound)
 
     return Problem(q=q, k=k, v=v, B=B, Hq=Hq, Hkv=Hkv, Nq=Nq, Nk=Nk, D=D, causal=causal, scale=float(scale),
                    window_left=wl, window_right=wr, q_pos=q_pos, k_pos=k_pos, return_lse=return_lse,

@@ -68,7 +68,7 @@ def _select(p: _validate.Problem, backend=None) -> str:
 
 def attention(q, k, v, *, causal=False, scale=None, window=None, q_pos=None, k_pos=None, rope=None,
               alibi_slopes=None, rel_bias=None, bias=None, return_lse=False, rel_emb=None, softcap=None,
-              sinks=None, dropout_p=0.0, backend=None, **encodings):
+              sinks=None, dropout_p=0.0, rope_pos=None, backend=None, **encodings):
     """Fused attention with positional encodings: ``softmax(scale * q'k'^T + bias) v``
     with the encodings computed inside the kernel (docs/SPEC.md defines each term).
 
@@ -84,6 +84,13 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, q_pos=None, k_p
             ``k_pos = arange(Nk)``, ``q_pos = arange(Nk - Nq, Nk)`` (bottom-right).
             Masks and every relative encoding read them.
         rope: :class:`posattn.RoPE`: q and k rotated at their positions.
+        rope_pos: ``(q_rope_pos, k_rope_pos)``: RoPE's own positions per axis, int32 /
+            int64 ``[A, N]`` or ``[B, A, N]`` with ``A = len(rope.sections)`` (1 without
+            sections), for multi-axis RoPE (Qwen2-VL's M-RoPE, axial 2-D RoPE): frequency
+            pair ``i`` rotates by the position of the axis whose section holds it. A None
+            side takes its 1-D positions on every axis (the default for both, which is
+            plain RoPE). Only RoPE reads them; masks and every other encoding read
+            ``q_pos`` / ``k_pos``.
         alibi_slopes: ``[Hq]`` or ``[B, Hq]`` float: ``-slope * |k_pos - q_pos|``
             (:func:`posattn.alibi_slopes` gives the standard ones); differentiable.
         rel_bias: :class:`posattn.DistanceBias` (T5 / clipped distance table) or
@@ -139,11 +146,11 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, q_pos=None, k_p
             return attention(q, k, v, causal=causal, scale=scale, window=window, q_pos=q_pos, k_pos=k_pos,
                              rope=rope, alibi_slopes=alibi_slopes, rel_bias=rel_bias, bias=bias,
                              return_lse=return_lse, rel_emb=rel_emb, softcap=softcap, sinks=sinks,
-                             dropout_p=dropout_p, backend=backend, **encodings)
+                             dropout_p=dropout_p, rope_pos=rope_pos, backend=backend, **encodings)
     p = _validate.check(q, k, v, causal=causal, scale=scale, window=window, q_pos=q_pos, k_pos=k_pos,
                         rope=rope, alibi_slopes=alibi_slopes, rel_bias=rel_bias, bias=bias,
                         return_lse=return_lse, rel_emb=rel_emb, softcap=softcap, sinks=sinks,
-                        dropout_p=dropout_p, **encodings)
+                        dropout_p=dropout_p, rope_pos=rope_pos, **encodings)
     return _run(p, backend)
 
 
@@ -259,11 +266,11 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
     """
     if dropout_mask is not None and backend != "reference":
         raise ValueError("attention_varlen: dropout_mask is for backend='reference' (the kernels draw their own)")
-    for name in ("bias", "q_pos", "k_pos"):
+    for name in ("bias", "q_pos", "k_pos", "rope_pos"):
         if encodings.get(name) is not None:
             raise ValueError(f"attention_varlen: {name}= is not supported (each sequence's positions restart at "
                              f"0; a dense bias would be [total, total])")
-    encodings = {n: e for n, e in encodings.items() if n not in ("bias", "q_pos", "k_pos")}
+    encodings = {n: e for n, e in encodings.items() if n not in ("bias", "q_pos", "k_pos", "rope_pos")}
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")

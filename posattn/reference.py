@@ -65,7 +65,7 @@ def _run(p: _validate.Problem, upcast: bool, dropout_mask=None):
     q_pos, k_pos = p.default_positions(dev)
     for e in p.encodings:                                           # RoPE: rotate q and k
         q = e.rotate(q, q_pos, p.D, dt)
-        k = e.rotate(k, k_pos, p.D, dt)
+        k = e.rotate(k, k_pos, p.D, dt, keys=True)
     if p.group > 1:
         k = k.repeat_interleave(p.group, dim=1)
         v = v.repeat_interleave(p.group, dim=1)

@@ -44,7 +44,9 @@ def _problem(enc, dt, D):
                                                                       r(HQ).abs().detach().requires_grad_()))
     elif enc == "window+pos+ropei+grid+mask+softcap+sinks+dropout":
         kw = dict(window=(40, 9), q_pos=torch.arange(N), k_pos=torch.arange(N),
-                  rope=posattn.RoPE(dim=32, interleaved=True), rel_bias=posattn.GridBias(r(31 * 19, HQ), (16, 10)),
+                  rope=posattn.RoPE(dim=32, interleaved=True, sections=(8, 4, 4)),   # multi-axis RoPE
+                  rope_pos=(torch.arange(N).expand(3, N) // torch.tensor([[1], [3], [7]]),) * 2,
+                  rel_bias=posattn.GridBias(r(31 * 19, HQ), (16, 10)),
                   bias=torch.rand(N, N, generator=g) < 0.8, softcap=20.0, sinks=r(HQ), dropout_p=0.1)
     elif enc == "varlen+causal+rope+alibi+table":   # packed sequences of 70, 0 and 90 rows (N in all)
         kw = dict(causal=True, rope=posattn.RoPE(), alibi_slopes=r(HQ), rel_bias=posattn.DistanceBias(r(HQ, 24), 15, 8),

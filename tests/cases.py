@@ -19,6 +19,13 @@ def _rope_inv_freq(H, D, Nq, Nk, device, dtype):
     return dict(rope=posattn.RoPE(inv_freq=torch.rand(D // 4, device=device)), window=(3, 2))
 
 
+def _rope_axes(H, D, Nq, Nk, device, dtype):
+    pairs = D // 4       # multi-axis RoPE: two axes, positions per axis (shared by the batch)
+    return dict(rope=posattn.RoPE(dim=D // 2, base=200.0, sections=(pairs // 2, pairs - pairs // 2)), causal=True,
+                rope_pos=(torch.randint(0, 3 * Nk, (2, Nq), device=device),
+                          torch.randint(0, 3 * Nk, (1, 2, Nk), device=device)))
+
+
 def _alibi(H, D, Nq, Nk, device, dtype):
     return dict(alibi_slopes=torch.rand(1, H, device=device).requires_grad_(),
                 q_pos=torch.arange(Nq, device=device) * 2, k_pos=torch.arange(Nk, device=device))
@@ -63,6 +70,7 @@ def _softcap_sinks(H, D, Nq, Nk, device, dtype):
 CASES = {
     "rope": _rope,
     "rope-inv-freq": _rope_inv_freq,
+    "rope-axes": _rope_axes,
     "alibi+positions": _alibi,
     "distance-bias": _distance,
     "grid-bias": _grid,

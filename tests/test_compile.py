@@ -87,8 +87,11 @@ def _kwargs(case, p):
     if case == "mask+positions":
         dev = q.device
         keep = torch.arange(nk, device=dev) % 5 != 2
-        return dict(bias=keep[None, None, None, :], q_pos=torch.arange(nq, device=dev) + 5,
-                    k_pos=torch.arange(nk, device=dev) * 2, window=(6, 2), rope=posattn.RoPE(interleaved=True))
+        q_pos, k_pos = torch.arange(nq, device=dev) + 5, torch.arange(nk, device=dev) * 2
+        # multi-axis RoPE: the operators carry its sections and positions per axis
+        return dict(bias=keep[None, None, None, :], q_pos=q_pos, k_pos=k_pos, window=(6, 2),
+                    rope=posattn.RoPE(interleaved=True, sections=(3, 5)),
+                    rope_pos=(torch.stack((q_pos, q_pos // 3)), torch.stack((k_pos, k_pos // 3))))
     raise AssertionError(case)
 
 

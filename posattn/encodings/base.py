@@ -85,8 +85,9 @@ class Encoding:
         return self
 
     # -- reference terms (docs/SPEC.md's order: rotate, logits, scale, cap, bias, mask, softmax with sinks, value)
-    def rotate(self, x: torch.Tensor, pos: torch.Tensor, head_dim: int, dt: torch.dtype) -> torch.Tensor:
-        """q or k ``[B, H, N, D]`` at positions ``pos`` ``[1 or B, N]`` -> transformed."""
+    def rotate(self, x: torch.Tensor, pos: torch.Tensor, head_dim: int, dt: torch.dtype,
+               keys: bool = False) -> torch.Tensor:
+        """q (``keys=False``) or k ``[B, H, N, D]`` at positions ``pos`` ``[1 or B, N]`` -> transformed."""
         return x
 
     def content_query(self, ctx: "ReferenceTerms", q: torch.Tensor) -> torch.Tensor:
