@@ -75,11 +75,101 @@ def _compare(cls, config, inputs, keep=None):
 
 
 def test_llama_gqa_causal(registered):
-    """RoPE applied by the model, GQA (4 query heads, 2 k/v heads), no padding: the
-    mask is None and posattn runs causal=True with the k/v heads as they are."""
+    """GQA (4 query heads, 2 k/v heads), no padding: the mask is None and posattn runs
+    causal=True with the k/v heads as they are, and q, k unrotated: RoPE fused at the
+    model's positions (training with the default use_cache: an empty cache, given the
+    rotated keys eager would store)."""
     ids = torch.randint(0, 100, (2, N))
     _compare(transformers.LlamaForCausalLM, _llama_config(), dict(input_ids=ids))
     assert len(registered) == 2 * 1 and all(c["causal"] and c["bias"] is None for c in registered)
+    assert all(isinstance(c["rope"], posattn.RoPE) for c in registered)
+
+
+@pytest.mark.parametrize("rope_parameters", [
+    dict(rope_type="yarn", rope_theta=500.0, factor=4.0, original_max_position_embeddings=16),
+    dict(rope_type="llama3", rope_theta=500.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+         original_max_position_embeddings=8)], ids=["yarn", "llama3"])
+def test_llama_fused_rope_types(registered, rope_parameters):
+    """HF's scaled RoPE (YaRN: an attention factor != 1; llama3) fused in the kernels,
+    with left padding and no cache: logits and every gradient equal eager's."""
+    config = _llama_config()
+    config.rope_parameters = rope_parameters
+    ids = torch.randint(0, 100, (2, N))
+    mask = torch.ones(2, N, dtype=torch.long)
+    mask[0, :3] = 0
+    _compare(transformers.LlamaForCausalLM, config, dict(input_ids=ids, attention_mask=mask, use_cache=False),
+             keep=mask)
+    assert registered and all(c["rope"] is not None for c in registered)
+    if rope_parameters["rope_type"] == "yarn":
+        assert all(c["rope"].attention_factor > 1 for c in registered)
+
+
+def test_qwen3_fused_rope(registered):
+    """Qwen3: per-head q / k norms before RoPE, then fused RoPE."""
+    config = transformers.Qwen3Config(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                      max_position_embeddings=64)
+    _compare(transformers.Qwen3ForCausalLM, config, dict(input_ids=torch.randint(0, 100, (2, N))))
+    assert registered and all(c["rope"] is not None for c in registered)
+
+
+def test_qwen2_vl_text_model_fused_mrope(registered):
+    """Qwen2-VL's language model at 3-D M-RoPE positions (text, a 2 x 3 image grid, text:
+    as get_rope_index lays them out): the positions reach the kernels as multi-axis
+    RoPE (mrope_section as sections); last hidden states and every gradient equal
+    eager's."""
+    from transformers import Qwen2VLTextConfig
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLTextModel
+    config = Qwen2VLTextConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                               num_hidden_layers=2, vocab_size=100, max_position_embeddings=64,
+                               rope_parameters=dict(rope_type="default", rope_theta=1e4, mrope_section=[2, 3, 3]))
+    t = torch.tensor([0, 1, 2, 3, 3, 3, 3, 3, 3, 6, 7, 8])               # text, image (t, h, w), text
+    h = torch.tensor([0, 1, 2, 3, 3, 3, 4, 4, 4, 6, 7, 8])
+    w = torch.tensor([0, 1, 2, 3, 4, 5, 3, 4, 5, 6, 7, 8])
+    pos = torch.stack((t, h, w))[:, None].expand(3, 2, N)
+    ids = torch.randint(0, 100, (2, N))
+    results = []
+    for impl in ("eager", "posattn"):
+        model = _build(Qwen2VLTextModel, config, impl)
+        out = model(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
+        out.pow(2).sum().backward()
+        results.append((out.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (o1, g1), (o2, g2) = results
+    torch.testing.assert_close(o2, o1, rtol=1e-4, atol=1e-5)
+    for name in g1:
+        torch.testing.assert_close(g2[name], g1[name], rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+    assert registered and all(c["rope"].sections == (2, 3, 3) for c in registered)
+    assert torch.equal(registered[0]["rope_pos"][0][0], torch.stack((t, h, w)))
+
+
+def test_fused_rope_can_be_switched_off(registered):
+    """register(name, fused_rope=False): the model rotates q and k itself (no rope= reaches
+    posattn), with the same logits."""
+    name = hf.register("posattn_unfused", fused_rope=False)
+    ids = torch.randint(0, 100, (1, N))
+    logits = []
+    for impl in ("posattn", name):
+        model = _build(transformers.LlamaForCausalLM, _llama_config(), impl)
+        with torch.no_grad():
+            logits.append(model(input_ids=ids).logits)
+    assert [c.get("rope") is not None for c in registered] == [True] * 2 + [False] * 2
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
+
+
+def test_llama_greedy_generate_with_cache(registered):
+    """generate() with a KV cache: the prompt (left-padded) through fused RoPE into an
+    empty cache, then each step decoding from the cache as the model does; the same
+    tokens as eager."""
+    ids = torch.randint(3, 100, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, :2] = 0
+    tokens = []
+    for impl in ("eager", "posattn"):
+        model = _build(transformers.LlamaForCausalLM, _llama_config(), impl).eval()
+        tokens.append(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                     pad_token_id=0))
+    assert torch.equal(tokens[1], tokens[0])
+    assert registered[0]["rope"] is not None and registered[-1].get("rope") is None   # prefill fused, steps not
 
 
 def test_llama_left_padding(registered):

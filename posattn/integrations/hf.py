@@ -19,10 +19,14 @@ What the attention function receives, and what it does with it:
 - ``query`` ``[B, Hq, Nq, D]``, ``key`` / ``value`` ``[B, Hkv, Nk, D]``: GQA / MQA
   heads are passed through as they are (posattn shares the k/v heads itself, no
   ``repeat_kv``).
-- **RoPE is already applied** (LLaMA, Mistral, Qwen, ... rotate q and k in the
-  attention module before calling the function), so no ``rope=`` is passed.
-  Fused RoPE is available to code calling ``posattn.attention(..., rope=...)``
-  directly.
+- **RoPE**: models rotate q and k in their attention module before calling the
+  function. For LLaMA, Mistral, Qwen2, Qwen3 and Qwen2-VL, ``register()`` routes
+  their rotary embedding (it returns :class:`RotaryPositions`: its cos / sin plus
+  the positions, ``inv_freq``, attention scaling and M-RoPE sections) and their
+  attention module (``_rope_attention_forward``: q, k, v projected, q and k passed
+  unrotated with ``rope=`` / ``rope_pos=``), so RoPE runs fused in the kernels.
+  Decoding from a filled cache, packed rows and ``output_attentions`` take the
+  model's own forward (q and k rotated by the model).
 - ``attention_mask``: a bool keep-mask or an additive float mask, passed as
   posattn's dense ``bias`` (broadcast, never expanded). ``None`` with a causal
   module (``module.is_causal``) and ``Nq > 1`` means ``causal=True``, like SDPA's
@@ -138,6 +142,13 @@ def _packed_from_kwargs(kwargs, q_len):
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                       position_bias=None, **kwargs):
     """transformers' attention-function signature: returns ``(out [B, Nq, Hq, D], None)``."""
+    return _attend(module, query, key, value, attention_mask, dropout, scaling, is_causal, position_bias, **kwargs)
+
+
+def _attend(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+            position_bias=None, rope=None, rope_pos=None, **kwargs):
+    """attention_forward, and with ``rope`` / ``rope_pos`` q and k unrotated (the routed
+    attention modules: _rope_attention_forward)."""
     packed = None
     if isinstance(attention_mask, PackedSequences):
         packed = (attention_mask.cu_seqlens, attention_mask.cu_seqlens, attention_mask.max_seqlen,
@@ -174,9 +185,134 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         bias = bias.to(query.dtype)
     # Gemma 2's logit soft-capping and gpt-oss's sinks (s_aux, [Hq]) are posattn's softcap= / sinks=
     # the models pass dropout=0.0 outside training (as to SDPA)
+    rope_kw = {} if rope is None else dict(rope=rope, rope_pos=rope_pos)
     out = posattn.attention(query, key, value, causal=causal, scale=scaling, bias=bias,
-                            softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux"), dropout_p=float(dropout or 0.0))
+                            softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux"), dropout_p=float(dropout or 0.0),
+                            **rope_kw)
     return out.transpose(1, 2).contiguous(), None
+
+
+class RotaryPositions(tuple):
+    """What a routed rotary embedding returns: its ``(cos, sin)`` as before (so any code
+    unpacking them is unchanged), carrying what posattn's fused RoPE needs: the
+    positions it was called with (``[B, N]``, or M-RoPE's ``[3, B, N]``), its
+    ``inv_freq`` and ``attention_scaling`` as they were used (after any dynamic update)
+    and Qwen2-VL's ``mrope_section``."""
+
+    def __new__(cls, cos, sin, position_ids, inv_freq, attention_scaling, sections):
+        t = super().__new__(cls, (cos, sin))
+        t.position_ids, t.inv_freq, t.attention_scaling, t.sections = position_ids, inv_freq, attention_scaling, sections
+        return t
+
+
+def _rotate_half(x):
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+def _rope_attention_forward(module, hidden_states, position_embeddings, attention_mask, cache, kwargs):
+    """A LLaMA-family attention module's forward with q and k reaching posattn unrotated,
+    rotated inside the kernels at the model's positions (its inv_freq, attention
+    scaling and M-RoPE sections); None where this route does not apply (the module's
+    own forward then runs: q and k rotated by the model, e.g. when decoding from a
+    filled cache, for packed rows, or attention weights requested)."""
+    rp = position_embeddings
+    if (not isinstance(rp, RotaryPositions) or isinstance(attention_mask, PackedSequences)
+            or kwargs.get("cu_seq_lens_q") is not None or kwargs.get("output_attentions")):
+        return None
+    if cache is not None and not (type(cache).__name__ == "DynamicCache"
+                                  and cache.get_seq_length(module.layer_idx) == 0):
+        return None   # keys already cached (rotated): decode as the model does
+    batch, n, _ = hidden_states.shape
+    pos = rp.position_ids
+    if rp.sections is not None:   # M-RoPE: [3, B, N] (text-only calls may pass [B, N])
+        if len(rp.sections) != 3:
+            return None
+        pos = (pos.expand(3, -1, -1) if pos.dim() == 2 else pos).transpose(0, 1)   # [B, 3, N]
+    else:
+        pos = pos[:, None]                                                       # [B, 1, N]
+    if pos.shape[-1] != n or 2 * rp.inv_freq.numel() != module.head_dim:
+        return None
+    shape = (batch, n, -1, module.head_dim)
+    q = module.q_proj(hidden_states).view(shape)
+    k = module.k_proj(hidden_states).view(shape)
+    v = module.v_proj(hidden_states).view(shape).transpose(1, 2)
+    if getattr(module, "q_norm", None) is not None:   # Qwen3: per-head norms before RoPE
+        q, k = module.q_norm(q), module.k_norm(k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    if cache is not None:   # an empty cache (prefill, or training with use_cache): it stores rotated keys
+        cos, sin = rp
+        cache.update(k * cos.unsqueeze(1) + _rotate_half(k) * sin.unsqueeze(1), v, module.layer_idx, kwargs=kwargs)
+    rope = posattn.RoPE(rp.inv_freq.detach().to(torch.float32), attention_factor=float(rp.attention_scaling),
+                        sections=None if rp.sections is None else tuple(int(x) for x in rp.sections))
+    kwargs = {k_: v_ for k_, v_ in kwargs.items() if k_ not in ("position_ids", "sliding_window", "use_cache")}
+    out, _ = _attend(module, q, k, v, attention_mask, dropout=module.attention_dropout if module.training else 0.0,
+                     scaling=module.scaling, rope=rope, rope_pos=(pos, pos), **kwargs)
+    return module.o_proj(out.reshape(batch, n, -1).contiguous()), None
+
+
+# model type -> (rotary embedding class, attention class): the families whose attention
+# projects q, k, v (Qwen3: then a per-head norm), rotates q and k with rotate_half by the
+# model's rotary embedding over the whole head, and calls the attention interface.
+_FUSED_ROPE = {"llama": ("LlamaRotaryEmbedding", "LlamaAttention"),
+               "mistral": ("MistralRotaryEmbedding", "MistralAttention"),
+               "qwen2": ("Qwen2RotaryEmbedding", "Qwen2Attention"),
+               "qwen3": ("Qwen3RotaryEmbedding", "Qwen3Attention"),
+               "qwen2_vl": ("Qwen2VLRotaryEmbedding", "Qwen2VLAttention")}
+
+
+def _route_rope(name):
+    """Route the rotary embeddings and attention modules of the _FUSED_ROPE families,
+    for models built with attn_implementation=name only (others are untouched)."""
+    import importlib
+    for model_type, (rotary_name, attention_name) in _FUSED_ROPE.items():
+        try:
+            mod = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+            rotary, attention = getattr(mod, rotary_name), getattr(mod, attention_name)
+        except (ImportError, AttributeError):
+            continue
+        for cls, make in ((rotary, _routed_rotary), (attention, _routed_attention)):
+            if getattr(cls, "_posattn_routed", None) is not None:
+                if "_posattn_routed" in cls.__dict__:
+                    cls._posattn_routed.add(name)
+                    continue
+            routed = {name}
+            cls.forward = make(cls.forward, routed)
+            cls._posattn_routed = routed
+
+
+def _ours(module, routed):
+    return getattr(getattr(module, "config", None), "_attn_implementation", None) in routed
+
+
+def _routed_rotary(forward, routed):
+    def rotary_forward(self, x, position_ids, *args, **kwargs):
+        cos, sin = forward(self, x, position_ids, *args, **kwargs)
+        if args or kwargs or not _ours(self, routed):
+            return cos, sin
+        return RotaryPositions(cos, sin, position_ids, self.inv_freq, self.attention_scaling,
+                               getattr(self, "mrope_section", None))
+    return rotary_forward
+
+
+def _routed_attention(forward, routed):
+    def attention_forward_(self, *args, **kwargs):
+        if not args and _ours(self, routed):   # (the decoder layers pass every argument by keyword)
+            rest = dict(kwargs)
+            hidden = rest.pop("hidden_states", None)
+            pe = rest.pop("position_embeddings", None)
+            mask = rest.pop("attention_mask", None)
+            cache = rest.pop("cache", None)
+            if cache is None:
+                cache = rest.pop("past_key_values", None)
+            if hidden is not None:
+                out = _rope_attention_forward(self, hidden, pe, mask, cache, rest)
+                if out is not None:
+                    return out
+        if isinstance(kwargs.get("position_embeddings"), RotaryPositions):
+            kwargs["position_embeddings"] = tuple(kwargs["position_embeddings"])
+        return forward(self, *args, **kwargs)
+    return attention_forward_
 
 
 def _bloom_attention_forward(self, hidden_states, residual, alibi, attention_mask, layer_past=None,
@@ -240,9 +376,16 @@ def _route_bloom(name):
     cls.__init__, cls.forward, cls._posattn_routed = __init__, routed_forward, {name}
 
 
-def register(name: str = NAME) -> str:
+def register(name: str = NAME, *, fused_rope: bool = True) -> str:
     """Register posattn with transformers under ``name`` (default ``"posattn"``);
-    returns the name to pass as ``attn_implementation``. Idempotent."""
+    returns the name to pass as ``attn_implementation``. Idempotent.
+
+    ``fused_rope``: LLaMA, Mistral, Qwen2, Qwen3 and Qwen2-VL models built with
+    ``attn_implementation=name`` hand posattn q and k unrotated and RoPE runs inside
+    the kernels at the model's positions (Qwen2-VL's M-RoPE as multi-axis RoPE), except
+    when decoding from a filled KV cache, for packed rows and with attention weights
+    requested (the model rotates q and k then, as before). False: the model always
+    rotates q and k itself (register a second name to compare both)."""
     try:
         from transformers import AttentionInterface
     except ImportError as e:
@@ -256,4 +399,6 @@ def register(name: str = NAME) -> str:
     else:
         AttentionMaskInterface.register(name, posattn_mask)
     _route_bloom(name)
+    if fused_rope:
+        _route_rope(name)
     return name
