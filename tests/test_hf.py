@@ -88,12 +88,18 @@ def test_llama_gqa_causal(registered):
 @pytest.mark.parametrize("rope_parameters", [
     dict(rope_type="yarn", rope_theta=500.0, factor=4.0, original_max_position_embeddings=16),
     dict(rope_type="llama3", rope_theta=500.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-         original_max_position_embeddings=8)], ids=["yarn", "llama3"])
+         original_max_position_embeddings=8),
+    dict(rope_type="dynamic", rope_theta=500.0, factor=2.0),
+    dict(rope_type="longrope", rope_theta=500.0, short_factor=[1.0 + i / 8 for i in range(8)],
+         long_factor=[2.0 + i for i in range(8)], original_max_position_embeddings=8)],
+    ids=["yarn", "llama3", "dynamic", "longrope"])
 def test_llama_fused_rope_types(registered, rope_parameters):
-    """HF's scaled RoPE (YaRN: an attention factor != 1; llama3) fused in the kernels,
-    with left padding and no cache: logits and every gradient equal eager's."""
+    """HF's scaled RoPE fused in the kernels (YaRN: an attention factor != 1; dynamic NTK
+    and LongRoPE: inv_freq updated for a sequence past the original length, read as
+    used), with left padding and no cache: logits and every gradient equal eager's."""
     config = _llama_config()
     config.rope_parameters = rope_parameters
+    config.max_position_embeddings = 8 if rope_parameters["rope_type"] == "dynamic" else 64
     ids = torch.randint(0, 100, (2, N))
     mask = torch.ones(2, N, dtype=torch.long)
     mask[0, :3] = 0
