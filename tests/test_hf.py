@@ -148,10 +148,10 @@ def test_qwen2_vl_text_model_fused_mrope(registered):
     assert torch.equal(registered[0]["rope_pos"][0][0], torch.stack((t, h, w)))
 
 
-def test_fused_rope_can_be_switched_off(registered):
-    """register(name, fused_rope=False): the model rotates q and k itself (no rope= reaches
-    posattn), with the same logits."""
-    name = hf.register("posattn_unfused", fused_rope=False)
+def test_fused_encodings_can_be_switched_off(registered):
+    """register(name, fused_encodings=False): the model rotates q and k itself (no rope=
+    reaches posattn), with the same logits."""
+    name = hf.register("posattn_unfused", fused_encodings=False)
     ids = torch.randint(0, 100, (1, N))
     logits = []
     for impl in ("posattn", name):
@@ -190,9 +190,10 @@ def test_llama_left_padding(registered):
 
 
 def test_t5_relative_bias_and_padding(registered):
-    """T5: the relative-position bias arrives as a dense position_bias [1, H, Nq, Nk]
-    (posattn's dense bias, its gradient reaching relative_attention_bias), scale 1,
-    a padded encoder, a causal decoder and cross-attention."""
+    """T5: the relative-position bias runs in the kernels as DistanceBias.t5 built from
+    each stack's relative_attention_bias (its gradient reaching the weight), no dense
+    position_bias and no dense zeros for cross-attention; scale 1, a padded encoder, a
+    causal decoder and cross-attention."""
     ids = torch.randint(0, 100, (2, N))
     mask = torch.ones(2, N, dtype=torch.long)
     mask[0, 9:] = 0
@@ -200,6 +201,28 @@ def test_t5_relative_bias_and_padding(registered):
     _compare(transformers.T5ForConditionalGeneration, _t5_config(), inputs)
     assert len(registered) == 2 + 2 * 2  # encoder self, decoder self and cross, per layer
     assert all(c["scale"] == 1.0 for c in registered)
+    assert all(c["bias"] is None or c["bias"].dtype == torch.bool for c in registered)   # masks only
+    tables = [c.get("rel_bias") for c in registered]
+    assert sum(t is not None for t in tables) == 4                          # the self-attention calls
+    assert tables[0] is tables[1] and tables[2] is tables[4]                # one table per stack and step
+    assert (tables[0].left, tables[0].right, tables[2].left, tables[2].right) == (16, 16, 16, 0)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "dense"])
+def test_t5_greedy_generate_with_cache(registered, fused):
+    """T5 generate() with the encoder-decoder cache: each decoding step's relative bias
+    at its offset (fused) or the dense bias (fused_encodings=False); the same tokens as
+    eager."""
+    name = hf.register() if fused else hf.register("posattn_unfused", fused_encodings=False)
+    ids = torch.randint(3, 100, (2, 9))
+    tokens = []
+    for impl in ("eager", name):
+        model = _build(transformers.T5ForConditionalGeneration, _t5_config(), impl).eval()
+        tokens.append(model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, decoder_start_token_id=0))
+    assert torch.equal(tokens[1], tokens[0])
+    dense = [c["bias"] is not None and c["bias"].is_floating_point() for c in registered]
+    tables = [c.get("rel_bias") is not None for c in registered]
+    assert (not any(dense) and any(tables)) if fused else (any(dense) and not any(tables))
 
 
 def test_llama_compiled_fullgraph(registered):

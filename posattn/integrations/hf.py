@@ -31,10 +31,12 @@ What the attention function receives, and what it does with it:
   posattn's dense ``bias`` (broadcast, never expanded). ``None`` with a causal
   module (``module.is_causal``) and ``Nq > 1`` means ``causal=True``, like SDPA's
   ``is_causal`` (same alignment rules as transformers' SDPA path).
-- ``position_bias`` (T5-style models): the dense relative-position bias
-  ``[1, H, Nq, Nk]``, added as posattn's dense ``bias`` (combined with the mask as
-  transformers' SDPA path does); its gradient reaches the bias table through
-  autograd.
+- ``position_bias`` (T5): with the routed T5 attention (``register()``), a
+  :class:`T5PositionBias`: the layer's bucket table as ``DistanceBias.t5``, inside
+  the kernels. Otherwise (other T5-style models, or ``fused_encodings=False``) the
+  dense relative-position bias ``[1, H, Nq, Nk]``, added as posattn's dense ``bias``
+  (combined with the mask as transformers' SDPA path does); its gradient reaches
+  the bias table through autograd.
 - ``scaling``: posattn's ``scale`` (T5 uses 1.0).
 - ``softcap`` (Gemma 2) and ``s_aux`` (gpt-oss's attention sinks, ``[Hq]``):
   posattn's ``softcap=`` and ``sinks=``, fused in the kernels.
@@ -122,7 +124,7 @@ def posattn_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
     from transformers.masking_utils import causal_mask_function, sdpa_mask
     mask_function = mask_function or causal_mask_function
     if (batch_size == 1 and attention_mask is None and q_length == kv_length and q_offset == 0 and kv_offset == 0
-            and not allow_is_causal_skip):
+            and not allow_is_causal_skip and torch.device(device).type != "meta"):   # (meta: values unreadable)
         cu = _packed_boundaries(q_length, mask_function, device)
         if cu is not None:
             return PackedSequences(cu, int((cu[1:] - cu[:-1]).max()))
@@ -149,6 +151,12 @@ def _attend(module, query, key, value, attention_mask, dropout=0.0, scaling=None
             position_bias=None, rope=None, rope_pos=None, **kwargs):
     """attention_forward, and with ``rope`` / ``rope_pos`` q and k unrotated (the routed
     attention modules: _rope_attention_forward)."""
+    fused = {}
+    if isinstance(position_bias, T5PositionBias):   # T5's buckets as DistanceBias.t5 in the kernels
+        fused = position_bias.attention_kwargs(query.shape[2], key.shape[2])
+        position_bias = None
+    if rope is not None:
+        fused.update(rope=rope, rope_pos=rope_pos)
     packed = None
     if isinstance(attention_mask, PackedSequences):
         packed = (attention_mask.cu_seqlens, attention_mask.cu_seqlens, attention_mask.max_seqlen,
@@ -175,7 +183,7 @@ def _attend(module, query, key, value, attention_mask, dropout=0.0, scaling=None
     # (one query attends to the whole cache), with SDPA's top-left alignment: keys
     # past Nq are empty static-cache slots then and are cut.
     causal = bool(causal) and attention_mask is None and q_len > 1
-    if causal and kv_len > q_len:
+    if causal and kv_len > q_len and not fused:
         key, value = key[:, :, :q_len], value[:, :, :q_len]
         if position_bias is not None:
             position_bias = position_bias[..., :q_len]
@@ -185,11 +193,74 @@ def _attend(module, query, key, value, attention_mask, dropout=0.0, scaling=None
         bias = bias.to(query.dtype)
     # Gemma 2's logit soft-capping and gpt-oss's sinks (s_aux, [Hq]) are posattn's softcap= / sinks=
     # the models pass dropout=0.0 outside training (as to SDPA)
-    rope_kw = {} if rope is None else dict(rope=rope, rope_pos=rope_pos)
     out = posattn.attention(query, key, value, causal=causal, scale=scaling, bias=bias,
                             softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux"), dropout_p=float(dropout or 0.0),
-                            **rope_kw)
+                            **fused)
     return out.transpose(1, 2).contiguous(), None
+
+
+class T5PositionBias:
+    """What a routed T5 attention module passes down its stack as ``position_bias``
+    instead of the dense ``[1, H, Nq, Nk]`` tensor: the layer's
+    ``relative_attention_bias`` weight and bucketing (posattn's DistanceBias.t5, in the
+    kernels: O(N) memory, the gradient reaching the weight), or no bias at all (a
+    layer without one: cross-attention, where eager adds zeros). ``past``: the cached
+    keys before these queries (decoding)."""
+
+    def __init__(self, weight=None, bidirectional=True, num_buckets=32, max_distance=128, past=0):
+        self.weight, self.bidirectional, self.past = weight, bidirectional, past
+        self.num_buckets, self.max_distance = num_buckets, max_distance
+        self._table = None
+
+    @staticmethod
+    def supported(num_buckets, max_distance, bidirectional):
+        """DistanceBias.t5's condition: T5's buckets constant past max_distance."""
+        return num_buckets >= 4 and max_distance > (num_buckets // 4 if bidirectional else num_buckets // 2)
+
+    def attention_kwargs(self, q_len, kv_len):
+        if self.weight is None:
+            return {}
+        if self._table is None:   # built once per forward, shared by the layers that reuse the bias
+            self._table = posattn.DistanceBias.t5(self.weight, self.num_buckets, self.max_distance,
+                                                  self.bidirectional)
+        kw = dict(rel_bias=self._table)
+        if not (isinstance(self.past, int) and self.past + q_len == kv_len):   # else posattn's default alignment
+            dev = self.weight.device
+            kw.update(q_pos=torch.arange(q_len, device=dev) + self.past, k_pos=torch.arange(kv_len, device=dev))
+        return kw
+
+
+def _route_t5(name):
+    """T5 models built with attn_implementation=name: compute_bias returns a
+    T5PositionBias, and a layer without a relative bias gets an empty one instead of
+    eager's dense zeros."""
+    try:
+        from transformers.models.t5 import modeling_t5
+    except ImportError:
+        return
+    cls = modeling_t5.T5Attention
+    if "_posattn_routed" in cls.__dict__:
+        cls._posattn_routed.add(name)
+        return
+    routed = {name}
+    compute_bias, forward = cls.compute_bias, cls.forward
+
+    def routed_compute_bias(self, query_length, key_length, device=None, past_seen_tokens=0):
+        bidirectional = not self.is_decoder
+        if _ours(self, routed) and T5PositionBias.supported(self.relative_attention_num_buckets,
+                                                            self.relative_attention_max_distance, bidirectional):
+            return T5PositionBias(self.relative_attention_bias.weight, bidirectional,
+                                  self.relative_attention_num_buckets, self.relative_attention_max_distance,
+                                  past_seen_tokens)
+        return compute_bias(self, query_length, key_length, device=device, past_seen_tokens=past_seen_tokens)
+
+    def routed_forward(self, *args, **kwargs):
+        if (_ours(self, routed) and not self.has_relative_attention_bias and len(args) < 4
+                and kwargs.get("position_bias") is None):
+            kwargs["position_bias"] = T5PositionBias()
+        return forward(self, *args, **kwargs)
+
+    cls.compute_bias, cls.forward, cls._posattn_routed = routed_compute_bias, routed_forward, routed
 
 
 class RotaryPositions(tuple):
@@ -376,16 +447,19 @@ def _route_bloom(name):
     cls.__init__, cls.forward, cls._posattn_routed = __init__, routed_forward, {name}
 
 
-def register(name: str = NAME, *, fused_rope: bool = True) -> str:
+def register(name: str = NAME, *, fused_encodings: bool = True) -> str:
     """Register posattn with transformers under ``name`` (default ``"posattn"``);
     returns the name to pass as ``attn_implementation``. Idempotent.
 
-    ``fused_rope``: LLaMA, Mistral, Qwen2, Qwen3 and Qwen2-VL models built with
-    ``attn_implementation=name`` hand posattn q and k unrotated and RoPE runs inside
-    the kernels at the model's positions (Qwen2-VL's M-RoPE as multi-axis RoPE), except
-    when decoding from a filled KV cache, for packed rows and with attention weights
-    requested (the model rotates q and k then, as before). False: the model always
-    rotates q and k itself (register a second name to compare both)."""
+    ``fused_encodings``: in models built with ``attn_implementation=name``,
+    - LLaMA, Mistral, Qwen2, Qwen3 and Qwen2-VL hand posattn q and k unrotated and
+      RoPE runs inside the kernels at the model's positions (Qwen2-VL's M-RoPE as
+      multi-axis RoPE), except when decoding from a filled KV cache, for packed rows
+      and with attention weights requested (the model rotates q and k then);
+    - T5's relative attention bias runs inside the kernels as DistanceBias.t5 (no
+      dense ``position_bias``, no dense zeros for cross-attention).
+    False: the models compute both themselves, as with SDPA (register a second name
+    to compare)."""
     try:
         from transformers import AttentionInterface
     except ImportError as e:
@@ -399,6 +473,7 @@ def register(name: str = NAME, *, fused_rope: bool = True) -> str:
     else:
         AttentionMaskInterface.register(name, posattn_mask)
     _route_bloom(name)
-    if fused_rope:
+    if fused_encodings:
         _route_rope(name)
+        _route_t5(name)
     return name
