@@ -10,6 +10,8 @@ The kernels, split by concern (read in this order):
 - forward.py  _attn_fwd
 - backward.py _attn_bwd_delta, _attn_bwd_dkdv, _attn_bwd_rel, _attn_bwd_dbias
 - params.py   _attn_bwd_dq: dQ and the encodings' parameter gradients
+- decode.py   _attn_decode, _attn_decode_merge: few queries (KV-cache steps), keys
+              split over programs, a k/v head's query heads sharing its tiles
 
 This module is the entry point the host side (posattn/_triton.py) imports.
 
@@ -38,11 +40,12 @@ Conventions
   (common.py: _dropout_keep): never stored.
 """
 from .backward import _attn_bwd_dbias, _attn_bwd_delta, _attn_bwd_dkdv, _attn_bwd_rel  # noqa: F401
-from .common import *  # noqa: F401,F403  (LOG2E and the bit offsets: posattn/_triton.py packs with them)
+from .common import *  # noqa: F401,F403
+from .decode import _attn_decode, _attn_decode_merge  # noqa: F401  (LOG2E and the bit offsets: posattn/_triton.py packs with them)
 from .common import __all__ as _common
 from .forward import _attn_fwd, _dropout_mask  # noqa: F401
 from .params import _attn_bwd_dq  # noqa: F401
 from .rope import _rope_rotate  # noqa: F401
 
-__all__ = ["_rope_rotate", "_attn_fwd", "_dropout_mask", "_attn_bwd_delta", "_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_bwd_rel", "_attn_bwd_dbias",
+__all__ = ["_rope_rotate", "_attn_fwd", "_attn_decode", "_attn_decode_merge", "_dropout_mask", "_attn_bwd_delta", "_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_bwd_rel", "_attn_bwd_dbias",
            *_common]

@@ -36,7 +36,8 @@ from torch import Tensor
 from . import _autograd, _triton, _validate
 from .encodings import KERPLE, ALiBi, DenseBias, DistanceBias, GridBias, RelativeEmbeddings, RoPE, Sinks, SoftCap
 from .kernels.attention import (_attn_bwd_dbias, _attn_bwd_delta, _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_rel,
-                                _attn_fwd, _dropout_mask, _rope_rotate)
+                                _attn_decode, _attn_decode_merge, _attn_fwd, _dropout_mask,
+                                _rope_rotate)
 
 __all__ = ["attention", "op_args", "fwd", "bwd", "CODECS"]
 
@@ -168,8 +169,8 @@ _BWD_INPUTS = (_COMMON_TENSORS[:3] + (("out", "Tensor"), ("lse2", "Tensor"), ("d
 def _kernels():
     """Every kernel the operators launch. torch.library.triton_op finds them through
     this function's return value; torch.compile's caches key on their source."""
-    return (_rope_rotate, _attn_fwd, _attn_bwd_delta, _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_rel, _attn_bwd_dbias,
-            _dropout_mask)
+    return (_rope_rotate, _attn_fwd, _attn_decode, _attn_decode_merge, _attn_bwd_delta, _attn_bwd_dkdv, _attn_bwd_dq,
+            _attn_bwd_rel, _attn_bwd_dbias, _dropout_mask)
 
 
 def _interpreted(kernel) -> bool:

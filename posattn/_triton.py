@@ -2,6 +2,7 @@
 kernels/attention.py (posattn/_op.py is its autograd layer and torch.library operators)."""
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -491,11 +492,64 @@ def _packed_positions(p: Problem):
     return torch.cat((rq - cu_q[sq] + shift[sq], rk - cu_k[sk])).to(torch.int32)[None]
 
 
+# Decoding: at most this many queries per row (and keys at least DECODE_KEYS_PER_QUERY times
+# as many) run _attn_decode (keys split over programs, merged by lse) instead of _attn_fwd.
+DECODE_MAX_QUERIES = 16
+DECODE_KEYS_PER_QUERY = 8
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132   # the interpreter: plan as for an H100
+
+
+def _decode_plan(L: _Launch, p: Problem):
+    """(splits, chunk, BLOCK_M, BLOCK_N) for _attn_decode, or None. Its rows are a k/v
+    head's GROUP * Nq queries (at most 128); no Shaw / Transformer-XL terms (per-head
+    tables of vectors), no packed sequences. Enough chunks of whole tiles that B * Hkv *
+    splits programs fill the GPU about twice over (B=1, Hkv=8, Nk=32k on an H100: 32 chunks
+    of 1024 keys, 256 programs)."""
+    rows = p.group * p.Nq
+    if (p.Nq > DECODE_MAX_QUERIES or p.Nk < DECODE_KEYS_PER_QUERY * p.Nq or rows > 128 or L.has_rel
+            or p.varlen is not None):
+        return None
+    bn = 32 if interpreting() else 64
+    tiles = _cdiv(p.Nk, bn)
+    splits = max(1, min(tiles, _cdiv(2 * _multiprocessors(p.q.device), p.B * p.Hkv)))
+    chunk = _cdiv(tiles, splits) * bn
+    return _cdiv(p.Nk, chunk), chunk, max(16, _next_pow2(rows)), bn
+
+
+def _decode(L: _Launch, q, k, v, plan, wrap):
+    """_attn_decode's chunks, then _attn_decode_merge: out, lse, lse2 as _attn_fwd's."""
+    from .kernels.attention import _attn_decode, _attn_decode_merge
+    p = L.p
+    splits, chunk, bm, bn = plan
+    bd = max(16, _next_pow2(p.D))
+    f32 = dict(device=q.device, dtype=torch.float32)
+    part = torch.empty(p.B, p.Hq, splits * p.Nq, p.D, **f32)
+    part_lse = torch.empty(p.B, p.Hq, splits * p.Nq, **f32)
+    L.launch(wrap, _attn_decode, (splits, p.Hkv, p.B), Q=q, K=k, V=v, Part=part, PartLse=part_lse,
+             **_strides("sq", q), **_strides("sk", k), **_strides("sv", v), chunk=chunk, BLOCK_M=bm, BLOCK_N=bn,
+             BLOCK_D=bd, num_warps=4, num_stages=1 if interpreting() else 2)
+    out = torch.empty(p.B, p.Hq, p.Nq, p.D, device=q.device, dtype=q.dtype)
+    lse = torch.empty(p.B, p.Hq, p.Nq, **f32)
+    lse2 = torch.empty_like(lse)
+    L.launch(wrap, _attn_decode_merge, (p.Nq, p.Hq, p.B), Part=part, PartLse=part_lse, Out=out, Lse=lse, Lse2=lse2,
+             **_strides("so", out), S=splits, BLOCK_S=_next_pow2(splits), BLOCK_D=bd, num_warps=4)
+    return out, lse, lse2
+
+
 def _forward(L: _Launch, q, k, v, wrap=_direct):
     from .kernels.attention import _attn_fwd
     p = L.p
     q, k, v = (_unit_last(x) for x in (q, k, v))
     q, k = _rotated(L, q, False, wrap), _rotated(L, k, True, wrap)
+    plan = _decode_plan(L, p)
+    if plan is not None:
+        return _decode(L, q, k, v, plan, wrap)
     out = torch.empty(p.B, p.Hq, p.Nq, p.D, device=q.device, dtype=q.dtype)
     lse = torch.empty(p.B, p.Hq, p.Nq, device=q.device, dtype=torch.float32)
     lse2 = torch.empty_like(lse)

@@ -272,6 +272,22 @@ def test_bloom_left_padding(registered):
     assert registered and all(c["k_pos"] is not None for c in registered)
 
 
+def test_bloom_greedy_generate_with_cache(registered):
+    """BLOOM generate() with a KV cache and left padding: fused ALiBi at BLOOM's
+    positions for the prompt and every one-query step (the decoding kernels); the same
+    tokens as eager."""
+    ids = torch.randint(3, 100, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[0, :3] = 0
+    tokens = []
+    for impl in ("eager", "posattn"):
+        model = _build(transformers.BloomForCausalLM, _bloom_config(), impl).eval()
+        tokens.append(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                     pad_token_id=0))
+    assert torch.equal(tokens[1], tokens[0])
+    assert any(c["k_pos"] is not None and c["k_pos"].shape[-1] > c["q_pos"].shape[-1] == 1 for c in registered)
+
+
 def test_bloom_eager_models_untouched(registered):
     """Routing is per model: a BLOOM built with "eager" never calls posattn."""
     model = _build(transformers.BloomForCausalLM, _bloom_config(), "eager")

@@ -1,0 +1,124 @@
+"""Decoding (few queries per row: KV-cache steps): the keys are split over programs
+(flash-decoding) and every query head of a k/v head shares its K / V tiles; the
+partial results are merged by their log-sum-exp."""
+import triton
+import triton.language as tl
+
+from .common import (LOG2E, _DROPOUT, _SINKS, _TABLE, _UPCAST, _dot, _dropout_keep, _key_range, _load_tile,
+                     _positions)
+from .scores import _head_params, _scores, _table_columns
+
+
+@triton.jit
+def _attn_decode(Q, K, V, Part, PartLse, Pos, Params, Table, Bias, Rng,
+                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sbb, sbh, sbm, bias_nb,
+                 Hq, Nq, Nk, D, GROUP, sm_scale, win_l, win_r, tab_l, tab_r, chunk,
+                 FLAGS: tl.constexpr, ROT_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+    """One program per (key chunk, k/v head, batch). Its rows are the GROUP query heads'
+    queries, r = g * Nq + i (head off_hk * GROUP + g, query i), so one K / V tile
+    serves the whole group (GQA) and a single query fills a tensor-core tile. Every
+    per-head term (ALiBi slope, KERPLE, table row, dense bias row, sink, dropout
+    counter) is a per-row column here, which _scores broadcasts as it does a scalar.
+    Chunk c covers keys [lo + c * chunk, lo + (c + 1) * chunk) of the rows' key range
+    (chunk a multiple of BLOCK_N, so no tile crosses into the next chunk); the sink
+    joins chunk 0 only. Writes the chunk's normalised output Part [B, Hq, S * Nq, D]
+    (float32) and its log2-domain lse PartLse [B, Hq, S * Nq] (-inf: no key)."""
+    SINKS: tl.constexpr = (FLAGS >> _SINKS.value) & 1
+    DROPOUT: tl.constexpr = (FLAGS >> _DROPOUT.value) & 1
+    UPCAST: tl.constexpr = (FLAGS >> _UPCAST.value) & 1
+    split = tl.program_id(0)
+    n_split = tl.num_programs(0)
+    off_hk = tl.program_id(1).to(tl.int64)
+    off_b = tl.program_id(2).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    grp = offs_r // Nq
+    offs_i = offs_r % Nq                    # each row's query
+    live = grp < GROUP                      # rows past the group (padding to BLOCK_M) are never stored
+    off_h = off_hk * GROUP + tl.minimum(grp, GROUP - 1)   # each row's query head
+    qk_scale = sm_scale * LOG2E
+
+    TABLE: tl.constexpr = (FLAGS >> _TABLE.value) & 3
+    # _head_params at a vector of heads: per-row values (no relative embeddings here)
+    slope, r1, r2, _tab, bias_ptr, _ak, _av, _u, _w, cap2, sink2, drop_p = _head_params(
+        off_b, off_h, Params, Table, tab_l, tab_r, Bias, sbb, sbh, bias_nb, Table, 0, Hq, D, FLAGS, ROT_DIM)
+    zero = tl.zeros([BLOCK_M], tl.float32)   # (a scalar where the encoding is off)
+    slope, r1, r2 = (slope + zero)[:, None], (r1 + zero)[:, None], (r2 + zero)[:, None]
+    bias_ptr = bias_ptr[:, None]
+    if TABLE:
+        table_ptr = Table + (off_h * _table_columns(tab_l, tab_r, TABLE))[:, None]
+    else:
+        table_ptr = Table
+    pos_q = Pos + off_b * (Nq + Nk)
+    qp = _positions(pos_q, offs_i, Nq, Nk - Nq, FLAGS)
+    q = tl.load(Q + off_b * sqb + off_h[:, None] * sqh + offs_i[:, None] * sqm + offs_d[None, :],
+                mask=live[:, None] & (offs_d[None, :] < D), other=0.0)
+    k_base = K + off_b * skb + off_hk * skh
+    v_base = V + off_b * svb + off_hk * svh
+    seed = tl.load(Rng) if DROPOUT else 0
+    rng_row = (off_b * Hq + off_h)[:, None]   # dropout's counter word for (batch, head), per row
+
+    if SINKS:
+        m_i = tl.where(split == 0, sink2, float("-inf"))
+        l_i = tl.where(split == 0, 1.0, 0.0) + tl.zeros([BLOCK_M], tl.float32)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    k_lo, k_hi = _key_range(0, BLOCK_M, Nq, Nk, win_l, win_r, FLAGS, BLOCK_N)   # (BLOCK_M >= Nq: every row's)
+    lo = k_lo + split * chunk
+    hi = tl.minimum(lo + chunk, k_hi)
+    for start_n in range(lo, hi, BLOCK_N):   # every tile masked: decoding is bound by the K / V reads
+        offs_n = start_n + offs_n0
+        kp = _positions(pos_q + Nq, offs_n, Nk, 0, FLAGS)
+        k = _load_tile(k_base, offs_n, offs_d, skn, Nk, D)
+        qk = _dot(q, tl.trans(k), UPCAST)
+        s, _rel, _t = _scores(qk, qp, kp, offs_i, offs_n, Nq, Nk, qk_scale, slope, r1, r2, table_ptr, tab_l, tab_r,
+                              bias_ptr, sbm, win_l, win_r, cap2, FLAGS, 1)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # no key seen yet: exp2(-inf - 0) = 0
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            p = tl.where(_dropout_keep(seed, rng_row, offs_i, start_n, drop_p, BLOCK_M, BLOCK_N), p, 0.0)
+        v = _load_tile(v_base, offs_n, offs_d, svn, Nk, D)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    if DROPOUT:
+        out = out * (1.0 / (1.0 - drop_p))
+    lse2 = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    row = (off_b * Hq + off_h) * n_split * Nq + split * Nq + offs_i    # [B, Hq, S, Nq]
+    tl.store(Part + row[:, None] * D + offs_d[None, :], out, mask=live[:, None] & (offs_d[None, :] < D))
+    tl.store(PartLse + row, lse2, mask=live)
+
+
+@triton.jit
+def _attn_decode_merge(Part, PartLse, Out, Lse, Lse2, sob, soh, som, Hq, Nq, D, S,
+                       BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One program per (query, head, batch): the chunks' outputs weighted by
+    exp2(lse_c - lse), lse = log2 sum_c exp2(lse_c); no key anywhere: 0 and -inf."""
+    i = tl.program_id(0)
+    off_h = tl.program_id(1).to(tl.int64)
+    off_b = tl.program_id(2).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    row = (off_b * Hq + off_h) * S * Nq + offs_s * Nq + i
+    lse_c = tl.load(PartLse + row, mask=offs_s < S, other=float("-inf"))
+    m = tl.max(lse_c, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.math.exp2(lse_c - m_safe)
+    total = tl.sum(w, 0)
+    part = tl.load(Part + row[:, None] * D + offs_d[None, :], mask=(offs_s[:, None] < S) & (offs_d[None, :] < D),
+                   other=0.0)
+    out = tl.sum(part * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    lse2 = tl.where(total == 0.0, float("-inf"), m_safe + tl.math.log2(tl.where(total == 0.0, 1.0, total)))
+    tl.store(Out + off_b * sob + off_h * soh + i * som + offs_d, out.to(Out.dtype.element_ty), mask=offs_d < D)
+    stat = (off_b * Hq + off_h) * Nq + i
+    tl.store(Lse + stat, lse2 / LOG2E)
+    tl.store(Lse2 + stat, lse2)
