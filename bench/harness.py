@@ -19,7 +19,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 KIB = 1024
 MIB = 1024 * 1024
 
-ENCODINGS = ("none", "rope", "alibi", "distance", "softcap", "dropout")
+ENCODINGS = ("none", "rope", "alibi", "distance", "softcap", "dropout", "decode")
 SOFTCAP = 50.0      # Gemma 2's attention logit cap
 DROPOUT_P = 0.1
 MODES = ("fwd", "fwd+bwd")
@@ -34,7 +34,13 @@ METHODS = {
     "distance": (POSATTN, "flex", "dense-bias+sdpa-efficient"),
     "softcap": (POSATTN, "flex"),                                   # cap * tanh(score / cap)
     "dropout": (POSATTN, "sdpa-flash", "sdpa-efficient"),           # dropout_p = DROPOUT_P
+    # one query per row against N keys, DECODE_GROUP query heads per k/v head (KV-cache decoding)
+    "decode": (POSATTN, "sdpa-flash", "flex"),           # (SDPA's efficient backend refuses enable_gqa)
 }
+DECODE_GROUP = 4
+# Encodings measured with one mask and one mode only: decoding is forward, full (one
+# query at the end of the cache sees every key).
+FORWARD_FULL_ONLY = ("decode",)
 
 
 # --------------------------------------------------------------------------
@@ -87,6 +93,8 @@ class Protocol:
 
     def masks(self, encoding: str) -> Tuple[bool, ...]:
         """The causal values measured for an encoding."""
+        if encoding in FORWARD_FULL_ONLY:
+            return tuple(c for c in self.causal if not c)
         if encoding in self.causal_only:
             return tuple(c for c in self.causal if c)
         return tuple(self.causal)
@@ -121,6 +129,8 @@ PROTOCOL_NOTES = (
     "score + table[h, clamp(kv_idx - q_idx, -L, R) + L], the table captured with its gradient.",
     "max abs diff (max_abs_diff): the max abs difference of each method's forward output from posattn's "
     "on the same inputs.",
+    "decode: one query per row (q [B, H, 1, D]) against k / v [B, H / 4, N, D] (GQA), forward only, no mask "
+    "(the query is the cache's last position); FLOPs 4 * B * H * N * D; SDPA flash and flex with enable_gqa=True.",
 )
 
 
@@ -136,7 +146,8 @@ def full_protocol() -> Protocol:
 
 QUICK_NOTES = (
     "Quick protocol: two (D, N) shapes, (128, 8192) then (64, 1024), instead of the 2 x 6 grid; "
-    "encoding 'none' with the full and the causal mask, RoPE / ALiBi / DistanceBias / softcap / dropout causal only. "
+    "encoding 'none' with the full and the causal mask, RoPE / ALiBi / DistanceBias / softcap / dropout causal only, "
+    "decode forward only. "
     "About 3 minutes on an H200, mostly compilation (FlexAttention compiles once per shape, mask, "
     "encoding and mode; posattn once per head dim, mask and encoding).",
 )
@@ -144,7 +155,7 @@ QUICK_NOTES = (
 
 def quick_protocol() -> Protocol:
     """A fast GPU run (about 3 minutes, see QUICK_NOTES): both head dims, N from 1k to 8k,
-    every method and encoding, forward and forward+backward, 80 rows in 20 groups."""
+    every method and encoding, forward and forward+backward, 106 rows in 30 groups."""
     return Protocol(name="quick", head_dims=(128, 64), seqlens=(8192, 1024), pairs=((128, 8192), (64, 1024)),
                     causal_only=("rope", "alibi", "distance", "softcap", "dropout"), notes=QUICK_NOTES + PROTOCOL_NOTES)
 
@@ -243,6 +254,8 @@ def plan(protocol: Protocol, only: Optional[Sequence[str]] = None) -> List[Plann
                 if causal not in protocol.masks(enc):
                     continue
                 for mode in protocol.modes:
+                    if enc in FORWARD_FULL_ONLY and mode != "fwd":
+                        continue
                     for m in protocol.methods(enc):
                         p = Planned(d, n, b, h, causal, enc, mode, m)
                         if matches(p.id, only):
@@ -267,7 +280,7 @@ def make_row(p: Planned, *, status: str, ms: Optional[float] = None, backend: st
     """One result row (a plain dict: it goes to JSON as is)."""
     if status not in ("ok", "error", "skipped"):
         raise ValueError(f"status must be ok, error or skipped, got {status!r}")
-    flops = attn_flops(p.B, p.H, p.N, p.N, p.D, p.causal, p.mode)
+    flops = attn_flops(p.B, p.H, 1 if p.encoding == "decode" else p.N, p.N, p.D, p.causal, p.mode)
     rate = tflops(flops, ms) if status == "ok" else None
     return {
         "id": p.id, "group": p.group, "D": p.D, "N": p.N, "B": p.B, "H": p.H, "causal": p.causal,

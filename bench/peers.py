@@ -18,6 +18,9 @@ one positional encoding:
              cap * tanh(score / cap).
 - dropout:   posattn (dropout_p=0.1); SDPA flash / efficient with dropout_p=0.1
              (each draws its own mask: max|diff| is not a check there).
+- decode:    one query per row against N keys, 4 query heads per k/v head: posattn
+             (its split-key decoding kernel); SDPA flash and
+             FlexAttention with enable_gqa=True.
 - reference: posattn.reference.attention (dense float terms), CPU smoke only.
 """
 from __future__ import annotations
@@ -104,7 +107,11 @@ def make_inputs(B: int, H: int, N: int, D: int, *, causal: bool, encoding: str, 
     def rnd(*shape):
         return torch.randn(*shape, generator=g, device=device, dtype=torch.float32).to(dtype)
 
-    q, k, v, dout = rnd(B, H, N, D), rnd(B, H, N, D), rnd(B, H, N, D), rnd(B, H, N, D)
+    if encoding == "decode":   # one query per row, GQA k / v (at least one k / v head)
+        hk = max(1, H // harness.DECODE_GROUP)
+        q, k, v, dout = rnd(B, H, 1, D), rnd(B, hk, N, D), rnd(B, hk, N, D), rnd(B, H, 1, D)
+    else:
+        q, k, v, dout = rnd(B, H, N, D), rnd(B, H, N, D), rnd(B, H, N, D), rnd(B, H, N, D)
     for t in (q, k, v):
         t.requires_grad_(grad)
     slopes = posattn.alibi_slopes(H).to(device)
@@ -202,7 +209,8 @@ def torch_rope(x, cos, sin):
 def build_sdpa(inp: Inputs, backend: Optional[str]) -> Bench:
     label = f"sdpa:{SDPA_BACKENDS[backend]}" if backend else "sdpa (default dispatch)"
     drop = harness.DROPOUT_P if inp.encoding == "dropout" else 0.0
-    fwd = lambda: F.scaled_dot_product_attention(inp.q, inp.k, inp.v, is_causal=inp.causal, dropout_p=drop)
+    gqa = {"enable_gqa": True} if inp.k.shape[1] != inp.q.shape[1] else {}
+    fwd = lambda: F.scaled_dot_product_attention(inp.q, inp.k, inp.v, is_causal=inp.causal, dropout_p=drop, **gqa)
     return Bench(_call(inp, fwd), label, context=_sdpa_context(backend))
 
 
@@ -298,7 +306,7 @@ def flex_score_mod(inp: Inputs):
         def softcap(score, b, h, q_idx, kv_idx):
             return cap * torch.tanh(score / cap)
         return softcap
-    if inp.encoding == "none":
+    if inp.encoding in ("none", "decode"):
         return None
     raise ValueError(f"FlexAttention has no score_mod for {inp.encoding!r} (it cannot touch q or k)")
 
@@ -325,7 +333,8 @@ def build_flex(inp: Inputs, compiled: bool = True) -> Bench:
     fa = compiled_flex() if compiled else flex_attention
     score_mod = flex_score_mod(inp)
     block_mask = flex_block_mask(inp)
-    fwd = lambda: fa(inp.q, inp.k, inp.v, score_mod=score_mod, block_mask=block_mask)
+    gqa = {"enable_gqa": True} if inp.k.shape[1] != inp.q.shape[1] else {}
+    fwd = lambda: fa(inp.q, inp.k, inp.v, score_mod=score_mod, block_mask=block_mask, **gqa)
     return Bench(_call(inp, fwd), "flex_attention (torch.compile)" if compiled else "flex_attention (eager)")
 
 
