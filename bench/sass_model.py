@@ -544,6 +544,9 @@ FWD_ENCODINGS = {
     "softcap": dict(SOFTCAP=True),
     "causal+softcap+sinks": dict(CAUSAL=True, SOFTCAP=True, SINKS=True),
     "dropout": dict(DROPOUT=True),
+    # decoding (_attn_decode + merge): one query of 32 heads against 32k keys of 8 k/v heads
+    "decode": dict(DECODE=True),
+    "decode+alibi+table": dict(DECODE=True, ALIBI=True, TABLE=1),
 }
 BWD_ENCODINGS = {"plain": ({}, {}), "rope": (dict(ROPE=True, ROT_DIM=-1), {}),
                  "alibi+dslope": (dict(ALIBI=True), dict(D_SLOPE=True)),
@@ -601,15 +604,20 @@ def posattn_launches(enc, D, backward, bwd_grads=None):
     v = torch.randn(PB, PH, PN, D, dtype=dt)
     flags = dict(NONE, **enc)
     bias_batch = flags.pop("BIAS_BATCH", PB)
+    if flags.pop("DECODE", False):   # KV-cache decoding: B=1, Hq=32, Hkv=8, Nq=1, Nk=32k
+        q = torch.randn(1, 32, 1, D, dtype=dt)
+        k = torch.randn(1, 8, 32768, D, dtype=dt)
+        v = torch.randn(1, 8, 32768, D, dtype=dt)
     kw = dict(causal=flags["CAUSAL"])
     table = alibi = bias = None
     if flags["ROPE"]:
         kw["rope"] = RoPE()
+    H = q.shape[1]
     if flags["ALIBI"]:
-        alibi = torch.rand(1, PH, dtype=torch.float32)
+        alibi = torch.rand(1, H, dtype=torch.float32)
         kw["alibi_slopes"] = alibi
     if flags["TABLE"]:
-        table = torch.randn(PH, TABLE_L + TABLE_R + 1, dtype=torch.float32)
+        table = torch.randn(H, TABLE_L + TABLE_R + 1, dtype=torch.float32)
         kw["rel_bias"] = DistanceBias(table, TABLE_L, TABLE_R)
     if flags["BIAS"]:
         bias = torch.randn(bias_batch if backward else 1, PH, PN, PN, dtype=dt)
@@ -687,7 +695,8 @@ def build_posattn(direction, enc_name, D, enc, grads, aot=False):
     from posattn.kernels import attention as A
     out = []
     flags = dict(NONE, **enc)
-    flags.pop("BIAS_BATCH", None)   # a launch fact, not a flag
+    flags.pop("BIAS_BATCH", None)   # launch facts, not flags
+    flags.pop("DECODE", None)
     if flags["ROT_DIM"] == -1:
         flags["ROT_DIM"] = D
     rel = flags["REL_K"] or flags["REL_V"]

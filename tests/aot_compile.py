@@ -9,7 +9,7 @@ capturing launcher, and Triton's own binder turns each launch into the signature
 constexprs and divisibility specialisation it would compile (no hand-written
 argument types: a new argument is typed by its value). Shared memory must fit the
 architecture. On sm_90 the half-precision attention kernels must also use wgmma,
-compile with the launch's 16-byte specialisation, and (forward, D <= 128, no Shaw)
+compile with the launch's 16-byte specialisation, and (forward or decoding, D <= 128, no Shaw)
 not spill: hopper_checks. Run it without TRITON_INTERPRET (the kernels must
 be JIT functions, not interpreted ones); tests/test_aot_compile.py does.
 
@@ -38,6 +38,11 @@ def _problem(enc, dt, D):
 
     q, k, v = r(B, HQ, N, D, dtype=dt), r(B, HKV, N, D, dtype=dt), r(B, HKV, N, D, dtype=dt)
     kw = {}
+    if enc.startswith("decode"):   # 3 queries of 8 heads against 160 keys of 2 k/v heads: _attn_decode
+        q, k, v = r(B, 8, 3, D, dtype=dt), r(B, 2, N, D, dtype=dt), r(B, 2, N, D, dtype=dt)
+        kw = dict(causal=True, alibi_slopes=r(8), rel_bias=posattn.DistanceBias(r(8, 24), 15, 8),
+                  bias=r(1, 8, 3, N, dtype=dt), softcap=20.0, sinks=r(8), dropout_p=0.1)
+        return q, k, v, kw
     if enc == "causal+rope+alibi+table+bias":
         kw = dict(causal=True, rope=posattn.RoPE(), alibi_slopes=r(HQ), rel_bias=posattn.DistanceBias(r(HQ, 24), 15, 8),
                   bias=r(1, HQ, N, N, dtype=dt), kerple=posattn.KERPLE(r(HQ).abs().detach().requires_grad_(),
@@ -109,7 +114,8 @@ def specialise(kernel, args, kwargs, arch):
     return kernel._pack_args(backend, kwargs, bound, specialization, options)
 
 
-ATTENTION = ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq")
+ATTENTION = ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_decode")
+FORWARD = ("_attn_fwd", "_attn_decode")
 
 
 def spill_stores(ptx, arch=90):
@@ -136,13 +142,14 @@ def hopper_checks(kernel, name, enc, dt, D, ptx, attrs):
     if dt == "fp32" or kernel.__name__ not in ATTENTION:
         return []
     problems = []
-    if "wgmma.mma_async" not in ptx:
+    # (decoding's 16-row tiles are below wgmma's 64: mma.sync, and it is bound by K / V reads)
+    if "wgmma.mma_async" not in ptx and name != "_attn_decode":
         problems.append("no wgmma (HGMMA) in the kernel")
     names = list(kernel.arg_names)
     for arg in ("Q", "K", "V", "sqm", "skn", "svn"):
         if ["tt.divisibility", 16] not in attrs.get((names.index(arg),), []):
             problems.append(f"{arg} compiled without 16-byte divisibility (no launch specialisation)")
-    if name == "_attn_fwd" and D <= 128 and "shaw" not in enc:
+    if name in FORWARD and D <= 128 and "shaw" not in enc:
         spilled = spill_stores(ptx)
         if spilled:
             problems.append(f"{spilled} bytes of spill stores in the forward")
@@ -159,7 +166,8 @@ def cases(quick, only=None):
                     yield enc, dt, D
 
 
-ENCODINGS = ["plain", "causal+rope+alibi+table+bias", "varlen+causal+rope+alibi+table", "window+pos+ropei+grid+mask+softcap+sinks+dropout", "causal+shaw+xl"]
+ENCODINGS = ["plain", "causal+rope+alibi+table+bias", "varlen+causal+rope+alibi+table", "window+pos+ropei+grid+mask+softcap+sinks+dropout", "causal+shaw+xl",
+             "decode+alibi+table+bias+softcap+sinks+dropout"]
 
 
 def compile_case(args):
