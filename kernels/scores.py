@@ -20,9 +20,13 @@ def _table_index(rel, qp, kp, tab_a, tab_b, TABLE: tl.constexpr):
     if TABLE == 1:
         return tl.minimum(tl.maximum(rel, -tab_a), tab_b) + tab_a
     else:
-        dy = qp[:, None] // tab_b - kp[None, :] // tab_b + tab_a - 1
-        dx = qp[:, None] % tab_b - kp[None, :] % tab_b + tab_b - 1
-        idx = dy * (2 * tab_b - 1) + dx
+        # rows and columns per vector, then int32 per element (positions lie in the window;
+        # others are clamped into the table): half the registers of int64 tiles
+        qy = (qp // tab_b).to(tl.int32)
+        qx = (qp % tab_b).to(tl.int32)
+        ky = (kp // tab_b).to(tl.int32)
+        kx = (kp % tab_b).to(tl.int32)
+        idx = (qy[:, None] - ky[None, :] + (tab_a - 1)) * (2 * tab_b - 1) + (qx[:, None] - kx[None, :] + tab_b - 1)
         return tl.minimum(tl.maximum(idx, 0), (2 * tab_a - 1) * (2 * tab_b - 1) - 1)
 
 
