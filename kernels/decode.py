@@ -1,18 +1,20 @@
 """Decoding (few queries per row: KV-cache steps): the keys are split over programs
-(flash-decoding) and every query head of a k/v head shares its K / V tiles; the
-partial results are merged by their log-sum-exp."""
+(flash-decoding) and every query head of a k/v head shares its K / V tiles (one query
+head per program with Shaw / Transformer-XL terms); the partial results are merged by
+their log-sum-exp."""
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, _DROPOUT, _SINKS, _TABLE, _UPCAST, _dot, _dropout_keep, _key_range, _load_tile,
-                     _positions)
-from .scores import _head_params, _scores, _table_columns
+from .common import (LOG2E, _DROPOUT, _REL_K, _REL_U, _REL_V, _REL_W, _SINKS, _TABLE, _UPCAST, _dot, _dropout_keep,
+                     _key_range, _load_tile, _positions)
+from .forward import _fwd_tile
+from .scores import _head_params, _load_queries, _scores, _table_columns
 
 
 @triton.jit
-def _attn_decode(Q, K, V, Part, PartLse, Pos, Params, Table, Bias, Rng,
+def _attn_decode(Q, K, V, Part, PartLse, Pos, Params, Table, Bias, Rel, Rng,
                  sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sbb, sbh, sbm, bias_nb,
-                 Hq, Nq, Nk, D, GROUP, sm_scale, win_l, win_r, tab_l, tab_r, chunk,
+                 Hq, Nq, Nk, D, GROUP, sm_scale, win_l, win_r, tab_l, tab_r, rel_k, chunk,
                  FLAGS: tl.constexpr, ROT_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_D: tl.constexpr):
     """One program per (key chunk, k/v head, batch). Its rows are the GROUP query heads'
@@ -20,6 +22,9 @@ def _attn_decode(Q, K, V, Part, PartLse, Pos, Params, Table, Bias, Rng,
     serves the whole group (GQA) and a single query fills a tensor-core tile. Every
     per-head term (ALiBi slope, KERPLE, table row, dense bias row, sink, dropout
     counter) is a per-row column here, which _scores broadcasts as it does a scalar.
+    With Shaw / Transformer-XL terms (per-head tables of vectors) a program is one query
+    head instead (grid axis 1: the query head) and its tiles are the forward's
+    (_fwd_tile, masked).
     Chunk c covers keys [lo + c * chunk, lo + (c + 1) * chunk) of the rows' key range
     (chunk a multiple of BLOCK_N, so no tile crosses into the next chunk); the sink
     joins chunk 0 only. Writes the chunk's normalised output Part [B, Hq, S * Nq, D]
@@ -27,41 +32,55 @@ def _attn_decode(Q, K, V, Part, PartLse, Pos, Params, Table, Bias, Rng,
     SINKS: tl.constexpr = (FLAGS >> _SINKS.value) & 1
     DROPOUT: tl.constexpr = (FLAGS >> _DROPOUT.value) & 1
     UPCAST: tl.constexpr = (FLAGS >> _UPCAST.value) & 1
+    TABLE: tl.constexpr = (FLAGS >> _TABLE.value) & 3
+    PACKED: tl.constexpr = 1 - ((FLAGS >> _REL_K.value) & 1 | (FLAGS >> _REL_V.value) & 1
+                                | (FLAGS >> _REL_U.value) & 1 | (FLAGS >> _REL_W.value) & 1)
     split = tl.program_id(0)
     n_split = tl.num_programs(0)
-    off_hk = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
     offs_r = tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    grp = offs_r // Nq
-    offs_i = offs_r % Nq                    # each row's query
-    live = grp < GROUP                      # rows past the group (padding to BLOCK_M) are never stored
-    off_h = off_hk * GROUP + tl.minimum(grp, GROUP - 1)   # each row's query head
     qk_scale = sm_scale * LOG2E
-
-    TABLE: tl.constexpr = (FLAGS >> _TABLE.value) & 3
-    # _head_params at a vector of heads: per-row values (no relative embeddings here)
-    slope, r1, r2, _tab, bias_ptr, _ak, _av, _u, _w, cap2, sink2, drop_p = _head_params(
-        off_b, off_h, Params, Table, tab_l, tab_r, Bias, sbb, sbh, bias_nb, Table, 0, Hq, D, FLAGS, ROT_DIM)
-    zero = tl.zeros([BLOCK_M], tl.float32)   # (a scalar where the encoding is off)
-    slope, r1, r2 = (slope + zero)[:, None], (r1 + zero)[:, None], (r2 + zero)[:, None]
-    bias_ptr = bias_ptr[:, None]
-    if TABLE:
-        table_ptr = Table + (off_h * _table_columns(tab_l, tab_r, TABLE))[:, None]
-    else:
-        table_ptr = Table
     pos_q = Pos + off_b * (Nq + Nk)
-    qp = _positions(pos_q, offs_i, Nq, Nk - Nq, FLAGS)
-    q = tl.load(Q + off_b * sqb + off_h[:, None] * sqh + offs_i[:, None] * sqm + offs_d[None, :],
-                mask=live[:, None] & (offs_d[None, :] < D), other=0.0)
+    seed = tl.load(Rng) if DROPOUT else 0
+    if PACKED:
+        off_hk = tl.program_id(1).to(tl.int64)
+        grp = offs_r // Nq
+        offs_i = offs_r % Nq                    # each row's query
+        live = grp < GROUP                      # rows past the group (padding to BLOCK_M) are never stored
+        off_h = off_hk * GROUP + tl.minimum(grp, GROUP - 1)   # each row's query head
+        # _head_params at a vector of heads: per-row values (no relative embeddings here)
+        slope, r1, r2, _tab, bias_ptr, ak_ptr, av_ptr, u_ptr, w_ptr, cap2, sink2, drop_p = _head_params(
+            off_b, off_h, Params, Table, tab_l, tab_r, Bias, sbb, sbh, bias_nb, Rel, rel_k, Hq, D, FLAGS, ROT_DIM)
+        zero = tl.zeros([BLOCK_M], tl.float32)   # (a scalar where the encoding is off)
+        slope, r1, r2 = (slope + zero)[:, None], (r1 + zero)[:, None], (r2 + zero)[:, None]
+        bias_ptr = bias_ptr[:, None]
+        if TABLE:
+            table_ptr = Table + (off_h * _table_columns(tab_l, tab_r, TABLE))[:, None]
+        else:
+            table_ptr = Table
+        qp = _positions(pos_q, offs_i, Nq, Nk - Nq, FLAGS)
+        q = tl.load(Q + off_b * sqb + off_h[:, None] * sqh + offs_i[:, None] * sqm + offs_d[None, :],
+                    mask=live[:, None] & (offs_d[None, :] < D), other=0.0)
+        qu = q
+        qw = q
+        rng_row = (off_b * Hq + off_h)[:, None]   # dropout's counter word for (batch, head), per row
+    else:
+        off_h = tl.program_id(1).to(tl.int64)
+        off_hk = off_h // GROUP
+        offs_i = offs_r
+        live = offs_r < Nq
+        slope, r1, r2, table_ptr, bias_ptr, ak_ptr, av_ptr, u_ptr, w_ptr, cap2, sink2, drop_p = _head_params(
+            off_b, off_h, Params, Table, tab_l, tab_r, Bias, sbb, sbh, bias_nb, Rel, rel_k, Hq, D, FLAGS, ROT_DIM)
+        qp, q, qu, qw = _load_queries(Q + off_b * sqb + off_h * sqh, pos_q, offs_r, offs_d, sqm, Nq, Nk, D,
+                                      u_ptr, w_ptr, FLAGS)
+        rng_row = off_b * Hq + off_h
     k_base = K + off_b * skb + off_hk * skh
     v_base = V + off_b * svb + off_hk * svh
-    seed = tl.load(Rng) if DROPOUT else 0
-    rng_row = (off_b * Hq + off_h)[:, None]   # dropout's counter word for (batch, head), per row
 
     if SINKS:
-        m_i = tl.where(split == 0, sink2, float("-inf"))
+        m_i = tl.where(split == 0, sink2, float("-inf")) + tl.zeros([BLOCK_M], tl.float32)
         l_i = tl.where(split == 0, 1.0, 0.0) + tl.zeros([BLOCK_M], tl.float32)
     else:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -71,22 +90,28 @@ def _attn_decode(Q, K, V, Part, PartLse, Pos, Params, Table, Bias, Rng,
     lo = k_lo + split * chunk
     hi = tl.minimum(lo + chunk, k_hi)
     for start_n in range(lo, hi, BLOCK_N):   # every tile masked: decoding is bound by the K / V reads
-        offs_n = start_n + offs_n0
-        kp = _positions(pos_q + Nq, offs_n, Nk, 0, FLAGS)
-        k = _load_tile(k_base, offs_n, offs_d, skn, Nk, D)
-        qk = _dot(q, tl.trans(k), UPCAST)
-        s, _rel, _t = _scores(qk, qp, kp, offs_i, offs_n, Nq, Nk, qk_scale, slope, r1, r2, table_ptr, tab_l, tab_r,
-                              bias_ptr, sbm, win_l, win_r, cap2, FLAGS, 1)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # no key seen yet: exp2(-inf - 0) = 0
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if DROPOUT:
-            p = tl.where(_dropout_keep(seed, rng_row, offs_i, start_n, drop_p, BLOCK_M, BLOCK_N), p, 0.0)
-        v = _load_tile(v_base, offs_n, offs_d, svn, Nk, D)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
-        m_i = m_new
+        if PACKED:
+            offs_n = start_n + offs_n0
+            kp = _positions(pos_q + Nq, offs_n, Nk, 0, FLAGS)
+            k = _load_tile(k_base, offs_n, offs_d, skn, Nk, D)
+            qk = _dot(q, tl.trans(k), UPCAST)
+            s, _rel, _t = _scores(qk, qp, kp, offs_i, offs_n, Nq, Nk, qk_scale, slope, r1, r2, table_ptr, tab_l,
+                                  tab_r, bias_ptr, sbm, win_l, win_r, cap2, FLAGS, 1)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # no key seen yet: exp2(-inf - 0) = 0
+            p = tl.math.exp2(s - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if DROPOUT:
+                p = tl.where(_dropout_keep(seed, rng_row, offs_i, start_n, drop_p, BLOCK_M, BLOCK_N), p, 0.0)
+            v = _load_tile(v_base, offs_n, offs_d, svn, Nk, D)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
+            m_i = m_new
+        else:   # the forward's tile, every term included (Shaw's rows from the block at query 0)
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, 0, start_n, qu, qw, qp, pos_q + Nq, k_base, v_base, ak_ptr,
+                                      av_ptr, offs_r, offs_n0, offs_d, Nq, Nk, D, skn, svn, rel_k, qk_scale, slope,
+                                      r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, seed,
+                                      rng_row, drop_p, 0.0, 0.0, 0.0, FLAGS, BLOCK_M, BLOCK_N, 1)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]

@@ -506,34 +506,37 @@ def _multiprocessors(device) -> int:
 
 
 def _decode_plan(L: _Launch, p: Problem):
-    """(splits, chunk, BLOCK_M, BLOCK_N) for _attn_decode, or None. Its rows are a k/v
-    head's GROUP * Nq queries (at most 128); no Shaw / Transformer-XL terms (per-head
-    tables of vectors), no packed sequences. Enough chunks of whole tiles that B * Hkv *
-    splits programs fill the GPU about twice over (B=1, Hkv=8, Nk=32k on an H100: 32 chunks
-    of 1024 keys, 256 programs)."""
-    rows = p.group * p.Nq
-    if (p.Nq > DECODE_MAX_QUERIES or p.Nk < DECODE_KEYS_PER_QUERY * p.Nq or rows > 128 or L.has_rel
+    """(splits, chunk, BLOCK_M, BLOCK_N, heads) for _attn_decode, or None (packed
+    sequences; more queries). Its rows are a k/v head's GROUP * Nq queries (at most
+    128), or with Shaw / Transformer-XL terms one query head's Nq (heads: the grid's
+    axis 1, Hkv or Hq). Enough chunks of whole tiles that B * heads * splits programs fill
+    the GPU about twice over (B=1, Hkv=8, Nk=32k on an H100: 32 chunks of 1024 keys, 256
+    programs)."""
+    packed = not L.has_rel
+    rows = p.group * p.Nq if packed else p.Nq
+    if (p.Nq > DECODE_MAX_QUERIES or p.Nk < DECODE_KEYS_PER_QUERY * p.Nq or rows > 128
             or p.varlen is not None):
         return None
-    bn = 32 if interpreting() else 64
+    heads = p.Hkv if packed else p.Hq
+    bn = 32 if interpreting() or not packed else 64   # (Shaw: aK / aV slices of 2 * BLOCK_N rows per stage)
     tiles = _cdiv(p.Nk, bn)
-    splits = max(1, min(tiles, _cdiv(2 * _multiprocessors(p.q.device), p.B * p.Hkv)))
+    splits = max(1, min(tiles, _cdiv(2 * _multiprocessors(p.q.device), p.B * heads)))
     chunk = _cdiv(tiles, splits) * bn
-    return _cdiv(p.Nk, chunk), chunk, max(16, _next_pow2(rows)), bn
+    return _cdiv(p.Nk, chunk), chunk, max(16, _next_pow2(rows)), bn, heads
 
 
 def _decode(L: _Launch, q, k, v, plan, wrap):
     """_attn_decode's chunks, then _attn_decode_merge: out, lse, lse2 as _attn_fwd's."""
     from .kernels.attention import _attn_decode, _attn_decode_merge
     p = L.p
-    splits, chunk, bm, bn = plan
+    splits, chunk, bm, bn, heads = plan
     bd = max(16, _next_pow2(p.D))
     f32 = dict(device=q.device, dtype=torch.float32)
     part = torch.empty(p.B, p.Hq, splits * p.Nq, p.D, **f32)
     part_lse = torch.empty(p.B, p.Hq, splits * p.Nq, **f32)
-    L.launch(wrap, _attn_decode, (splits, p.Hkv, p.B), Q=q, K=k, V=v, Part=part, PartLse=part_lse,
+    L.launch(wrap, _attn_decode, (splits, heads, p.B), Q=q, K=k, V=v, Part=part, PartLse=part_lse,
              **_strides("sq", q), **_strides("sk", k), **_strides("sv", v), chunk=chunk, BLOCK_M=bm, BLOCK_N=bn,
-             BLOCK_D=bd, num_warps=4, num_stages=1 if interpreting() else 2)
+             BLOCK_D=bd, num_warps=4, num_stages=1 if interpreting() or L.has_rel else 2)
     out = torch.empty(p.B, p.Hq, p.Nq, p.D, device=q.device, dtype=q.dtype)
     lse = torch.empty(p.B, p.Hq, p.Nq, **f32)
     lse2 = torch.empty_like(lse)

@@ -42,6 +42,8 @@ def _problem(enc, dt, D):
         q, k, v = r(B, 8, 3, D, dtype=dt), r(B, 2, N, D, dtype=dt), r(B, 2, N, D, dtype=dt)
         kw = dict(causal=True, alibi_slopes=r(8), rel_bias=posattn.DistanceBias(r(8, 24), 15, 8),
                   bias=r(1, 8, 3, N, dtype=dt), softcap=20.0, sinks=r(8), dropout_p=0.1)
+        if "shaw" in enc:   # one query head per program
+            kw = dict(causal=True, rel_emb=posattn.RelativeEmbeddings(r(8, 9, D), r(8, 9, D), 4, r(8, D), r(8, D)))
         return q, k, v, kw
     if enc == "causal+rope+alibi+table+bias":
         kw = dict(causal=True, rope=posattn.RoPE(), alibi_slopes=r(HQ), rel_bias=posattn.DistanceBias(r(HQ, 24), 15, 8),
@@ -167,7 +169,7 @@ def cases(quick, only=None):
 
 
 ENCODINGS = ["plain", "causal+rope+alibi+table+bias", "varlen+causal+rope+alibi+table", "window+pos+ropei+grid+mask+softcap+sinks+dropout", "causal+shaw+xl",
-             "decode+alibi+table+bias+softcap+sinks+dropout"]
+             "decode+alibi+table+bias+softcap+sinks+dropout", "decode+shaw+xl"]
 
 
 def compile_case(args):

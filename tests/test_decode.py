@@ -51,18 +51,24 @@ def _kw(name, Hq, Nq, Nk, device):
                                           (0.1 + torch.rand(Hq, device=device)).requires_grad_()))
     if name == "dropout":
         return dict(dropout_p=0.3, causal=True)
+    if name == "shaw+xl":   # a query head per program
+        def t(*shape):
+            return (0.3 * torch.randn(*shape, device=device)).requires_grad_()
+        return dict(rel_emb=posattn.RelativeEmbeddings(t(Hq, 9, 32), t(Hq, 9, 32), 4, t(Hq, 32), t(Hq, 32)),
+                    causal=True, sinks=r(Hq).requires_grad_())
     raise AssertionError(name)
 
 
 @pytest.mark.parametrize("name,dtype", [("gqa", torch.float32), ("causal+alibi+sinks", torch.bfloat16),
                                         ("table+bias+softcap+window", torch.float32),
                                         ("rope+kerple+positions+mask", torch.float16),
-                                        ("dropout", torch.float32)])
+                                        ("dropout", torch.float32), ("shaw+xl", torch.float32)])
 def test_decode_matches_the_reference(name, dtype, device, decoded):
     """1-3 queries, 4 query heads per k/v head, a cache of 97-181 keys in 32-key
     chunks; every gradient (the backward kernels read the merged out and lse)."""
     torch.manual_seed(0)
-    Nq, Nk = (3, 150) if name == "rope+kerple+positions+mask" else (1, 97) if name == "dropout" else (1, 181)
+    Nq, Nk = (3, 150) if name == "rope+kerple+positions+mask" else (1, 97) if name in ("dropout", "shaw+xl") \
+        else (1, 181)
     q, k, v = _qkv(2, 8, 2, Nq, Nk, 32, dtype, device)
     check(q, k, v, return_lse=True, grad_lse=True, **_kw(name, 8, Nq, Nk, device))
     assert decoded and all(plan[0] > 1 for plan in decoded)
@@ -90,10 +96,11 @@ def test_plan_fills_an_h100():
     k = torch.empty(1, 8, 32768, 128, device="meta", dtype=torch.bfloat16)
     p = _validate.check(q, k, k, causal=True, rope=posattn.RoPE())
     launch = types.SimpleNamespace(has_rel=False)
-    splits, chunk, bm, bn = _triton._decode_plan(launch, p)
-    assert splits * 8 >= 132 and splits * chunk >= 32768 > (splits - 1) * chunk and bm == 16
+    splits, chunk, bm, bn, heads = _triton._decode_plan(launch, p)
+    assert splits * 8 >= 132 and splits * chunk >= 32768 > (splits - 1) * chunk and bm == 16 and heads == 8
     assert chunk % bn == 0
-    # Shaw / Transformer-XL and many queries take the one-pass kernel
-    assert _triton._decode_plan(types.SimpleNamespace(has_rel=True), p) is None
+    # Shaw / Transformer-XL: a program per query head; many queries: the one-pass kernel
+    splits, chunk, bm, bn, heads = _triton._decode_plan(types.SimpleNamespace(has_rel=True), p)
+    assert heads == 32 and bm == 16 and splits * 32 >= 132
     q17 = torch.empty(1, 32, 17, 128, device="meta", dtype=torch.bfloat16)
     assert _triton._decode_plan(launch, _validate.check(q17, k, k)) is None
