@@ -132,6 +132,10 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, q_pos=None, k_p
         ``out [B, Hq, Nq, D]`` in q's dtype, or ``(out, lse)`` with ``return_lse``.
         Rows with no visible key give zeros (and ``lse = -inf``), never NaN.
 
+    Decoding: with at most 16 queries per row and at least 8 keys per query (a KV-cache
+    step) the Triton backend splits the keys over programs, a k/v head's query heads
+    sharing each K / V tile, and merges the parts by their lse: the same result.
+
     Autograd: gradients to q, k, v and every float tensor of the encodings; double
     backward (through the reference's ops on the fused backends); ``torch.func.grad``.
     Under ``torch.autocast`` the inputs are cast to the autocast dtype, as SDPA does.

@@ -110,12 +110,18 @@ def test_llama_fused_rope_types(registered, rope_parameters):
         assert all(c["rope"].attention_factor > 1 for c in registered)
 
 
-def test_qwen3_fused_rope(registered):
-    """Qwen3: per-head q / k norms before RoPE, then fused RoPE."""
-    config = transformers.Qwen3Config(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                      max_position_embeddings=64)
-    _compare(transformers.Qwen3ForCausalLM, config, dict(input_ids=torch.randint(0, 100, (2, N))))
+@pytest.mark.parametrize("family", ["Mistral", "Qwen2", "Qwen3"])
+def test_llama_family_fused_rope(registered, family):
+    """Mistral and Qwen2 (biased projections), Qwen3 (per-head q / k norms before RoPE):
+    fused RoPE, left padding; logits and every gradient equal eager's."""
+    kw = dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64)
+    config = getattr(transformers, f"{family}Config")(**kw, **({"head_dim": 16} if family == "Qwen3" else {}))
+    ids = torch.randint(0, 100, (2, N))
+    mask = torch.ones(2, N, dtype=torch.long)
+    mask[1, :2] = 0
+    _compare(getattr(transformers, f"{family}ForCausalLM"), config, dict(input_ids=ids, attention_mask=mask),
+             keep=mask)
     assert registered and all(c["rope"] is not None for c in registered)
 
 
