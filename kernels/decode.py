@@ -127,21 +127,32 @@ def _attn_decode(Q, K, V, Part, PartLse, Pos, Params, Table, Bias, Rel, Rng,
 def _attn_decode_merge(Part, PartLse, Out, Lse, Lse2, sob, soh, som, Hq, Nq, D, S,
                        BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     """One program per (query, head, batch): the chunks' outputs weighted by
-    exp2(lse_c - lse), lse = log2 sum_c exp2(lse_c); no key anywhere: 0 and -inf."""
+    exp2(lse_c - lse), lse = log2 sum_c exp2(lse_c), BLOCK_S chunks at a time with a
+    running max; no key anywhere: 0 and -inf."""
     i = tl.program_id(0)
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    row = (off_b * Hq + off_h) * S * Nq + offs_s * Nq + i
-    lse_c = tl.load(PartLse + row, mask=offs_s < S, other=float("-inf"))
-    m = tl.max(lse_c, 0)
+    base = (off_b * Hq + off_h) * S * Nq + i
+    m = tl.full([], float("-inf"), tl.float32)
+    total = tl.full([], 0.0, tl.float32)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        row = base + (s0 + offs_s) * Nq
+        in_s = s0 + offs_s < S
+        lse_c = tl.load(PartLse + row, mask=in_s, other=float("-inf"))
+        m_new = tl.maximum(m, tl.max(lse_c, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        w = tl.math.exp2(lse_c - m_safe)
+        alpha = tl.math.exp2(m - m_safe)
+        part = tl.load(Part + row[:, None] * D + offs_d[None, :], mask=in_s[:, None] & (offs_d[None, :] < D),
+                       other=0.0)
+        total = total * alpha + tl.sum(w, 0)
+        acc = acc * alpha + tl.sum(part * w[:, None], 0)
+        m = m_new
     m_safe = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.math.exp2(lse_c - m_safe)
-    total = tl.sum(w, 0)
-    part = tl.load(Part + row[:, None] * D + offs_d[None, :], mask=(offs_s[:, None] < S) & (offs_d[None, :] < D),
-                   other=0.0)
-    out = tl.sum(part * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    out = acc / tl.where(total == 0.0, 1.0, total)
     lse2 = tl.where(total == 0.0, float("-inf"), m_safe + tl.math.log2(tl.where(total == 0.0, 1.0, total)))
     tl.store(Out + off_b * sob + off_h * soh + i * som + offs_d, out.to(Out.dtype.element_ty), mask=offs_d < D)
     stat = (off_b * Hq + off_h) * Nq + i

@@ -496,6 +496,7 @@ def _packed_positions(p: Problem):
 # as many) run _attn_decode (keys split over programs, merged by lse) instead of _attn_fwd.
 DECODE_MAX_QUERIES = 16
 DECODE_KEYS_PER_QUERY = 8
+DECODE_MERGE_CHUNKS = 32   # chunks the merge reads at a time (a running max over more)
 
 
 @functools.lru_cache(maxsize=None)
@@ -541,7 +542,8 @@ def _decode(L: _Launch, q, k, v, plan, wrap):
     lse = torch.empty(p.B, p.Hq, p.Nq, **f32)
     lse2 = torch.empty_like(lse)
     L.launch(wrap, _attn_decode_merge, (p.Nq, p.Hq, p.B), Part=part, PartLse=part_lse, Out=out, Lse=lse, Lse2=lse2,
-             **_strides("so", out), S=splits, BLOCK_S=_next_pow2(splits), BLOCK_D=bd, num_warps=4)
+             **_strides("so", out), S=splits, BLOCK_S=min(DECODE_MERGE_CHUNKS, _next_pow2(splits)), BLOCK_D=bd,
+             num_warps=4)
     return out, lse, lse2
 
 

@@ -210,8 +210,34 @@ def test_t5_relative_bias_and_padding(registered):
     assert all(c["bias"] is None or c["bias"].dtype == torch.bool for c in registered)   # masks only
     tables = [c.get("rel_bias") for c in registered]
     assert sum(t is not None for t in tables) == 4                          # the self-attention calls
-    assert tables[0] is tables[1] and tables[2] is tables[4]                # one table per stack and step
     assert (tables[0].left, tables[0].right, tables[2].left, tables[2].right) == (16, 16, 16, 0)
+
+
+def test_t5_reentrant_checkpointing(registered):
+    """Reentrant gradient checkpointing recomputes each layer with the stack's position
+    bias object: every layer's share of the relative_attention_bias gradient arrives."""
+    ids = torch.randint(0, 100, (2, N))
+    inputs = dict(input_ids=ids, decoder_input_ids=torch.randint(0, 100, (2, N - 2)))
+    grads = []
+    for impl in ("eager", "posattn"):
+        model = _build(transformers.T5ForConditionalGeneration, _t5_config(), impl)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        model(**inputs, use_cache=False).logits.pow(2).mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if "relative_attention_bias" in n})
+    assert len(grads[0]) == 2
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-5)
+
+
+def test_register_without_fused_encodings_turns_them_off(registered):
+    """register(name, fused_encodings=False) after register(name): the models of that name
+    rotate q and k themselves again."""
+    name = hf.register("posattn_toggle")
+    hf.register("posattn_toggle", fused_encodings=False)
+    model = _build(transformers.LlamaForCausalLM, _llama_config(), name)
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 100, (1, 8)))
+    assert registered and all(c.get("rope") is None for c in registered)
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "dense"])

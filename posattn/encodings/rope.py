@@ -115,8 +115,13 @@ class RoPE(Encoding):
     def pair_axis(self, head_dim: int, device) -> torch.Tensor:
         """``[R/2]`` int64: the position axis of each frequency pair (all 0 without sections)."""
         r = self.rotary_dim(head_dim)
-        sections = self.sections or (r // 2,)
-        return torch.tensor([a for a, n in enumerate(sections) for _ in range(n)], device=device)
+        pair = torch.arange(r // 2, device=device)
+        axis = torch.zeros_like(pair)
+        end = 0
+        for n in (self.sections or ())[:-1]:   # comparisons on the device: no host copy, no sync
+            end += n
+            axis += pair >= end
+        return axis
 
     def rotate(self, x, pos, head_dim, dt, keys=False):
         # angles in float64 when the reference upcasts, else float32 (what users' PyTorch code does)

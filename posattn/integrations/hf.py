@@ -210,7 +210,6 @@ class T5PositionBias:
     def __init__(self, weight=None, bidirectional=True, num_buckets=32, max_distance=128, past=0):
         self.weight, self.bidirectional, self.past = weight, bidirectional, past
         self.num_buckets, self.max_distance = num_buckets, max_distance
-        self._table = None
 
     @staticmethod
     def supported(num_buckets, max_distance, bidirectional):
@@ -220,14 +219,26 @@ class T5PositionBias:
     def attention_kwargs(self, q_len, kv_len):
         if self.weight is None:
             return {}
-        if self._table is None:   # built once per forward, shared by the layers that reuse the bias
-            self._table = posattn.DistanceBias.t5(self.weight, self.num_buckets, self.max_distance,
-                                                  self.bidirectional)
-        kw = dict(rel_bias=self._table)
+        # a [H, 2 max_distance + 1] gather per layer, in that layer's graph (shared, it would
+        # miss the gradient of layers recomputed by reentrant checkpointing)
+        kw = dict(rel_bias=posattn.DistanceBias.t5(self.weight, self.num_buckets, self.max_distance,
+                                                   self.bidirectional))
         if not (isinstance(self.past, int) and self.past + q_len == kv_len):   # else posattn's default alignment
             dev = self.weight.device
             kw.update(q_pos=torch.arange(q_len, device=dev) + self.past, k_pos=torch.arange(kv_len, device=dev))
         return kw
+
+
+def _unroute(name):
+    """Take ``name`` off the fused-encoding routes (register(name, fused_encodings=False))."""
+    import importlib
+    paths = [(f"transformers.models.{m}.modeling_{m}", cls) for m, pair in _FUSED_ROPE.items() for cls in pair]
+    for path, cls_name in paths + [("transformers.models.t5.modeling_t5", "T5Attention")]:
+        try:
+            cls = getattr(importlib.import_module(path), cls_name)
+        except (ImportError, AttributeError):
+            continue
+        cls.__dict__.get("_posattn_routed", set()).discard(name)
 
 
 def _route_t5(name):
@@ -476,4 +487,6 @@ def register(name: str = NAME, *, fused_encodings: bool = True) -> str:
     if fused_encodings:
         _route_rope(name)
         _route_t5(name)
+    else:
+        _unroute(name)
     return name
