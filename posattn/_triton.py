@@ -519,7 +519,9 @@ def _decode_plan(L: _Launch, p: Problem):
             or p.varlen is not None):
         return None
     heads = p.Hkv if packed else p.Hq
-    bn = 32 if interpreting() or not packed else 64   # (Shaw: aK / aV slices of 2 * BLOCK_N rows per stage)
+    # (Shaw: aK / aV slices of 2 * BLOCK_N rows per stage; float32 D=256: 64 KiB per K or V tile)
+    wide = max(16, _next_pow2(p.D)) * (2 if p.q.dtype == torch.float32 else 1) >= 512
+    bn = 32 if interpreting() or not packed or wide else 64
     tiles = _cdiv(p.Nk, bn)
     splits = max(1, min(tiles, _cdiv(2 * _multiprocessors(p.q.device), p.B * heads)))
     chunk = _cdiv(tiles, splits) * bn
@@ -532,12 +534,16 @@ def _decode(L: _Launch, q, k, v, plan, wrap):
     p = L.p
     splits, chunk, bm, bn, heads = plan
     bd = max(16, _next_pow2(p.D))
+    width = bd * (2 if q.dtype == torch.float32 else 1)
+    # one stage (one K and one V tile in shared memory) for the relative tables' slices, and
+    # for rows of 256 bytes or more on the 99 KiB parts
+    stages = 1 if interpreting() or L.has_rel or width >= 256 and _shared_bytes(_arch(q.device)) < 160 * 1024 else 2
     f32 = dict(device=q.device, dtype=torch.float32)
     part = torch.empty(p.B, p.Hq, splits * p.Nq, p.D, **f32)
     part_lse = torch.empty(p.B, p.Hq, splits * p.Nq, **f32)
     L.launch(wrap, _attn_decode, (splits, heads, p.B), Q=q, K=k, V=v, Part=part, PartLse=part_lse,
              **_strides("sq", q), **_strides("sk", k), **_strides("sv", v), chunk=chunk, BLOCK_M=bm, BLOCK_N=bn,
-             BLOCK_D=bd, num_warps=4, num_stages=1 if interpreting() or L.has_rel else 2)
+             BLOCK_D=bd, num_warps=4, num_stages=stages)
     out = torch.empty(p.B, p.Hq, p.Nq, p.D, device=q.device, dtype=q.dtype)
     lse = torch.empty(p.B, p.Hq, p.Nq, **f32)
     lse2 = torch.empty_like(lse)
