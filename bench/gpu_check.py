@@ -121,6 +121,8 @@ TEST_SELECTION = [
     "tests/test_design.py::test_cases_on_the_triton_backend",  # the registry's cases (KERPLE included)
     "tests/test_dropout.py",                                   # Philox keep-mask vs the reference, statistics
     "tests/test_varlen.py",                                    # packed sequences (VARLEN kernels)
+    "tests/test_decode.py",                                    # split-key decoding kernels and the H100 plan
+    "tests/test_rope_axes.py",                                 # multi-axis RoPE (rotation passes), Qwen2-VL
     "tests/test_api.py::test_auto_selects_triton_on_kernel_device",
     "tests/test_api.py::test_triton_backend_runs_and_returns_lse",
     "tests/test_hf.py",  # CPU float32 models: the reference backend there (checks the image's transformers)
