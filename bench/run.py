@@ -3,14 +3,15 @@
 Methods (bench/peers.py): posattn; torch SDPA with cuDNN, flash and efficient
 forced in turn; FlexAttention (torch.compile) with the equivalent score_mod;
 and the unfused ways (RoPE by PyTorch ops then SDPA; a dense [B, H, N, N] bias
-then SDPA efficient). Encodings: none, RoPE, ALiBi, DistanceBias; causal and
-not; forward and forward+backward.
+then SDPA efficient). Encodings: none, RoPE, ALiBi, DistanceBias, softcap,
+dropout; causal and not; forward and forward+backward; and decode (one query per
+row against N keys, GQA 4:1, forward, against SDPA flash and FlexAttention).
 
 Protocol (FlashAttention-3 paper): bfloat16, B*N = 16k tokens, H*D = 2048,
 D in {64, 128}, N in {512 .. 16k}; FLOPs 4*B*H*N*N*D forward (halved when
 causal), fwd+bwd = 3.5x forward; median of triton.testing.do_bench. --quick:
-(D, N) in {(128, 8k), (64, 1k)}, the encodings other than none causal only (80
-rows, about 3 minutes on an H200; bench/gpu_check.py runs it).
+(D, N) in {(128, 8k), (64, 1k)}, the encodings other than none causal only, decode
+forward only (106 rows; bench/gpu_check.py runs it).
 
 Results: bench/results/<gpu-name-slug>_<YYYY-MM-DD>[_quick][_only-...].{md,json,png}
 (--out DIR to put them elsewhere), rewritten after every group so that an
