@@ -12,8 +12,10 @@ each candidate's output and gradients against the default's, and prints (or, wit
 
     python bench/tune.py [--write] [--quick] [--n N]
 
-Kinds: forward and backward at tile widths 64 and 128 (head dims 64 and 128 in
-bfloat16); --quick times only the default and four other candidates per kind.
+Kinds: forward and backward at tile widths 64, 128 and 256 (head dims 64, 128 and
+256 in bfloat16), and with Shaw / Transformer-XL relative embeddings at 64 and 128
+("-rel": their launches have their own configurations); --quick times only the
+default and four other candidates per kind.
 Without a CUDA GPU it exits with a message (nothing to measure).
 """
 from __future__ import annotations
@@ -36,21 +38,31 @@ TUNED_FILE = ROOT / "posattn" / "_tuned.py"
 
 
 def kinds():
-    """(kind, D, backward): the launches tuned, by _config's key."""
-    for D in (64, 128):
-        for backward in (False, True):
-            yield f"{'bwd' if backward else 'fwd'}/w{D}", D, backward
+    """(kind, D, backward, rel): the launches tuned, by _config's key."""
+    for rel, dims in ((False, (64, 128, 256)), (True, (64, 128))):
+        for D in dims:
+            for backward in (False, True):
+                yield f"{'bwd' if backward else 'fwd'}{'-rel' if rel else ''}/w{D}", D, backward, rel
 
 
-def _problem(D, n, device):
+def _problem(D, n, device, rel=False):
+    """q, k, v, dout and the attention keywords: causal, plus Shaw's key and value tables
+    and Transformer-XL's u, w (clip 64) for the relative kinds."""
     g = torch.Generator(device="cpu").manual_seed(0)
     B, H = max(1, 16384 // n), 2048 // D
-    q, k, v = (torch.randn(B, H, n, D, generator=g).to(device, torch.bfloat16).requires_grad_() for _ in range(3))
-    return q, k, v, torch.randn(B, H, n, D, generator=g).to(device, torch.bfloat16)
+
+    def rnd(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=g)).to(device, torch.bfloat16).requires_grad_()
+    q, k, v = rnd(B, H, n, D), rnd(B, H, n, D), rnd(B, H, n, D)
+    kw = dict(causal=True)
+    if rel:
+        kw["rel_emb"] = posattn.RelativeEmbeddings(rnd(H, 129, D, scale=0.3), rnd(H, 129, D, scale=0.3), 64,
+                                                   rnd(H, D, scale=0.3), rnd(H, D, scale=0.3))
+    return q, k, v, rnd(B, H, n, D).detach(), kw
 
 
-def _run(q, k, v, dout, backward):
-    out = posattn.attention(q, k, v, causal=True, backend="triton")
+def _run(q, k, v, dout, backward, kw):
+    out = posattn.attention(q, k, v, backend="triton", **kw)
     if not backward:
         return (out,)
     return (out, *torch.autograd.grad(out, (q, k, v), dout))
@@ -75,20 +87,20 @@ def tune(n, quick):
     from triton.testing import do_bench
     device = torch.device("cuda")
     winners = {}
-    for kind, D, backward in kinds():
-        q, k, v, dout = _problem(D, n, device)
-        want = _run(q, k, v, dout, backward)
+    for kind, D, backward, rel in kinds():
+        q, k, v, dout, kw = _problem(D, n, device, rel)
+        want = _run(q, k, v, dout, backward, kw)
         rows = []
-        cands = _triton.candidates(D, backward)
+        cands = _triton.candidates(D, backward, rel)
         for config in (cands[:5] if quick else cands):
             with _forced(kind, config):
                 try:
-                    got = _run(q, k, v, dout, backward)
+                    got = _run(q, k, v, dout, backward, kw)
                     err = max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(got, want))
                     if not err < 2e-2:
                         rows.append((config, None, f"wrong (relative error {err:.2e})"))
                         continue
-                    ms = do_bench(lambda: _run(q, k, v, dout, backward), warmup=10, rep=50, return_mode="median")
+                    ms = do_bench(lambda: _run(q, k, v, dout, backward, kw), warmup=10, rep=50, return_mode="median")
                     rows.append((config, ms, ""))
                 except Exception as e:  # out of resources, compile errors: not a candidate here
                     rows.append((config, None, f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"))

@@ -154,8 +154,10 @@ def candidates(D: int, backward: bool, rel_emb: bool = False, fp32: bool = False
     width = block_d * (2 if fp32 else 1)
     bm0, bn0, _, w0, s0 = _default_config(block_d, width, backward, rel_emb)
     out = [(bm0, bn0, w0, s0)]
-    if rel_emb:   # the relative tables' slices fill shared memory: stages only
-        return out + [(bm0, bn0, w0, st) for st in (1, 2) if st != s0]
+    if rel_emb:   # the relative tables' slices fill shared memory: stages, and the 64-row tiles
+        # wgmma needs (bench/NOTES.md: Shaw D=128 backward on 64x64 tiles, mixed in the model)
+        out += [(bm0, bn0, w0, st) for st in (1, 2) if st != s0]
+        return out + [c for c in ((64, 64, 8, 1), (64, 32, 4, 1)) if c not in out]
     for bm in ((32, 64) if backward else (64, 128)):
         for bn in (32, 64):
             for warps in (4, 8):

@@ -57,6 +57,17 @@ def test_candidates_start_with_the_default(rel_emb):
             assert all(m in ((32, 64) if backward else (64, 128)) for m, *_ in c[1:]) or rel_emb
 
 
+def test_tune_kinds_cover_every_config_key():
+    """bench/tune.py times D = 256 and the relative-embedding launches too: each kind is
+    the key _config reads, and its problem carries Shaw / Transformer-XL tables."""
+    tune = _tune_module()
+    kinds = {k: (D, bwd, rel) for k, D, bwd, rel in tune.kinds()}
+    assert {"fwd/w256", "bwd/w256", "fwd-rel/w64", "bwd-rel/w128"} <= set(kinds)
+    q, k, v, dout, kw = tune._problem(64, 256, "cpu", rel=True)
+    assert kw["rel_emb"].clip == 64 and kw["rel_emb"].key.shape == (32, 129, 64) and dout.shape == q.shape
+    assert (64, 64, 8, 1) in _triton.candidates(128, True, rel_emb=True)
+
+
 def test_tune_script_without_gpu_and_its_writer(tmp_path, monkeypatch, capsys):
     tune = _tune_module()
     if not torch.cuda.is_available():
