@@ -143,13 +143,19 @@ def _tensor(name, x):
     return x
 
 
-def _positions(name, pos, B, N, device):
-    if pos is None:
-        return None
+def _index_tensor(name, pos, device):
+    """An int32 / int64 tensor on q's device (positions of any layout)."""
     _tensor(name, pos)
     same_device(name, pos, device)
     if pos.dtype not in _INDEX_DTYPES:
         raise TypeError(f"{name} must be int32 or int64, got {pos.dtype}")
+    return pos
+
+
+def _positions(name, pos, B, N, device):
+    if pos is None:
+        return None
+    _index_tensor(name, pos, device)
     if pos.dim() == 1:
         pos = pos[None]
     if pos.dim() != 2 or pos.shape[1] != N or pos.shape[0] not in (1, B):
@@ -173,10 +179,7 @@ def _rope_positions(rope_pos, rope, B, Nq, Nk, q_pos, k_pos, device):
         if pos is None:
             out.append(default.to(torch.int64)[:, None].expand(-1, A, N))
             continue
-        _tensor(name, pos)
-        same_device(name, pos, device)
-        if pos.dtype not in _INDEX_DTYPES:
-            raise TypeError(f"{name} must be int32 or int64, got {pos.dtype}")
+        _index_tensor(name, pos, device)
         if pos.dim() == 2:
             pos = pos[None]
         if pos.dim() != 3 or pos.shape[1:] != (A, N) or pos.shape[0] not in (1, B):

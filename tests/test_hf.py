@@ -168,6 +168,15 @@ def test_fused_encodings_can_be_switched_off(registered):
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
 
 
+def _greedy_tokens(cls, config, impls=("eager", "posattn"), **inputs):
+    """Greedy generate() of six tokens with a KV cache, per attention implementation."""
+    tokens = []
+    for impl in impls:
+        model = _build(cls, config, impl).eval()
+        tokens.append(model.generate(**inputs, max_new_tokens=6, do_sample=False))
+    return tokens
+
+
 def test_llama_greedy_generate_with_cache(registered):
     """generate() with a KV cache: the prompt (left-padded) through fused RoPE into an
     empty cache, then each step decoding from the cache as the model does; the same
@@ -175,11 +184,8 @@ def test_llama_greedy_generate_with_cache(registered):
     ids = torch.randint(3, 100, (2, 7))
     mask = torch.ones(2, 7, dtype=torch.long)
     mask[1, :2] = 0
-    tokens = []
-    for impl in ("eager", "posattn"):
-        model = _build(transformers.LlamaForCausalLM, _llama_config(), impl).eval()
-        tokens.append(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
-                                     pad_token_id=0))
+    tokens = _greedy_tokens(transformers.LlamaForCausalLM, _llama_config(), input_ids=ids, attention_mask=mask,
+                            pad_token_id=0)
     assert torch.equal(tokens[1], tokens[0])
     assert registered[0]["rope"] is not None and registered[-1].get("rope") is None   # prefill fused, steps not
 
@@ -247,10 +253,8 @@ def test_t5_greedy_generate_with_cache(registered, fused):
     eager."""
     name = hf.register() if fused else hf.register("posattn_unfused", fused_encodings=False)
     ids = torch.randint(3, 100, (2, 9))
-    tokens = []
-    for impl in ("eager", name):
-        model = _build(transformers.T5ForConditionalGeneration, _t5_config(), impl).eval()
-        tokens.append(model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, decoder_start_token_id=0))
+    tokens = _greedy_tokens(transformers.T5ForConditionalGeneration, _t5_config(), ("eager", name), input_ids=ids,
+                            decoder_start_token_id=0)
     assert torch.equal(tokens[1], tokens[0])
     dense = [c["bias"] is not None and c["bias"].is_floating_point() for c in registered]
     tables = [c.get("rel_bias") is not None for c in registered]
@@ -311,11 +315,8 @@ def test_bloom_greedy_generate_with_cache(registered):
     ids = torch.randint(3, 100, (2, 7))
     mask = torch.ones(2, 7, dtype=torch.long)
     mask[0, :3] = 0
-    tokens = []
-    for impl in ("eager", "posattn"):
-        model = _build(transformers.BloomForCausalLM, _bloom_config(), impl).eval()
-        tokens.append(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
-                                     pad_token_id=0))
+    tokens = _greedy_tokens(transformers.BloomForCausalLM, _bloom_config(), input_ids=ids, attention_mask=mask,
+                            pad_token_id=0)
     assert torch.equal(tokens[1], tokens[0])
     assert any(c["k_pos"] is not None and c["k_pos"].shape[-1] > c["q_pos"].shape[-1] == 1 for c in registered)
 

@@ -229,15 +229,27 @@ class T5PositionBias:
         return kw
 
 
-def _unroute(name):
-    """Take ``name`` off the fused-encoding routes (register(name, fused_encodings=False))."""
+def _fused_rope_classes():
+    """(rotary embedding class, attention class) of each _FUSED_ROPE family this
+    transformers has."""
     import importlib
-    paths = [(f"transformers.models.{m}.modeling_{m}", cls) for m, pair in _FUSED_ROPE.items() for cls in pair]
-    for path, cls_name in paths + [("transformers.models.t5.modeling_t5", "T5Attention")]:
+    for model_type, (rotary_name, attention_name) in _FUSED_ROPE.items():
         try:
-            cls = getattr(importlib.import_module(path), cls_name)
+            mod = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+            yield getattr(mod, rotary_name), getattr(mod, attention_name)
         except (ImportError, AttributeError):
             continue
+
+
+def _unroute(name):
+    """Take ``name`` off the fused-encoding routes (register(name, fused_encodings=False))."""
+    classes = [cls for pair in _fused_rope_classes() for cls in pair]
+    try:
+        from transformers.models.t5.modeling_t5 import T5Attention
+        classes.append(T5Attention)
+    except ImportError:
+        pass
+    for cls in classes:
         cls.__dict__.get("_posattn_routed", set()).discard(name)
 
 
@@ -346,13 +358,7 @@ _FUSED_ROPE = {"llama": ("LlamaRotaryEmbedding", "LlamaAttention"),
 def _route_rope(name):
     """Route the rotary embeddings and attention modules of the _FUSED_ROPE families,
     for models built with attn_implementation=name only (others are untouched)."""
-    import importlib
-    for model_type, (rotary_name, attention_name) in _FUSED_ROPE.items():
-        try:
-            mod = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
-            rotary, attention = getattr(mod, rotary_name), getattr(mod, attention_name)
-        except (ImportError, AttributeError):
-            continue
+    for rotary, attention in _fused_rope_classes():
         for cls, make in ((rotary, _routed_rotary), (attention, _routed_attention)):
             if getattr(cls, "_posattn_routed", None) is not None:
                 if "_posattn_routed" in cls.__dict__:
