@@ -5,10 +5,9 @@ their log-sum-exp."""
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, _DROPOUT, _REL_K, _REL_U, _REL_V, _REL_W, _SINKS, _TABLE, _UPCAST, _dot, _dropout_keep,
-                     _key_range, _load_tile, _positions)
+from .common import LOG2E, _DROPOUT, _REL_K, _REL_U, _REL_V, _REL_W, _SINKS, _TABLE, _key_range, _positions
 from .forward import _fwd_tile
-from .scores import _head_params, _load_queries, _scores, _table_columns
+from .scores import _head_params, _load_queries, _table_columns
 
 
 @triton.jit
@@ -21,17 +20,16 @@ def _attn_decode(Q, K, V, Part, PartLse, Pos, Params, Table, Bias, Rel, Rng,
     queries, r = g * Nq + i (head off_hk * GROUP + g, query i), so one K / V tile
     serves the whole group (GQA) and a single query fills a tensor-core tile. Every
     per-head term (ALiBi slope, KERPLE, table row, dense bias row, sink, dropout
-    counter) is a per-row column here, which _scores broadcasts as it does a scalar.
+    counter) is a per-row column here, which the score tile broadcasts as it does a scalar.
     With Shaw / Transformer-XL terms (per-head tables of vectors) a program is one query
-    head instead (grid axis 1: the query head) and its tiles are the forward's
-    (_fwd_tile, masked).
+    head instead (grid axis 1: the query head). Either way each tile is the forward's
+    (_fwd_tile, masked), at rows offs_i.
     Chunk c covers keys [lo + c * chunk, lo + (c + 1) * chunk) of the rows' key range
     (chunk a multiple of BLOCK_N, so no tile crosses into the next chunk); the sink
     joins chunk 0 only. Writes the chunk's normalised output Part [B, Hq, S * Nq, D]
     (float32) and its log2-domain lse PartLse [B, Hq, S * Nq] (-inf: no key)."""
     SINKS: tl.constexpr = (FLAGS >> _SINKS.value) & 1
     DROPOUT: tl.constexpr = (FLAGS >> _DROPOUT.value) & 1
-    UPCAST: tl.constexpr = (FLAGS >> _UPCAST.value) & 1
     TABLE: tl.constexpr = (FLAGS >> _TABLE.value) & 3
     PACKED: tl.constexpr = 1 - ((FLAGS >> _REL_K.value) & 1 | (FLAGS >> _REL_V.value) & 1
                                 | (FLAGS >> _REL_U.value) & 1 | (FLAGS >> _REL_W.value) & 1)
@@ -89,29 +87,11 @@ def _attn_decode(Q, K, V, Part, PartLse, Pos, Params, Table, Bias, Rel, Rng,
     k_lo, k_hi = _key_range(0, BLOCK_M, Nq, Nk, win_l, win_r, FLAGS, BLOCK_N)   # (BLOCK_M >= Nq: every row's)
     lo = k_lo + split * chunk
     hi = tl.minimum(lo + chunk, k_hi)
-    for start_n in range(lo, hi, BLOCK_N):   # every tile masked: decoding is bound by the K / V reads
-        if PACKED:
-            offs_n = start_n + offs_n0
-            kp = _positions(pos_q + Nq, offs_n, Nk, 0, FLAGS)
-            k = _load_tile(k_base, offs_n, offs_d, skn, Nk, D)
-            qk = _dot(q, tl.trans(k), UPCAST)
-            s, _rel, _t = _scores(qk, qp, kp, offs_i, offs_n, Nq, Nk, qk_scale, slope, r1, r2, table_ptr, tab_l,
-                                  tab_r, bias_ptr, sbm, win_l, win_r, cap2, FLAGS, 1)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # no key seen yet: exp2(-inf - 0) = 0
-            p = tl.math.exp2(s - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if DROPOUT:
-                p = tl.where(_dropout_keep(seed, rng_row, offs_i, start_n, drop_p, BLOCK_M, BLOCK_N), p, 0.0)
-            v = _load_tile(v_base, offs_n, offs_d, svn, Nk, D)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
-            m_i = m_new
-        else:   # the forward's tile, every term included (Shaw's rows from the block at query 0)
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, 0, start_n, qu, qw, qp, pos_q + Nq, k_base, v_base, ak_ptr,
-                                      av_ptr, offs_r, offs_n0, offs_d, Nq, Nk, D, skn, svn, rel_k, qk_scale, slope,
-                                      r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, seed,
-                                      rng_row, drop_p, 0.0, 0.0, 0.0, FLAGS, BLOCK_M, BLOCK_N, 1)
+    for start_n in range(lo, hi, BLOCK_N):   # the forward's tile, masked: decoding is bound by the K / V reads
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, 0, start_n, qu, qw, qp, pos_q + Nq, k_base, v_base, ak_ptr, av_ptr,
+                                  offs_i, offs_n0, offs_d, Nq, Nk, D, skn, svn, rel_k, qk_scale, slope, r1, r2,
+                                  table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, seed, rng_row, drop_p,
+                                  0.0, 0.0, 0.0, FLAGS, BLOCK_M, BLOCK_N, 1)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
