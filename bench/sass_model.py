@@ -540,6 +540,7 @@ FWD_ENCODINGS = {
     "causal+rope": dict(CAUSAL=True, ROPE=True, ROT_DIM=-1),
     "causal+alibi": dict(CAUSAL=True, ALIBI=True),
     "causal+bias": dict(CAUSAL=True, BIAS=True),
+    "causal+table": dict(CAUSAL=True, TABLE=1),
     "shaw-kv": dict(REL_K=True, REL_V=True),
     "softcap": dict(SOFTCAP=True),
     "causal+softcap+sinks": dict(CAUSAL=True, SOFTCAP=True, SINKS=True),

@@ -3,7 +3,7 @@ ranges that causal and window masks leave visible, the row statistics."""
 import triton
 import triton.language as tl
 
-__all__ = ["LOG2E", "PHILOX_ROUNDS", "_CAUSAL", "_HAS_WL", "_HAS_WR", "_HAS_POS", "_ROPE", "_ROPE_AXES", "_INTERLEAVED", "_ALIBI", "_TABLE",
+__all__ = ["LOG2E", "PHILOX_ROUNDS", "_TABLE_PAD", "_CAUSAL", "_HAS_WL", "_HAS_WR", "_HAS_POS", "_ROPE", "_ROPE_AXES", "_INTERLEAVED", "_ALIBI", "_TABLE",
            "_BIAS", "_BIAS_MASK", "_REL_K", "_REL_V", "_REL_U", "_REL_W", "_UPCAST", "_KERPLE", "_D_SLOPE",
            "_D_TABLE", "_D_U", "_D_W", "_D_AK", "_D_AV", "_DELTA_PASS", "_HEAD_BCAST", "_ROW_BCAST",
            "_COL_BCAST", "_D_KERPLE", "_CORRECT", "_TABLE_PASS", "_REL_SHARED", "_BIAS_KEYS",
@@ -13,6 +13,10 @@ LOG2E = tl.constexpr(1.4426950408889634)  # a constexpr: jitted code reads no pl
 # Philox4x32 rounds for dropout's keep-mask: 7, Random123's Crush-resistant count (10 is
 # curand's default); the rounds are most of dropout's per-element cost.
 PHILOX_ROUNDS = tl.constexpr(7)
+# DistanceBias's table row holds this many copies of each end column on both sides
+# (posattn/_triton.py pads it): a tile with BLOCK_M + BLOCK_N <= _TABLE_PAD + 2 reads
+# its bias as a Toeplitz slice with no per-element clamp (scores._scores).
+_TABLE_PAD = tl.constexpr(256)
 
 # Bit offsets of the FLAGS constexpr (what the problem has: masks, positions, encodings,
 # and two layout facts: REL_SHARED, one relative table for every head; BIAS_KEYS, the

@@ -7,7 +7,7 @@ import triton.language as tl
 
 from .common import LOG2E, _DROPOUT, _REL_K, _REL_U, _REL_V, _REL_W, _SINKS, _TABLE, _key_range, _positions
 from .forward import _fwd_tile
-from .scores import _head_params, _load_queries, _table_columns
+from .scores import _head_params, _load_queries, _table_row
 
 
 @triton.jit
@@ -55,7 +55,7 @@ def _attn_decode(Q, K, V, Part, PartLse, Pos, Params, Table, Bias, Rel, Rng,
         slope, r1, r2 = (slope + zero)[:, None], (r1 + zero)[:, None], (r2 + zero)[:, None]
         bias_ptr = bias_ptr[:, None]
         if TABLE:
-            table_ptr = Table + (off_h * _table_columns(tab_l, tab_r, TABLE))[:, None]
+            table_ptr = Table + (off_h * _table_row(tab_l, tab_r, TABLE))[:, None]
         else:
             table_ptr = Table
         qp = _positions(pos_q, offs_i, Nq, Nk - Nq, FLAGS)

@@ -4,9 +4,9 @@ the per-head encoding parameters; P and dS recomputed for the backward."""
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, _ALIBI, _BIAS, _BIAS_KEYS, _BIAS_MASK, _CAUSAL, _FAST_TANH, _HAS_WL, _HAS_WR, _KERPLE,
-                     _REL_K, _REL_SHARED, _REL_U, _REL_V, _REL_W, _ROPE, _SINKS, _SOFTCAP, _TABLE, _UPCAST, _DROPOUT, _beyond,
-                     _dot, _dropout_keep, _load_tile, _positions, _tanh)
+from .common import (LOG2E, _ALIBI, _BIAS, _BIAS_KEYS, _BIAS_MASK, _CAUSAL, _FAST_TANH, _HAS_POS, _HAS_WL, _HAS_WR,
+                     _KERPLE, _REL_K, _REL_SHARED, _REL_U, _REL_V, _REL_W, _ROPE, _SINKS, _SOFTCAP, _TABLE, _TABLE_PAD,
+                     _UPCAST, _DROPOUT, _beyond, _dot, _dropout_keep, _load_tile, _positions, _tanh)
 from .relative import _add_row, _load_rel, _rel_rows, _rel_to_keys
 
 
@@ -40,6 +40,16 @@ def _table_columns(tab_a, tab_b, TABLE: tl.constexpr):
 
 
 @triton.jit
+def _table_row(tab_a, tab_b, TABLE: tl.constexpr):
+    """A head's row length in Table: DistanceBias's T columns between _TABLE_PAD copies
+    of each end column; GridBias's T columns."""
+    if TABLE == 1:
+        return tab_a + tab_b + 1 + 2 * _TABLE_PAD
+    else:
+        return (2 * tab_a - 1) * (2 * tab_b - 1)
+
+
+@triton.jit
 def _table_far(start, lo, hi, Nq, Nk, tab_l, tab_r, table_ptr,
                KEYS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_OTHER: tl.constexpr):
     """DistanceBias with default positions: the tiles of [lo, hi) whose pairs all read
@@ -48,8 +58,8 @@ def _table_far(start, lo, hi, Nq, Nk, tab_l, tab_r, table_ptr,
     block at `start` (KEYS) or queries for the key block at `start`. Returns the near
     tiles [b_lo, b_hi), n_low and n_far as in _band, and the constants (log2 domain)
     of the far tiles below b_lo and above b_hi."""
-    first = tl.load(table_ptr).to(tl.float32) * LOG2E
-    last = tl.load(table_ptr + tab_l + tab_r).to(tl.float32) * LOG2E
+    first = tl.load(table_ptr + _TABLE_PAD)
+    last = tl.load(table_ptr + _TABLE_PAD + tab_l + tab_r)
     b_lo, b_hi, n_low, n_far = _beyond(start, lo, hi, Nq, Nk, tab_l, tab_r, KEYS, BLOCK, BLOCK_OTHER)
     if KEYS:  # keys below the band: rel <= -L (column 0)
         return b_lo, b_hi, n_low, n_far, first, last
@@ -68,9 +78,8 @@ def _head_params(off_b, off_h, Params, Table, tab_l, tab_r, Bias, sbb, sbh, bias
     flag, in this order (posattn/_triton.py writes it): RoPE's ROT_DIM / 2 frequencies
     and attention factor, KERPLE's r1 [Hq] and r2 [Hq], Transformer-XL's u [Hq, D] and
     w [Hq, D], the soft cap [1], the sinks [Hq], the dropout probability [1], ALiBi's slopes
-    [B, Hq]. Rel holds aK then aV,
-    each [Hr, 2K+1, D]
-    (Hr = 1 with REL_SHARED, else Hq); Table is [Hq, T] contiguous."""
+    [B, Hq]. Rel holds aK then aV, each [Hr, 2K+1, D] (Hr = 1 with REL_SHARED, else Hq);
+    Table is float32 in the log2 domain, a row of _table_row per head."""
     ROPE: tl.constexpr = (FLAGS >> _ROPE.value) & 1
     ALIBI: tl.constexpr = (FLAGS >> _ALIBI.value) & 1
     KERPLE: tl.constexpr = (FLAGS >> _KERPLE.value) & 1
@@ -114,7 +123,7 @@ def _head_params(off_b, off_h, Params, Table, tab_l, tab_r, Bias, sbb, sbh, bias
         slope = tl.load(ptr + off_b * Hq + off_h)
     table_ptr = Table
     if TABLE:
-        table_ptr += off_h * _table_columns(tab_l, tab_r, TABLE)
+        table_ptr += off_h * _table_row(tab_l, tab_r, TABLE)
     rel_rows = (2 * rel_k + 1) * D
     if REL_SHARED:
         ak_ptr = Rel
@@ -156,21 +165,24 @@ def _logits(qu, qw, k, ak_ptr, start_m, start_n, Nq, Nk, rel_k, offs_d, D,
 
 
 @triton.jit
-def _scores(qk, qp, kp, offs_m, offs_n, Nq, Nk, qk_scale, slope, r1, r2, table_ptr,
+def _scores(qk, qp, kp, start_m, start_n, offs_m, offs_n, Nq, Nk, qk_scale, slope, r1, r2, table_ptr,
             tab_l, tab_r, bias_ptr, stride_bm, win_l, win_r, cap2,
-            FLAGS: tl.constexpr, MASKED: tl.constexpr):
+            FLAGS: tl.constexpr, MASKED: tl.constexpr, NATURAL: tl.constexpr = 0):
     """The [BLOCK_M, BLOCK_N] score tile in the log2 domain, masked entries = -inf, its
     relative positions, and with SOFTCAP t = tanh(scale * logit / cap) (the capped
     logit is cap2 * t, cap2 = cap * log2(e)).
     MASKED: the tile may hold pairs out of bounds or hidden by causal / window (the
     loops pass 0 for the interior tiles they know to be fully visible: Triton's
-    tutorial 06 masks the diagonal block only); a bool bias masks every tile."""
+    tutorial 06 masks the diagonal block only); a bool bias masks every tile.
+    NATURAL: a dense bias is the only additive term, and the tile is returned in the
+    natural domain, qk_scale * qk + bias (the caller folds log2(e) into its exponent)."""
     CAUSAL: tl.constexpr = (FLAGS >> _CAUSAL.value) & 1
     HAS_WL: tl.constexpr = (FLAGS >> _HAS_WL.value) & 1
     HAS_WR: tl.constexpr = (FLAGS >> _HAS_WR.value) & 1
     ALIBI: tl.constexpr = (FLAGS >> _ALIBI.value) & 1
     KERPLE: tl.constexpr = (FLAGS >> _KERPLE.value) & 1
     TABLE: tl.constexpr = (FLAGS >> _TABLE.value) & 3
+    HAS_POS: tl.constexpr = (FLAGS >> _HAS_POS.value) & 1
     BIAS: tl.constexpr = (FLAGS >> _BIAS.value) & 1
     BIAS_MASK: tl.constexpr = (FLAGS >> _BIAS_MASK.value) & 1
     BIAS_KEYS: tl.constexpr = (FLAGS >> _BIAS_KEYS.value) & 1
@@ -187,9 +199,20 @@ def _scores(qk, qp, kp, offs_m, offs_n, Nq, Nk, qk_scale, slope, r1, r2, table_p
         s -= (slope * LOG2E) * tl.abs(rel).to(tl.float32)
     if KERPLE:  # -r1 log(1 + r2 |rel|), in the log2 domain: -r1 log2(1 + r2 |rel|)
         s -= r1 * tl.math.log2(1.0 + r2 * tl.abs(rel).to(tl.float32))
-    if TABLE:
-        idx = _table_index(rel, qp, kp, tab_l, tab_r, TABLE)
-        s += tl.load(table_ptr + idx).to(tl.float32) * LOG2E
+    if TABLE == 1 and HAS_POS == 0:
+        # rel = d + (j - i) for the tile's offsets i, j and d = start_n - start_m - shift:
+        # one pointer per row, the columns at fixed offsets from it. d is clamped once per
+        # tile: a tile wholly past L (or R) then reads only the padding, which repeats the
+        # end column, and any other tile lies inside the padded row.
+        tl.static_assert(qk.shape[0] + qk.shape[1] <= _TABLE_PAD + 2)
+        d = tl.minimum(tl.maximum(start_n - start_m - (Nk - Nq), qk.shape[0] - 1 - tab_l - _TABLE_PAD),
+                       tab_r + _TABLE_PAD + 1 - qk.shape[1])
+        rows = table_ptr + (tab_l + _TABLE_PAD + d - (offs_m - start_m))[:, None]
+        s += tl.load(rows + (offs_n - start_n)[None, :])
+    elif TABLE == 1:
+        s += tl.load(table_ptr + (_table_index(rel, qp, kp, tab_l, tab_r, TABLE) + _TABLE_PAD))
+    elif TABLE:
+        s += tl.load(table_ptr + _table_index(rel, qp, kp, tab_l, tab_r, TABLE))
     if BIAS:
         cols = offs_n if BIAS_KEYS else offs_n * 0  # stride 1 along the keys, or broadcast
         if MASKED:
@@ -200,6 +223,8 @@ def _scores(qk, qp, kp, offs_m, offs_n, Nq, Nk, qk_scale, slope, r1, r2, table_p
             b = tl.load(bias_ptr + rows[:, None] * stride_bm + cols[None, :])
         if BIAS_MASK:
             visible = b != 0
+        elif NATURAL:
+            s += b.to(tl.float32)
         else:
             s += b.to(tl.float32) * LOG2E
     if MASKED:
@@ -235,7 +260,7 @@ def _probs_and_ds(qu, qw, k, v, do, ak_ptr, av_ptr, qp, kp, lse2, delta, start_m
     qk, ak = _logits(qu, qw, k, ak_ptr, start_m, start_n, Nq, Nk, rel_k, offs_d, D, FLAGS, BLOCK_M, BLOCK_N)
     SOFTCAP: tl.constexpr = (FLAGS >> _SOFTCAP.value) & 1
     DROPOUT: tl.constexpr = (FLAGS >> _DROPOUT.value) & 1
-    s, rel, t = _scores(qk, qp, kp, offs_m, offs_n, Nq, Nk, qk_scale, slope, r1, r2, table_ptr,
+    s, rel, t = _scores(qk, qp, kp, start_m, start_n, offs_m, offs_n, Nq, Nk, qk_scale, slope, r1, r2, table_ptr,
                         tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, FLAGS, MASKED)
     p = tl.math.exp2(s - lse2[:, None])
     dp = _dot(do, tl.trans(v), UPCAST)

@@ -253,14 +253,21 @@ def _alibi_args(p: Problem, slopes, dummy):
     return dict(ALIBI=True), {}, (slopes.expand(p.B, p.Hq),)      # [B, Hq]
 
 
+TABLE_PAD = 256   # kernels/common.py's _TABLE_PAD
+
+
 def _table_args(e, table, dummy):
-    """Table [Hq, T] contiguous (GridBias's [T, Hq] transposed), (tab_l, tab_r) = (L, R)
-    or (Wh, Ww): the kernels derive T from them."""
+    """Table float32 in the log2 domain, a row per head: GridBias's [T, Hq] transposed;
+    DistanceBias's [Hq, T] between TABLE_PAD copies of each end column (the kernels
+    read a tile's bias as a slice of it: kernels/scores.py). (tab_l, tab_r) = (L, R) or
+    (Wh, Ww): the kernels derive T from them."""
     if table is None:
         return dict(TABLE=0), dict(Table=dummy, tab_l=0, tab_r=0), ()
+    t = table.float() * LOG2E
     if isinstance(e, GridBias):
-        return dict(TABLE=2), dict(Table=table.t().contiguous(), tab_l=e.window[0], tab_r=e.window[1]), ()
-    return dict(TABLE=1), dict(Table=table.contiguous(), tab_l=e.left, tab_r=e.right), ()
+        return dict(TABLE=2), dict(Table=t.t().contiguous(), tab_l=e.window[0], tab_r=e.window[1]), ()
+    rows = torch.cat([t[:, :1].expand(-1, TABLE_PAD), t, t[:, -1:].expand(-1, TABLE_PAD)], dim=1)
+    return dict(TABLE=1), dict(Table=rows, tab_l=e.left, tab_r=e.right), ()
 
 
 def _bias_args(p: Problem, bias, dummy):
@@ -363,14 +370,14 @@ class _Launch:
         p = self.p
         masked = p.causal or p.window_left is not None or p.window_right is not None
         if (not backward and not self.has_rel and bd * (2 if p.q.dtype == torch.float32 else 1) <= 64
-                and (self.table is not None or masked and (self.bias is not None or self.alibi is not None
-                                                           or self.kerple[0] is not None))):
-            # Two warpgroups for 128-row tiles: one runs out of registers with the table
-            # gathers, or a masked boundary loop next to a dense bias or ALiBi's two
-            # interior loops (static sm_90 model at D=64: 4-24 bytes of spills with 4
-            # warps, none with 8). Masks alone, or an unmasked dense bias, fit one (0
-            # spills; causal interior tiles 1098 cycles per 128x128 block with 4 warps,
-            # 1208 with 8; dense bias 1652 against 1740).
+                and masked and (self.table is not None or self.bias is not None or self.alibi is not None
+                                 or self.kerple[0] is not None)):
+            # Two warpgroups for 128-row tiles: one runs out of registers with a masked
+            # boundary loop next to a table, a dense bias or ALiBi's two interior loops
+            # (static sm_90 model at D=64: 4-24 bytes of spills with 4 warps, none with 8).
+            # Masks alone, an unmasked dense bias or table fit one (0 spills; causal
+            # interior tiles 1098 cycles per 128x128 block with 4 warps, 1208 with 8;
+            # dense bias 1652 against 1740; DistanceBias far tiles 1090 against 1208).
             warps = 8
         if not backward and p.dropout_p > 0 and bd * (2 if p.q.dtype == torch.float32 else 1) <= 64:
             warps = 8   # the Philox words of a 128x64 tile spill one warpgroup (static sm_90 model: 28 B)
