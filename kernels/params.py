@@ -100,7 +100,8 @@ def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
     delta (delta_a + s_i / l_i) and the renormalised lse are then written to Stats
     for the kernels that follow. d(table) is corrected so for the far tiles (one
     column each); the near tiles are summed by a TABLE_PASS launch afterwards, from
-    the exact Stats, into the same slot."""
+    the exact Stats, into the same slot. So are d(aK) and d(aV)'s end rows (per-row
+    sums); their interior rows come from _attn_bwd_rel, after this pass."""
     ROPE: tl.constexpr = (FLAGS >> _ROPE.value) & 1
     HAS_POS: tl.constexpr = (FLAGS >> _HAS_POS.value) & 1
     TABLE: tl.constexpr = (FLAGS >> _TABLE.value) & 3
@@ -115,6 +116,8 @@ def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
     D_AV: tl.constexpr = (GRADS >> _D_AV.value) & 1
     DELTA_PASS: tl.constexpr = (GRADS >> _DELTA_PASS.value) & 1
     CORRECT: tl.constexpr = (GRADS >> _CORRECT.value) & 1
+    # (Transformer-XL's du / dw would need P @ K per row; d(aK) through a soft cap, P (1 - t^2))
+    tl.static_assert(CORRECT == 0 or D_U + D_W + D_AK * ((FLAGS >> _SOFTCAP.value) & 1) == 0)
     TABLE_PASS: tl.constexpr = (GRADS >> _TABLE_PASS.value) & 1
     FAR: tl.constexpr = (TABLE == 1) * (1 - HAS_POS)
     NO_TABLE: tl.constexpr = FLAGS & ~(3 << _TABLE.value)
@@ -185,6 +188,8 @@ def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
         far_p = tl.zeros([BLOCK_M], tl.float32)
         far_ds2 = tl.zeros([BLOCK_M], tl.float32)
         far_p2 = tl.zeros([BLOCK_M], tl.float32)
+        pk_left = tl.zeros([BLOCK_M], tl.float32)   # P over the keys clipped to aK's end rows
+        pk_right = tl.zeros([BLOCK_M], tl.float32)
     lo, hi = _key_range(start_m, BLOCK_M, Nq, Nk, win_l, win_r, FLAGS, BLOCK_N)
     if (FLAGS >> _VARLEN.value) & 1:  # a block past its sequence's rows (the grid fits the longest)
         hi = tl.where(start_m < Nq, hi, lo)
@@ -269,12 +274,30 @@ def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
                     elif not CORRECT:  # (with CORRECT, the TABLE_PASS launch sums the near tiles)
                         d_tab = _table_histogram(d_tab, ds, rel, qp, kp, start_m, start_n, Nq, Nk, tab_l, tab_r, T,
                                                  offs_t, FLAGS, BLOCK_M, BLOCK_N)
-                if D_AK or D_AV:
+                if (D_AK or D_AV) and SHAW_FAR and part > 0:  # a tile beyond the clip: one end row
+                    if part == 1:
+                        if D_AK:
+                            ds_left += tl.sum(ds_qk, 1)
+                            if CORRECT:
+                                pk_left += tl.sum(p, 1)
+                        if D_AV:
+                            p_left += tl.sum(p_v, 1)
+                    else:
+                        if D_AK:
+                            ds_right += tl.sum(ds_qk, 1)
+                            if CORRECT:
+                                pk_right += tl.sum(p, 1)
+                        if D_AV:
+                            p_right += tl.sum(p_v, 1)
+                elif D_AK or D_AV:
                     left = rel <= -rel_k
                     right = (rel >= rel_k) & (rel > -rel_k)
                     if D_AK:
                         ds_left += tl.sum(tl.where(left, ds_qk, 0.0), 1)
                         ds_right += tl.sum(tl.where(right, ds_qk, 0.0), 1)
+                        if CORRECT:  # (no soft cap here: dS_qk = dS)
+                            pk_left += tl.sum(tl.where(left, p, 0.0), 1)
+                            pk_right += tl.sum(tl.where(right, p, 0.0), 1)
                     if D_AV:
                         p_left += tl.sum(tl.where(left, p_v, 0.0), 1)
                         p_right += tl.sum(tl.where(right, p_v, 0.0), 1)
@@ -307,6 +330,12 @@ def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
             d_slope = (d_slope - shift * b_slope) * inv_l
             d_r1 = (d_r1 - shift * b_r1) * inv_l
             d_r2 = (d_r2 - shift * b_r2) * inv_l
+            if D_AK:
+                ds_left = (ds_left - shift * pk_left) * inv_l
+                ds_right = (ds_right - shift * pk_right) * inv_l
+            if D_AV:  # no delta in P_ij dO_i: renormalised only
+                p_left = p_left * inv_l
+                p_right = p_right * inv_l
             if D_TABLE:
                 d_tab += (tl.where(offs_t == 0, tl.sum((far_ds - shift * far_p) * inv_l, 0), 0.0)
                           + tl.where(offs_t == T - 1, tl.sum((far_ds2 - shift * far_p2) * inv_l, 0), 0.0))

@@ -636,11 +636,12 @@ def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need, wrap=_direct):
     has_dlse = dlse is not None
     exact_delta = any(need.values()) or EXACT_DELTA_FP32 and q.dtype == torch.float32
     # Parameter gradients need the exact delta (see _attn_bwd_dq). For ALiBi, KERPLE,
-    # tables and the dense bias, dQ's own pass corrects them and writes it for the
-    # kernels after it (CORRECT), so the extra pass runs only for float32, a
-    # differentiated lse, and the relative embeddings' gradients.
+    # tables, the dense bias and Shaw's aK / aV, dQ's own pass corrects them and writes
+    # it for the kernels after it (CORRECT), so the extra pass runs only for float32, a
+    # differentiated lse, Transformer-XL's u / w (their correction is a P @ K product
+    # per row) and aK through a soft cap.
     correct = (CORRECT_IN_PASS and exact_delta and not has_dlse and not (EXACT_DELTA_FP32 and q.dtype == torch.float32)
-               and not any(need[n] for n in ("rel_key", "rel_value", "rel_u", "rel_w")))
+               and not need["rel_u"] and not need["rel_w"] and not (need["rel_key"] and p.get("softcap") is not None))
     exact_delta = exact_delta and not correct
     if not exact_delta:
         L.launch(wrap, _attn_bwd_delta, (_cdiv(p.Nq, 64), p.Hq, p.B), Out=out, DO=do, Stats=stats,

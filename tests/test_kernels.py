@@ -275,6 +275,29 @@ def test_parameter_gradients_corrected_in_pass(dtype, device, backend, monkeypat
         assert err < 2e-4, (name, err)
 
 
+def test_shaw_gradients_corrected_in_pass(device, backend, monkeypatch):
+    """Shaw's d(aK) / d(aV) in bf16 from dQ's corrected pass (their end rows there, the
+    interior rows from _attn_bwd_rel after it, at the exact delta dQ wrote) equal the
+    extra exact-delta pass's, in peaked rows, with key tiles beyond the clip on both
+    sides of the diagonal."""
+    if backend != "triton":
+        pytest.skip("a Triton launch plan")
+    g = torch.Generator().manual_seed(5)
+    B, H, Nq, Nk, D, K = 1, 2, 150, 170, 16, 5
+    q = (6 * torch.randn(B, H, Nq, D, generator=g)).to(device, torch.bfloat16).requires_grad_()
+    k, v = (torch.randn(B, H, Nk, D, generator=g).to(device, torch.bfloat16).requires_grad_() for _ in range(2))
+    tables = [(0.5 * torch.randn(H, 2 * K + 1, D, generator=g)).to(device).requires_grad_() for _ in range(2)]
+    dout = torch.randn(B, H, Nq, D, generator=g).to(device, torch.bfloat16)
+    grads = []
+    for corrected in (True, False):
+        monkeypatch.setattr(_triton, "CORRECT_IN_PASS", corrected)
+        out = posattn.attention(q, k, v, rel_emb=posattn.RelativeEmbeddings(*tables, K), backend="triton")
+        grads.append(torch.autograd.grad(out, [q, k, v, *tables], dout))
+    for name, a, b in zip(("q", "k", "v", "aK", "aV"), *grads):
+        err = ((a.double() - b.double()).norm() / b.double().norm()).item()
+        assert err < (1e-2 if name in "qkv" else 2e-4), (name, err)
+
+
 def test_wide_distance_table(device, backend):
     """More columns than the Triton backend reduces in registers (8192): it refuses,
     saying so; the CUDA fallback's per-program histogram in global memory has no limit."""
