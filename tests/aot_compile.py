@@ -60,6 +60,8 @@ def _problem(enc, dt, D):
                   varlen=(70, 0, 90))
     elif enc == "causal+shaw+xl":
         kw = dict(causal=True, rel_emb=posattn.RelativeEmbeddings(r(HQ, 9, D), r(HQ, 9, D), 4, r(HQ, D), r(HQ, D)))
+    elif enc == "window+shaw":   # aK / aV without u / w: their gradients corrected in dQ's pass
+        kw = dict(window=(40, 9), rel_emb=posattn.RelativeEmbeddings(r(HQ, 9, D), r(HQ, 9, D), 4))
     elif enc != "plain":
         raise ValueError(enc)
     return q, k, v, kw
@@ -169,7 +171,7 @@ def cases(quick, only=None):
 
 
 ENCODINGS = ["plain", "causal+rope+alibi+table+bias", "varlen+causal+rope+alibi+table", "window+pos+ropei+grid+mask+softcap+sinks+dropout", "causal+shaw+xl",
-             "decode+alibi+table+bias+softcap+sinks+dropout", "decode+shaw+xl"]
+             "window+shaw", "decode+alibi+table+bias+softcap+sinks+dropout", "decode+shaw+xl"]
 
 
 def compile_case(args):
