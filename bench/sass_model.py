@@ -541,6 +541,7 @@ FWD_ENCODINGS = {
     "causal+alibi": dict(CAUSAL=True, ALIBI=True),
     "causal+bias": dict(CAUSAL=True, BIAS=True),
     "causal+table": dict(CAUSAL=True, TABLE=1),
+    "grid": dict(TABLE=2),   # GridBias, a 32 x 64 window (N = 2048 tokens)
     "shaw-kv": dict(REL_K=True, REL_V=True),
     "softcap": dict(SOFTCAP=True),
     "causal+softcap+sinks": dict(CAUSAL=True, SOFTCAP=True, SINKS=True),
@@ -597,7 +598,7 @@ def posattn_launches(enc, D, backward, bwd_grads=None):
     import torch
     from posattn import _triton as T
     from posattn import _validate
-    from posattn.encodings import DistanceBias, RelativeEmbeddings, RoPE
+    from posattn.encodings import DistanceBias, GridBias, RelativeEmbeddings, RoPE
     torch.manual_seed(0)
     dt = torch.bfloat16
     q = torch.randn(PB, PH, PN, D, dtype=dt)
@@ -617,7 +618,10 @@ def posattn_launches(enc, D, backward, bwd_grads=None):
     if flags["ALIBI"]:
         alibi = torch.rand(1, H, dtype=torch.float32)
         kw["alibi_slopes"] = alibi
-    if flags["TABLE"]:
+    if flags["TABLE"] == 2:
+        table = torch.randn(63 * 127, H, dtype=torch.float32)
+        kw["rel_bias"] = GridBias(table, (32, 64))
+    elif flags["TABLE"]:
         table = torch.randn(H, TABLE_L + TABLE_R + 1, dtype=torch.float32)
         kw["rel_bias"] = DistanceBias(table, TABLE_L, TABLE_R)
     if flags["BIAS"]:

@@ -15,19 +15,33 @@ def _table_index(rel, qp, kp, tab_a, tab_b, TABLE: tl.constexpr):
     """Column of the bias table for each (query, key) pair.
     TABLE == 1, DistanceBias: clamp(rel, -L, R) + L with (tab_a, tab_b) = (L, R).
     TABLE == 2, GridBias (Swin's relative_position_index) with (tab_a, tab_b) =
-    (Wh, Ww): tokens at (p // Ww, p % Ww), clamped into the table for rows and
-    columns past the window (they are masked anyway)."""
+    (Wh, Ww): tokens at (p // Ww, p % Ww). The host checks that positions lie in the
+    window; the rows and columns past it (padding, masked) are clamped into it."""
     if TABLE == 1:
         return tl.minimum(tl.maximum(rel, -tab_a), tab_b) + tab_a
     else:
-        # rows and columns per vector, then int32 per element (positions lie in the window;
-        # others are clamped into the table): half the registers of int64 tiles
-        qy = (qp // tab_b).to(tl.int32)
-        qx = (qp % tab_b).to(tl.int32)
-        ky = (kp // tab_b).to(tl.int32)
-        kx = (kp % tab_b).to(tl.int32)
-        idx = (qy[:, None] - ky[None, :] + (tab_a - 1)) * (2 * tab_b - 1) + (qx[:, None] - kx[None, :] + tab_b - 1)
-        return tl.minimum(tl.maximum(idx, 0), (2 * tab_a - 1) * (2 * tab_b - 1) - 1)
+        # (qy - ky + Wh - 1)(2 Ww - 1) + qx - kx + Ww - 1 = a row term - a column term,
+        # each per vector, then one int32 subtraction per element
+        wide = 2 * tab_b - 1
+        row = _grid_code(qp, tab_a, tab_b) + ((tab_a - 1) * wide + tab_b - 1)
+        return row[:, None] - _grid_code(kp, tab_a, tab_b)[None, :]
+
+
+@triton.jit
+def _grid_code(pos, wh, ww):
+    """y (2 Ww - 1) + x for tokens at (y, x) = (p // Ww, p % Ww), clamped into the window.
+    Default positions (int32): p // Ww as floor((p + 0.5) / Ww) in float32, exact for
+    0 <= p < 2^22 (the launcher refuses tables of more than 8192 columns, so Wh * Ww <
+    2^12): a runtime integer division costs some twenty instructions per element."""
+    if pos.dtype == tl.int64:   # explicit positions (a float conversion of int64 spills
+        y = (pos // ww).to(tl.int32)   # the largest forwards under Triton 3.6)
+        x = (pos % ww).to(tl.int32)
+    else:
+        y = ((pos.to(tl.float32) + 0.5) * (1.0 / ww)).to(tl.int32)
+        x = pos - y * ww
+    y = tl.minimum(tl.maximum(y, 0), wh - 1)
+    x = tl.minimum(tl.maximum(x, 0), ww - 1)
+    return y * (2 * ww - 1) + x
 
 
 @triton.jit

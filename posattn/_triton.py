@@ -370,8 +370,8 @@ class _Launch:
         p = self.p
         masked = p.causal or p.window_left is not None or p.window_right is not None
         if (not backward and not self.has_rel and bd * (2 if p.q.dtype == torch.float32 else 1) <= 64
-                and masked and (self.table is not None or self.bias is not None or self.alibi is not None
-                                 or self.kerple[0] is not None)):
+                and (self.grid_table or masked and (self.table is not None or self.bias is not None
+                                                    or self.alibi is not None or self.kerple[0] is not None))):
             # Two warpgroups for 128-row tiles: one runs out of registers with a masked
             # boundary loop next to a table, a dense bias or ALiBi's two interior loops
             # (static sm_90 model at D=64: 4-24 bytes of spills with 4 warps, none with 8).
