@@ -17,7 +17,9 @@ This module is the entry point the host side (posattn/_triton.py) imports.
 
 Conventions
 - Scores are kept in the log2 domain: s2 = log2(e) * (scale * q.k + bias), so the
-  softmax uses exp2 (one MUFU op) and log2(e) is folded into the scale once.
+  softmax uses exp2 (one MUFU op) and log2(e) is folded into the scale once (a
+  forward tile whose only term is a dense bias is scored in the natural domain and
+  log2(e) folded into its exponent instead: forward._fwd_tile's NATURAL).
 - Positions: rel = k_pos - q_pos. Without explicit positions q_pos = i + Nk - Nq and
   k_pos = j (bottom-right alignment), which also lets the loops skip tiles that
   causal / window masks hide entirely, and lets the forward score the tiles every

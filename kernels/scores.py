@@ -30,9 +30,10 @@ def _table_index(rel, qp, kp, tab_a, tab_b, TABLE: tl.constexpr):
 @triton.jit
 def _grid_code(pos, wh, ww):
     """y (2 Ww - 1) + x for tokens at (y, x) = (p // Ww, p % Ww), clamped into the window.
-    Default positions (int32): p // Ww as floor((p + 0.5) / Ww) in float32, exact for
-    0 <= p < 2^22 (the launcher refuses tables of more than 8192 columns, so Wh * Ww <
-    2^12): a runtime integer division costs some twenty instructions per element."""
+    Default positions (int32): p // Ww as floor((p + 0.5) / Ww) in float32 (with a
+    reciprocal a few ulp off, exact for 0 <= p < 2^20; the launcher refuses tables of
+    more than 8192 columns, so Wh * Ww <= 2^12 and p < 2^12 + a tile): a runtime
+    integer division costs some twenty instructions per element."""
     if pos.dtype == tl.int64:   # explicit positions (a float conversion of int64 spills
         y = (pos // ww).to(tl.int32)   # the largest forwards under Triton 3.6)
         x = (pos % ww).to(tl.int32)
@@ -57,10 +58,7 @@ def _table_columns(tab_a, tab_b, TABLE: tl.constexpr):
 def _table_row(tab_a, tab_b, TABLE: tl.constexpr):
     """A head's row length in Table: DistanceBias's T columns between _TABLE_PAD copies
     of each end column; GridBias's T columns."""
-    if TABLE == 1:
-        return tab_a + tab_b + 1 + 2 * _TABLE_PAD
-    else:
-        return (2 * tab_a - 1) * (2 * tab_b - 1)
+    return _table_columns(tab_a, tab_b, TABLE) + (2 * _TABLE_PAD if TABLE == 1 else 0)
 
 
 @triton.jit

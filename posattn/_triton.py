@@ -202,8 +202,8 @@ LOG2E = 1.4426950408889634
 # lse round-trip leave dq / dk errors of ~1e-4 where PyTorch's float32 is exact (0);
 # float32 is the dtype of gradient checks, so it pays for the pass (bench/NOTES.md).
 EXACT_DELTA_FP32 = True
-# Otherwise ALiBi / KERPLE / table / dense-bias gradients are corrected to the exact delta
-# inside dQ's pass (no extra pass); False forces the extra pass (tests compare the two).
+# Otherwise ALiBi / KERPLE / table / dense-bias / Shaw aK, aV gradients are corrected to the
+# exact delta inside dQ's pass (no extra pass); False forces the extra pass (tests compare).
 CORRECT_IN_PASS = True
 
 # Differentiable inputs of the autograd Function, in order (after q, k, v).
@@ -369,15 +369,19 @@ class _Launch:
                                             arch=self.arch)
         p = self.p
         masked = p.causal or p.window_left is not None or p.window_right is not None
+        positions = p.q_pos is not None or p.k_pos is not None   # a table index per element
         if (not backward and not self.has_rel and bd * (2 if p.q.dtype == torch.float32 else 1) <= 64
-                and (self.grid_table or masked and (self.table is not None or self.bias is not None
-                                                    or self.alibi is not None or self.kerple[0] is not None))):
+                and (self.grid_table or self.table is not None and positions
+                     or masked and (self.table is not None or self.bias is not None or self.alibi is not None
+                                    or self.kerple[0] is not None))):
             # Two warpgroups for 128-row tiles: one runs out of registers with a masked
             # boundary loop next to a table, a dense bias or ALiBi's two interior loops
             # (static sm_90 model at D=64: 4-24 bytes of spills with 4 warps, none with 8).
-            # Masks alone, an unmasked dense bias or table fit one (0 spills; causal
-            # interior tiles 1098 cycles per 128x128 block with 4 warps, 1208 with 8;
-            # dense bias 1652 against 1740; DistanceBias far tiles 1090 against 1208).
+            # GridBias and a table at explicit positions (an index and a gather per
+            # element) need two as well. Masks alone, an unmasked dense bias or a
+            # DistanceBias at default positions fit one (0 spills; causal interior tiles
+            # 1098 cycles per 128x128 block with 4 warps, 1208 with 8; dense bias 1652
+            # against 1740; DistanceBias far tiles 1090 against 1208).
             warps = 8
         if not backward and p.dropout_p > 0 and bd * (2 if p.q.dtype == torch.float32 else 1) <= 64:
             warps = 8   # the Philox words of a 128x64 tile spill one warpgroup (static sm_90 model: 28 B)

@@ -244,6 +244,22 @@ def test_scale_and_t5(device, backend):
     assert (gw.double() - gw64).norm() / gw64.norm() < tol
 
 
+def test_distance_table_tiles_past_the_padding(device, backend):
+    """The Triton kernels read a DistanceBias tile as a slice of a padded table row
+    and clamp the tile's offset once (kernels/scores.py): rows long enough that
+    boundary tiles (keys past a multiple of the tile), the batch-shared bias's
+    gradient pass and the decoding kernel's chunks lie past the padding too."""
+    t = torch.randn(2, 6, device=device, requires_grad=True)
+    bias = torch.randn(1, 2, 8, 470, device=device, requires_grad=True)
+    q, k, v = make_qkv((2, 2, 2, 8, 470, 16, False), torch.float32, device)
+    check(q, k, v, backend=backend, rel_bias=posattn.DistanceBias(t, 3, 2), bias=bias)
+    q, k, v = make_qkv((1, 4, 2, 1, 470, 16, False), torch.float32, device)   # decoding
+    check(q, k, v, backend=backend, rel_bias=posattn.DistanceBias(t[:1].expand(4, 6), 3, 2))
+    if backend == "triton":   # the host's pad is the kernels' (a mismatch shifts every read)
+        from posattn.kernels.common import _TABLE_PAD
+        assert _triton.TABLE_PAD == _TABLE_PAD.value
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_parameter_gradients_corrected_in_pass(dtype, device, backend, monkeypatch):
     """bf16 / fp16 parameter gradients come from dQ's own pass, corrected to the exact
