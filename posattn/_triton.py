@@ -171,7 +171,9 @@ def candidates(D: int, backward: bool, rel_emb: bool = False, fp32: bool = False
 def _default_config(block_d, width, backward, rel_emb):
     if rel_emb:  # the aK / aV slices ([BLOCK_M + BLOCK_N, D] each) also live in shared memory
         if width <= 64:
-            return 64, 64, block_d, 4, 2
+            # backward: one stage (2 CTAs per SM instead of 1, fewer spills; static sm_90
+            # model 7379 -> 7303 cycles per 128x128 block at D=64, bench/NOTES.md)
+            return 64, 64, block_d, 4, 1 if backward else 2
         if not backward:
             return (64, 32, block_d, 4, 1) if width <= 128 else (32, 32, block_d, 4, 1)
         return (32, 32, block_d, 4, 1) if width <= 128 else (16, 16, block_d, 4, 1)
