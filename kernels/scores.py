@@ -29,20 +29,19 @@ def _table_index(rel, qp, kp, tab_a, tab_b, TABLE: tl.constexpr):
 
 @triton.jit
 def _grid_code(pos, wh, ww):
-    """y (2 Ww - 1) + x for tokens at (y, x) = (p // Ww, p % Ww), clamped into the window.
-    Default positions (int32): p // Ww as floor((p + 0.5) / Ww) in float32 (with a
-    reciprocal a few ulp off, exact for 0 <= p < 2^20; the launcher refuses tables of
-    more than 8192 columns, so Wh * Ww <= 2^12 and p < 2^12 + a tile): a runtime
-    integer division costs some twenty instructions per element."""
+    """y (2 Ww - 1) + x = p + y (Ww - 1) for the token at (y, x) = (p // Ww, p % Ww), p
+    clamped into the window first (padding rows and keys; the host checks explicit
+    positions). Default positions (int32, >= 0): p // Ww as floor((p + 0.5) / Ww) in
+    float32, exact for p < 2^20 with a reciprocal a few ulp off (the launcher refuses
+    tables of more than 8192 columns, so Wh * Ww <= 2^12): a runtime integer division
+    costs some twenty instructions per element."""
     if pos.dtype == tl.int64:   # explicit positions (a float conversion of int64 spills
-        y = (pos // ww).to(tl.int32)   # the largest forwards under Triton 3.6)
-        x = (pos % ww).to(tl.int32)
+        p = tl.minimum(tl.maximum(pos, 0), wh * ww - 1).to(tl.int32)   # the largest forwards
+        y = p // ww                                                      # under Triton 3.6)
     else:
-        y = ((pos.to(tl.float32) + 0.5) * (1.0 / ww)).to(tl.int32)
-        x = pos - y * ww
-    y = tl.minimum(tl.maximum(y, 0), wh - 1)
-    x = tl.minimum(tl.maximum(x, 0), ww - 1)
-    return y * (2 * ww - 1) + x
+        p = tl.minimum(pos, wh * ww - 1)
+        y = ((p.to(tl.float32) + 0.5) * (1.0 / ww)).to(tl.int32)
+    return p + y * (ww - 1)
 
 
 @triton.jit
