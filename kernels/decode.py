@@ -7,7 +7,7 @@ import triton.language as tl
 
 from .common import LOG2E, _DROPOUT, _REL_K, _REL_U, _REL_V, _REL_W, _SINKS, _TABLE, _key_range, _positions
 from .forward import _fwd_tile
-from .scores import _head_params, _load_queries, _table_row
+from .scores import _head_params, _load_queries
 
 
 @triton.jit
@@ -49,15 +49,13 @@ def _attn_decode(Q, K, V, Part, PartLse, Pos, Params, Table, Bias, Rel, Rng,
         live = grp < GROUP                      # rows past the group (padding to BLOCK_M) are never stored
         off_h = off_hk * GROUP + tl.minimum(grp, GROUP - 1)   # each row's query head
         # _head_params at a vector of heads: per-row values (no relative embeddings here)
-        slope, r1, r2, _tab, bias_ptr, ak_ptr, av_ptr, u_ptr, w_ptr, cap2, sink2, drop_p = _head_params(
+        slope, r1, r2, table_ptr, bias_ptr, ak_ptr, av_ptr, u_ptr, w_ptr, cap2, sink2, drop_p = _head_params(
             off_b, off_h, Params, Table, tab_l, tab_r, Bias, sbb, sbh, bias_nb, Rel, rel_k, Hq, D, FLAGS, ROT_DIM)
         zero = tl.zeros([BLOCK_M], tl.float32)   # (a scalar where the encoding is off)
         slope, r1, r2 = (slope + zero)[:, None], (r1 + zero)[:, None], (r2 + zero)[:, None]
         bias_ptr = bias_ptr[:, None]
         if TABLE:
-            table_ptr = Table + (off_h * _table_row(tab_l, tab_r, TABLE))[:, None]
-        else:
-            table_ptr = Table
+            table_ptr = table_ptr[:, None]
         qp = _positions(pos_q, offs_i, Nq, Nk - Nq, FLAGS)
         q = tl.load(Q + off_b * sqb + off_h[:, None] * sqh + offs_i[:, None] * sqm + offs_d[None, :],
                     mask=live[:, None] & (offs_d[None, :] < D), other=0.0)

@@ -274,24 +274,13 @@ def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
                     elif not CORRECT:  # (with CORRECT, the TABLE_PASS launch sums the near tiles)
                         d_tab = _table_histogram(d_tab, ds, rel, qp, kp, start_m, start_n, Nq, Nk, tab_l, tab_r, T,
                                                  offs_t, FLAGS, BLOCK_M, BLOCK_N)
-                if (D_AK or D_AV) and SHAW_FAR and part > 0:  # a tile beyond the clip: one end row
-                    if part == 1:
-                        if D_AK:
-                            ds_left += tl.sum(ds_qk, 1)
-                            if CORRECT:
-                                pk_left += tl.sum(p, 1)
-                        if D_AV:
-                            p_left += tl.sum(p_v, 1)
+                if D_AK or D_AV:
+                    if SHAW_FAR and part > 0:  # a tile beyond the clip: every pair on one side
+                        left = part == 1
+                        right = part == 2
                     else:
-                        if D_AK:
-                            ds_right += tl.sum(ds_qk, 1)
-                            if CORRECT:
-                                pk_right += tl.sum(p, 1)
-                        if D_AV:
-                            p_right += tl.sum(p_v, 1)
-                elif D_AK or D_AV:
-                    left = rel <= -rel_k
-                    right = (rel >= rel_k) & (rel > -rel_k)
+                        left = rel <= -rel_k
+                        right = (rel >= rel_k) & (rel > -rel_k)
                     if D_AK:
                         ds_left += tl.sum(tl.where(left, ds_qk, 0.0), 1)
                         ds_right += tl.sum(tl.where(right, ds_qk, 0.0), 1)
