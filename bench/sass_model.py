@@ -553,6 +553,9 @@ FWD_ENCODINGS = {
 BWD_ENCODINGS = {"plain": ({}, {}), "rope": (dict(ROPE=True, ROT_DIM=-1), {}),
                  "alibi+dslope": (dict(ALIBI=True), dict(D_SLOPE=True)),
                  "table+dtable": (dict(TABLE=1), dict(D_TABLE=True)),
+                 "grid+dgrid": (dict(TABLE=2), dict(D_TABLE=True)),   # GridBias, 32 x 64 window
+                 # Swin-v2's 16 x 16 window (N = 256: T = 961 table columns, against 8001 above)
+                 "grid16+dgrid": (dict(TABLE=2, WINDOW=(16, 16)), dict(D_TABLE=True)),
                  # a per-sample dense bias (dS written by dK/dV) and one shared by the batch
                  # (its own dBias pass sums over the batch)
                  "bias+dbias": (dict(BIAS=True), dict(D_BIAS=True)),
@@ -590,6 +593,7 @@ def aot_signature(fn, cx, dt, flags):
 PB, PH, PN = 2, 16, 2048
 TABLE_L = TABLE_R = 128   # DistanceBias with 257 columns -> BLOCK_T = 512 in dq
 SHAW_K = 64               # Shaw clip K
+GRID = (32, 64)           # GridBias window of the "grid" variants (N = Wh * Ww = 2048 tokens)
 
 
 def posattn_launches(enc, D, backward, bwd_grads=None):
@@ -606,6 +610,9 @@ def posattn_launches(enc, D, backward, bwd_grads=None):
     v = torch.randn(PB, PH, PN, D, dtype=dt)
     flags = dict(NONE, **enc)
     bias_batch = flags.pop("BIAS_BATCH", PB)
+    window = flags.pop("WINDOW", GRID)
+    if flags["TABLE"] == 2:   # one window per batch row
+        q, k, v = (x[:, :, :window[0] * window[1]] for x in (q, k, v))
     if flags.pop("DECODE", False):   # KV-cache decoding: B=1, Hq=32, Hkv=8, Nq=1, Nk=32k
         q = torch.randn(1, 32, 1, D, dtype=dt)
         k = torch.randn(1, 8, 32768, D, dtype=dt)
@@ -619,8 +626,8 @@ def posattn_launches(enc, D, backward, bwd_grads=None):
         alibi = torch.rand(1, H, dtype=torch.float32)
         kw["alibi_slopes"] = alibi
     if flags["TABLE"] == 2:
-        table = torch.randn(63 * 127, H, dtype=torch.float32)
-        kw["rel_bias"] = GridBias(table, (32, 64))
+        table = torch.randn((2 * window[0] - 1) * (2 * window[1] - 1), H, dtype=torch.float32)
+        kw["rel_bias"] = GridBias(table, window)
     elif flags["TABLE"]:
         table = torch.randn(H, TABLE_L + TABLE_R + 1, dtype=torch.float32)
         kw["rel_bias"] = DistanceBias(table, TABLE_L, TABLE_R)
@@ -701,6 +708,7 @@ def build_posattn(direction, enc_name, D, enc, grads, aot=False):
     out = []
     flags = dict(NONE, **enc)
     flags.pop("BIAS_BATCH", None)   # launch facts, not flags
+    flags.pop("WINDOW", None)
     flags.pop("DECODE", None)
     if flags["ROT_DIM"] == -1:
         flags["ROT_DIM"] = D
@@ -1104,6 +1112,26 @@ def table_trips(N, BM, BN, L, R, causal=False):
     return tot / n
 
 
+def grid_trips(BM, BN, wh=GRID[0], ww=GRID[1]):
+    """Average trips of posattn's GridBias histogram loop per visited BM x BN tile,
+    default positions, Nq == Nk == Wh * Ww: one per grid-row difference dy of a tile
+    holding several, none for a tile with one (a branch the model's 'always' count
+    leaves out: kernels/params.py _grid_histogram)."""
+    N = wh * ww
+    tot = n = 0
+    for sm in range(0, N, BM):
+        for sn in range(0, N, BN):
+            n_dy = (min(sm + BM, N) - 1) // ww - sn // ww - (sm // ww - (min(sn + BN, N) - 1) // ww) + 1
+            tot += n_dy if n_dy > 1 else 0
+            n += 1
+    return tot / n
+
+
+def enc_window(variant):
+    """The GridBias window of a backward variant."""
+    return BWD_ENCODINGS[variant][0].get("WINDOW", GRID)
+
+
 def table_near(N, BM, BN, L, R):
     """Fraction of the BM x BN tiles (default positions, Nq == Nk == N, non-causal) that
     meet the band -L < rel < R of DistanceBias(L, R): posattn's near-diagonal loops; the
@@ -1186,8 +1214,10 @@ def bwd_totals(recs, Ns=(2048, 8192)):
         dkdv = [cyc("_attn_bwd_dkdv", N) or cyc("dkdv", N) for N in Ns]
         dq = [cyc("_attn_bwd_dq", N) or cyc("dq", N) for N in Ns]
         dp = [cyc("_attn_bwd_dq[DELTA_PASS]", N) for N in Ns]
-        # d(table)'s pass visits the near tiles only
-        tp = [cyc("_attn_bwd_dq[TABLE_PASS]", N) * table_near(N, 64, 64, TABLE_L, TABLE_R) for N in Ns]
+        # d(table)'s pass visits the near tiles only (GridBias: every tile)
+        grid = v.startswith("grid")
+        tp = [cyc("_attn_bwd_dq[TABLE_PASS]", N) * (1 if grid else table_near(N, 64, 64, TABLE_L, TABLE_R))
+              for N in Ns]
         hist = d.get("hist_inner", 0)
         dbias = [cyc("_attn_bwd_dbias", N) for N in Ns]   # the dense-bias gradient's pass
         # d(aK, aV)'s interior rows: a pass over the tiles on the diagonals -K < rel < K only
@@ -1195,7 +1225,8 @@ def bwd_totals(recs, Ns=(2048, 8192)):
         dbias = [x + cyc("_attn_bwd_rel", N) * table_near(N, 64, 64, SHAW_K, SHAW_K) for x, N in zip(dbias, Ns)]
         tots = []
         for i, N in enumerate(Ns):
-            t = table_trips(N, 64, 64, TABLE_L, TABLE_R) if hist else 0
+            t = (0 if not hist else grid_trips(64, 64, *enc_window(v)) if grid
+                 else table_trips(N, 64, 64, TABLE_L, TABLE_R))
             tots.append(dkdv[i] + dq[i] + dp[i] + tp[i] + dbias[i] + t * hist)
         base = per.get(("posattn", "plain", D), {})
         b = sum(sum(base.get(n, [0])) if isinstance(base.get(n), list) else base.get(n, 0)
@@ -1209,6 +1240,8 @@ def bwd_totals(recs, Ns=(2048, 8192)):
                    + (" / ".join(f"{t / b:.2f}" for t in tots) if b else "") + " | "
                    + (" / ".join(f"{t / tb:.2f}" for t in tots) if tb else "") + " |")
     trips = ", ".join(f"N={N}: {table_trips(N, 64, 64, TABLE_L, TABLE_R):.2f}" for N in Ns)
+    trips += "; GridBias dy loop: " + ", ".join(f"{w[0]} x {w[1]}: {grid_trips(64, 64, *w):.2f}"
+                                                for w in (GRID, enc_window("grid16+dgrid")))
     return "\n".join(out), trips
 
 

@@ -9,7 +9,7 @@ from .common import (LOG2E, _CORRECT, _HAS_POS, _DELTA_PASS, _TABLE_PASS, _D_AK,
                      _load_row_stats, _load_tile, _positions, _stats_row)
 from .rope import _rope_factor, _unrotate
 from .relative import _keys_to_rel, _rel_end_rows, _row_dot
-from .scores import _head_params, _load_queries, _probs_and_ds, _table_columns, _table_far, _table_index
+from .scores import _grid_xy, _head_params, _load_queries, _probs_and_ds, _table_columns, _table_far, _table_index
 
 
 @triton.jit
@@ -53,6 +53,44 @@ def _distance_histogram(d_tab, ds, start_m, start_n, Nq, Nk, tab_l, tab_r, T, of
 
 
 @triton.jit
+def _land(d_tab, diag, r, BLOCK_R: tl.constexpr):
+    """d_tab[t] += diag[r[t]] where r[t] lies in [0, BLOCK_R) (one unsigned comparison;
+    r wrapped into it for the register gather)."""
+    return d_tab + tl.where(r.to(tl.uint32) < BLOCK_R, tl.gather(diag, r & (BLOCK_R - 1), axis=0), 0.0)
+
+
+@triton.jit
+def _grid_histogram(d_tab, ds, qp, start_m, start_n, Nq, Nk, wh, ww, offs_t,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """d_tab += dS summed by GridBias column, default positions. A pair's column is
+    K0 + dy (Ww - 1) - rel (rel = kp - qp, dy = yq - yk the grid rows' difference,
+    K0 = (Wh - 1)(2 Ww - 1) + Ww - 1): for one dy, a diagonal. So the tile is shifted
+    onto its diagonals once (Shaw's per-row shift, as _distance_histogram does) and
+    summed by diagonal once per dy it holds: one when its rows and its keys each lie
+    in one grid row, at most about 2 BLOCK / Ww + 1. Each sum lands on consecutive
+    columns by one register gather. (Rows and keys past Nq / Nk have dS = 0: wherever
+    their clamped positions put them, they add nothing.)"""
+    BLOCK_R: tl.constexpr = 2 * BLOCK_M if BLOCK_M >= BLOCK_N else 2 * BLOCK_N  # as in _keys_to_rel
+    rel0 = start_n - start_m - (BLOCK_M - 1) - (Nk - Nq)          # rel of slice row 0
+    base = (wh - 1) * (2 * ww - 1) + ww - 1 - rel0 - offs_t       # slice row of column t, less dy (Ww - 1)
+    # y grows with the position: the first and last rows / keys in bounds hold the ends
+    pq, yq = _grid_xy(qp, wh, ww)
+    y_lo = tl.min(yq, 0) - (tl.minimum(start_n + BLOCK_N, Nk) - 1) // ww   # (keys lie in the window)
+    y_hi = tl.max(tl.where(qp < Nk, yq, 0), 0) - start_n // ww
+    x = _keys_to_rel(ds, BLOCK_M, BLOCK_N)                        # [BLOCK_M, BLOCK_R]: key at rel0 + r
+    if y_lo == y_hi:
+        d_tab = _land(d_tab, tl.sum(x, 0), base + y_lo * (ww - 1), BLOCK_R)
+    else:
+        # slot r of row i holds the key at kp = qp + rel0 + r: it is in grid row yq - d
+        # when kp - (yq - d) Ww lies in [0, Ww) (one unsigned comparison per entry)
+        x0 = qp - yq * ww + rel0
+        for d in range(y_lo, y_hi + 1):
+            in_d = ((x0 + d * ww)[:, None] + tl.arange(0, BLOCK_R)[None, :]).to(tl.uint32) < ww
+            d_tab = _land(d_tab, tl.sum(tl.where(in_d, x, 0.0), 0), base + d * (ww - 1), BLOCK_R)
+    return d_tab
+
+
+@triton.jit
 def _table_histogram(d_tab, ds, rel, qp, kp, start_m, start_n, Nq, Nk, tab_l, tab_r, T, offs_t,
                      FLAGS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """d_tab += the tile's dS summed by table column."""
@@ -60,6 +98,8 @@ def _table_histogram(d_tab, ds, rel, qp, kp, start_m, start_n, Nq, Nk, tab_l, ta
     TABLE: tl.constexpr = (FLAGS >> _TABLE.value) & 3
     if TABLE == 1 and not HAS_POS:
         d_tab = _distance_histogram(d_tab, ds, start_m, start_n, Nq, Nk, tab_l, tab_r, T, offs_t, BLOCK_M, BLOCK_N)
+    elif TABLE == 2 and not HAS_POS:
+        d_tab = _grid_histogram(d_tab, ds, qp, start_m, start_n, Nq, Nk, tab_l, tab_r, offs_t, BLOCK_M, BLOCK_N)
     else:
         # Over only the columns this tile touches: far from the diagonal every entry
         # clamps to one column.

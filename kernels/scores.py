@@ -28,19 +28,26 @@ def _table_index(rel, qp, kp, tab_a, tab_b, TABLE: tl.constexpr):
 
 
 @triton.jit
-def _grid_code(pos, wh, ww):
-    """y (2 Ww - 1) + x = p + y (Ww - 1) for the token at (y, x) = (p // Ww, p % Ww), p
-    clamped into the window first (padding rows and keys; the host checks explicit
-    positions). Default positions (int32, >= 0): p // Ww as floor((p + 0.5) / Ww) in
-    float32, exact for p < 2^20 with a reciprocal a few ulp off (the launcher refuses
-    tables of more than 8192 columns, so Wh * Ww <= 2^12): a runtime integer division
-    costs some twenty instructions per element."""
+def _grid_xy(pos, wh, ww):
+    """(p, y): the position p clamped into the window first (padding rows and keys; the
+    host checks explicit positions) and its grid row y = p // Ww. Default positions
+    (int32, >= 0): p // Ww as floor((p + 0.5) / Ww) in float32, exact for p < 2^20 with
+    a reciprocal a few ulp off (the launcher refuses tables of more than 8192 columns,
+    so Wh * Ww <= 2^12): a runtime integer division costs some twenty instructions per
+    element."""
     if pos.dtype == tl.int64:   # explicit positions (a float conversion of int64 spills
         p = tl.minimum(tl.maximum(pos, 0), wh * ww - 1).to(tl.int32)   # the largest forwards
         y = p // ww                                                      # under Triton 3.6)
     else:
         p = tl.minimum(pos, wh * ww - 1)
         y = ((p.to(tl.float32) + 0.5) * (1.0 / ww)).to(tl.int32)
+    return p, y
+
+
+@triton.jit
+def _grid_code(pos, wh, ww):
+    """y (2 Ww - 1) + x = p + y (Ww - 1) for the token at (y, x) = (p // Ww, p % Ww)."""
+    p, y = _grid_xy(pos, wh, ww)
     return p + y * (ww - 1)
 
 
@@ -178,7 +185,7 @@ def _logits(qu, qw, k, ak_ptr, start_m, start_n, Nq, Nk, rel_k, offs_d, D,
 @triton.jit
 def _scores(qk, qp, kp, start_m, start_n, offs_m, offs_n, Nq, Nk, qk_scale, slope, r1, r2, table_ptr,
             tab_l, tab_r, bias_ptr, stride_bm, win_l, win_r, cap2,
-            FLAGS: tl.constexpr, MASKED: tl.constexpr, NATURAL: tl.constexpr = 0):
+            FLAGS: tl.constexpr, MASKED: tl.constexpr, NATURAL: tl.constexpr = 0, KEYS_FIXED: tl.constexpr = 0):
     """The [BLOCK_M, BLOCK_N] score tile in the log2 domain, masked entries = -inf, its
     relative positions, and with SOFTCAP t = tanh(scale * logit / cap) (the capped
     logit is cap2 * t, cap2 = cap * log2(e)).
@@ -186,7 +193,8 @@ def _scores(qk, qp, kp, start_m, start_n, offs_m, offs_n, Nq, Nk, qk_scale, slop
     loops pass 0 for the interior tiles they know to be fully visible: Triton's
     tutorial 06 masks the diagonal block only); a bool bias masks every tile.
     NATURAL: a dense bias is the only additive term, and the tile is returned in the
-    natural domain, qk_scale * qk + bias (the caller folds log2(e) into its exponent)."""
+    natural domain, qk_scale * qk + bias (the caller folds log2(e) into its exponent).
+    KEYS_FIXED: the caller's loop runs over query tiles with the keys fixed (dK / dV)."""
     CAUSAL: tl.constexpr = (FLAGS >> _CAUSAL.value) & 1
     HAS_WL: tl.constexpr = (FLAGS >> _HAS_WL.value) & 1
     HAS_WR: tl.constexpr = (FLAGS >> _HAS_WR.value) & 1
@@ -222,8 +230,17 @@ def _scores(qk, qp, kp, start_m, start_n, offs_m, offs_n, Nq, Nk, qk_scale, slop
         s += tl.load(rows + (offs_n - start_n)[None, :])
     elif TABLE == 1:
         s += tl.load(table_ptr + (_table_index(rel, qp, kp, tab_l, tab_r, TABLE) + _TABLE_PAD))
-    elif TABLE:
+    elif TABLE and KEYS_FIXED:
         s += tl.load(table_ptr + _table_index(rel, qp, kp, tab_l, tab_r, TABLE))
+    elif TABLE:
+        # GridBias, the rows fixed over the loop: gathered as the transposed tile, so that
+        # Triton 3.6 lays the load out with 1 key x BLOCK_M / 4 rows per thread (its
+        # order for a gather is the first axis fastest): a key's code once per tile,
+        # the rows' codes loop-invariant. Gathered untransposed when the keys are fixed
+        # (dK / dV), each thread holds one row and the keys' codes are the invariant.
+        wide = 2 * tab_r - 1
+        row = _grid_code(qp, tab_l, tab_r) + ((tab_l - 1) * wide + tab_r - 1)
+        s += tl.trans(tl.load(table_ptr + (row[None, :] - _grid_code(kp, tab_l, tab_r)[:, None])))
     if BIAS:
         cols = offs_n if BIAS_KEYS else offs_n * 0  # stride 1 along the keys, or broadcast
         if MASKED:
@@ -258,7 +275,8 @@ def _scores(qk, qp, kp, start_m, start_n, offs_m, offs_n, Nq, Nk, qk_scale, slop
 def _probs_and_ds(qu, qw, k, v, do, ak_ptr, av_ptr, qp, kp, lse2, delta, start_m, start_n, offs_m, offs_n,
                   offs_d, Nq, Nk, D, rel_k, qk_scale, slope, r1, r2, table_ptr, tab_l, tab_r,
                   bias_ptr, sbm, win_l, win_r, cap2, seed, rng_row, drop_p,
-                  FLAGS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr = 1):
+                  FLAGS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr = 1,
+                  KEYS_FIXED: tl.constexpr = 0):
     """Recompute P from the saved log-sum-exp and dS = P * (dP - delta), the gradient
     w.r.t. the natural-domain score scale * q.k + bias. dP_ij = dO_i . (v_j + aV[c]).
     Also returns rel, the aK slice (for dQ's position term) and dS_qk, the gradient
@@ -272,7 +290,7 @@ def _probs_and_ds(qu, qw, k, v, do, ak_ptr, av_ptr, qp, kp, lse2, delta, start_m
     SOFTCAP: tl.constexpr = (FLAGS >> _SOFTCAP.value) & 1
     DROPOUT: tl.constexpr = (FLAGS >> _DROPOUT.value) & 1
     s, rel, t = _scores(qk, qp, kp, start_m, start_n, offs_m, offs_n, Nq, Nk, qk_scale, slope, r1, r2, table_ptr,
-                        tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, FLAGS, MASKED)
+                        tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, FLAGS, MASKED, KEYS_FIXED=KEYS_FIXED)
     p = tl.math.exp2(s - lse2[:, None])
     dp = _dot(do, tl.trans(v), UPCAST)
     if REL_V:
