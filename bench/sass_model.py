@@ -1113,18 +1113,27 @@ def table_trips(N, BM, BN, L, R, causal=False):
 
 
 def grid_trips(BM, BN, wh=GRID[0], ww=GRID[1]):
-    """Average trips of posattn's GridBias histogram loop per visited BM x BN tile,
-    default positions, Nq == Nk == Wh * Ww: one per grid-row difference dy of a tile
-    holding several, none for a tile with one (a branch the model's 'always' count
-    leaves out: kernels/params.py _grid_histogram)."""
+    """Average trips of posattn's GridBias histogram loops per visited BM x BN tile,
+    default positions, Nq == Nk == Wh * Ww, as kernels/params.py _grid_histogram picks
+    them: (rounds of the code-space gather, dy sums after the diagonal shift). A tile
+    with one dy runs neither (a branch the model's 'always' count leaves out)."""
     N = wh * ww
-    tot = n = 0
+    block_r = 2 * max(BM, BN)
+
+    def code(p):
+        return p + (p // ww) * (ww - 1)
+    rounds = sums = n = 0
     for sm in range(0, N, BM):
         for sn in range(0, N, BN):
-            n_dy = (min(sm + BM, N) - 1) // ww - sn // ww - (sm // ww - (min(sn + BN, N) - 1) // ww) + 1
-            tot += n_dy if n_dy > 1 else 0
+            m_last, n_last = min(sm + BM, N) - 1, min(sn + BN, N) - 1
+            n_dy = m_last // ww - sn // ww - (sm // ww - n_last // ww) + 1
+            r = (code(m_last) - code(sn) - (code(sm) - code(n_last))) // block_r + 1
+            if n_dy > 1 and 5 * r <= 2 * n_dy:
+                rounds += r
+            elif n_dy > 1:
+                sums += n_dy
             n += 1
-    return tot / n
+    return rounds / n, sums / n
 
 
 def enc_window(variant):
@@ -1197,7 +1206,8 @@ def bwd_totals(recs, Ns=(2048, 8192)):
             key = ("posattn", r["variant"], r["D"])
             k = r["kernel"]
             if x.get("inner"):
-                if "Payne-Hanek" not in x["label"]:  # the D_TABLE histogram loop (libdevice slow paths: not taken)
+                if "Payne-Hanek" not in x["label"]:  # the D_TABLE histogram loops (libdevice slow paths: not taken)
+                    per[key].setdefault("hist_loops", []).append(m["cycles_per_128x128"])
                     per[key]["hist_inner"] = m["cycles_per_128x128"]
             else:
                 per[key].setdefault(k, []).append(m["cycles_per_128x128"])
@@ -1225,9 +1235,13 @@ def bwd_totals(recs, Ns=(2048, 8192)):
         dbias = [x + cyc("_attn_bwd_rel", N) * table_near(N, 64, 64, SHAW_K, SHAW_K) for x, N in zip(dbias, Ns)]
         tots = []
         for i, N in enumerate(Ns):
-            t = (0 if not hist else grid_trips(64, 64, *enc_window(v)) if grid
-                 else table_trips(N, 64, 64, TABLE_L, TABLE_R))
-            tots.append(dkdv[i] + dq[i] + dp[i] + tp[i] + dbias[i] + t * hist)
+            if grid and hist:   # GridBias: its code-space rounds, then its dy sums
+                loops = d["hist_loops"]
+                trips = grid_trips(64, 64, *enc_window(v))
+                extra = sum(a * b for a, b in zip(trips, loops[-2:]))
+            else:
+                extra = (table_trips(N, 64, 64, TABLE_L, TABLE_R) if hist else 0) * hist
+            tots.append(dkdv[i] + dq[i] + dp[i] + tp[i] + dbias[i] + extra)
         base = per.get(("posattn", "plain", D), {})
         b = sum(sum(base.get(n, [0])) if isinstance(base.get(n), list) else base.get(n, 0)
                 for n in ("_attn_bwd_dkdv", "_attn_bwd_dq"))
@@ -1240,8 +1254,9 @@ def bwd_totals(recs, Ns=(2048, 8192)):
                    + (" / ".join(f"{t / b:.2f}" for t in tots) if b else "") + " | "
                    + (" / ".join(f"{t / tb:.2f}" for t in tots) if tb else "") + " |")
     trips = ", ".join(f"N={N}: {table_trips(N, 64, 64, TABLE_L, TABLE_R):.2f}" for N in Ns)
-    trips += "; GridBias dy loop: " + ", ".join(f"{w[0]} x {w[1]}: {grid_trips(64, 64, *w):.2f}"
-                                                for w in (GRID, enc_window("grid16+dgrid")))
+    trips += "; GridBias code-space rounds / dy sums: " + ", ".join(
+        f"{w[0]} x {w[1]}: " + " / ".join(f"{x:.2f}" for x in grid_trips(64, 64, *w))
+        for w in (GRID, enc_window("grid16+dgrid")))
     return "\n".join(out), trips
 
 

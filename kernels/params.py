@@ -62,25 +62,49 @@ def _land(d_tab, diag, r, BLOCK_R: tl.constexpr):
 @triton.jit
 def _grid_histogram(d_tab, ds, qp, start_m, start_n, Nq, Nk, wh, ww, offs_t,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """d_tab += dS summed by GridBias column, default positions. A pair's column is
-    K0 + dy (Ww - 1) - rel (rel = kp - qp, dy = yq - yk the grid rows' difference,
-    K0 = (Wh - 1)(2 Ww - 1) + Ww - 1): for one dy, a diagonal. So the tile is shifted
-    onto its diagonals once (Shaw's per-row shift, as _distance_histogram does) and
-    summed by diagonal once per dy it holds: one when its rows and its keys each lie
-    in one grid row, at most about 2 BLOCK / Ww + 1. Each sum lands on consecutive
-    columns by one register gather. (Rows and keys past Nq / Nk have dS = 0: wherever
-    their clamped positions put them, they add nothing.)"""
+    """d_tab += dS summed by GridBias column, default positions. Pair (i, j) adds to
+    column t = R_i - C_j, a row code minus a key code (_table_index); equally
+    t = K0 + dy (Ww - 1) - rel (rel = kp - qp, dy = yq - yk the grid rows' difference,
+    K0 = (Wh - 1)(2 Ww - 1) + Ww - 1). Each tile takes the cheapest of three sums, each
+    landing on consecutive columns by one register gather (_land):
+    - one dy (rows and keys each in one grid row): t is a diagonal; the tile is shifted
+      onto its diagonals (Shaw's per-row shift, as _distance_histogram does) and summed;
+    - several dy over a narrow span of t (small windows): each row gathers, for each t
+      of the span in turn, the key whose code is R_i - t (if any), and the slots are
+      summed: BLOCK_R columns per round, span / BLOCK_R rounds (two for Ww <= 65);
+    - otherwise the diagonal shift once, summed once per dy (its keys masked per row).
+    Rows and keys past Nq / Nk have dS = 0: wherever their clamped positions put them,
+    they add nothing."""
     BLOCK_R: tl.constexpr = 2 * BLOCK_M if BLOCK_M >= BLOCK_N else 2 * BLOCK_N  # as in _keys_to_rel
+    k_last = tl.minimum(start_n + BLOCK_N, Nk) - 1               # the last key in bounds (keys lie in the window)
+    p_q, yq = _grid_xy(qp, wh, ww)
+    live = qp < Nk                                               # rows in bounds (qp = row + Nk - Nq)
+    # y and the codes grow with the position: the first and last rows / keys hold the ends
+    y_lo = tl.min(yq, 0) - k_last // ww
+    y_hi = tl.max(tl.where(live, yq, 0), 0) - start_n // ww
+    row = p_q + yq * (ww - 1) + ((wh - 1) * (2 * ww - 1) + ww - 1)  # R_i
+    t_hi = tl.max(tl.where(live, row, 0), 0) - (start_n + (start_n // ww) * (ww - 1))
+    t_lo = tl.min(row, 0) - (k_last + (k_last // ww) * (ww - 1))
+    rounds = (t_hi - t_lo) // BLOCK_R + 1
     rel0 = start_n - start_m - (BLOCK_M - 1) - (Nk - Nq)          # rel of slice row 0
     base = (wh - 1) * (2 * ww - 1) + ww - 1 - rel0 - offs_t       # slice row of column t, less dy (Ww - 1)
-    # y grows with the position: the first and last rows / keys in bounds hold the ends
-    pq, yq = _grid_xy(qp, wh, ww)
-    y_lo = tl.min(yq, 0) - (tl.minimum(start_n + BLOCK_N, Nk) - 1) // ww   # (keys lie in the window)
-    y_hi = tl.max(tl.where(qp < Nk, yq, 0), 0) - start_n // ww
-    x = _keys_to_rel(ds, BLOCK_M, BLOCK_N)                        # [BLOCK_M, BLOCK_R]: key at rel0 + r
     if y_lo == y_hi:
-        d_tab = _land(d_tab, tl.sum(x, 0), base + y_lo * (ww - 1), BLOCK_R)
+        d_tab = _land(d_tab, tl.sum(_keys_to_rel(ds, BLOCK_M, BLOCK_N), 0), base + y_lo * (ww - 1), BLOCK_R)
+    elif 5 * rounds <= 2 * (y_hi - y_lo + 1):   # a round costs about 2.5 dy sums (static sm_90 model)
+        for h in range(0, rounds):
+            # slot s: t = t_hi - h BLOCK_R - s, the key code c = R_i - t; the code's grid row
+            # y = c // (2 Ww - 1) in float32 (the quotient is at most 2 Wh - 1 and the table
+            # has at most 8192 columns: its error stays far below 1 / (2 (2 Ww - 1))); a
+            # code is a key's when x = c - y (2 Ww - 1) < Ww (negative codes never are),
+            # at position c - y (Ww - 1)
+            c = (row - t_hi + h * BLOCK_R)[:, None] + tl.arange(0, BLOCK_R)[None, :]
+            y = ((c.to(tl.float32) + 0.5) * (1.0 / (2 * ww - 1))).to(tl.int32)
+            j = c - y * (ww - 1) - start_n
+            hit = ((c - y * (2 * ww - 1)).to(tl.uint32) < ww) & (j.to(tl.uint32) < BLOCK_N)
+            sums = tl.sum(tl.where(hit, tl.gather(ds, j & (BLOCK_N - 1), axis=1), 0.0), 0)
+            d_tab = _land(d_tab, sums, t_hi - h * BLOCK_R - offs_t, BLOCK_R)
     else:
+        x = _keys_to_rel(ds, BLOCK_M, BLOCK_N)                    # [BLOCK_M, BLOCK_R]: key at rel0 + r
         # slot r of row i holds the key at kp = qp + rel0 + r: it is in grid row yq - d
         # when kp - (yq - d) Ww lies in [0, Ww) (one unsigned comparison per entry)
         x0 = qp - yq * ww + rel0
