@@ -107,6 +107,13 @@ def ptxas_info(ptx, cubin, ptxas=None):
         r = subprocess.run([ptxas, "-lineinfo", "-v", f"--gpu-name=sm_{ARCH}a", src, "-o", out],
                            capture_output=True, text=True)
         log = r.stdout + r.stderr
+        alt = triton_bin("ptxas-blackwell")
+        if "Unsupported .version" in log and os.path.exists(alt):
+            # Triton >= 3.9 writes PTX newer than its ptxas reads; it assembles with this one
+            ptxas = alt
+            r = subprocess.run([ptxas, "-lineinfo", "-v", f"--gpu-name=sm_{ARCH}a", src, "-o", out],
+                               capture_output=True, text=True)
+            log = r.stdout + r.stderr
         mine = open(out, "rb").read() if os.path.exists(out) else b""
         # the instructions must match Triton's cubin (ELF bytes may differ, e.g. a cached build)
         same = bool(mine) and (mine == cubin or disassemble(mine) == disassemble(cubin))

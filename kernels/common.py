@@ -1,9 +1,11 @@
 """Shared by every kernel: the constexpr bit layout, loads, positions, the key / query
 ranges that causal and window masks leave visible, the row statistics."""
+import re
+
 import triton
 import triton.language as tl
 
-__all__ = ["LOG2E", "PHILOX_ROUNDS", "_TABLE_PAD", "_CAUSAL", "_HAS_WL", "_HAS_WR", "_HAS_POS", "_ROPE", "_ROPE_AXES", "_INTERLEAVED", "_ALIBI", "_TABLE",
+__all__ = ["LOG2E", "PHILOX_ROUNDS", "_TABLE_PAD", "_GATHER_TIE_FIRST", "_CAUSAL", "_HAS_WL", "_HAS_WR", "_HAS_POS", "_ROPE", "_ROPE_AXES", "_INTERLEAVED", "_ALIBI", "_TABLE",
            "_BIAS", "_BIAS_MASK", "_REL_K", "_REL_V", "_REL_U", "_REL_W", "_UPCAST", "_KERPLE", "_D_SLOPE",
            "_D_TABLE", "_D_U", "_D_W", "_D_AK", "_D_AV", "_DELTA_PASS", "_HEAD_BCAST", "_ROW_BCAST",
            "_COL_BCAST", "_D_KERPLE", "_CORRECT", "_TABLE_PASS", "_REL_SHARED", "_BIAS_KEYS",
@@ -17,6 +19,12 @@ PHILOX_ROUNDS = tl.constexpr(7)
 # (posattn/_triton.py pads it): a tile with BLOCK_M + BLOCK_N <= _TABLE_PAD + 2 reads
 # its bias as a Toeplitz slice with no per-element clamp (scores._scores).
 _TABLE_PAD = tl.constexpr(256)
+# Triton lays out a load by its pointer's contiguity, fastest axis first. A gather's is
+# unknown on every axis, and the tie goes to the first axis in Triton 3.6 and to the last
+# in 3.9 (upstream has switched this default back and forth). GridBias's gather is
+# written per version so that each thread holds one key when the rows are fixed over the
+# loop, one row when the keys are (scores._scores).
+_GATHER_TIE_FIRST = tl.constexpr(tuple(int(x) for x in re.findall(r"\d+", triton.__version__)[:2]) <= (3, 6))
 
 # Bit offsets of the FLAGS constexpr (what the problem has: masks, positions, encodings,
 # and two layout facts: REL_SHARED, one relative table for every head; BIAS_KEYS, the

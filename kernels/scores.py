@@ -4,7 +4,7 @@ the per-head encoding parameters; P and dS recomputed for the backward."""
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, _ALIBI, _BIAS, _BIAS_KEYS, _BIAS_MASK, _CAUSAL, _FAST_TANH, _HAS_POS, _HAS_WL, _HAS_WR,
+from .common import (LOG2E, _GATHER_TIE_FIRST, _ALIBI, _BIAS, _BIAS_KEYS, _BIAS_MASK, _CAUSAL, _FAST_TANH, _HAS_POS, _HAS_WL, _HAS_WR,
                      _KERPLE, _REL_K, _REL_SHARED, _REL_U, _REL_V, _REL_W, _ROPE, _SINKS, _SOFTCAP, _TABLE, _TABLE_PAD,
                      _UPCAST, _DROPOUT, _beyond, _dot, _dropout_keep, _load_tile, _positions, _tanh)
 from .relative import _add_row, _load_rel, _rel_rows, _rel_to_keys
@@ -230,14 +230,14 @@ def _scores(qk, qp, kp, start_m, start_n, offs_m, offs_n, Nq, Nk, qk_scale, slop
         s += tl.load(rows + (offs_n - start_n)[None, :])
     elif TABLE == 1:
         s += tl.load(table_ptr + (_table_index(rel, qp, kp, tab_l, tab_r, TABLE) + _TABLE_PAD))
-    elif TABLE and KEYS_FIXED:
+    elif TABLE and KEYS_FIXED == _GATHER_TIE_FIRST:
         s += tl.load(table_ptr + _table_index(rel, qp, kp, tab_l, tab_r, TABLE))
     elif TABLE:
-        # GridBias, the rows fixed over the loop: gathered as the transposed tile, so that
-        # Triton 3.6 lays the load out with 1 key x BLOCK_M / 4 rows per thread (its
-        # order for a gather is the first axis fastest): a key's code once per tile,
-        # the rows' codes loop-invariant. Gathered untransposed when the keys are fixed
-        # (dK / dV), each thread holds one row and the keys' codes are the invariant.
+        # GridBias gathered as the transposed tile: with the rows fixed over the loop and
+        # a Triton that lays a gather out first axis fastest (_GATHER_TIE_FIRST), each
+        # thread then holds 1 key x BLOCK_M / 4 rows: a key's code once per tile, the
+        # rows' codes loop-invariant (untransposed, every score computed its key's code).
+        # The other way round for the keys fixed (dK / dV) or the last axis fastest.
         wide = 2 * tab_r - 1
         row = _grid_code(qp, tab_l, tab_r) + ((tab_l - 1) * wide + tab_r - 1)
         s += tl.trans(tl.load(table_ptr + (row[None, :] - _grid_code(kp, tab_l, tab_r)[:, None])))
