@@ -1119,28 +1119,36 @@ def table_trips(N, BM, BN, L, R, causal=False):
     return tot / n
 
 
-def grid_trips(BM, BN, wh=GRID[0], ww=GRID[1]):
-    """Average trips of posattn's GridBias histogram loops per visited BM x BN tile,
-    default positions, Nq == Nk == Wh * Ww, as kernels/params.py _grid_histogram picks
-    them: (rounds of the code-space gather, dy sums after the diagonal shift). A tile
-    with one dy runs neither (a branch the model's 'always' count leaves out)."""
+def grid_trips(BM, BN, wh=GRID[0], ww=GRID[1], chunk=None):
+    """Per visited BM x BN tile of posattn's GridBias table pass, default positions,
+    Nq == Nk == Wh * Ww, as kernels/params.py _grid_histogram picks them: (rounds of the
+    code-space gather, dy sums after the diagonal shift, visits: the table's chunks of
+    posattn/_triton.py GRID_TABLE_CHUNK columns each program holds, that its dy reach).
+    A tile with one dy runs neither loop (a branch the model's 'always' count leaves out).
+    Tables of up to one chunk: exact; larger, the loop trips are not split by chunk."""
+    if chunk is None:
+        from posattn._triton import GRID_TABLE_CHUNK as chunk
     N = wh * ww
+    wide = 2 * ww - 1
     block_r = 2 * max(BM, BN)
 
     def code(p):
         return p + (p // ww) * (ww - 1)
-    rounds = sums = n = 0
+    rounds = sums = visits = n = 0
     for sm in range(0, N, BM):
         for sn in range(0, N, BN):
             m_last, n_last = min(sm + BM, N) - 1, min(sn + BN, N) - 1
-            n_dy = m_last // ww - sn // ww - (sm // ww - n_last // ww) + 1
+            d_lo, d_hi = sm // ww - n_last // ww, m_last // ww - sn // ww
+            n_dy = d_hi - d_lo + 1
             r = (code(m_last) - code(sn) - (code(sm) - code(n_last))) // block_r + 1
             if n_dy > 1 and 5 * r <= 2 * n_dy:
                 rounds += r
             elif n_dy > 1:
                 sums += n_dy
+            visits += len({t // chunk for d in range(d_lo, d_hi + 1)
+                           for t in ((d + wh - 1) * wide, (d + wh - 1) * wide + wide - 1)})
             n += 1
-    return rounds / n, sums / n
+    return rounds / n, sums / n, visits / n
 
 
 def enc_window(variant):
@@ -1233,8 +1241,8 @@ def bwd_totals(recs, Ns=(2048, 8192)):
         dp = [cyc("_attn_bwd_dq[DELTA_PASS]", N) for N in Ns]
         # d(table)'s pass visits the near tiles only (GridBias: every tile)
         grid = v.startswith("grid")
-        tp = [cyc("_attn_bwd_dq[TABLE_PASS]", N) * (1 if grid else table_near(N, 64, 64, TABLE_L, TABLE_R))
-              for N in Ns]
+        tp = [cyc("_attn_bwd_dq[TABLE_PASS]", N) * (grid_trips(64, 64, *enc_window(v))[2] if grid
+                                                     else table_near(N, 64, 64, TABLE_L, TABLE_R)) for N in Ns]
         hist = d.get("hist_inner", 0)
         dbias = [cyc("_attn_bwd_dbias", N) for N in Ns]   # the dense-bias gradient's pass
         # d(aK, aV)'s interior rows: a pass over the tiles on the diagonals -K < rel < K only
@@ -1244,7 +1252,7 @@ def bwd_totals(recs, Ns=(2048, 8192)):
         for i, N in enumerate(Ns):
             if grid and hist:   # GridBias: its code-space rounds, then its dy sums
                 loops = d["hist_loops"]
-                trips = grid_trips(64, 64, *enc_window(v))
+                trips = grid_trips(64, 64, *enc_window(v))[:2]
                 extra = sum(a * b for a, b in zip(trips, loops[-2:]))
             else:
                 extra = (table_trips(N, 64, 64, TABLE_L, TABLE_R) if hist else 0) * hist
@@ -1261,7 +1269,7 @@ def bwd_totals(recs, Ns=(2048, 8192)):
                    + (" / ".join(f"{t / b:.2f}" for t in tots) if b else "") + " | "
                    + (" / ".join(f"{t / tb:.2f}" for t in tots) if tb else "") + " |")
     trips = ", ".join(f"N={N}: {table_trips(N, 64, 64, TABLE_L, TABLE_R):.2f}" for N in Ns)
-    trips += "; GridBias code-space rounds / dy sums: " + ", ".join(
+    trips += "; GridBias code-space rounds / dy sums / chunk visits: " + ", ".join(
         f"{w[0]} x {w[1]}: " + " / ".join(f"{x:.2f}" for x in grid_trips(64, 64, *w))
         for w in (GRID, enc_window("grid16+dgrid")))
     return "\n".join(out), trips

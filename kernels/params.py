@@ -60,7 +60,7 @@ def _land(d_tab, diag, r, BLOCK_R: tl.constexpr):
 
 
 @triton.jit
-def _grid_histogram(d_tab, ds, qp, start_m, start_n, Nq, Nk, wh, ww, offs_t,
+def _grid_histogram(d_tab, ds, qp, start_m, start_n, Nq, Nk, wh, ww, offs_t, t_first,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """d_tab += dS summed by GridBias column, default positions. Pair (i, j) adds to
     column t = R_i - C_j, a row code minus a key code (_table_index); equally
@@ -74,7 +74,8 @@ def _grid_histogram(d_tab, ds, qp, start_m, start_n, Nq, Nk, wh, ww, offs_t,
       summed: BLOCK_R columns per round, span / BLOCK_R rounds (two for Ww <= 65);
     - otherwise the diagonal shift once, summed once per dy (its keys masked per row).
     Rows and keys past Nq / Nk have dS = 0: wherever their clamped positions put them,
-    they add nothing."""
+    they add nothing. d_tab holds columns offs_t = t_first + [0, BLOCK_T): the sums
+    reaching no column of them are skipped."""
     BLOCK_R: tl.constexpr = 2 * BLOCK_M if BLOCK_M >= BLOCK_N else 2 * BLOCK_N  # as in _keys_to_rel
     k_last = tl.minimum(start_n + BLOCK_N, Nk) - 1               # the last key in bounds (keys lie in the window)
     p_q, yq = _grid_xy(qp, wh, ww)
@@ -85,12 +86,18 @@ def _grid_histogram(d_tab, ds, qp, start_m, start_n, Nq, Nk, wh, ww, offs_t,
     row = p_q + yq * (ww - 1) + ((wh - 1) * (2 * ww - 1) + ww - 1)  # R_i
     t_hi = tl.max(tl.where(live, row, 0), 0) - (start_n + (start_n // ww) * (ww - 1))
     t_lo = tl.min(row, 0) - (k_last + (k_last // ww) * (ww - 1))
-    rounds = (t_hi - t_lo) // BLOCK_R + 1
+    BLOCK_T: tl.constexpr = offs_t.shape[0]
+    t_hi = tl.minimum(t_hi, t_first + BLOCK_T - 1)
+    t_lo = tl.maximum(t_lo, t_first)
+    rounds = tl.maximum(t_hi - t_lo + BLOCK_R, 0) // BLOCK_R
+    # the dy whose table rows (2 Ww - 1 columns each) meet d_tab's columns
+    d_lo = tl.maximum(y_lo, t_first // (2 * ww - 1) - (wh - 1))
+    d_hi = tl.minimum(y_hi, (t_first + BLOCK_T - 1) // (2 * ww - 1) - (wh - 1))
     rel0 = start_n - start_m - (BLOCK_M - 1) - (Nk - Nq)          # rel of slice row 0
     base = (wh - 1) * (2 * ww - 1) + ww - 1 - rel0 - offs_t       # slice row of column t, less dy (Ww - 1)
     if y_lo == y_hi:
         d_tab = _land(d_tab, tl.sum(_keys_to_rel(ds, BLOCK_M, BLOCK_N), 0), base + y_lo * (ww - 1), BLOCK_R)
-    elif 5 * rounds <= 2 * (y_hi - y_lo + 1):   # a round costs about 2.5 dy sums (static sm_90 model)
+    elif 5 * rounds <= 2 * (d_hi - d_lo + 1):   # a round costs about 2.5 dy sums (static sm_90 model)
         for h in range(0, rounds):
             # slot s: t = t_hi - h BLOCK_R - s, the key code c = R_i - t; the code's grid row
             # y = c // (2 Ww - 1) in float32 (the quotient is at most 2 Wh - 1 and the table
@@ -108,7 +115,7 @@ def _grid_histogram(d_tab, ds, qp, start_m, start_n, Nq, Nk, wh, ww, offs_t,
         # slot r of row i holds the key at kp = qp + rel0 + r: it is in grid row yq - d
         # when kp - (yq - d) Ww lies in [0, Ww) (one unsigned comparison per entry)
         x0 = qp - yq * ww + rel0
-        for d in range(y_lo, y_hi + 1):
+        for d in range(d_lo, d_hi + 1):
             in_d = ((x0 + d * ww)[:, None] + tl.arange(0, BLOCK_R)[None, :]).to(tl.uint32) < ww
             d_tab = _land(d_tab, tl.sum(tl.where(in_d, x, 0.0), 0), base + d * (ww - 1), BLOCK_R)
     return d_tab
@@ -116,14 +123,16 @@ def _grid_histogram(d_tab, ds, qp, start_m, start_n, Nq, Nk, wh, ww, offs_t,
 
 @triton.jit
 def _table_histogram(d_tab, ds, rel, qp, kp, start_m, start_n, Nq, Nk, tab_l, tab_r, T, offs_t,
-                     FLAGS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """d_tab += the tile's dS summed by table column."""
+                     FLAGS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, t_first=0):
+    """d_tab += the tile's dS summed by table column (d_tab holds columns offs_t, from
+    t_first: GridBias's chunks)."""
     HAS_POS: tl.constexpr = (FLAGS >> _HAS_POS.value) & 1
     TABLE: tl.constexpr = (FLAGS >> _TABLE.value) & 3
     if TABLE == 1 and not HAS_POS:
         d_tab = _distance_histogram(d_tab, ds, start_m, start_n, Nq, Nk, tab_l, tab_r, T, offs_t, BLOCK_M, BLOCK_N)
     elif TABLE == 2 and not HAS_POS:
-        d_tab = _grid_histogram(d_tab, ds, qp, start_m, start_n, Nq, Nk, tab_l, tab_r, offs_t, BLOCK_M, BLOCK_N)
+        d_tab = _grid_histogram(d_tab, ds, qp, start_m, start_n, Nq, Nk, tab_l, tab_r, offs_t, t_first, BLOCK_M,
+                                BLOCK_N)
     else:
         # Over only the columns this tile touches: far from the diagonal every entry
         # clamps to one column.
@@ -193,7 +202,17 @@ def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
                               * (1 - ((FLAGS >> _SOFTCAP.value) & 1 | (FLAGS >> _DROPOUT.value) & 1)))
     SINKS: tl.constexpr = (FLAGS >> _SINKS.value) & 1
     NO_REL: tl.constexpr = FLAGS & ~(1 << _REL_K.value) & ~(1 << _REL_V.value)
+    # GridBias's table pass (default positions) runs over the table in BLOCK_T-column
+    # chunks, grid axis 0 = query blocks x chunks: a program lands its sums on its chunk
+    # only (BLOCK_T registers, not T) and visits only the key tiles whose grid rows reach it
+    CHUNKED: tl.constexpr = TABLE_PASS * (TABLE == 2) * (1 - HAS_POS)
     pid_m = tl.program_id(0)
+    num_m = tl.num_programs(0)
+    chunk = 0
+    if CHUNKED:
+        num_m = num_m // tl.cdiv(_table_columns(tab_l, tab_r, TABLE), BLOCK_T)
+        chunk = pid_m // num_m
+        pid_m = pid_m % num_m
     start_m = pid_m * BLOCK_M
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
@@ -235,7 +254,7 @@ def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
     d_slope = tl.zeros([BLOCK_M], tl.float32)
     d_r1 = tl.zeros([BLOCK_M], tl.float32)
     d_r2 = tl.zeros([BLOCK_M], tl.float32)
-    offs_t = tl.arange(0, BLOCK_T)
+    offs_t = chunk * BLOCK_T + tl.arange(0, BLOCK_T)
     d_tab = tl.zeros([BLOCK_T], tl.float32)
     # dS and P summed over the keys clipped to aK / aV row 0 (rel <= -K) and row 2K.
     ds_left = tl.zeros([BLOCK_M], tl.float32)
@@ -257,6 +276,16 @@ def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
     lo, hi = _key_range(start_m, BLOCK_M, Nq, Nk, win_l, win_r, FLAGS, BLOCK_N)
     if (FLAGS >> _VARLEN.value) & 1:  # a block past its sequence's rows (the grid fits the longest)
         hi = tl.where(start_m < Nq, hi, lo)
+    if CHUNKED:
+        # the chunk's table rows dy, and the key grid rows yq - dy they reach from this
+        # block's rows (positions clamped into the window as _grid_xy does)
+        d_first = (chunk * BLOCK_T) // (2 * tab_r - 1) - (tab_l - 1)
+        d_last = (chunk * BLOCK_T + BLOCK_T - 1) // (2 * tab_r - 1) - (tab_l - 1)
+        last_p = tab_l * tab_r - 1
+        yq_lo = tl.minimum(start_m + Nk - Nq, last_p) // tab_r
+        yq_hi = tl.minimum(tl.minimum(start_m + BLOCK_M, Nq) - 1 + Nk - Nq, last_p) // tab_r
+        lo = tl.maximum(lo, (tl.maximum(yq_lo - d_last, 0) * tab_r // BLOCK_N) * BLOCK_N)
+        hi = tl.maximum(tl.minimum(hi, (yq_hi - d_first + 1) * tab_r), lo)
     # DistanceBias with default positions: the key tiles far from the diagonal read one
     # table column; they are scored as plain tiles, lse shifted by that column.
     b_lo = lo
@@ -297,7 +326,7 @@ def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
                 p_sum += tl.sum(p, 1)
             elif TABLE_PASS:
                 d_tab = _table_histogram(d_tab, ds, rel, qp, kp, start_m, start_n, Nq, Nk, tab_l, tab_r, T, offs_t,
-                                         FLAGS, BLOCK_M, BLOCK_N)
+                                         FLAGS, BLOCK_M, BLOCK_N, chunk * BLOCK_T)
             else:
                 dq_c += _dot(ds_qk.to(k.dtype), k, UPCAST)
                 if SHAW_FAR and part > 0:   # the position term reads aK[end]: summed per row, applied once
@@ -363,12 +392,13 @@ def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
         tl.store(stats + offs_m, lse2 + tl.math.log2(tl.where(live, p_sum, 1.0)), mask=live)
     elif TABLE_PASS:
         o_slope, o_kerple, o_u, o_w, o_ak, o_av, o_tab, size = _grad_slot(D, T, GRADS)
-        slot = DParams + (off_bh * tl.num_programs(0) + pid_m) * size
-        d_tab += tl.load(slot + o_tab + offs_t, mask=offs_t < T, other=0.0)   # the far tiles' part
+        slot = DParams + (off_bh * num_m + pid_m) * size
+        if not CHUNKED:   # (chunked: dQ's pass left GridBias's columns to this one)
+            d_tab += tl.load(slot + o_tab + offs_t, mask=offs_t < T, other=0.0)   # the far tiles' part
         tl.store(slot + o_tab + offs_t, d_tab, mask=offs_t < T)
     else:
         o_slope, o_kerple, o_u, o_w, o_ak, o_av, o_tab, size = _grad_slot(D, T, GRADS)
-        slot = DParams + (off_bh * tl.num_programs(0) + pid_m) * size
+        slot = DParams + (off_bh * num_m + pid_m) * size
         in_d = offs_d < D
         if SHAW_FAR and REL_K:  # the far tiles' position term: their dS row sums times aK's end rows
             dq_p += ds_far_low[:, None] * ak_low[None, :] + ds_far_high[:, None] * ak_high[None, :]
@@ -411,7 +441,7 @@ def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
             do32 = do.to(tl.float32)
             tl.store(slot + o_av + offs_d, tl.sum(p_left[:, None] * do32, 0), mask=in_d)
             tl.store(slot + o_av + D + offs_d, tl.sum(p_right[:, None] * do32, 0), mask=in_d)
-        if D_TABLE:
+        if D_TABLE and not (CORRECT and TABLE == 2 and not HAS_POS):   # (else all the chunked pass's)
             tl.store(slot + o_tab + offs_t, d_tab, mask=offs_t < T)
 
         dq = (dq_c + dq_p) * sm_scale

@@ -207,6 +207,9 @@ EXACT_DELTA_FP32 = True
 # Otherwise ALiBi / KERPLE / table / dense-bias / Shaw aK, aV gradients are corrected to the
 # exact delta inside dQ's pass (no extra pass); False forces the extra pass (tests compare).
 CORRECT_IN_PASS = True
+# Table columns a GridBias table-gradient program holds (BLOCK_T; 8 registers a thread
+# at 4 warps): larger tables run in chunks, one program per chunk and query block.
+GRID_TABLE_CHUNK = 1024
 
 # Differentiable inputs of the autograd Function, in order (after q, k, v).
 _PARAM_TENSORS = (("alibi", "alibi_slopes", "alibi_slopes"), ("table", "rel_bias", "table"), ("bias", "bias", "bias"),
@@ -686,9 +689,13 @@ def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need, wrap=_direct):
     L.launch(wrap, _attn_bwd_dq, (num_m, p.Hq, nb), **inputs, DQ=dq, DParams=work, **_strides("sdq", dq, vl),
              GRADS=pack_grads(CORRECT=correct, **grads_bits), BLOCK_T=block_t)
     if correct and want["table"]:
-        # d(table) over the tiles near the diagonal, from the exact delta just written
-        L.launch(wrap, _attn_bwd_dq, (num_m, p.Hq, nb), **inputs, DQ=dq, DParams=work, **_strides("sdq", dq, vl),
-                 GRADS=pack_grads(TABLE_PASS=True, **grads_bits), BLOCK_T=block_t)
+        # d(table) over the tiles near the diagonal, from the exact delta just written;
+        # GridBias at default positions over chunks of the table (kernels/params.py CHUNKED)
+        chunked = L.grid_table and not L.args["FLAGS"] & pack_flags(HAS_POS=True)
+        chunk_t = min(block_t, GRID_TABLE_CHUNK) if chunked else block_t
+        L.launch(wrap, _attn_bwd_dq, (num_m * _cdiv(tab_t, chunk_t) if chunked else num_m, p.Hq, nb), **inputs,
+                 DQ=dq, DParams=work, **_strides("sdq", dq, vl), GRADS=pack_grads(TABLE_PASS=True, **grads_bits),
+                 BLOCK_T=chunk_t)
 
     # dK / dV after dQ: with CORRECT they read the exact delta dQ wrote. A dense bias
     # with a row per (batch, head) gets its gradient (dS itself) from the same tiles.

@@ -439,12 +439,17 @@ def test_grid_bias(dtype, device, backend):
     check(q, k, v, backend=backend, rel_bias=posattn.GridBias(table, (7, 7)), bias=mask)
 
 
-@pytest.mark.parametrize("window,nq,nk", [((3, 64), 170, 170), ((4, 40), 120, 150)], ids=["one-dy", "dy-mixed"])
+@pytest.mark.parametrize("window,nq,nk", [((3, 64), 170, 170), ((6, 64), 170, 170), ((12, 40), 120, 150),
+                                          ((24, 24), 100, 120)],
+                         ids=["one-dy", "one-dy-chunks", "dy-sums-chunks", "code-rounds-chunks"])
 def test_grid_bias_table_gradient_by_grid_row(window, nq, nk, device, backend):
     """d(table) sums dS per grid-row difference dy, each dy's diagonals at once: tiles
     whose rows and keys lie in one grid row each (Ww = 64), tiles over several grid
-    rows (Ww = 40), padding rows / keys past Nq < Nk < Wh * Ww."""
-    q, k, v = _qkv(1, 2, 2, nq, 16, torch.float32, device, Nk=nk)
+    rows (Ww = 40: a sum per dy; Ww = 24: keys gathered by code), padding rows / keys
+    past Nq < Nk < Wh * Ww; tables of more than GRID_TABLE_CHUNK columns (1397 to
+    2209) summed by chunk. bfloat16: float32 inputs
+    take the exact-delta pass and sum the table in dQ's pass, not in chunks."""
+    q, k, v = _qkv(1, 2, 2, nq, 16, torch.bfloat16, device, Nk=nk)
     wh, ww = window
     table = torch.randn((2 * wh - 1) * (2 * ww - 1), 2, device=device, requires_grad=True)
     check(q, k, v, backend=backend, rel_bias=posattn.GridBias(table, window))
