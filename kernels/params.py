@@ -198,7 +198,9 @@ def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
     # Shaw (default positions, no DistanceBias split): key tiles beyond the clip read
     # aK / aV's end rows only and run as plain tiles (see _attn_fwd)
     # (not through a soft cap, nor under dropout: see _attn_fwd)
-    SHAW_FAR: tl.constexpr = ((REL_K | REL_V) * (1 - FAR)
+    # (nor when a table without that split wants its gradient: GridBias, or positions
+    # given; its far tiles need the table's own columns, not DistanceBias's end columns)
+    SHAW_FAR: tl.constexpr = ((REL_K | REL_V) * (1 - FAR) * (1 - D_TABLE)
                               * (1 - ((FLAGS >> _SOFTCAP.value) & 1 | (FLAGS >> _DROPOUT.value) & 1)))
     SINKS: tl.constexpr = (FLAGS >> _SINKS.value) & 1
     NO_REL: tl.constexpr = FLAGS & ~(1 << _REL_K.value) & ~(1 << _REL_V.value)

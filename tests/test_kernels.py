@@ -439,20 +439,51 @@ def test_grid_bias(dtype, device, backend):
     check(q, k, v, backend=backend, rel_bias=posattn.GridBias(table, (7, 7)), bias=mask)
 
 
+def _table_grad_error(q, k, v, table, window, backend, **kw):
+    """d(table) of the backend against the float64 reference on the same inputs, as the
+    largest column error over the largest column: the columns are fp32 sums of dS, close
+    to the float64 ones whatever the input dtype (1e-7 measured), so one wrong column
+    shows where a norm over the whole gradient (check's) would not."""
+    out = posattn.attention(q, k, v, backend=backend, rel_bias=posattn.GridBias(table, window), **kw)
+    g = torch.randn_like(out)
+    got, = torch.autograd.grad(out, table, g)
+    t64 = table.detach().double().requires_grad_()
+    up = {n: x.detach().double() if torch.is_tensor(x) else x for n, x in kw.items()}
+    ref = posattn.reference.attention(q.detach().double(), k.detach().double(), v.detach().double(),
+                                      rel_bias=posattn.GridBias(t64, window), **up)
+    want, = torch.autograd.grad(ref, t64, g.double())
+    return ((got.double() - want).abs().max() / want.abs().max()).item()
+
+
 @pytest.mark.parametrize("window,nq,nk", [((3, 64), 170, 170), ((6, 64), 170, 170), ((12, 40), 120, 150),
-                                          ((24, 24), 100, 120)],
-                         ids=["one-dy", "one-dy-chunks", "dy-sums-chunks", "code-rounds-chunks"])
+                                          ((24, 24), 100, 120), ((5, 7), 35, 35)],
+                         ids=["one-dy", "one-dy-chunks", "dy-sums-chunks", "code-rounds-chunks", "full-window"])
 def test_grid_bias_table_gradient_by_grid_row(window, nq, nk, device, backend):
     """d(table) sums dS per grid-row difference dy, each dy's diagonals at once: tiles
     whose rows and keys lie in one grid row each (Ww = 64), tiles over several grid
     rows (Ww = 40: a sum per dy; Ww = 24: keys gathered by code), padding rows / keys
-    past Nq < Nk < Wh * Ww; tables of more than GRID_TABLE_CHUNK columns (1397 to
-    2209) summed by chunk. bfloat16: float32 inputs
+    past Nq < Nk < Wh * Ww, every column used (a full window); tables of more than
+    GRID_TABLE_CHUNK columns (1397 to 2209) summed by chunk. bfloat16: float32 inputs
     take the exact-delta pass and sum the table in dQ's pass, not in chunks."""
     q, k, v = _qkv(1, 2, 2, nq, 16, torch.bfloat16, device, Nk=nk)
     wh, ww = window
     table = torch.randn((2 * wh - 1) * (2 * ww - 1), 2, device=device, requires_grad=True)
-    check(q, k, v, backend=backend, rel_bias=posattn.GridBias(table, window))
+    assert _table_grad_error(q, k, v, table, window, backend) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_grid_bias_table_gradient_with_shaw(dtype, device, backend):
+    """GridBias with Shaw's embeddings: key tiles beyond Shaw's clip run as plain tiles
+    in dQ's pass, but their pairs still read (and differentiate) the table's own
+    columns (they once landed on DistanceBias's end columns, or nowhere)."""
+    q, k, v = _qkv(1, 2, 2, 150, 16, dtype, device)
+
+    def emb():  # representable in the input dtype, which the kernels round aK / aV to
+        return torch.randn(2, 7, 16, device=device).to(dtype).float().requires_grad_()
+    rel = posattn.RelativeEmbeddings(key=emb(), value=emb(), clip=3)
+    table = torch.randn(15 * 39, 2, device=device, requires_grad=True)
+    check(q, k, v, backend=backend, rel_emb=rel, rel_bias=posattn.GridBias(table, (8, 20)))
+    assert _table_grad_error(q, k, v, table, (8, 20), backend, rel_emb=rel) < 1e-4
 
 
 @pytest.mark.parametrize("mask", ["causal", "window"])
