@@ -117,7 +117,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, Stats, DK, DV, DBias, Pos, Params, Table, Bias, 
                     qu, qw, k, v, do, ak_ptr, av_ptr, qp, kp, lse2 - tile_c, delta - tile_d, start_m, start_n, offs_m,
                     offs_n, offs_d, Nq, Nk, D, rel_k, qk_scale, slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm,
                     win_l, win_r, cap2, seed, off_b * Hq + off_h, drop_p,
-                    FLAGS if part == 0 else NO_REL if SHAW_FAR else NO_TABLE, BLOCK_M, BLOCK_N, KEYS_FIXED=1)
+                    FLAGS if part == 0 else NO_REL if SHAW_FAR else NO_TABLE, BLOCK_M, BLOCK_N, ROWS_HELD=0)
                 dv += _dot(tl.trans(p_v.to(do.dtype)), do, UPCAST)
                 dk += _dot(tl.trans(ds_qk.to(qu.dtype)), qu, UPCAST)
                 if DBIAS_ROWS:

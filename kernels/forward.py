@@ -34,6 +34,10 @@ def _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_k, k_base, v_base
     NATURAL: tl.constexpr = ((FLAGS >> _BIAS.value) & 1 & ~(FLAGS >> _BIAS_MASK.value)) * (1 - SOFTCAP) * (
         ((FLAGS >> _ALIBI.value) & 1 | (FLAGS >> _KERPLE.value) & 1 | (FLAGS >> _TABLE.value) & 3
          | (FLAGS >> _REL_K.value) & 1) == 0)
+    # GridBias's rows' codes held per thread over the loop (scores._scores): at default
+    # positions in the unmasked tiles; at given positions (an integer division each) the
+    # heaviest combinations then spill at D >= 80 (tests/aot_compile.py)
+    ROWS_HELD: tl.constexpr = (1 - MASKED) * (1 - ((FLAGS >> _HAS_POS.value) & 1))
     offs_n = start_n + offs_n0
     kp = _positions(pos_k, offs_n, Nk, 0, FLAGS)
     k = _load_tile(k_base, offs_n, offs_d, skn, Nk, D)
@@ -42,7 +46,7 @@ def _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_k, k_base, v_base
         # No additive term and scale > 0: the row max is scale * max(qk), and
         # scale * qk - m is one FMA per element (Triton's tutorial 06).
         s, rel, t = _scores(qk, qp, kp, start_m, start_n, offs_m, offs_n, Nq, Nk, 1.0, slope, r1, r2, table_ptr,
-                         tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, FLAGS, MASKED)
+                         tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, FLAGS, MASKED, ROWS_HELD=ROWS_HELD)
         if COLS:  # scale * qk + column term: one FMA per element, then the row's
             s = s * qk_scale + col_add[None, :]
             m_new = tl.maximum(m_i, tl.max(s, 1) + row_add)
@@ -55,13 +59,14 @@ def _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_k, k_base, v_base
     elif NATURAL:
         tl.static_assert(COLS == 0)
         s, rel, t = _scores(qk, qp, kp, start_m, start_n, offs_m, offs_n, Nq, Nk, qk_scale / LOG2E, slope, r1, r2,
-                            table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, FLAGS, MASKED, 1)
+                            table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, FLAGS, MASKED, 1,
+                            ROWS_HELD=ROWS_HELD)
         m_new = tl.maximum(m_i, tl.max(s, 1) * LOG2E + row_add)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # as below
         p = tl.math.exp2(s * LOG2E - (m_safe - row_add)[:, None])
     else:
         s, rel, t = _scores(qk, qp, kp, start_m, start_n, offs_m, offs_n, Nq, Nk, qk_scale, slope, r1, r2, table_ptr,
-                         tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, FLAGS, MASKED)
+                         tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, FLAGS, MASKED, ROWS_HELD=ROWS_HELD)
         if COLS:
             s += col_add[None, :]
         m_new = tl.maximum(m_i, tl.max(s, 1) + row_add)

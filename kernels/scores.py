@@ -185,7 +185,7 @@ def _logits(qu, qw, k, ak_ptr, start_m, start_n, Nq, Nk, rel_k, offs_d, D,
 @triton.jit
 def _scores(qk, qp, kp, start_m, start_n, offs_m, offs_n, Nq, Nk, qk_scale, slope, r1, r2, table_ptr,
             tab_l, tab_r, bias_ptr, stride_bm, win_l, win_r, cap2,
-            FLAGS: tl.constexpr, MASKED: tl.constexpr, NATURAL: tl.constexpr = 0, KEYS_FIXED: tl.constexpr = 0):
+            FLAGS: tl.constexpr, MASKED: tl.constexpr, NATURAL: tl.constexpr = 0, ROWS_HELD: tl.constexpr = 1):
     """The [BLOCK_M, BLOCK_N] score tile in the log2 domain, masked entries = -inf, its
     relative positions, and with SOFTCAP t = tanh(scale * logit / cap) (the capped
     logit is cap2 * t, cap2 = cap * log2(e)).
@@ -194,7 +194,10 @@ def _scores(qk, qp, kp, start_m, start_n, offs_m, offs_n, Nq, Nk, qk_scale, slop
     tutorial 06 masks the diagonal block only); a bool bias masks every tile.
     NATURAL: a dense bias is the only additive term, and the tile is returned in the
     natural domain, qk_scale * qk + bias (the caller folds log2(e) into its exponent).
-    KEYS_FIXED: the caller's loop runs over query tiles with the keys fixed (dK / dV)."""
+    ROWS_HELD: a GridBias layout choice: the rows are fixed over the caller's loop and
+    each thread may hold many rows' codes (0 for dK / dV, whose keys are fixed, and in
+    the forward's masked boundary tiles or at given positions, where held row codes
+    spill at D >= 80)."""
     CAUSAL: tl.constexpr = (FLAGS >> _CAUSAL.value) & 1
     HAS_WL: tl.constexpr = (FLAGS >> _HAS_WL.value) & 1
     HAS_WR: tl.constexpr = (FLAGS >> _HAS_WR.value) & 1
@@ -230,14 +233,14 @@ def _scores(qk, qp, kp, start_m, start_n, offs_m, offs_n, Nq, Nk, qk_scale, slop
         s += tl.load(rows + (offs_n - start_n)[None, :])
     elif TABLE == 1:
         s += tl.load(table_ptr + (_table_index(rel, qp, kp, tab_l, tab_r, TABLE) + _TABLE_PAD))
-    elif TABLE and KEYS_FIXED == _GATHER_TIE_FIRST:
+    elif TABLE and ROWS_HELD != _GATHER_TIE_FIRST:
         s += tl.load(table_ptr + _table_index(rel, qp, kp, tab_l, tab_r, TABLE))
     elif TABLE:
-        # GridBias gathered as the transposed tile: with the rows fixed over the loop and
-        # a Triton that lays a gather out first axis fastest (_GATHER_TIE_FIRST), each
-        # thread then holds 1 key x BLOCK_M / 4 rows: a key's code once per tile, the
-        # rows' codes loop-invariant (untransposed, every score computed its key's code).
-        # The other way round for the keys fixed (dK / dV) or the last axis fastest.
+        # GridBias gathered as the transposed tile: with ROWS_HELD and a Triton that lays
+        # a gather out first axis fastest (_GATHER_TIE_FIRST), each thread then holds
+        # 1 key x BLOCK_M / 4 rows: a key's code once per tile, the rows' codes
+        # loop-invariant (untransposed, every score computed its key's code). The other
+        # way round without ROWS_HELD or with the last axis fastest.
         wide = 2 * tab_r - 1
         row = _grid_code(qp, tab_l, tab_r) + ((tab_l - 1) * wide + tab_r - 1)
         s += tl.trans(tl.load(table_ptr + (row[None, :] - _grid_code(kp, tab_l, tab_r)[:, None])))
@@ -276,7 +279,7 @@ def _probs_and_ds(qu, qw, k, v, do, ak_ptr, av_ptr, qp, kp, lse2, delta, start_m
                   offs_d, Nq, Nk, D, rel_k, qk_scale, slope, r1, r2, table_ptr, tab_l, tab_r,
                   bias_ptr, sbm, win_l, win_r, cap2, seed, rng_row, drop_p,
                   FLAGS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr = 1,
-                  KEYS_FIXED: tl.constexpr = 0):
+                  ROWS_HELD: tl.constexpr = 1):
     """Recompute P from the saved log-sum-exp and dS = P * (dP - delta), the gradient
     w.r.t. the natural-domain score scale * q.k + bias. dP_ij = dO_i . (v_j + aV[c]).
     Also returns rel, the aK slice (for dQ's position term) and dS_qk, the gradient
@@ -290,7 +293,7 @@ def _probs_and_ds(qu, qw, k, v, do, ak_ptr, av_ptr, qp, kp, lse2, delta, start_m
     SOFTCAP: tl.constexpr = (FLAGS >> _SOFTCAP.value) & 1
     DROPOUT: tl.constexpr = (FLAGS >> _DROPOUT.value) & 1
     s, rel, t = _scores(qk, qp, kp, start_m, start_n, offs_m, offs_n, Nq, Nk, qk_scale, slope, r1, r2, table_ptr,
-                        tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, FLAGS, MASKED, KEYS_FIXED=KEYS_FIXED)
+                        tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, FLAGS, MASKED, ROWS_HELD=ROWS_HELD)
     p = tl.math.exp2(s - lse2[:, None])
     dp = _dot(do, tl.trans(v), UPCAST)
     if REL_V:
