@@ -233,7 +233,8 @@ def _scores(qk, qp, kp, start_m, start_n, offs_m, offs_n, Nq, Nk, qk_scale, slop
         s += tl.load(rows + (offs_n - start_n)[None, :])
     elif TABLE == 1:
         s += tl.load(table_ptr + (_table_index(rel, qp, kp, tab_l, tab_r, TABLE) + _TABLE_PAD))
-    elif TABLE and ROWS_HELD != _GATHER_TIE_FIRST:
+    elif TABLE and (ROWS_HELD != _GATHER_TIE_FIRST or len(table_ptr.shape) > 0):
+        # (a table row per tile row, decoding's heads packed as rows: this orientation)
         s += tl.load(table_ptr + _table_index(rel, qp, kp, tab_l, tab_r, TABLE))
     elif TABLE:
         # GridBias gathered as the transposed tile: with ROWS_HELD and a Triton that lays

@@ -49,6 +49,8 @@ def _kw(name, Hq, Nq, Nk, device):
                     k_pos=torch.arange(Nk, device=device), causal=True, bias=keep,
                     kerple=posattn.KERPLE((0.5 + torch.rand(Hq, device=device)).requires_grad_(),
                                           (0.1 + torch.rand(Hq, device=device)).requires_grad_()))
+    if name == "grid":   # a table row per packed query head (one per row of the tile)
+        return dict(rel_bias=posattn.GridBias(r(25 * 27, Hq).requires_grad_(), (13, 14)))
     if name == "dropout":
         return dict(dropout_p=0.3, causal=True)
     if name == "shaw+xl":   # a query head per program
@@ -62,7 +64,8 @@ def _kw(name, Hq, Nq, Nk, device):
 @pytest.mark.parametrize("name,dtype", [("gqa", torch.float32), ("causal+alibi+sinks", torch.bfloat16),
                                         ("table+bias+softcap+window", torch.float32),
                                         ("rope+kerple+positions+mask", torch.float16),
-                                        ("dropout", torch.float32), ("shaw+xl", torch.float32)])
+                                        ("dropout", torch.float32), ("shaw+xl", torch.float32),
+                                        ("grid", torch.bfloat16)])
 def test_decode_matches_the_reference(name, dtype, device, decoded):
     """1-3 queries, 4 query heads per k/v head, a cache of 97-181 keys in 32-key
     chunks; every gradient (the backward kernels read the merged out and lse)."""
