@@ -207,7 +207,8 @@ def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
     # GridBias's table pass (default positions) runs over the table in BLOCK_T-column
     # chunks, grid axis 0 = query blocks x chunks: a program lands its sums on its chunk
     # only (BLOCK_T registers, not T) and visits only the key tiles whose grid rows reach it
-    CHUNKED: tl.constexpr = TABLE_PASS * (TABLE == 2) * (1 - HAS_POS)
+    GRID_DEFAULT: tl.constexpr = (TABLE == 2) * (1 - HAS_POS)   # (posattn/_triton.py: the same test)
+    CHUNKED: tl.constexpr = TABLE_PASS * GRID_DEFAULT
     pid_m = tl.program_id(0)
     num_m = tl.num_programs(0)
     chunk = 0
@@ -443,7 +444,7 @@ def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
             do32 = do.to(tl.float32)
             tl.store(slot + o_av + offs_d, tl.sum(p_left[:, None] * do32, 0), mask=in_d)
             tl.store(slot + o_av + D + offs_d, tl.sum(p_right[:, None] * do32, 0), mask=in_d)
-        if D_TABLE and not (CORRECT and TABLE == 2 and not HAS_POS):   # (else all the chunked pass's)
+        if D_TABLE and not (CORRECT and GRID_DEFAULT):   # (else all the chunked pass's)
             tl.store(slot + o_tab + offs_t, d_tab, mask=offs_t < T)
 
         dq = (dq_c + dq_p) * sm_scale

@@ -22,9 +22,7 @@ def _table_index(rel, qp, kp, tab_a, tab_b, TABLE: tl.constexpr):
     else:
         # (qy - ky + Wh - 1)(2 Ww - 1) + qx - kx + Ww - 1 = a row term - a column term,
         # each per vector, then one int32 subtraction per element
-        wide = 2 * tab_b - 1
-        row = _grid_code(qp, tab_a, tab_b) + ((tab_a - 1) * wide + tab_b - 1)
-        return row[:, None] - _grid_code(kp, tab_a, tab_b)[None, :]
+        return _grid_row_code(qp, tab_a, tab_b)[:, None] - _grid_code(kp, tab_a, tab_b)[None, :]
 
 
 @triton.jit
@@ -42,6 +40,13 @@ def _grid_xy(pos, wh, ww):
         p = tl.minimum(pos, wh * ww - 1)
         y = ((p.to(tl.float32) + 0.5) * (1.0 / ww)).to(tl.int32)
     return p, y
+
+
+@triton.jit
+def _grid_row_code(pos, wh, ww):
+    """A row's code plus the table's offset (Wh - 1)(2 Ww - 1) + Ww - 1: its column is
+    this minus the key's _grid_code."""
+    return _grid_code(pos, wh, ww) + ((wh - 1) * (2 * ww - 1) + ww - 1)
 
 
 @triton.jit
@@ -242,9 +247,8 @@ def _scores(qk, qp, kp, start_m, start_n, offs_m, offs_n, Nq, Nk, qk_scale, slop
         # 1 key x BLOCK_M / 4 rows: a key's code once per tile, the rows' codes
         # loop-invariant (untransposed, every score computed its key's code). The other
         # way round without ROWS_HELD or with the last axis fastest.
-        wide = 2 * tab_r - 1
-        row = _grid_code(qp, tab_l, tab_r) + ((tab_l - 1) * wide + tab_r - 1)
-        s += tl.trans(tl.load(table_ptr + (row[None, :] - _grid_code(kp, tab_l, tab_r)[:, None])))
+        s += tl.trans(tl.load(table_ptr + (_grid_row_code(qp, tab_l, tab_r)[None, :]
+                                           - _grid_code(kp, tab_l, tab_r)[:, None])))
     if BIAS:
         cols = offs_n if BIAS_KEYS else offs_n * 0  # stride 1 along the keys, or broadcast
         if MASKED:
