@@ -35,9 +35,11 @@ def _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_k, k_base, v_base
         ((FLAGS >> _ALIBI.value) & 1 | (FLAGS >> _KERPLE.value) & 1 | (FLAGS >> _TABLE.value) & 3
          | (FLAGS >> _REL_K.value) & 1) == 0)
     # GridBias's rows' codes held per thread over the loop (scores._scores): at default
-    # positions in the unmasked tiles; at given positions (an integer division each) the
-    # heaviest combinations then spill at D >= 80 (tests/aot_compile.py)
-    ROWS_HELD: tl.constexpr = (1 - MASKED) * (1 - ((FLAGS >> _HAS_POS.value) & 1))
+    # positions, in the unmasked tiles and, for rows of at most 64 columns, the masked
+    # ones (Swin's windows of 49-144 tokens are all boundary tiles); in masked tiles of
+    # wider rows or at given positions (an integer division each) the heaviest
+    # combinations then spill (tests/aot_compile.py)
+    ROWS_HELD: tl.constexpr = (1 - MASKED * (offs_d.shape[0] > 64)) * (1 - ((FLAGS >> _HAS_POS.value) & 1))
     offs_n = start_n + offs_n0
     kp = _positions(pos_k, offs_n, Nk, 0, FLAGS)
     k = _load_tile(k_base, offs_n, offs_d, skn, Nk, D)
