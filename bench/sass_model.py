@@ -549,6 +549,9 @@ FWD_ENCODINGS = {
     "causal+bias": dict(CAUSAL=True, BIAS=True),
     "causal+table": dict(CAUSAL=True, TABLE=1),
     "grid": dict(TABLE=2),   # GridBias, a 32 x 64 window (N = 2048 tokens)
+    # Swin's window attention: 49 tokens of a 7 x 7 window, its shifted-window mask a
+    # [1, 1, 49, 49] float bias (a row stride of 49); every tile is a boundary tile
+    "swin": dict(TABLE=2, WINDOW=(7, 7), BIAS=True, BIAS_BATCH=1, BIAS_HEADS=1),
     "shaw-kv": dict(REL_K=True, REL_V=True),
     "softcap": dict(SOFTCAP=True),
     "causal+softcap+sinks": dict(CAUSAL=True, SOFTCAP=True, SINKS=True),
@@ -617,6 +620,7 @@ def posattn_launches(enc, D, backward, bwd_grads=None):
     v = torch.randn(PB, PH, PN, D, dtype=dt)
     flags = dict(NONE, **enc)
     bias_batch = flags.pop("BIAS_BATCH", PB)
+    bias_heads = flags.pop("BIAS_HEADS", PH)
     window = flags.pop("WINDOW", GRID)
     if flags["TABLE"] == 2:   # one window per batch row
         q, k, v = (x[:, :, :window[0] * window[1]] for x in (q, k, v))
@@ -639,7 +643,7 @@ def posattn_launches(enc, D, backward, bwd_grads=None):
         table = torch.randn(H, TABLE_L + TABLE_R + 1, dtype=torch.float32)
         kw["rel_bias"] = DistanceBias(table, TABLE_L, TABLE_R)
     if flags["BIAS"]:
-        bias = torch.randn(bias_batch if backward else 1, PH, PN, PN, dtype=dt)
+        bias = torch.randn(bias_batch if backward else 1, bias_heads, q.shape[2], k.shape[2], dtype=dt)
         kw["bias"] = bias
     rel = None
     if flags["REL_K"] or flags["REL_V"]:
@@ -714,9 +718,8 @@ def build_posattn(direction, enc_name, D, enc, grads, aot=False):
     from posattn.kernels import attention as A
     out = []
     flags = dict(NONE, **enc)
-    flags.pop("BIAS_BATCH", None)   # launch facts, not flags
-    flags.pop("WINDOW", None)
-    flags.pop("DECODE", None)
+    for fact in ("BIAS_BATCH", "BIAS_HEADS", "WINDOW", "DECODE"):   # launch facts, not flags
+        flags.pop(fact, None)
     if flags["ROT_DIM"] == -1:
         flags["ROT_DIM"] = D
     rel = flags["REL_K"] or flags["REL_V"]
@@ -739,6 +742,9 @@ def build_posattn(direction, enc_name, D, enc, grads, aot=False):
     calls = posattn_launches(enc, D, backward, grads)
     for kern, a, kw in calls:
         name = kern.fn.__name__
+        if name == "_attn_fwd":   # the launcher's tile (it may differ from _config's: short queries)
+            bm, bn = kw["BLOCK_M"], kw["BLOCK_N"]
+            warps, stages = kw.get("num_warps", warps), kw.get("num_stages", stages)
         if name == "_attn_bwd_delta":
             continue  # no loop: delta = rowsum(dO * O)
         fn, sig, cx, attrs, opts = jit_specialise(kern, a, kw)

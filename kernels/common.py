@@ -5,11 +5,11 @@ import re
 import triton
 import triton.language as tl
 
-__all__ = ["LOG2E", "PHILOX_ROUNDS", "_TABLE_PAD", "_GATHER_TIE_FIRST", "_CAUSAL", "_HAS_WL", "_HAS_WR", "_HAS_POS", "_ROPE", "_ROPE_AXES", "_INTERLEAVED", "_ALIBI", "_TABLE",
+__all__ = ["LOG2E", "PHILOX_ROUNDS", "_TABLE_PAD", "_BIAS_ROW_TILE", "_GATHER_TIE_FIRST", "_CAUSAL", "_HAS_WL", "_HAS_WR", "_HAS_POS", "_ROPE", "_ROPE_AXES", "_INTERLEAVED", "_ALIBI", "_TABLE",
            "_BIAS", "_BIAS_MASK", "_REL_K", "_REL_V", "_REL_U", "_REL_W", "_UPCAST", "_KERPLE", "_D_SLOPE",
            "_D_TABLE", "_D_U", "_D_W", "_D_AK", "_D_AV", "_DELTA_PASS", "_HEAD_BCAST", "_ROW_BCAST",
            "_COL_BCAST", "_D_KERPLE", "_CORRECT", "_TABLE_PASS", "_REL_SHARED", "_BIAS_KEYS",
-           "_SCALE_POS", "_DBIAS_ROWS", "_SOFTCAP", "_SINKS", "_FAST_TANH", "_DROPOUT", "_VARLEN"]  # (and the helpers, imported by name)
+           "_SCALE_POS", "_DBIAS_ROWS", "_SOFTCAP", "_SINKS", "_FAST_TANH", "_DROPOUT", "_VARLEN", "_BIAS_TILES"]  # (and the helpers, imported by name)
 
 LOG2E = tl.constexpr(1.4426950408889634)  # a constexpr: jitted code reads no plain globals
 # Philox4x32 rounds for dropout's keep-mask: 7, Random123's Crush-resistant count (10 is
@@ -24,6 +24,10 @@ _TABLE_PAD = tl.constexpr(256)
 # in 3.9 (upstream has switched this default back and forth). GridBias's gather is
 # written per version so that each thread holds one key when the rows are fixed over the
 # loop, one row when the keys are (scores._scores).
+# A dense bias posattn copies has its rows padded with zeros to a multiple of this many
+# columns (posattn/_triton.py: BIAS_TILES), so that any key tile (BLOCK_N dividing it)
+# reads whole in-bounds rows.
+_BIAS_ROW_TILE = tl.constexpr(128)
 _GATHER_TIE_FIRST = tl.constexpr(tuple(int(x) for x in re.findall(r"\d+", triton.__version__)[:2]) <= (3, 6))
 
 # Bit offsets of the FLAGS constexpr (what the problem has: masks, positions, encodings,
@@ -57,6 +61,7 @@ _FAST_TANH = tl.constexpr(23)   # softcap's tanh by the GPU's tanh.approx (half-
 _DROPOUT = tl.constexpr(24)     # attention dropout: a Philox keep-mask drawn per (batch, head, row, key)
 _VARLEN = tl.constexpr(25)      # packed sequences: grid axis 2 is a sequence, Pos holds cu_seqlens_q, cu_seqlens_k
 _ROPE_AXES = tl.constexpr(26)   # RoPE at positions per axis: _rope_rotate rotates dQ / dK back, not the epilogues
+_BIAS_TILES = tl.constexpr(27)  # the dense bias's rows hold whole key tiles (posattn/_triton.py pads them with zeros)
 _D_SLOPE = tl.constexpr(0)
 _D_TABLE = tl.constexpr(1)
 _D_U = tl.constexpr(2)

@@ -275,17 +275,41 @@ def _table_args(e, table, dummy):
     return dict(TABLE=1), dict(Table=rows, tab_l=e.left, tab_r=e.right), ()
 
 
+BIAS_ROW_TILE = 128   # kernels/common.py's _BIAS_ROW_TILE
+
+
+def _bias_rows_tiled(shape, like, dtype=None):
+    """An empty tensor of ``shape`` plus, in memory, its rows' padding to a multiple of
+    BIAS_ROW_TILE columns (whole key tiles): the full tensor, to be sliced."""
+    width = -(-shape[-1] // BIAS_ROW_TILE) * BIAS_ROW_TILE
+    return torch.empty(*shape[:-1], width, device=like.device, dtype=dtype or like.dtype)
+
+
 def _bias_args(p: Problem, bias, dummy):
     if bias is None:
-        return dict(BIAS=False, BIAS_MASK=False, BIAS_KEYS=False), dict(Bias=dummy, sbb=0, sbh=0, sbm=0, bias_nb=1), ()
+        return (dict(BIAS=False, BIAS_MASK=False, BIAS_KEYS=False, BIAS_TILES=False),
+                dict(Bias=dummy, sbb=0, sbh=0, sbm=0, bias_nb=1), ())
     # Size-1 axes broadcast (stride 0); the batch axis may also be periodic (batch b
     # reads bias[b % nB], Swin's shifted-window masks); along the keys the kernels
     # read stride 1 (or 0, a size-1 axis).
     keys = bias.shape[3] > 1
-    if keys and bias.stride(3) != 1:
-        bias = bias.contiguous()
+    # (axes broadcast with stride 0 stay so: a copy holds one copy of their data)
+    src = bias[tuple(slice(0, 1) if n > 1 and st == 0 else slice(None)
+                     for n, st in zip(bias.shape[:3], bias.stride()[:3]))]
+    unaligned = any(n > 1 and st % 16 for n, st in zip(bias.shape[:3], bias.stride()[:3]))
+    tiles = keys and (bias.stride(3) != 1 or unaligned and src.numel() <= p.q.numel())
+    if tiles:
+        # A copy (O(bias), at most q's size unless the keys' stride forces one) whose
+        # rows are padded with zeros to whole key tiles: Triton specialises its row
+        # stride (with an unaligned one, Swin's 49 x 49 masks, the bias was read an
+        # element at a time and the forward spilled 316-3960 B), and the boundary tiles
+        # read it unmasked (BIAS_TILES; bench/NOTES.md). A larger unaligned bias is read
+        # in place: a copy would add twice its bytes to a kernel bound by reading it.
+        full = _bias_rows_tiled(src.shape, src)
+        full[..., src.shape[3]:].zero_()
+        bias = full[..., :src.shape[3]].copy_(src).expand(bias.shape)
     sbb, sbh, sbm = (st if n > 1 else 0 for n, st in zip(bias.shape[:3], bias.stride()[:3]))
-    return (dict(BIAS=True, BIAS_MASK=p.bias_is_mask, BIAS_KEYS=keys),
+    return (dict(BIAS=True, BIAS_MASK=p.bias_is_mask, BIAS_KEYS=keys, BIAS_TILES=tiles),
             dict(Bias=bias, sbb=sbb, sbh=sbh, sbm=sbm, bias_nb=bias.shape[0]), ())
 
 
@@ -390,6 +414,11 @@ class _Launch:
             warps = 8
         if not backward and p.dropout_p > 0 and bd * (2 if p.q.dtype == torch.float32 else 1) <= 64:
             warps = 8   # the Philox words of a 128x64 tile spill one warpgroup (static sm_90 model: 28 B)
+        if not backward and bm == 128 and _cdiv(p.rows_q, 64) * 64 < _cdiv(p.rows_q, 128) * 128:
+            # Short queries (Swin's windows of 49, 144 or 576 tokens): 64-row blocks compute
+            # fewer padding rows (49 rows: 64 instead of 128; 144: 192 instead of 256), on
+            # one warpgroup (a 64-row tile over two would split the keys between them)
+            bm, warps = 64, 4
         if not backward and (self.table is not None or self.bias is not None):
             # Triton pipelines the per-element table / bias gathers too ([BLOCK_M, BLOCK_N]
             # per stage): with 3 stages the bf16 D=64 forward needs 172 KiB of shared
@@ -614,10 +643,16 @@ def _dbias_rows(L: _Launch, p: Problem):
     bias = L.args["Bias"]
     if tuple(bias.shape) != (p.B, p.Hq, p.Nq, p.Nk):
         return None
-    g = torch.empty_like(bias, dtype=torch.float32)   # keeps the strides of a dense layout
     kernel = (L.args["sbb"], L.args["sbh"], L.args["sbm"], 1)
-    if any(n > 1 and a != b for n, a, b in zip(g.shape, g.stride(), kernel)):
-        return None   # an overlapping or gapped layout: not written through the bias strides
+
+    def mismatch(g):
+        return any(n > 1 and a != b for n, a, b in zip(g.shape, g.stride(), kernel))
+
+    g = torch.empty_like(bias, dtype=torch.float32)   # keeps the strides of a dense layout
+    if mismatch(g):   # or _bias_args's rows padded to whole key tiles (the padding never read)
+        g = _bias_rows_tiled(bias.shape, bias, torch.float32)[..., :bias.shape[3]]
+        if mismatch(g):
+            return None   # an overlapping or gapped layout: not written through the bias strides
     if p.causal or p.window_left is not None or p.window_right is not None:
         g.zero_()     # tiles the masks hide are never visited
     return g

@@ -45,6 +45,9 @@ def _problem(enc, dt, D):
         if "shaw" in enc:   # one query head per program
             kw = dict(causal=True, rel_emb=posattn.RelativeEmbeddings(r(8, 9, D), r(8, 9, D), 4, r(8, D), r(8, D)))
         return q, k, v, kw
+    if enc == "swin":   # Swin's window attention: 49 tokens of a 7 x 7 window, its shifted-window mask as a bias
+        q, k, v = r(B, HQ, 49, D, dtype=dt), r(B, HQ, 49, D, dtype=dt), r(B, HQ, 49, D, dtype=dt)
+        return q, k, v, dict(rel_bias=posattn.GridBias(r(13 * 13, HQ), (7, 7)), bias=r(1, 1, 49, 49, dtype=dt))
     if enc == "causal+rope+alibi+table+bias":
         kw = dict(causal=True, rope=posattn.RoPE(), alibi_slopes=r(HQ), rel_bias=posattn.DistanceBias(r(HQ, 24), 15, 8),
                   bias=r(1, HQ, N, N, dtype=dt), kerple=posattn.KERPLE(r(HQ).abs().detach().requires_grad_(),
@@ -172,7 +175,7 @@ def cases(quick, only=None):
                     yield enc, dt, D
 
 
-ENCODINGS = ["plain", "causal+rope+alibi+table+bias", "varlen+causal+rope+alibi+table", "window+pos+ropei+grid+mask+softcap+sinks+dropout", "grid", "causal+shaw+xl",
+ENCODINGS = ["plain", "causal+rope+alibi+table+bias", "varlen+causal+rope+alibi+table", "window+pos+ropei+grid+mask+softcap+sinks+dropout", "grid", "swin", "causal+shaw+xl",
              "window+shaw", "decode+alibi+table+bias+softcap+sinks+dropout", "decode+shaw+xl"]
 
 
