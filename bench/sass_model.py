@@ -566,6 +566,9 @@ BWD_ENCODINGS = {"plain": ({}, {}), "rope": (dict(ROPE=True, ROT_DIM=-1), {}),
                  "grid+dgrid": (dict(TABLE=2), dict(D_TABLE=True)),   # GridBias, 32 x 64 window
                  # Swin-v2's 16 x 16 window (N = 256: T = 961 table columns, against 8001 above)
                  "grid16+dgrid": (dict(TABLE=2, WINDOW=(16, 16)), dict(D_TABLE=True)),
+                 # Swin's 7 x 7 window (N = 49) and its [1, 1, 49, 49] mask, as fwd "swin"
+                 "swin+dgrid": (dict(TABLE=2, WINDOW=(7, 7), BIAS=True, BIAS_BATCH=1, BIAS_HEADS=1),
+                                dict(D_TABLE=True)),
                  # a per-sample dense bias (dS written by dK/dV) and one shared by the batch
                  # (its own dBias pass sums over the batch)
                  "bias+dbias": (dict(BIAS=True), dict(D_BIAS=True)),
