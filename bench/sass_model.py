@@ -1139,7 +1139,7 @@ def grid_trips(BM, BN, wh=GRID[0], ww=GRID[1], chunk=None):
         from posattn._triton import GRID_TABLE_CHUNK as chunk
     N = wh * ww
     wide = 2 * ww - 1
-    block_r = 2 * max(BM, BN)
+    block_r = BN   # a code-space round's columns
 
     def code(p):
         return p + (p // ww) * (ww - 1)
@@ -1150,7 +1150,7 @@ def grid_trips(BM, BN, wh=GRID[0], ww=GRID[1], chunk=None):
             d_lo, d_hi = sm // ww - n_last // ww, m_last // ww - sn // ww
             n_dy = d_hi - d_lo + 1
             r = (code(m_last) - code(sn) - (code(sm) - code(n_last))) // block_r + 1
-            if n_dy > 1 and 5 * r <= 2 * n_dy:
+            if n_dy > 1 and 5 * r <= 4 * n_dy:
                 rounds += r
             elif n_dy > 1:
                 sums += n_dy

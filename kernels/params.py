@@ -71,12 +71,15 @@ def _grid_histogram(d_tab, ds, qp, start_m, start_n, Nq, Nk, wh, ww, offs_t, t_f
       onto its diagonals (Shaw's per-row shift, as _distance_histogram does) and summed;
     - several dy over a narrow span of t (small windows): each row gathers, for each t
       of the span in turn, the key whose code is R_i - t (if any), and the slots are
-      summed: BLOCK_R columns per round, span / BLOCK_R rounds (two for Ww <= 65);
+      summed: BLOCK_N columns per round, span / BLOCK_N rounds (three for Swin's 7 x 7);
     - otherwise the diagonal shift once, summed once per dy (its keys masked per row).
     Rows and keys past Nq / Nk have dS = 0: wherever their clamped positions put them,
     they add nothing. d_tab holds columns offs_t = t_first + [0, BLOCK_T): the sums
     reaching no column of them are skipped."""
     BLOCK_R: tl.constexpr = 2 * BLOCK_M if BLOCK_M >= BLOCK_N else 2 * BLOCK_N  # as in _keys_to_rel
+    # a code-space round's columns: BLOCK_N, not BLOCK_R (static sm_90 model, 64x64 tiles:
+    # a 128-column round 1693 cycles, a 64-column one 794, a 32-column one 751)
+    ROUND: tl.constexpr = BLOCK_N
     k_last = tl.minimum(start_n + BLOCK_N, Nk) - 1               # the last key in bounds (keys lie in the window)
     p_q, yq = _grid_xy(qp, wh, ww)
     live = qp < Nk                                               # rows in bounds (qp = row + Nk - Nq)
@@ -89,7 +92,7 @@ def _grid_histogram(d_tab, ds, qp, start_m, start_n, Nq, Nk, wh, ww, offs_t, t_f
     BLOCK_T: tl.constexpr = offs_t.shape[0]
     t_hi = tl.minimum(t_hi, t_first + BLOCK_T - 1)
     t_lo = tl.maximum(t_lo, t_first)
-    rounds = tl.maximum(t_hi - t_lo + BLOCK_R, 0) // BLOCK_R
+    rounds = tl.maximum(t_hi - t_lo + ROUND, 0) // ROUND
     # the dy whose table rows (2 Ww - 1 columns each) meet d_tab's columns
     d_lo = tl.maximum(y_lo, t_first // (2 * ww - 1) - (wh - 1))
     d_hi = tl.minimum(y_hi, (t_first + BLOCK_T - 1) // (2 * ww - 1) - (wh - 1))
@@ -97,19 +100,19 @@ def _grid_histogram(d_tab, ds, qp, start_m, start_n, Nq, Nk, wh, ww, offs_t, t_f
     base = (wh - 1) * (2 * ww - 1) + ww - 1 - rel0 - offs_t       # slice row of column t, less dy (Ww - 1)
     if y_lo == y_hi:
         d_tab = _land(d_tab, tl.sum(_keys_to_rel(ds, BLOCK_M, BLOCK_N), 0), base + y_lo * (ww - 1), BLOCK_R)
-    elif 5 * rounds <= 2 * (d_hi - d_lo + 1):   # a round costs about 2.5 dy sums (static sm_90 model)
+    elif 5 * rounds <= 4 * (d_hi - d_lo + 1):   # a round costs about 1.25 dy sums (static sm_90 model)
         for h in range(0, rounds):
-            # slot s: t = t_hi - h BLOCK_R - s, the key code c = R_i - t; the code's grid row
+            # slot s: t = t_hi - h ROUND - s, the key code c = R_i - t; the code's grid row
             # y = c // (2 Ww - 1) in float32 (the quotient is at most 2 Wh - 1 and the table
             # has at most 8192 columns: its error stays far below 1 / (2 (2 Ww - 1))); a
             # code is a key's when x = c - y (2 Ww - 1) < Ww (negative codes never are),
             # at position c - y (Ww - 1)
-            c = (row - t_hi + h * BLOCK_R)[:, None] + tl.arange(0, BLOCK_R)[None, :]
+            c = (row - t_hi + h * ROUND)[:, None] + tl.arange(0, ROUND)[None, :]
             y = ((c.to(tl.float32) + 0.5) * (1.0 / (2 * ww - 1))).to(tl.int32)
             j = c - y * (ww - 1) - start_n
             hit = ((c - y * (2 * ww - 1)).to(tl.uint32) < ww) & (j.to(tl.uint32) < BLOCK_N)
             sums = tl.sum(tl.where(hit, tl.gather(ds, j & (BLOCK_N - 1), axis=1), 0.0), 0)
-            d_tab = _land(d_tab, sums, t_hi - h * BLOCK_R - offs_t, BLOCK_R)
+            d_tab = _land(d_tab, sums, t_hi - h * ROUND - offs_t, ROUND)
     else:
         x = _keys_to_rel(ds, BLOCK_M, BLOCK_N)                    # [BLOCK_M, BLOCK_R]: key at rel0 + r
         # slot r of row i holds the key at kp = qp + rel0 + r: it is in grid row yq - d
