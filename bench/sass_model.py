@@ -552,6 +552,7 @@ FWD_ENCODINGS = {
     # Swin's window attention: 49 tokens of a 7 x 7 window, its shifted-window mask a
     # [1, 1, 49, 49] float bias (a row stride of 49); every tile is a boundary tile
     "swin": dict(TABLE=2, WINDOW=(7, 7), BIAS=True, BIAS_BATCH=1, BIAS_HEADS=1),
+    "vit": dict(N=197),   # ViT-B/16 at 224 px: 196 patches and a class token
     "shaw-kv": dict(REL_K=True, REL_V=True),
     "softcap": dict(SOFTCAP=True),
     "causal+softcap+sinks": dict(CAUSAL=True, SOFTCAP=True, SINKS=True),
@@ -627,6 +628,9 @@ def posattn_launches(enc, D, backward, bwd_grads=None):
     window = flags.pop("WINDOW", GRID)
     if flags["TABLE"] == 2:   # one window per batch row
         q, k, v = (x[:, :, :window[0] * window[1]] for x in (q, k, v))
+    n = flags.pop("N", None)   # a short sequence (every tile a boundary tile)
+    if n is not None:
+        q, k, v = (x[:, :, :n] for x in (q, k, v))
     if flags.pop("DECODE", False):   # KV-cache decoding: B=1, Hq=32, Hkv=8, Nq=1, Nk=32k
         q = torch.randn(1, 32, 1, D, dtype=dt)
         k = torch.randn(1, 8, 32768, D, dtype=dt)
@@ -721,7 +725,7 @@ def build_posattn(direction, enc_name, D, enc, grads, aot=False):
     from posattn.kernels import attention as A
     out = []
     flags = dict(NONE, **enc)
-    for fact in ("BIAS_BATCH", "BIAS_HEADS", "WINDOW", "DECODE"):   # launch facts, not flags
+    for fact in ("BIAS_BATCH", "BIAS_HEADS", "WINDOW", "DECODE", "N"):   # launch facts, not flags
         flags.pop(fact, None)
     if flags["ROT_DIM"] == -1:
         flags["ROT_DIM"] = D
