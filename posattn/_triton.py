@@ -297,17 +297,20 @@ def _bias_args(p: Problem, bias, dummy):
     src = bias[tuple(slice(0, 1) if n > 1 and st == 0 else slice(None)
                      for n, st in zip(bias.shape[:3], bias.stride()[:3]))]
     unaligned = any(n > 1 and st % 16 for n, st in zip(bias.shape[:3], bias.stride()[:3]))
-    tiles = keys and (bias.stride(3) != 1 or unaligned and src.numel() <= p.q.numel())
+    padded = src.numel() // max(src.shape[3], 1) * -(-src.shape[3] // BIAS_ROW_TILE) * BIAS_ROW_TILE
+    tiles = keys and (bias.stride(3) != 1 or unaligned) and padded <= p.q.numel()
     if tiles:
-        # A copy (O(bias), at most q's size unless the keys' stride forces one) whose
-        # rows are padded with zeros to whole key tiles: Triton specialises its row
-        # stride (with an unaligned one, Swin's 49 x 49 masks, the bias was read an
-        # element at a time and the forward spilled 316-3960 B), and the boundary tiles
-        # read it unmasked (BIAS_TILES; bench/NOTES.md). A larger unaligned bias is read
-        # in place: a copy would add twice its bytes to a kernel bound by reading it.
+        # A copy no larger than q whose rows are padded with zeros to whole key tiles:
+        # Triton specialises its row stride (with an unaligned one, Swin's 49 x 49
+        # masks, the bias was read an element at a time and the forward spilled
+        # 316-3960 B), and the boundary tiles read it unmasked (BIAS_TILES;
+        # bench/NOTES.md). A larger unaligned bias is read in place: a copy would add
+        # twice its bytes to a kernel bound by reading it.
         full = _bias_rows_tiled(src.shape, src)
         full[..., src.shape[3]:].zero_()
         bias = full[..., :src.shape[3]].copy_(src).expand(bias.shape)
+    elif keys and bias.stride(3) != 1:
+        bias = bias.contiguous()
     sbb, sbh, sbm = (st if n > 1 else 0 for n, st in zip(bias.shape[:3], bias.stride()[:3]))
     return (dict(BIAS=True, BIAS_MASK=p.bias_is_mask, BIAS_KEYS=keys, BIAS_TILES=tiles),
             dict(Bias=bias, sbb=sbb, sbh=sbh, sbm=sbm, bias_nb=bias.shape[0]), ())
@@ -414,10 +417,11 @@ class _Launch:
             warps = 8
         if not backward and p.dropout_p > 0 and bd * (2 if p.q.dtype == torch.float32 else 1) <= 64:
             warps = 8   # the Philox words of a 128x64 tile spill one warpgroup (static sm_90 model: 28 B)
-        if not backward and bm == 128 and _cdiv(p.rows_q, 64) * 64 < _cdiv(p.rows_q, 128) * 128:
+        if not backward and bm == 128 and 10 * _cdiv(p.rows_q, 64) * 64 <= 9 * _cdiv(p.rows_q, 128) * 128:
             # Short queries (Swin's windows of 49, 144 or 576 tokens): 64-row blocks compute
-            # fewer padding rows (49 rows: 64 instead of 128; 144: 192 instead of 256), on
-            # one warpgroup (a 64-row tile over two would split the keys between them)
+            # at least 10 % fewer padding rows (49 rows: 64 instead of 128; 144: 192 instead
+            # of 256; not 4160: 1.5 %, against twice the K / V reads), on one warpgroup (a
+            # 64-row tile over two would split the keys between them)
             bm, warps = 64, 4
         if not backward and (self.table is not None or self.bias is not None):
             # Triton pipelines the per-element table / bias gathers too ([BLOCK_M, BLOCK_N]
@@ -763,7 +767,9 @@ def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need, wrap=_direct):
         g = part("table", tab_t).sum(dim=(0, 2))                        # [Hq, T]
         grads["table"] = (g.t() if L.grid_table else g).to(L.table.dtype)
     if dbias is not None:
-        grads["bias"] = dbias.to(L.bias.dtype)
+        g = dbias.to(L.bias.dtype)
+        # (rows padded to whole key tiles: the gradient is returned dense)
+        grads["bias"] = g.contiguous() if g.untyped_storage().nbytes() > g.numel() * g.element_size() else g
     elif need["bias"]:
         bias = L.bias
         bb, bh, bmq, bnk = bias.shape  # size-1 axes are summed over (broadcast)

@@ -98,17 +98,19 @@ def test_what_no_config_fits_is_refused_with_its_reason(monkeypatch):
     assert "shared memory" not in (_triton.refusal(p16) or "")
 
 
-@pytest.mark.parametrize("nq,bm", [(49, 64), (144, 64), (576, 64), (1000, 128), (2048, 128)])
+@pytest.mark.parametrize("nq,bm", [(49, 64), (144, 64), (576, 64), (1000, 128), (2048, 128), (4160, 128)])
 def test_short_queries_get_64_row_blocks(nq, bm, monkeypatch):
-    """The GPU forward takes 64-row blocks on one warpgroup when that computes fewer
-    padding rows (Swin's 49-token windows: 64 rows instead of 128), even where 128-row
-    blocks take two warpgroups (GridBias); the backward keeps its tiles."""
+    """The GPU forward takes 64-row blocks on one warpgroup when that computes at least
+    10 % fewer padding rows (Swin's 49-token windows: 64 rows instead of 128), even where
+    128-row blocks take two warpgroups (GridBias); the backward keeps its tiles."""
     from posattn import _validate
     from posattn.encodings import GridBias
     monkeypatch.setattr(_triton, "interpreting", lambda: False)
+    nk = max(nq, 2048)
     q = torch.randn(1, 2, nq, 32)
-    k = torch.randn(1, 2, 2048, 32)
-    for kw in ({}, dict(rel_bias=GridBias(torch.randn(63 * 127, 2), (32, 64)))):
+    k = torch.randn(1, 2, nk, 32)
+    wh = -(-nk // 64)
+    for kw in ({}, dict(rel_bias=GridBias(torch.randn((2 * wh - 1) * 127, 2), (wh, 64)))):
         p = _validate.check(q, k, k, **kw)
         L = _triton._Launch(p, q, *_triton._launch_params(p))
         got, bn, _, launch = L.config(backward=False)

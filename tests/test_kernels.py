@@ -160,14 +160,18 @@ def test_dense_bias_gradient_in_its_layout(dtype, device, backend):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_unaligned_bias_copied_to_whole_tiles(dtype, device, backend):
-    """A [B, H, Nq, Nk] bias with a row stride of 50 elements, no larger than q: posattn
-    reads a copy whose rows are padded with zeros to whole key tiles (BIAS_TILES), the
-    boundary tiles unmasked; dK/dV write its gradient into a gradient padded the same
-    way (the window leaves tiles unvisited: zeros). An expanded view stays broadcast."""
-    q, k, v = make_qkv((2, 2, 2, 45, 50, 64, False), dtype, device)
+    """A [B, H, Nq, Nk] bias with a row stride of 50 elements, no larger than q once its
+    rows are padded: posattn reads a copy whose rows are padded with zeros to whole key
+    tiles (BIAS_TILES), the boundary tiles unmasked; dK/dV write its gradient into a
+    gradient padded the same way (the window leaves tiles unvisited: zeros), returned
+    dense. An expanded view stays broadcast."""
+    q, k, v = make_qkv((2, 2, 2, 45, 50, 128, False), dtype, device)
     bias = torch.randn(2, 2, 45, 50, device=device, dtype=dtype).requires_grad_()
     errors = check(q, k, v, backend=backend, window=(20, 5), bias=bias)
     assert "dbias" in errors
+    out = posattn.attention(q, k, v, backend=backend, window=(20, 5), bias=bias)
+    (g,) = torch.autograd.grad(out, bias, torch.randn_like(out))
+    assert g.shape == bias.shape and g.is_contiguous()   # not the padded layout
     row = torch.randn(1, 2, 1, 50, device=device, dtype=dtype).requires_grad_()
     errors = check(q, k, v, backend=backend, causal=True, bias=row.expand(2, 2, 45, 50))
     assert "dbias" in errors
