@@ -417,11 +417,14 @@ class _Launch:
             warps = 8
         if not backward and p.dropout_p > 0 and bd * (2 if p.q.dtype == torch.float32 else 1) <= 64:
             warps = 8   # the Philox words of a 128x64 tile spill one warpgroup (static sm_90 model: 28 B)
-        if not backward and bm == 128 and 10 * _cdiv(p.rows_q, 64) * 64 <= 9 * _cdiv(p.rows_q, 128) * 128:
+        if (not backward and bm == 128 and bd * (2 if p.q.dtype == torch.float32 else 1) <= 64
+                and 10 * _cdiv(p.rows_q, 64) * 64 <= 9 * _cdiv(p.rows_q, 128) * 128):
             # Short queries (Swin's windows of 49, 144 or 576 tokens): 64-row blocks compute
             # at least 10 % fewer padding rows (49 rows: 64 instead of 128; 144: 192 instead
             # of 256; not 4160: 1.5 %, against twice the K / V reads), on one warpgroup (a
-            # 64-row tile over two would split the keys between them)
+            # 64-row tile over two would split the keys between them). Rows of at most 64
+            # columns: wider ones spill there with the heaviest encodings (AOT check, D=80 /
+            # 128 with causal + RoPE + ALiBi + table + bias: 56 B)
             bm, warps = 64, 4
         if not backward and (self.table is not None or self.bias is not None):
             # Triton pipelines the per-element table / bias gathers too ([BLOCK_M, BLOCK_N]

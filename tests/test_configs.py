@@ -116,3 +116,6 @@ def test_short_queries_get_64_row_blocks(nq, bm, monkeypatch):
         got, bn, _, launch = L.config(backward=False)
         assert got == bm and (launch["num_warps"] == 4 or bm == 128)
         assert L.config(backward=True)[:2] == _triton._config(32, True, gpu=True)[:2]
+    wide = torch.randn(1, 2, nq, 128, dtype=torch.bfloat16)   # rows of 128 columns keep 128-row blocks
+    p = _validate.check(wide, wide, wide)
+    assert _triton._Launch(p, wide, *_triton._launch_params(p)).config(backward=False)[0] == 128
