@@ -24,13 +24,6 @@ SWIN_T = ((2048, 3, 32), (512, 6, 32), (128, 12, 32), (32, 24, 32))
 IMAGES = 32
 
 
-def relative_index(wh, ww, device):
-    """Swin's relative_position_index: [N, N] column of the [(2Wh-1)(2Ww-1), H] table."""
-    ys, xs = torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")
-    y, x = ys.flatten(), xs.flatten()
-    return ((y[:, None] - y[None, :] + wh - 1) * (2 * ww - 1) + x[:, None] - x[None, :] + ww - 1).to(device)
-
-
 def shifted_mask(per_image, n, device, dtype, gen):
     """A [nW, 1, N, N] additive mask of 0 / -100 (Swin's value), one per window of an image."""
     keep = torch.rand(per_image, 1, n, n, generator=gen) < 0.7
@@ -86,7 +79,8 @@ def timed(fn, gpu, reps=2):
 
 def run_stage(windows, heads, dim, window, per_image, device, dtype, backend=None):
     q, k, v, table, mask = problem(windows, heads, dim, window, per_image, device, dtype)
-    index = relative_index(*window, device)
+    pos = torch.arange(window[0] * window[1], device=device)
+    index = posattn.GridBias(table, window).index(pos, pos)   # Swin's relative_position_index
     do = torch.randn_like(q)
     routes = {"posattn": lambda: fused(q, k, v, table, mask, window, backend),
               "gather+sdpa": lambda: dense(q, k, v, table, mask, window, index)}

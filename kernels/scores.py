@@ -213,7 +213,7 @@ def _scores(qk, qp, kp, start_m, start_n, offs_m, offs_n, Nq, Nk, qk_scale, slop
     BIAS: tl.constexpr = (FLAGS >> _BIAS.value) & 1
     BIAS_MASK: tl.constexpr = (FLAGS >> _BIAS_MASK.value) & 1
     BIAS_KEYS: tl.constexpr = (FLAGS >> _BIAS_KEYS.value) & 1
-    BIAS_TILES: tl.constexpr = (FLAGS >> _BIAS_KEYS.value) & (FLAGS >> _BIAS_TILES.value) & 1
+    BIAS_TILES: tl.constexpr = (FLAGS >> _BIAS_TILES.value) & 1   # (set with BIAS_KEYS only)
     SOFTCAP: tl.constexpr = (FLAGS >> _SOFTCAP.value) & 1
     FAST_TANH: tl.constexpr = (FLAGS >> _FAST_TANH.value) & 1
     if SOFTCAP:

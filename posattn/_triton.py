@@ -278,11 +278,15 @@ def _table_args(e, table, dummy):
 BIAS_ROW_TILE = 128   # kernels/common.py's _BIAS_ROW_TILE
 
 
+def _tiled_width(n):
+    """A bias row of n columns padded to whole key tiles: a multiple of BIAS_ROW_TILE."""
+    return -(-n // BIAS_ROW_TILE) * BIAS_ROW_TILE
+
+
 def _bias_rows_tiled(shape, like, dtype=None):
-    """An empty tensor of ``shape`` plus, in memory, its rows' padding to a multiple of
-    BIAS_ROW_TILE columns (whole key tiles): the full tensor, to be sliced."""
-    width = -(-shape[-1] // BIAS_ROW_TILE) * BIAS_ROW_TILE
-    return torch.empty(*shape[:-1], width, device=like.device, dtype=dtype or like.dtype)
+    """An empty tensor of ``shape`` plus, in memory, its rows' padding to _tiled_width
+    columns: the full tensor, to be sliced."""
+    return torch.empty(*shape[:-1], _tiled_width(shape[-1]), device=like.device, dtype=dtype or like.dtype)
 
 
 def _bias_args(p: Problem, bias, dummy):
@@ -297,7 +301,7 @@ def _bias_args(p: Problem, bias, dummy):
     src = bias[tuple(slice(0, 1) if n > 1 and st == 0 else slice(None)
                      for n, st in zip(bias.shape[:3], bias.stride()[:3]))]
     unaligned = any(n > 1 and st % 16 for n, st in zip(bias.shape[:3], bias.stride()[:3]))
-    padded = src.numel() // max(src.shape[3], 1) * -(-src.shape[3] // BIAS_ROW_TILE) * BIAS_ROW_TILE
+    padded = src.numel() // max(src.shape[3], 1) * _tiled_width(src.shape[3])
     tiles = keys and (bias.stride(3) != 1 or unaligned) and padded <= p.q.numel()
     if tiles:
         # A copy no larger than q whose rows are padded with zeros to whole key tiles:
@@ -400,9 +404,10 @@ class _Launch:
         bm, bn, bd, warps, stages = _config(self.p.D, backward, self.has_rel, fp32=self.p.q.dtype == torch.float32,
                                             arch=self.arch)
         p = self.p
+        width = bd * (2 if p.q.dtype == torch.float32 else 1)   # a tile row's bytes / 2
         masked = p.causal or p.window_left is not None or p.window_right is not None
         positions = p.q_pos is not None or p.k_pos is not None   # a table index per element
-        if (not backward and not self.has_rel and bd * (2 if p.q.dtype == torch.float32 else 1) <= 64
+        if (not backward and not self.has_rel and width <= 64
                 and (self.grid_table or self.table is not None and positions
                      or masked and (self.table is not None or self.bias is not None or self.alibi is not None
                                     or self.kerple[0] is not None))):
@@ -415,9 +420,9 @@ class _Launch:
             # 1098 cycles per 128x128 block with 4 warps, 1208 with 8; dense bias 1652
             # against 1740; DistanceBias far tiles 1090 against 1208).
             warps = 8
-        if not backward and p.dropout_p > 0 and bd * (2 if p.q.dtype == torch.float32 else 1) <= 64:
+        if not backward and p.dropout_p > 0 and width <= 64:
             warps = 8   # the Philox words of a 128x64 tile spill one warpgroup (static sm_90 model: 28 B)
-        if (not backward and bm == 128 and bd * (2 if p.q.dtype == torch.float32 else 1) <= 64
+        if (not backward and bm == 128 and width <= 64
                 and 10 * _cdiv(p.rows_q, 64) * 64 <= 9 * _cdiv(p.rows_q, 128) * 128):
             # Short queries (Swin's windows of 49, 144 or 576 tokens): 64-row blocks compute
             # at least 10 % fewer padding rows (49 rows: 64 instead of 128; 144: 192 instead
@@ -431,7 +436,6 @@ class _Launch:
             # per stage): with 3 stages the bf16 D=64 forward needs 172 KiB of shared
             # memory, past an A100's 163 KiB, and float32 D=256 with 2 stages 208-246 KiB,
             # past an H100's 227 KiB (found by the AOT check with launch specialisation).
-            width = bd * (2 if self.p.q.dtype == torch.float32 else 1)
             stages = min(stages, 2 if width <= 256 else 1)
             if width >= 128 and _shared_bytes(self.arch) < 160 * 1024:
                 stages = 1   # 99 KiB parts: bf16 D=128 with 2 stages needs 112 KiB
