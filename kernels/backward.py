@@ -11,7 +11,7 @@ from .common import (LOG2E, _COL_BCAST, _D_AK, _D_AV, _DBIAS_ROWS, _DROPOUT, _HA
                      _ROW_BCAST, _TABLE, _UPCAST, _VARLEN, _beyond, _dot, _key_range, _load_row_stats, _load_tile, _part_range,
                      _positions, _query_range, _sequence, _stats_row)
 from .rope import _rope_factor, _unrotate
-from .relative import _rel_end_rows, _row_dot
+from .relative import _rel_end_rows, _row_dot, _row_gather
 from .scores import _head_params, _load_queries, _probs_and_ds, _table_far
 
 
@@ -197,10 +197,10 @@ def _attn_bwd_rel(Q, K, V, DO, Stats, DAK, DAV, Pos, Params, Table, Bias, Rel, R
                 inside = (jl >= 0) & (jl < BLOCK_N)
                 jl = tl.minimum(tl.maximum(jl, 0), BLOCK_N - 1)
                 if D_AK:
-                    ds_r = tl.where(inside, tl.gather(ds_qk, jl, axis=1), 0.0)
+                    ds_r = tl.where(inside, _row_gather(ds_qk, jl), 0.0)
                     acc_k += _dot(tl.trans(ds_r.to(qw.dtype)), qw, UPCAST)
                 if D_AV:
-                    p_r = tl.where(inside, tl.gather(p_v, jl, axis=1), 0.0)
+                    p_r = tl.where(inside, _row_gather(p_v, jl), 0.0)
                     acc_v += _dot(tl.trans(p_r.to(do.dtype)), do, UPCAST)
 
     rel = rel0 + offs_n0

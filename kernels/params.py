@@ -8,7 +8,7 @@ from .common import (LOG2E, _CORRECT, _HAS_POS, _DELTA_PASS, _TABLE_PASS, _D_AK,
                      _D_TABLE, _D_U, _D_W, _DROPOUT, _REL_K, _REL_V, _ROPE, _ROPE_AXES, _SINKS, _SOFTCAP, _TABLE, _UPCAST, _VARLEN, _sequence, _beyond, _dot, _key_range, _part_range,
                      _load_row_stats, _load_tile, _positions, _stats_row)
 from .rope import _rope_factor, _unrotate
-from .relative import _keys_to_rel, _rel_end_rows, _row_dot
+from .relative import _keys_to_rel, _row_gather, _rel_end_rows, _row_dot
 from .scores import _grid_xy, _head_params, _load_queries, _probs_and_ds, _table_columns, _table_far, _table_index
 
 
@@ -111,7 +111,7 @@ def _grid_histogram(d_tab, ds, qp, start_m, start_n, Nq, Nk, wh, ww, offs_t, t_f
             y = ((c.to(tl.float32) + 0.5) * (1.0 / (2 * ww - 1))).to(tl.int32)
             j = c - y * (ww - 1) - start_n
             hit = ((c - y * (2 * ww - 1)).to(tl.uint32) < ww) & (j.to(tl.uint32) < BLOCK_N)
-            sums = tl.sum(tl.where(hit, tl.gather(ds, j & (BLOCK_N - 1), axis=1), 0.0), 0)
+            sums = tl.sum(tl.where(hit, _row_gather(ds, j & (BLOCK_N - 1)), 0.0), 0)
             d_tab = _land(d_tab, sums, t_hi - h * ROUND - offs_t, ROUND)
     else:
         x = _keys_to_rel(ds, BLOCK_M, BLOCK_N)                    # [BLOCK_M, BLOCK_R]: key at rel0 + r

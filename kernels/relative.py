@@ -6,6 +6,18 @@ import triton.language as tl
 
 
 @triton.jit
+def _row_gather(x, idx):
+    """out[i, j] = x[i, idx[i, j]] (idx in [0, x.shape[1])), through shared memory: the
+    tile is flattened, so its gather axis spans the warps and Triton stores it once and
+    loads each output by address, instead of the warp-local gather's shuffles and
+    selects over every register of the row."""
+    W: tl.constexpr = x.shape[1]
+    flat = tl.reshape(x, [x.shape[0] * W])
+    at = tl.arange(0, x.shape[0])[:, None] * W + idx
+    return tl.reshape(tl.gather(flat, tl.reshape(at, [idx.shape[0] * idx.shape[1]]), axis=0), idx.shape)
+
+
+@triton.jit
 def _rel_rows(start_m, start_n, Nq, Nk, rel_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Rows of aK / aV a tile needs (default positions): slice row r stands for
     rel = rel_min + r, clamped to [-K, K]; the tile's rel span is BLOCK_M + BLOCK_N - 1."""
@@ -25,9 +37,9 @@ def _load_rel(ptr, rows, offs_d, D):
 @triton.jit
 def _rel_to_keys(x_r, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """[BLOCK_M, BLOCK_R] in slice space -> [BLOCK_M, BLOCK_N]: pair (i, j) is slice
-    row j - i + BLOCK_M - 1 (a per-row shift, done as one register gather)."""
+    row j - i + BLOCK_M - 1 (a per-row shift: _row_gather)."""
     r = tl.arange(0, BLOCK_N)[None, :] - tl.arange(0, BLOCK_M)[:, None] + (BLOCK_M - 1)
-    return tl.gather(x_r, r, axis=1)
+    return _row_gather(x_r, r)
 
 
 @triton.jit
@@ -38,7 +50,7 @@ def _keys_to_rel(x, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     BLOCK_R: tl.constexpr = 2 * BLOCK_M if BLOCK_M >= BLOCK_N else 2 * BLOCK_N  # as in _rel_rows
     j = tl.arange(0, BLOCK_R)[None, :] + tl.arange(0, BLOCK_M)[:, None] - (BLOCK_M - 1)
     inside = (j >= 0) & (j < BLOCK_N)
-    return tl.where(inside, tl.gather(x, tl.minimum(tl.maximum(j, 0), BLOCK_N - 1), axis=1), 0.0)
+    return tl.where(inside, _row_gather(x, tl.minimum(tl.maximum(j, 0), BLOCK_N - 1)), 0.0)
 
 
 @triton.jit
