@@ -143,6 +143,8 @@ def _config(D: int, backward: bool, rel_emb: bool = False, gpu: bool = None, fp3
         stages = max(1, stages - 1)
         if width >= 256 or backward and width >= 128:
             bm, bn = min(bm, 64 if width <= 256 else 32), min(bn, 32)
+        if rel_emb and backward and width >= 128:
+            bm = min(bm, 32)   # with the aK / aV slices (2 max(bm, bn) rows each): 155 KiB at 64x32
     return bm, bn, block_d, warps, stages
 
 
@@ -155,9 +157,9 @@ def candidates(D: int, backward: bool, rel_emb: bool = False, fp32: bool = False
     bm0, bn0, _, w0, s0 = _default_config(block_d, width, backward, rel_emb)
     out = [(bm0, bn0, w0, s0)]
     if rel_emb:   # the relative tables' slices fill shared memory: stages, and the 64-row tiles
-        # wgmma needs (bench/NOTES.md: Shaw D=128 backward on 64x64 tiles, mixed in the model)
+        # wgmma needs, and the earlier mma.sync ones (bench/NOTES.md: Shaw at D=128)
         out += [(bm0, bn0, w0, st) for st in (1, 2) if st != s0]
-        return out + [c for c in ((64, 64, 8, 1), (64, 32, 4, 1)) if c not in out]
+        return out + [c for c in ((64, 64, 8, 1), (64, 32, 4, 1), (32, 32, 4, 1)) if c not in out]
     for bm in ((32, 64) if backward else (64, 128)):
         for bn in (32, 64):
             for warps in (4, 8):
@@ -174,9 +176,14 @@ def _default_config(block_d, width, backward, rel_emb):
             # backward: one stage (2 CTAs per SM instead of 1, fewer spills; static sm_90
             # model 7379 -> 7303 cycles per 128x128 block at D=64, bench/NOTES.md)
             return 64, 64, block_d, 4, 1 if backward else 2
-        if not backward:
-            return (64, 32, block_d, 4, 1) if width <= 128 else (32, 32, block_d, 4, 1)
-        return (32, 32, block_d, 4, 1) if width <= 128 else (16, 16, block_d, 4, 1)
+        if width <= 128:
+            # 64x64 tiles on one warpgroup (wgmma), one stage: two pipeline the slices too
+            # (240 KiB forward). Static sm_90 model, bf16 D=128, cycles per 128x128 block
+            # against the 64x32 forward / 32x32 backward (mma.sync) tiles before: forward
+            # near 10240 -> 6144, far 2784 -> 2048; backward dQ near 18432 -> 9328, dK/dV
+            # near 16384 -> 8192, d(aK, aV) 28672 -> 8192 (bench/NOTES.md; its spills)
+            return 64, 64, block_d, 4, 1
+        return (32, 32, block_d, 4, 1) if not backward else (16, 16, block_d, 4, 1)
     if not backward:
         if width <= 64:
             return 128, 64, block_d, 4, 3
