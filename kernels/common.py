@@ -8,7 +8,7 @@ import triton.language as tl
 __all__ = ["LOG2E", "PHILOX_ROUNDS", "_TABLE_PAD", "_BIAS_ROW_TILE", "_GATHER_TIE_FIRST", "_CAUSAL", "_HAS_WL", "_HAS_WR", "_HAS_POS", "_ROPE", "_ROPE_AXES", "_INTERLEAVED", "_ALIBI", "_TABLE",
            "_BIAS", "_BIAS_MASK", "_REL_K", "_REL_V", "_REL_U", "_REL_W", "_UPCAST", "_KERPLE", "_D_SLOPE",
            "_D_TABLE", "_D_U", "_D_W", "_D_AK", "_D_AV", "_DELTA_PASS", "_HEAD_BCAST", "_ROW_BCAST",
-           "_COL_BCAST", "_D_KERPLE", "_CORRECT", "_TABLE_PASS", "_REL_SHARED", "_BIAS_KEYS",
+           "_COL_BCAST", "_D_KERPLE", "_CORRECT", "_TABLE_PASS", "_ONE_TILE", "_REL_SHARED", "_BIAS_KEYS",
            "_SCALE_POS", "_DBIAS_ROWS", "_SOFTCAP", "_SINKS", "_FAST_TANH", "_DROPOUT", "_VARLEN", "_BIAS_TILES"]  # (and the helpers, imported by name)
 
 LOG2E = tl.constexpr(1.4426950408889634)  # a constexpr: jitted code reads no plain globals
@@ -75,6 +75,7 @@ _COL_BCAST = tl.constexpr(9)
 _D_KERPLE = tl.constexpr(10)
 _CORRECT = tl.constexpr(11)     # dQ: Stats hold rowsum(dO * O); correct in-pass, then write the exact delta
 _TABLE_PASS = tl.constexpr(12)  # dQ: only d(table) over the near tiles, from the exact Stats
+_ONE_TILE = tl.constexpr(13)    # dQ with CORRECT: every row's keys are one tile, d(table) summed in-pass
 
 
 @triton.jit

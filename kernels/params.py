@@ -4,7 +4,7 @@ fixed order; with DELTA_PASS, the exact-delta pass."""
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, _CORRECT, _HAS_POS, _DELTA_PASS, _TABLE_PASS, _D_AK, _D_AV, _D_KERPLE, _D_SLOPE,
+from .common import (LOG2E, _CORRECT, _HAS_POS, _DELTA_PASS, _TABLE_PASS, _ONE_TILE, _D_AK, _D_AV, _D_KERPLE, _D_SLOPE,
                      _D_TABLE, _D_U, _D_W, _DROPOUT, _REL_K, _REL_V, _ROPE, _ROPE_AXES, _SINKS, _SOFTCAP, _TABLE, _UPCAST, _VARLEN, _sequence, _beyond, _dot, _key_range, _part_range,
                      _load_row_stats, _load_tile, _positions, _stats_row)
 from .rope import _rope_factor, _unrotate
@@ -195,6 +195,10 @@ def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
     # (Transformer-XL's du / dw would need P @ K per row; d(aK) through a soft cap, P (1 - t^2))
     tl.static_assert(CORRECT == 0 or D_U + D_W + D_AK * ((FLAGS >> _SOFTCAP.value) & 1) == 0)
     TABLE_PASS: tl.constexpr = (GRADS >> _TABLE_PASS.value) & 1
+    # every row's keys in one tile (the host: Nk <= BLOCK_N): that tile's row sums are the
+    # row's, so its dS is corrected to the exact delta in the loop and d(table) summed
+    # here, with no TABLE_PASS launch after (Swin's 49-token windows)
+    ONE_TILE: tl.constexpr = (GRADS >> _ONE_TILE.value) & 1 & CORRECT
     FAR: tl.constexpr = (TABLE == 1) * (1 - HAS_POS)
     NO_TABLE: tl.constexpr = FLAGS & ~(3 << _TABLE.value)
     REL_V: tl.constexpr = (FLAGS >> _REL_V.value) & 1
@@ -373,6 +377,14 @@ def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
                     elif not CORRECT:  # (with CORRECT, the TABLE_PASS launch sums the near tiles)
                         d_tab = _table_histogram(d_tab, ds, rel, qp, kp, start_m, start_n, Nq, Nk, tab_l, tab_r, T,
                                                  offs_t, FLAGS, BLOCK_M, BLOCK_N)
+                    elif ONE_TILE:  # the end's correction with this tile's sums: (dS - shift P) / l
+                        t_sink = tl.math.exp2(sink2 - lse2) if SINKS else 0.0
+                        t_l = tl.sum(p, 1) + t_sink
+                        t_inv = tl.where(t_l > 0.0, 1.0 / tl.where(t_l > 0.0, t_l, 1.0), 0.0)
+                        t_shift = (tl.sum(ds, 1) - delta * t_sink) * t_inv
+                        d_tab = _table_histogram(d_tab, (ds - t_shift[:, None] * p) * t_inv[:, None], rel, qp, kp,
+                                                 start_m, start_n, Nq, Nk, tab_l, tab_r, T, offs_t, FLAGS, BLOCK_M,
+                                                 BLOCK_N)
                 if D_AK or D_AV:
                     if SHAW_FAR and part > 0:  # a tile beyond the clip: every pair on one side
                         left = part == 1
@@ -447,7 +459,7 @@ def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
             do32 = do.to(tl.float32)
             tl.store(slot + o_av + offs_d, tl.sum(p_left[:, None] * do32, 0), mask=in_d)
             tl.store(slot + o_av + D + offs_d, tl.sum(p_right[:, None] * do32, 0), mask=in_d)
-        if D_TABLE and not (CORRECT and GRID_DEFAULT):   # (else all the chunked pass's)
+        if D_TABLE and not (CORRECT and GRID_DEFAULT and not ONE_TILE):   # (else all the chunked pass's)
             tl.store(slot + o_tab + offs_t, d_tab, mask=offs_t < T)
 
         dq = (dq_c + dq_p) * sm_scale

@@ -490,6 +490,44 @@ def test_grid_bias_table_gradient_by_grid_row(window, nq, nk, device, backend):
     assert _table_grad_error(q, k, v, table, window, backend) < 1e-4
 
 
+@pytest.mark.parametrize("kind", ["grid", "grid+causal+sinks", "distance"])
+def test_table_gradient_when_every_row_is_one_tile(kind, device, monkeypatch):
+    """Every row's keys in one tile (Nk <= BLOCK_N: Swin's 49 tokens on a GPU, 24 keys
+    against the interpreter's 32-key tiles here), half precision: dQ's pass corrects the
+    tile's dS to the exact delta with that tile's own row sums and sums d(table) itself;
+    no table pass follows (kernels/params.py ONE_TILE)."""
+    launched = []
+    launch = _triton._Launch.launch
+
+    def spy(self, wrap, kernel, grid, **named):
+        launched.append((kernel.__name__, named.get("GRADS", 0)))
+        return launch(self, wrap, kernel, grid, **named)
+
+    monkeypatch.setattr(_triton._Launch, "launch", spy)
+    q, k, v = _qkv(2, 2, 2, 20, 16, torch.bfloat16, device, Nk=24)
+    kw = {}
+    if kind == "distance":
+        table = torch.randn(2, 9 + 1 + 6, device=device, requires_grad=True)
+        enc = lambda t: posattn.DistanceBias(t, 9, 6)   # noqa: E731
+    else:
+        table = torch.randn(7 * 11, 2, device=device, requires_grad=True)
+        enc = lambda t: posattn.GridBias(t, (4, 6))   # noqa: E731
+        if "sinks" in kind:
+            kw = dict(causal=True, sinks=torch.randn(2, device=device))
+    out = posattn.attention(q, k, v, backend="triton", rel_bias=enc(table), **kw)
+    g = torch.randn_like(out)
+    got, = torch.autograd.grad(out, table, g)
+    t64 = table.detach().double().requires_grad_()
+    ref = posattn.reference.attention(q.detach().double(), k.detach().double(), v.detach().double(),
+                                      rel_bias=enc(t64), **{n: x.double() if torch.is_tensor(x) else x
+                                                            for n, x in kw.items()})
+    want, = torch.autograd.grad(ref, t64, g.double())
+    assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-4
+    from posattn.kernels import attention as A
+    dq = [grads for name, grads in launched if name == "_attn_bwd_dq"]
+    assert len(dq) == 1 and dq[0] >> A._ONE_TILE.value & 1 and dq[0] >> A._CORRECT.value & 1
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_grid_bias_table_gradient_with_shaw(dtype, device, backend):
     """GridBias with Shaw's embeddings: key tiles beyond Shaw's clip run as plain tiles
