@@ -1134,11 +1134,13 @@ def table_trips(N, BM, BN, L, R, causal=False):
 
 def grid_trips(BM, BN, wh=GRID[0], ww=GRID[1], chunk=None):
     """Per visited BM x BN tile of posattn's GridBias table pass, default positions,
-    Nq == Nk == Wh * Ww, as kernels/params.py _grid_histogram picks them: (rounds of the
-    code-space gather, dy sums after the diagonal shift, visits: the table's chunks of
-    posattn/_triton.py GRID_TABLE_CHUNK columns each program holds, that its dy reach).
-    A tile with one dy runs neither loop (a branch the model's 'always' count leaves out).
-    Tables of up to one chunk: exact; larger, the loop trips are not split by chunk."""
+    Nq == Nk == Wh * Ww, as kernels/params.py _grid_histogram picks them: (rounds from
+    dS in key-code space, rounds that divide each slot's code, dy sums after the diagonal
+    shift, visits: the table's chunks of posattn/_triton.py GRID_TABLE_CHUNK columns each
+    program holds, that its dy reach). A tile with one dy runs none of the loops (a
+    branch the model's 'always' count leaves out), and the move into code space is
+    counted with the pass's body. Tables of up to one chunk: exact; larger, the loop
+    trips are not split by chunk."""
     if chunk is None:
         from posattn._triton import GRID_TABLE_CHUNK as chunk
     N = wh * ww
@@ -1147,21 +1149,23 @@ def grid_trips(BM, BN, wh=GRID[0], ww=GRID[1], chunk=None):
 
     def code(p):
         return p + (p // ww) * (ww - 1)
-    rounds = sums = visits = n = 0
+    coded = rounds = sums = visits = n = 0
     for sm in range(0, N, BM):
         for sn in range(0, N, BN):
             m_last, n_last = min(sm + BM, N) - 1, min(sn + BN, N) - 1
             d_lo, d_hi = sm // ww - n_last // ww, m_last // ww - sn // ww
             n_dy = d_hi - d_lo + 1
             r = (code(m_last) - code(sn) - (code(sm) - code(n_last))) // block_r + 1
-            if n_dy > 1 and 5 * r <= 4 * n_dy:
+            if n_dy > 1 and code(n_last) - code(sn) < 2 * BN - 1 and r <= 2 * n_dy:
+                coded += r
+            elif n_dy > 1 and 5 * r <= 4 * n_dy:
                 rounds += r
             elif n_dy > 1:
                 sums += n_dy
             visits += len({t // chunk for d in range(d_lo, d_hi + 1)
                            for t in ((d + wh - 1) * wide, (d + wh - 1) * wide + wide - 1)})
             n += 1
-    return rounds / n, sums / n, visits / n
+    return coded / n, rounds / n, sums / n, visits / n
 
 
 def enc_window(variant):
@@ -1254,7 +1258,7 @@ def bwd_totals(recs, Ns=(2048, 8192)):
         dp = [cyc("_attn_bwd_dq[DELTA_PASS]", N) for N in Ns]
         # d(table)'s pass visits the near tiles only (GridBias: every tile)
         grid = v.startswith("grid")
-        tp = [cyc("_attn_bwd_dq[TABLE_PASS]", N) * (grid_trips(64, 64, *enc_window(v))[2] if grid
+        tp = [cyc("_attn_bwd_dq[TABLE_PASS]", N) * (grid_trips(64, 64, *enc_window(v))[3] if grid
                                                      else table_near(N, 64, 64, TABLE_L, TABLE_R)) for N in Ns]
         hist = d.get("hist_inner", 0)
         dbias = [cyc("_attn_bwd_dbias", N) for N in Ns]   # the dense-bias gradient's pass
@@ -1263,10 +1267,10 @@ def bwd_totals(recs, Ns=(2048, 8192)):
         dbias = [x + cyc("_attn_bwd_rel", N) * table_near(N, 64, 64, SHAW_K, SHAW_K) for x, N in zip(dbias, Ns)]
         tots = []
         for i, N in enumerate(Ns):
-            if grid and hist:   # GridBias: its code-space rounds, then its dy sums
+            if grid and hist:   # GridBias: its code-space rounds, dividing rounds, dy sums
                 loops = d["hist_loops"]
-                trips = grid_trips(64, 64, *enc_window(v))[:2]
-                extra = sum(a * b for a, b in zip(trips, loops[-2:]))
+                trips = grid_trips(64, 64, *enc_window(v))[:3]
+                extra = sum(a * b for a, b in zip(trips, loops[-3:]))
             else:
                 extra = (table_trips(N, 64, 64, TABLE_L, TABLE_R) if hist else 0) * hist
             tots.append(dkdv[i] + dq[i] + dp[i] + tp[i] + dbias[i] + extra)
@@ -1282,7 +1286,7 @@ def bwd_totals(recs, Ns=(2048, 8192)):
                    + (" / ".join(f"{t / b:.2f}" for t in tots) if b else "") + " | "
                    + (" / ".join(f"{t / tb:.2f}" for t in tots) if tb else "") + " |")
     trips = ", ".join(f"N={N}: {table_trips(N, 64, 64, TABLE_L, TABLE_R):.2f}" for N in Ns)
-    trips += "; GridBias code-space rounds / dy sums / chunk visits: " + ", ".join(
+    trips += "; GridBias code-space rounds / dividing rounds / dy sums / chunk visits: " + ", ".join(
         f"{w[0]} x {w[1]}: " + " / ".join(f"{x:.2f}" for x in grid_trips(64, 64, *w))
         for w in (GRID, enc_window("grid16+dgrid")))
     return "\n".join(out), trips
