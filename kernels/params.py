@@ -198,8 +198,9 @@ def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
     delta (delta_a + s_i / l_i) and the renormalised lse are then written to Stats
     for the kernels that follow. d(table) is corrected so for the far tiles (one
     column each); the near tiles are summed by a TABLE_PASS launch afterwards, from
-    the exact Stats, into the same slot (with ONE_TILE, in this pass: see below). So are d(aK) and d(aV)'s end rows (per-row
-    sums); their interior rows come from _attn_bwd_rel, after this pass."""
+    the exact Stats, into the same slot (with ONE_TILE, by this pass: see below). So
+    are d(aK) and d(aV)'s end rows (per-row sums); their interior rows come from
+    _attn_bwd_rel, after this pass."""
     ROPE: tl.constexpr = (FLAGS >> _ROPE.value) & 1
     HAS_POS: tl.constexpr = (FLAGS >> _HAS_POS.value) & 1
     TABLE: tl.constexpr = (FLAGS >> _TABLE.value) & 3
