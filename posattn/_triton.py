@@ -739,14 +739,15 @@ def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need, wrap=_direct):
     grads_bits = dict(D_SLOPE=want["alibi"], D_TABLE=want["table"], D_U=want["rel_u"], D_W=want["rel_w"],
                       D_AK=want["rel_key"], D_AV=want["rel_value"], D_KERPLE=want["kerple"])
     block_t = _next_pow2(tab_t) if want["table"] else 16
-    # every row's keys in one tile: dQ sums d(table) itself (kernels/params.py ONE_TILE)
-    one_tile = correct and want["table"] and not vl and p.Nk <= bn
+    # every row's keys in one tile: dQ sums d(table) itself (kernels/params.py ONE_TILE),
+    # for a GridBias table of at most one chunk (dQ holds all its columns)
+    chunked = L.grid_table and not L.args["FLAGS"] & pack_flags(HAS_POS=True)
+    one_tile = correct and want["table"] and not vl and p.Nk <= bn and not (chunked and block_t > GRID_TABLE_CHUNK)
     L.launch(wrap, _attn_bwd_dq, (num_m, p.Hq, nb), **inputs, DQ=dq, DParams=work, **_strides("sdq", dq, vl),
              GRADS=pack_grads(CORRECT=correct, ONE_TILE=one_tile, **grads_bits), BLOCK_T=block_t)
     if correct and want["table"] and not one_tile:
         # d(table) over the tiles near the diagonal, from the exact delta just written;
         # GridBias at default positions over chunks of the table (kernels/params.py CHUNKED)
-        chunked = L.grid_table and not L.args["FLAGS"] & pack_flags(HAS_POS=True)
         chunk_t = min(block_t, GRID_TABLE_CHUNK) if chunked else block_t
         L.launch(wrap, _attn_bwd_dq, (num_m * _cdiv(tab_t, chunk_t) if chunked else num_m, p.Hq, nb), **inputs,
                  DQ=dq, DParams=work, **_strides("sdq", dq, vl), GRADS=pack_grads(TABLE_PASS=True, **grads_bits),

@@ -475,27 +475,33 @@ def _table_grad_error(q, k, v, table, window, backend, **kw):
 
 
 @pytest.mark.parametrize("window,nq,nk", [((3, 64), 170, 170), ((6, 64), 170, 170), ((12, 40), 120, 150),
-                                          ((24, 24), 100, 120), ((5, 7), 35, 35)],
-                         ids=["one-dy", "one-dy-chunks", "dy-sums-chunks", "code-rounds-chunks", "full-window"])
+                                          ((24, 24), 100, 120), ((5, 7), 35, 35), ((9, 9), 70, 81)],
+                         ids=["one-dy", "one-dy-chunks", "dy-sums-chunks", "code-rounds-chunks", "full-window",
+                              "code-window-edge"])
 def test_grid_bias_table_gradient_by_grid_row(window, nq, nk, device, backend):
     """d(table) sums dS per grid-row difference dy, each dy's diagonals at once: tiles
     whose rows and keys lie in one grid row each (Ww = 64), tiles over several grid
     rows (Ww = 40: a sum per dy; Ww = 24: keys gathered by code), padding rows / keys
     past Nq < Nk < Wh * Ww, every column used (a full window); tables of more than
     GRID_TABLE_CHUNK columns (1397 to 2209) summed by chunk. bfloat16: float32 inputs
-    take the exact-delta pass and sum the table in dQ's pass, not in chunks."""
+    take the exact-delta pass and sum the table in dQ's pass, not in chunks. Rounds
+    read dS moved into key-code space when a tile's codes fit 2 BLOCK_N - 1 columns
+    (Ww = 9: some 32-key tiles span exactly that many; one more and their last column
+    is a key's), and divide each slot's code otherwise (the 12 x 40 window's tiles)."""
     q, k, v = _qkv(1, 2, 2, nq, 16, torch.bfloat16, device, Nk=nk)
     wh, ww = window
     table = torch.randn((2 * wh - 1) * (2 * ww - 1), 2, device=device, requires_grad=True)
     assert _table_grad_error(q, k, v, table, window, backend) < 1e-4
 
 
-@pytest.mark.parametrize("kind", ["grid", "grid+causal+sinks", "distance"])
+@pytest.mark.parametrize("kind", ["grid", "grid+causal+sinks", "grid+softcap+fp16", "distance", "distance-far"])
 def test_table_gradient_when_every_row_is_one_tile(kind, device, monkeypatch):
     """Every row's keys in one tile (Nk <= BLOCK_N: Swin's 49 tokens on a GPU, 24 keys
     against the interpreter's 32-key tiles here), half precision: dQ's pass corrects the
     tile's dS to the exact delta with that tile's own row sums and sums d(table) itself;
-    no table pass follows (kernels/params.py ONE_TILE)."""
+    no table pass follows (kernels/params.py ONE_TILE). DistanceBias with 100 queries
+    against 16 keys: whole query blocks are far tiles (one end column, corrected at the
+    end of the pass)."""
     launched = []
     launch = _triton._Launch.launch
 
@@ -504,16 +510,23 @@ def test_table_gradient_when_every_row_is_one_tile(kind, device, monkeypatch):
         return launch(self, wrap, kernel, grid, **named)
 
     monkeypatch.setattr(_triton._Launch, "launch", spy)
-    q, k, v = _qkv(2, 2, 2, 20, 16, torch.bfloat16, device, Nk=24)
+    dtype = torch.float16 if "fp16" in kind else torch.bfloat16
+    q, k, v = _qkv(2, 2, 2, 100 if kind == "distance-far" else 20, 16, dtype, device,
+                   Nk=16 if kind == "distance-far" else 24)
     kw = {}
     if kind == "distance":
         table = torch.randn(2, 9 + 1 + 6, device=device, requires_grad=True)
         enc = lambda t: posattn.DistanceBias(t, 9, 6)   # noqa: E731
+    elif kind == "distance-far":
+        table = torch.randn(2, 3 + 1 + 2, device=device, requires_grad=True)
+        enc = lambda t: posattn.DistanceBias(t, 3, 2)   # noqa: E731
     else:
         table = torch.randn(7 * 11, 2, device=device, requires_grad=True)
         enc = lambda t: posattn.GridBias(t, (4, 6))   # noqa: E731
         if "sinks" in kind:
             kw = dict(causal=True, sinks=torch.randn(2, device=device))
+        if "softcap" in kind:
+            kw = dict(softcap=5.0)
     out = posattn.attention(q, k, v, backend="triton", rel_bias=enc(table), **kw)
     g = torch.randn_like(out)
     got, = torch.autograd.grad(out, table, g)
