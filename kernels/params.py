@@ -60,6 +60,20 @@ def _land(d_tab, diag, r, BLOCK_R: tl.constexpr):
 
 
 @triton.jit
+def _code_key(c, ww, start_n, BLOCK_N: tl.constexpr):
+    """For GridBias key codes c = y (2 Ww - 1) + x: the tile's key with that code (its
+    index from start_n, wrapped into [0, BLOCK_N)) and whether there is one. The grid
+    row y = c // (2 Ww - 1) in float32 (the quotient is at most 2 Wh - 1 and the table
+    has at most 8192 columns: its error stays far below 1 / (2 (2 Ww - 1))); a code is
+    a key's when x = c - y (2 Ww - 1) < Ww (negative codes never are), at position
+    c - y (Ww - 1)."""
+    y = ((c.to(tl.float32) + 0.5) * (1.0 / (2 * ww - 1))).to(tl.int32)
+    j = c - y * (ww - 1) - start_n
+    hit = ((c - y * (2 * ww - 1)).to(tl.uint32) < ww) & (j.to(tl.uint32) < BLOCK_N)
+    return j & (BLOCK_N - 1), hit
+
+
+@triton.jit
 def _grid_histogram(d_tab, ds, qp, start_m, start_n, Nq, Nk, wh, ww, offs_t, t_first,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """d_tab += dS summed by GridBias column, default positions. Pair (i, j) adds to
@@ -112,28 +126,18 @@ def _grid_histogram(d_tab, ds, qp, start_m, start_n, Nq, Nk, wh, ww, offs_t, t_f
         # it reads the last column's 0): an offset and a clamp per slot, where the rounds
         # below divide. (Static sm_90 model, 64x64 tiles: a round 259-302 cycles against
         # 616-658, the move about 120; a dy sum 611-700.)
-        cc = c_first + tl.arange(0, CW)
-        yk = ((cc.to(tl.float32) + 0.5) * (1.0 / (2 * ww - 1))).to(tl.int32)   # as below
-        jk = cc - yk * (ww - 1) - start_n
-        key = ((cc - yk * (2 * ww - 1)).to(tl.uint32) < ww) & (jk.to(tl.uint32) < BLOCK_N)
-        jk = tl.broadcast_to((jk & (BLOCK_N - 1))[None, :], [BLOCK_M, CW])
-        dsc = tl.where(key[None, :], _row_gather(ds, jk), 0.0)
+        jk, key = _code_key(c_first + tl.arange(0, CW), ww, start_n, BLOCK_N)
+        dsc = tl.where(key[None, :], _row_gather(ds, tl.broadcast_to(jk[None, :], [BLOCK_M, CW])), 0.0)
         for h in range(0, rounds):
             off = ((row - t_hi + h * ROUND - c_first)[:, None] + tl.arange(0, ROUND)[None, :]).to(tl.uint32)
             sums = tl.sum(_row_gather(dsc, tl.minimum(off, CW - 1).to(tl.int32)), 0)
             d_tab = _land(d_tab, sums, t_hi - h * ROUND - offs_t, ROUND)
     elif 5 * rounds <= 4 * (d_hi - d_lo + 1):   # a round costs about 1.25 dy sums (static sm_90 model)
         for h in range(0, rounds):
-            # slot s: t = t_hi - h ROUND - s, the key code c = R_i - t; the code's grid row
-            # y = c // (2 Ww - 1) in float32 (the quotient is at most 2 Wh - 1 and the table
-            # has at most 8192 columns: its error stays far below 1 / (2 (2 Ww - 1))); a
-            # code is a key's when x = c - y (2 Ww - 1) < Ww (negative codes never are),
-            # at position c - y (Ww - 1)
-            c = (row - t_hi + h * ROUND)[:, None] + tl.arange(0, ROUND)[None, :]
-            y = ((c.to(tl.float32) + 0.5) * (1.0 / (2 * ww - 1))).to(tl.int32)
-            j = c - y * (ww - 1) - start_n
-            hit = ((c - y * (2 * ww - 1)).to(tl.uint32) < ww) & (j.to(tl.uint32) < BLOCK_N)
-            sums = tl.sum(tl.where(hit, _row_gather(ds, j & (BLOCK_N - 1)), 0.0), 0)
+            # slot s: t = t_hi - h ROUND - s, the key code c = R_i - t
+            j, hit = _code_key((row - t_hi + h * ROUND)[:, None] + tl.arange(0, ROUND)[None, :], ww, start_n,
+                               BLOCK_N)
+            sums = tl.sum(tl.where(hit, _row_gather(ds, j), 0.0), 0)
             d_tab = _land(d_tab, sums, t_hi - h * ROUND - offs_t, ROUND)
     else:
         x = _keys_to_rel(ds, BLOCK_M, BLOCK_N)                    # [BLOCK_M, BLOCK_R]: key at rel0 + r
@@ -144,6 +148,19 @@ def _grid_histogram(d_tab, ds, qp, start_m, start_n, Nq, Nk, wh, ww, offs_t, t_f
             in_d = ((x0 + d * ww)[:, None] + tl.arange(0, BLOCK_R)[None, :]).to(tl.uint32) < ww
             d_tab = _land(d_tab, tl.sum(tl.where(in_d, x, 0.0), 0), base + d * (ww - 1), BLOCK_R)
     return d_tab
+
+
+@triton.jit
+def _delta_shift(row_s, row_l, delta, lse2, sink2, offs_m, Nq, SINKS: tl.constexpr):
+    """CORRECT's correction from a row's sums of dS (row_s) and P (row_l), delta being
+    rowsum(dO * O): the live rows, 1 / l (0 elsewhere), shift = delta_exact - delta and
+    l. The sink's probability joins the total, with no dS of its own:
+    s_i = L delta_exact - delta (L - P_sink)."""
+    p_sink = tl.math.exp2(sink2 - lse2) if SINKS else 0.0
+    row_l = row_l + p_sink
+    live = (offs_m < Nq) & (row_l > 0.0)
+    inv_l = tl.where(live, 1.0 / tl.where(live, row_l, 1.0), 0.0)
+    return live, inv_l, (row_s - delta * p_sink) * inv_l, row_l
 
 
 @triton.jit
@@ -401,10 +418,8 @@ def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
                         d_tab = _table_histogram(d_tab, ds, rel, qp, kp, start_m, start_n, Nq, Nk, tab_l, tab_r, T,
                                                  offs_t, FLAGS, BLOCK_M, BLOCK_N)
                     elif ONE_TILE:  # the end's correction with this tile's sums: (dS - shift P) / l
-                        t_sink = tl.math.exp2(sink2 - lse2) if SINKS else 0.0
-                        t_l = tl.sum(p, 1) + t_sink
-                        t_inv = tl.where(t_l > 0.0, 1.0 / tl.where(t_l > 0.0, t_l, 1.0), 0.0)
-                        t_shift = (tl.sum(ds, 1) - delta * t_sink) * t_inv
+                        _, t_inv, t_shift, _ = _delta_shift(tl.sum(ds, 1), tl.sum(p, 1), delta, lse2, sink2,
+                                                            offs_m, Nq, SINKS)
                         d_tab = _table_histogram(d_tab, (ds - t_shift[:, None] * p) * t_inv[:, None], rel, qp, kp,
                                                  start_m, start_n, Nq, Nk, tab_l, tab_r, T, offs_t, FLAGS, BLOCK_M,
                                                  BLOCK_N)
@@ -444,13 +459,7 @@ def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
         if SHAW_FAR and REL_K:  # the far tiles' position term: their dS row sums times aK's end rows
             dq_p += ds_far_low[:, None] * ak_low[None, :] + ds_far_high[:, None] * ak_high[None, :]
         if CORRECT:
-            p_sink = 0.0
-            if SINKS:  # in the total, with no dS of its own: s_i = L delta_exact - delta_a (L - P_sink)
-                p_sink = tl.math.exp2(sink2 - lse2)
-                row_l += p_sink
-            live = (offs_m < Nq) & (row_l > 0.0)
-            inv_l = tl.where(live, 1.0 / tl.where(live, row_l, 1.0), 0.0)
-            shift = (row_s - delta * p_sink) * inv_l          # delta_exact - delta_a
+            live, inv_l, shift, row_l = _delta_shift(row_s, row_l, delta, lse2, sink2, offs_m, Nq, SINKS)
             d_slope = (d_slope - shift * b_slope) * inv_l
             d_r1 = (d_r1 - shift * b_r1) * inv_l
             d_r2 = (d_r2 - shift * b_r2) * inv_l

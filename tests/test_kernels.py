@@ -462,14 +462,16 @@ def _table_grad_error(q, k, v, table, window, backend, **kw):
     """d(table) of the backend against the float64 reference on the same inputs, as the
     largest column error over the largest column: the columns are fp32 sums of dS, close
     to the float64 ones whatever the input dtype (1e-7 measured), so one wrong column
-    shows where a norm over the whole gradient (check's) would not."""
-    out = posattn.attention(q, k, v, backend=backend, rel_bias=posattn.GridBias(table, window), **kw)
+    shows where a norm over the whole gradient (check's) would not. window: GridBias's,
+    or a function of the table giving the encoding."""
+    enc = window if callable(window) else (lambda t: posattn.GridBias(t, window))
+    out = posattn.attention(q, k, v, backend=backend, rel_bias=enc(table), **kw)
     g = torch.randn_like(out)
     got, = torch.autograd.grad(out, table, g)
     t64 = table.detach().double().requires_grad_()
     up = {n: x.detach().double() if torch.is_tensor(x) else x for n, x in kw.items()}
     ref = posattn.reference.attention(q.detach().double(), k.detach().double(), v.detach().double(),
-                                      rel_bias=posattn.GridBias(t64, window), **up)
+                                      rel_bias=enc(t64), **up)
     want, = torch.autograd.grad(ref, t64, g.double())
     return ((got.double() - want).abs().max() / want.abs().max()).item()
 
@@ -527,15 +529,7 @@ def test_table_gradient_when_every_row_is_one_tile(kind, device, monkeypatch):
             kw = dict(causal=True, sinks=torch.randn(2, device=device))
         if "softcap" in kind:
             kw = dict(softcap=5.0)
-    out = posattn.attention(q, k, v, backend="triton", rel_bias=enc(table), **kw)
-    g = torch.randn_like(out)
-    got, = torch.autograd.grad(out, table, g)
-    t64 = table.detach().double().requires_grad_()
-    ref = posattn.reference.attention(q.detach().double(), k.detach().double(), v.detach().double(),
-                                      rel_bias=enc(t64), **{n: x.double() if torch.is_tensor(x) else x
-                                                            for n, x in kw.items()})
-    want, = torch.autograd.grad(ref, t64, g.double())
-    assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-4
+    assert _table_grad_error(q, k, v, table, enc, "triton", **kw) < 1e-4
     from posattn.kernels import attention as A
     dq = [grads for name, grads in launched if name == "_attn_bwd_dq"]
     assert len(dq) == 1 and dq[0] >> A._ONE_TILE.value & 1 and dq[0] >> A._CORRECT.value & 1
