@@ -549,6 +549,9 @@ FWD_ENCODINGS = {
     "causal+bias": dict(CAUSAL=True, BIAS=True),
     "causal+table": dict(CAUSAL=True, TABLE=1),
     "grid": dict(TABLE=2),   # GridBias, a 32 x 64 window (N = 2048 tokens)
+    # a width that is not a power of two (51 x 40, N = 2040): the interior tiles' general
+    # gather, an index per score (a power-of-two width reads at compile-time key offsets)
+    "grid40": dict(TABLE=2, WINDOW=(51, 40)),
     # Swin's window attention: 49 tokens of a 7 x 7 window, its shifted-window mask a
     # [1, 1, 49, 49] float bias (a row stride of 49); every tile is a boundary tile
     "swin": dict(TABLE=2, WINDOW=(7, 7), BIAS=True, BIAS_BATCH=1, BIAS_HEADS=1),

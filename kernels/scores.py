@@ -4,7 +4,7 @@ the per-head encoding parameters; P and dS recomputed for the backward."""
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, _BIAS_ROW_TILE, _GATHER_TIE_FIRST, _ALIBI, _BIAS, _BIAS_KEYS, _BIAS_MASK, _BIAS_TILES, _CAUSAL, _FAST_TANH, _HAS_POS, _HAS_WL, _HAS_WR,
+from .common import (LOG2E, _BIAS_ROW_TILE, _GATHER_TIE_FIRST, _ALIBI, _BIAS, _BIAS_KEYS, _BIAS_MASK, _BIAS_TILES, _CAUSAL, _FAST_TANH, _GRID_WW, _HAS_POS, _HAS_WL, _HAS_WR,
                      _KERPLE, _REL_K, _REL_SHARED, _REL_U, _REL_V, _REL_W, _ROPE, _SINKS, _SOFTCAP, _TABLE, _TABLE_PAD,
                      _UPCAST, _DROPOUT, _beyond, _dot, _dropout_keep, _load_tile, _positions, _tanh)
 from .relative import _add_row, _load_rel, _rel_rows, _rel_to_keys
@@ -190,7 +190,8 @@ def _logits(qu, qw, k, ak_ptr, start_m, start_n, Nq, Nk, rel_k, offs_d, D,
 @triton.jit
 def _scores(qk, qp, kp, start_m, start_n, offs_m, offs_n, Nq, Nk, qk_scale, slope, r1, r2, table_ptr,
             tab_l, tab_r, bias_ptr, stride_bm, win_l, win_r, cap2,
-            FLAGS: tl.constexpr, MASKED: tl.constexpr, NATURAL: tl.constexpr = 0, ROWS_HELD: tl.constexpr = 1):
+            FLAGS: tl.constexpr, MASKED: tl.constexpr, NATURAL: tl.constexpr = 0, ROWS_HELD: tl.constexpr = 1,
+            KEY_OFFSETS: tl.constexpr = 0):
     """The [BLOCK_M, BLOCK_N] score tile in the log2 domain, masked entries = -inf, its
     relative positions, and with SOFTCAP t = tanh(scale * logit / cap) (the capped
     logit is cap2 * t, cap2 = cap * log2(e)).
@@ -202,13 +203,17 @@ def _scores(qk, qp, kp, start_m, start_n, offs_m, offs_n, Nq, Nk, qk_scale, slop
     ROWS_HELD: a GridBias layout choice: the rows are fixed over the caller's loop and
     each thread may hold many rows' codes (0 for dK / dV, whose keys are fixed, and in
     the forward's masked boundary tiles or at given positions, where held row codes
-    spill at D >= 80)."""
+    spill at D >= 80).
+    KEY_OFFSETS: GridBias at a power-of-two Ww may read an unmasked tile from one
+    pointer per row at compile-time key offsets (the forward's interior tiles at
+    BLOCK_D <= 64: at 80 / 128, Triton 3.9 spills a register across that loop)."""
     CAUSAL: tl.constexpr = (FLAGS >> _CAUSAL.value) & 1
     HAS_WL: tl.constexpr = (FLAGS >> _HAS_WL.value) & 1
     HAS_WR: tl.constexpr = (FLAGS >> _HAS_WR.value) & 1
     ALIBI: tl.constexpr = (FLAGS >> _ALIBI.value) & 1
     KERPLE: tl.constexpr = (FLAGS >> _KERPLE.value) & 1
     TABLE: tl.constexpr = (FLAGS >> _TABLE.value) & 3
+    GRID_LOG: tl.constexpr = (FLAGS >> _GRID_WW.value) & 7
     HAS_POS: tl.constexpr = (FLAGS >> _HAS_POS.value) & 1
     BIAS: tl.constexpr = (FLAGS >> _BIAS.value) & 1
     BIAS_MASK: tl.constexpr = (FLAGS >> _BIAS_MASK.value) & 1
@@ -239,6 +244,17 @@ def _scores(qk, qp, kp, start_m, start_n, offs_m, offs_n, Nq, Nk, qk_scale, slop
         s += tl.load(rows + (offs_n - start_n)[None, :])
     elif TABLE == 1:
         s += tl.load(table_ptr + (_table_index(rel, qp, kp, tab_l, tab_r, TABLE) + _TABLE_PAD))
+    elif TABLE and GRID_LOG and KEY_OFFSETS and HAS_POS == 0 and len(table_ptr.shape) == 0:
+        # GridBias, Ww a power of two >= 8, an interior tile (every key in the window): key
+        # start_n + j has code c0 + j + (Ww - 1)(j // Ww), c0 the tile's first key's (it
+        # starts a grid row when BLOCK_N >= Ww, else j // Ww = 0). A thread's columns are
+        # its lane's low bits plus multiples of 8, so these offsets are immediates of its
+        # loads from one pointer per row: no index per score
+        tl.static_assert(MASKED == 0)
+        WW: tl.constexpr = 1 << (GRID_LOG + 2)
+        j = tl.arange(0, qk.shape[1])
+        rows = table_ptr + (_grid_row_code(qp, tab_l, tab_r) - (start_n + (start_n // WW) * (WW - 1)))
+        s += tl.load(rows[:, None] - (j + (j // WW) * (WW - 1))[None, :])
     elif TABLE and (ROWS_HELD != _GATHER_TIE_FIRST or len(table_ptr.shape) > 0):
         # (a table row per tile row, decoding's heads packed as rows: this orientation)
         s += tl.load(table_ptr + _table_index(rel, qp, kp, tab_l, tab_r, TABLE))

@@ -274,12 +274,15 @@ def _table_args(e, table, dummy):
     read a tile's bias as a slice of it: kernels/scores.py). (tab_l, tab_r) = (L, R) or
     (Wh, Ww): the kernels derive T from them."""
     if table is None:
-        return dict(TABLE=0), dict(Table=dummy, tab_l=0, tab_r=0), ()
+        return dict(TABLE=0, GRID_WW=0), dict(Table=dummy, tab_l=0, tab_r=0), ()
     t = table.float() * LOG2E
     if isinstance(e, GridBias):
-        return dict(TABLE=2), dict(Table=t.t().contiguous(), tab_l=e.window[0], tab_r=e.window[1]), ()
+        ww = e.window[1]
+        # a power-of-two width: the interior tiles' key codes at compile-time offsets (kernels/scores.py)
+        k = ww.bit_length() - 3 if 8 <= ww <= 512 and ww & (ww - 1) == 0 else 0
+        return dict(TABLE=2, GRID_WW=k), dict(Table=t.t().contiguous(), tab_l=e.window[0], tab_r=ww), ()
     rows = torch.cat([t[:, :1].expand(-1, TABLE_PAD), t, t[:, -1:].expand(-1, TABLE_PAD)], dim=1)
-    return dict(TABLE=1), dict(Table=rows, tab_l=e.left, tab_r=e.right), ()
+    return dict(TABLE=1, GRID_WW=0), dict(Table=rows, tab_l=e.left, tab_r=e.right), ()
 
 
 BIAS_ROW_TILE = 128   # kernels/common.py's _BIAS_ROW_TILE

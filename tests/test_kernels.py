@@ -458,6 +458,19 @@ def test_grid_bias(dtype, device, backend):
     check(q, k, v, backend=backend, rel_bias=posattn.GridBias(table, (7, 7)), bias=mask)
 
 
+@pytest.mark.parametrize("window,nq,nk", [((4, 8), 32, 32), ((3, 32), 70, 96), ((2, 64), 100, 100)],
+                         ids=["narrower-than-tile", "one-tile-wide", "wider-than-tile"])
+def test_grid_bias_power_of_two_width(window, nq, nk, device, backend):
+    """A power-of-two Ww >= 8: the forward's interior tiles read the table at key
+    offsets fixed at compile time (kernels/scores.py), rows of Ww keys narrower than a
+    key tile (each tile starts a grid row), as wide, or wider; queries shifted
+    (Nq < Nk); a last partial key tile (100 keys) through the general gather."""
+    q, k, v = _qkv(1, 2, 2, nq, 16, torch.bfloat16, device, Nk=nk)
+    wh, ww = window
+    table = torch.randn((2 * wh - 1) * (2 * ww - 1), 2, device=device, requires_grad=True)
+    check(q, k, v, backend=backend, rel_bias=posattn.GridBias(table, window))
+
+
 def _table_grad_error(q, k, v, table, window, backend, **kw):
     """d(table) of the backend against the float64 reference on the same inputs, as the
     largest column error over the largest column: the columns are fp32 sums of dS, close
