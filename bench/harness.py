@@ -30,7 +30,8 @@ POSATTN = "posattn"
 METHODS = {
     "none": (POSATTN, "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "flex"),
     "rope": (POSATTN, "torch-rope+sdpa-cudnn", "torch-rope+sdpa-flash", "torch-rope+sdpa-efficient"),
-    "alibi": (POSATTN, "flex", "dense-bias+sdpa-efficient"),
+    # posattn-alibi-fma: posattn with the column term as an add per score (A/B of _triton.ALIBI_COLUMN_MMA)
+    "alibi": (POSATTN, "posattn-alibi-fma", "flex", "dense-bias+sdpa-efficient"),
     "distance": (POSATTN, "flex", "dense-bias+sdpa-efficient"),
     "softcap": (POSATTN, "flex"),                                   # cap * tanh(score / cap)
     "dropout": (POSATTN, "sdpa-flash", "sdpa-efficient"),           # dropout_p = DROPOUT_P

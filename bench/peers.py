@@ -9,7 +9,8 @@ one positional encoding:
 - none:      posattn; SDPA with cuDNN / flash / efficient forced; FlexAttention.
 - rope:      posattn (fused, half-split, base 10000); HF-style rotate_half RoPE in
              PyTorch ops then SDPA (each backend forced).
-- alibi:     posattn (alibi_slopes); FlexAttention score_mod; a dense bias, then
+- alibi:     posattn (alibi_slopes), and with its column term as an add per score
+             (posattn-alibi-fma); FlexAttention score_mod; a dense bias, then
              SDPA's efficient backend.
 - distance:  posattn.DistanceBias(table, L, R); FlexAttention score_mod reading the
              table; a dense bias gathered from the table, then SDPA efficient.
@@ -168,6 +169,21 @@ def build_posattn(inp: Inputs) -> Bench:
     if name == "triton" and inp.q.device.type == "cpu":
         name = "triton (interpreter)"
     return Bench(_call(inp, lambda: posattn.attention(inp.q, inp.k, inp.v, **_posattn_kwargs(inp))), name)
+
+
+def build_posattn_alibi_fma(inp: Inputs) -> Bench:
+    """posattn with ALiBi's column term added per score, not as a tensor-core step
+    (posattn._triton.ALIBI_COLUMN_MMA off for each call): which is faster is the GPU's call."""
+    from posattn import _triton
+
+    def forward():
+        was, _triton.ALIBI_COLUMN_MMA = _triton.ALIBI_COLUMN_MMA, False
+        try:
+            return posattn.attention(inp.q, inp.k, inp.v, **_posattn_kwargs(inp))
+        finally:
+            _triton.ALIBI_COLUMN_MMA = was
+    bench = build_posattn(inp)
+    return Bench(_call(inp, forward), bench.backend, skip=bench.skip)
 
 
 def build_reference(inp: Inputs) -> Bench:
@@ -348,6 +364,8 @@ def build(method: str, inp: Inputs, *, force_backends: bool = True) -> Bench:
 
     if method == "posattn":
         return build_posattn(inp)
+    if method == "posattn-alibi-fma":
+        return build_posattn_alibi_fma(inp)
     if method == "reference":
         return build_reference(inp)
     if method == "flex":

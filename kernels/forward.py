@@ -2,7 +2,7 @@
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, _ALIBI, _BIAS, _BIAS_MASK, _CAUSAL, _HAS_POS, _KERPLE, _REL_K, _REL_V, _SCALE_POS, _SINKS,
+from .common import (LOG2E, _ALIBI, _ALIBI_MMA, _BIAS, _BIAS_MASK, _CAUSAL, _HAS_POS, _KERPLE, _REL_K, _REL_V, _SCALE_POS, _SINKS,
                      _SOFTCAP, _TABLE, _UPCAST, _DROPOUT, _VARLEN, _beyond, _dot, _dropout_keep, _key_range, _load_tile,
                      _positions, _sequence, _split_keys)
 from .relative import _keys_to_rel, _load_rel, _rel_end_rows, _rel_rows, _row_dot
@@ -19,7 +19,12 @@ def _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_k, k_base, v_base
     row_add [BLOCK_M] (or a scalar) and, with COLS, col_add [BLOCK_N]: terms (log2
     domain) outside FLAGS added to the tile's scores, row_add folded into the row max
     and the exponent: 0.0, a far DistanceBias tile's column, or ALiBi's bias on one
-    side of the diagonal, slope * (j - i) = column term + row term. With V_ADD, v_add
+    side of the diagonal, slope * (j - i) = column term + row term.
+    COLS == 2: ALiBi's column term on the tensor cores, as one more K=16 step of q.k:
+    col_add is the [BLOCK_M, 16] row operand (_alibi_ext) and the keys' operand holds
+    the key's offset j in its first three columns, so the step adds slope / scale * j
+    to every logit: no add per score (the tiles at BLOCK_D <= 64, whose time is
+    instruction issue, not the tensor cores). With V_ADD, v_add
     [BLOCK_D] is added to every value row (Shaw's aV end row on a tile beyond the
     clip): acc += rowsum(P) v_add. With DROPOUT, P @ V takes P * keep (the 1 / (1 - p)
     is applied once, at the end); the row sum l does not."""
@@ -45,13 +50,18 @@ def _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_k, k_base, v_base
     kp = _positions(pos_k, offs_n, Nk, 0, FLAGS)
     k = _load_tile(k_base, offs_n, offs_d, skn, Nk, D)
     qk, ak = _logits(qu, qw, k, ak_ptr, start_m, start_n, Nq, Nk, rel_k, offs_d, D, FLAGS, BLOCK_M, BLOCK_N)
+    if COLS == 2:
+        # (the offsets through float32: the interpreter converts int32 to bfloat16 wrongly)
+        j = tl.arange(0, BLOCK_N)[:, None] + tl.zeros([BLOCK_N, 16], tl.int32)
+        keys = tl.where(tl.arange(0, 16)[None, :] < 3, j.to(tl.float32), 0.0).to(col_add.dtype)
+        qk += _dot(col_add, tl.trans(keys), UPCAST)
     if FUSED_SCALE:
         # No additive term and scale > 0: the row max is scale * max(qk), and
         # scale * qk - m is one FMA per element (Triton's tutorial 06).
         s, rel, t = _scores(qk, qp, kp, start_m, start_n, offs_m, offs_n, Nq, Nk, 1.0, slope, r1, r2, table_ptr,
                          tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, FLAGS, MASKED, ROWS_HELD=ROWS_HELD,
                          KEY_OFFSETS=KEY_OFFSETS)
-        if COLS:  # scale * qk + column term: one FMA per element, then the row's
+        if COLS == 1:  # scale * qk + column term: one FMA per element, then the row's
             s = s * qk_scale + col_add[None, :]
             m_new = tl.maximum(m_i, tl.max(s, 1) + row_add)
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -72,6 +82,7 @@ def _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_k, k_base, v_base
         s, rel, t = _scores(qk, qp, kp, start_m, start_n, offs_m, offs_n, Nq, Nk, qk_scale, slope, r1, r2, table_ptr,
                          tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, FLAGS, MASKED, ROWS_HELD=ROWS_HELD,
                          KEY_OFFSETS=KEY_OFFSETS)
+        tl.static_assert(COLS != 2)
         if COLS:
             s += col_add[None, :]
         m_new = tl.maximum(m_i, tl.max(s, 1) + row_add)
@@ -93,6 +104,20 @@ def _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_k, k_base, v_base
         av = _load_rel(av_ptr, _rel_rows(start_m, start_n, Nq, Nk, rel_k, BLOCK_M, BLOCK_N), offs_d, D)
         acc += _dot(_keys_to_rel(p, BLOCK_M, BLOCK_N).to(v.dtype), av.to(v.dtype), UPCAST)
     return acc, m_new, l_i
+
+
+@triton.jit
+def _alibi_ext(x, BLOCK_M: tl.constexpr, dtype: tl.constexpr):
+    """The [BLOCK_M, 16] row operand of ALiBi's K=16 step: every row holds x = slope /
+    scale split into three bfloat16 parts (hi + mid + lo: 24 bits, float32's; the
+    products with the keys' integer offsets are exact, their sum float32's)."""
+    hi = x.to(dtype)
+    mid = (x - hi.to(tl.float32)).to(dtype)
+    lo = (x - hi.to(tl.float32) - mid.to(tl.float32)).to(dtype)
+    c = tl.arange(0, 16)[None, :] + tl.zeros([BLOCK_M, 16], tl.int32)
+    # (selected in float32: the interpreter would do arithmetic on bfloat16's raw bits)
+    return tl.where(c == 0, hi.to(tl.float32), tl.where(c == 1, mid.to(tl.float32),
+                                                       tl.where(c == 2, lo.to(tl.float32), 0.0))).to(dtype)
 
 
 @triton.jit
@@ -214,6 +239,14 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel, Rng,
                                                                            tab_r, table_ptr, True, BLOCK_N, BLOCK_M)
             else:  # ALiBi: rel <= 0 for every pair below the diagonal's tiles, >= 0 above
                 b_lo, b_hi, n_side_low, n_side = _beyond(start_m, f_lo, f_hi, Nq, Nk, 0, 0, True, BLOCK_N, BLOCK_M)
+            # ALiBi's column term as a K=16 step of q.k (_fwd_tile's COLS == 2) where the
+            # tiles cost instruction issue (BLOCK_D <= 64), scale > 0, bfloat16 inputs (the
+            # operands hold slope / scale: float16's range would end at 65504)
+            EXT: tl.constexpr = ALIBI_SIDES * ((FLAGS >> _ALIBI_MMA.value) & 1) * (BLOCK_D <= 64) * (
+                Q.dtype.element_ty == tl.bfloat16) * ((FLAGS >> _SCALE_POS.value) & 1) * (1 - ((FLAGS >> _SOFTCAP.value) & 1))
+            if EXT:  # below the diagonal, and negated for above it
+                ext = _alibi_ext(slope / sm_scale, BLOCK_M, Q.dtype.element_ty)
+                ext_neg = _alibi_ext(-slope / sm_scale, BLOCK_M, Q.dtype.element_ty)
             for t in range(0, n_side):
                 low = t < n_side_low
                 start_n = tl.where(low, f_lo + t * BLOCK_N, b_hi + (t - n_side_low) * BLOCK_N)
@@ -222,13 +255,16 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel, Rng,
                     row = tl.where(low, c_low, c_high)
                 else:  # -slope |rel| = sign * slope * ((j - start_n) - (q_pos - start_n)), sign = +1 below
                     sign = 1.0 if CAUSAL else tl.where(low, 1.0, -1.0)
-                    col = (sign * slope2) * offs_n0.to(tl.float32)
+                    if EXT:
+                        col = ext if CAUSAL else tl.where(low, ext, ext_neg)
+                    else:
+                        col = (sign * slope2) * offs_n0.to(tl.float32)
                     row = (-sign * slope2) * (qp - start_n).to(tl.float32)
                 acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_q + Nq, k_base, v_base,
                                           ak_ptr, av_ptr, offs_m, offs_n0, offs_d, Nq, Nk, D, skn, svn, rel_k,
                                           qk_scale, slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l,
                                           win_r, cap2, seed, rng_row, drop_p, col, row, 0.0, NO_TABLE if FAR else NO_ALIBI, BLOCK_M, BLOCK_N, 0,
-                                          1 - FAR)
+                                          0 if FAR else 1 + EXT)
         # interior tiles: no mask (none left here for causal ALiBi: all are below the diagonal)
         for start_n in range(b_lo, b_lo if ALIBI_SIDES and CAUSAL else b_hi, BLOCK_N):
             acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_q + Nq, k_base, v_base,

@@ -259,10 +259,17 @@ def _rope_args(p: Problem, dummy):
             dict(ROT_DIM=p.rotary_dim), (freq, freq.new_full((1,), e.attention_factor)))
 
 
+# ALiBi's column term on the tensor cores in the forward's side tiles at BLOCK_D <= 64
+# (kernels/forward.py, _fwd_tile's COLS == 2): the static sm_90 model's choice (an add
+# per score against 12 % more tensor-core work at D = 64). A switch, not API: bench/run.py
+# times ALiBi both ways on a GPU ("posattn-alibi-fma" is this off).
+ALIBI_COLUMN_MMA = True
+
+
 def _alibi_args(p: Problem, slopes, dummy):
     if slopes is None:
-        return dict(ALIBI=False), {}, ()
-    return dict(ALIBI=True), {}, (slopes.expand(p.B, p.Hq),)      # [B, Hq]
+        return dict(ALIBI=False, ALIBI_MMA=False), {}, ()
+    return dict(ALIBI=True, ALIBI_MMA=ALIBI_COLUMN_MMA), {}, (slopes.expand(p.B, p.Hq),)      # [B, Hq]
 
 
 TABLE_PAD = 256   # kernels/common.py's _TABLE_PAD
