@@ -16,7 +16,7 @@ def _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_k, k_base, v_base
               FLAGS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
               COLS: tl.constexpr = 0, V_ADD: tl.constexpr = 0):
     """One key tile of the online softmax: scores, running max and sum, P @ V.
-    row_add [BLOCK_M] (or a scalar) and, with COLS, col_add [BLOCK_N]: terms (log2
+    row_add [BLOCK_M] (or a scalar) and, with COLS == 1, col_add [BLOCK_N]: terms (log2
     domain) outside FLAGS added to the tile's scores, row_add folded into the row max
     and the exponent: 0.0, a far DistanceBias tile's column, or ALiBi's bias on one
     side of the diagonal, slope * (j - i) = column term + row term.
