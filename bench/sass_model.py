@@ -1221,8 +1221,10 @@ def fwd_totals(recs, Ns=(2048, 8192)):
            "|---|---|---|---|---|"]
     plain = {D: c[0] for (v, D, _), c in per.items() if v == "plain"}
     for (v, D, tile), c in sorted(per.items(), key=lambda kv: (kv[0][1], kv[0][0] != "plain")):
-        # interior tiles only (non-causal, N a multiple of the tiles): plain's loop 0
-        cyc = ([c[0] if len(c) < 3 and "shaw" not in v else _mixed(c, v, "fwd", N, tile[0], tile[1]) for N in Ns]
+        # interior tiles only (non-causal, N a multiple of the tiles): plain's loop 0; Swin's
+        # 49 tokens are one boundary tile per program: its masked loop, the last
+        cyc = ([c[-1] if v == "swin" else c[0] if len(c) < 3 and "shaw" not in v
+                else _mixed(c, v, "fwd", N, tile[0], tile[1]) for N in Ns]
                if tile else [c[0]] * 2)
         out.append(f"| {v} | {D} | {' / '.join(f'{x:.0f}' for x in c)} | {' / '.join(f'{x:.0f}' for x in cyc)} | "
                    + (" / ".join(f"{x / plain[D]:.2f}" for x in cyc) if D in plain else "") + " |")
