@@ -24,9 +24,9 @@ _TABLE_PAD = tl.constexpr(256)
 # in 3.9 (upstream has switched this default back and forth). GridBias's gather is
 # written per version so that each thread holds one key when the rows are fixed over the
 # loop, one row when the keys are (scores._scores).
-# A dense bias posattn copies has its rows padded with zeros to a multiple of this many
-# columns (posattn/_triton.py: BIAS_TILES), so that any key tile (BLOCK_N dividing it)
-# reads whole in-bounds rows.
+# A dense bias posattn copies has its rows padded to a multiple of this many columns
+# (posattn/_triton.py: BIAS_TILES), so that any key tile (BLOCK_N dividing it) reads
+# whole in-bounds rows; the padding (-inf, or False for a mask) hides the keys past Nk.
 _BIAS_ROW_TILE = tl.constexpr(128)
 _GATHER_TIE_FIRST = tl.constexpr(tuple(int(x) for x in re.findall(r"\d+", triton.__version__)[:2]) <= (3, 6))
 
@@ -61,7 +61,7 @@ _FAST_TANH = tl.constexpr(23)   # softcap's tanh by the GPU's tanh.approx (half-
 _DROPOUT = tl.constexpr(24)     # attention dropout: a Philox keep-mask drawn per (batch, head, row, key)
 _VARLEN = tl.constexpr(25)      # packed sequences: grid axis 2 is a sequence, Pos holds cu_seqlens_q, cu_seqlens_k
 _ROPE_AXES = tl.constexpr(26)   # RoPE at positions per axis: _rope_rotate rotates dQ / dK back, not the epilogues
-_BIAS_TILES = tl.constexpr(27)  # the dense bias's rows hold whole key tiles (posattn/_triton.py pads them with zeros)
+_BIAS_TILES = tl.constexpr(27)  # the dense bias's rows hold whole key tiles (posattn/_triton.py pads them with -inf / False)
 _GRID_WW = tl.constexpr(28)     # three bits: GridBias's Ww = 2^(k + 2) when a power of two in [8, 512], else 0
 _ALIBI_MMA = tl.constexpr(31)   # ALiBi's column term may take a K=16 step of q.k (forward side tiles, BLOCK_D <= 64)
 _D_SLOPE = tl.constexpr(0)

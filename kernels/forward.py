@@ -60,7 +60,7 @@ def _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_k, k_base, v_base
         # scale * qk - m is one FMA per element (Triton's tutorial 06).
         s, rel, t = _scores(qk, qp, kp, start_m, start_n, offs_m, offs_n, Nq, Nk, 1.0, slope, r1, r2, table_ptr,
                          tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, FLAGS, MASKED, ROWS_HELD=ROWS_HELD,
-                         KEY_OFFSETS=KEY_OFFSETS)
+                         KEY_OFFSETS=KEY_OFFSETS, ROWS_BOUND=0)
         if COLS == 1:  # scale * qk + column term: one FMA per element, then the row's
             s = s * qk_scale + col_add[None, :]
             m_new = tl.maximum(m_i, tl.max(s, 1) + row_add)
@@ -74,14 +74,14 @@ def _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_k, k_base, v_base
         tl.static_assert(COLS == 0)
         s, rel, t = _scores(qk, qp, kp, start_m, start_n, offs_m, offs_n, Nq, Nk, qk_scale / LOG2E, slope, r1, r2,
                             table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, FLAGS, MASKED, 1,
-                            ROWS_HELD=ROWS_HELD, KEY_OFFSETS=KEY_OFFSETS)
+                            ROWS_HELD=ROWS_HELD, KEY_OFFSETS=KEY_OFFSETS, ROWS_BOUND=0)
         m_new = tl.maximum(m_i, tl.max(s, 1) * LOG2E + row_add)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # as below
         p = tl.math.exp2(s * LOG2E - (m_safe - row_add)[:, None])
     else:
         s, rel, t = _scores(qk, qp, kp, start_m, start_n, offs_m, offs_n, Nq, Nk, qk_scale, slope, r1, r2, table_ptr,
                          tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, FLAGS, MASKED, ROWS_HELD=ROWS_HELD,
-                         KEY_OFFSETS=KEY_OFFSETS)
+                         KEY_OFFSETS=KEY_OFFSETS, ROWS_BOUND=0)
         tl.static_assert(COLS != 2)
         if COLS:
             s += col_add[None, :]

@@ -6,7 +6,7 @@ import triton.language as tl
 
 from .common import (LOG2E, _BIAS_ROW_TILE, _GATHER_TIE_FIRST, _ALIBI, _BIAS, _BIAS_KEYS, _BIAS_MASK, _BIAS_TILES, _CAUSAL, _FAST_TANH, _GRID_WW, _HAS_POS, _HAS_WL, _HAS_WR,
                      _KERPLE, _REL_K, _REL_SHARED, _REL_U, _REL_V, _REL_W, _ROPE, _SINKS, _SOFTCAP, _TABLE, _TABLE_PAD,
-                     _UPCAST, _DROPOUT, _beyond, _dot, _dropout_keep, _load_tile, _positions, _tanh)
+                     _UPCAST, _DROPOUT, _VARLEN, _beyond, _dot, _dropout_keep, _load_tile, _positions, _tanh)
 from .relative import _add_row, _load_rel, _rel_rows, _rel_to_keys
 
 
@@ -191,7 +191,7 @@ def _logits(qu, qw, k, ak_ptr, start_m, start_n, Nq, Nk, rel_k, offs_d, D,
 def _scores(qk, qp, kp, start_m, start_n, offs_m, offs_n, Nq, Nk, qk_scale, slope, r1, r2, table_ptr,
             tab_l, tab_r, bias_ptr, stride_bm, win_l, win_r, cap2,
             FLAGS: tl.constexpr, MASKED: tl.constexpr, NATURAL: tl.constexpr = 0, ROWS_HELD: tl.constexpr = 1,
-            KEY_OFFSETS: tl.constexpr = 0):
+            KEY_OFFSETS: tl.constexpr = 0, ROWS_BOUND: tl.constexpr = 1):
     """The [BLOCK_M, BLOCK_N] score tile in the log2 domain, masked entries = -inf, its
     relative positions, and with SOFTCAP t = tanh(scale * logit / cap) (the capped
     logit is cap2 * t, cap2 = cap * log2(e)).
@@ -273,7 +273,7 @@ def _scores(qk, qp, kp, start_m, start_n, offs_m, offs_n, Nq, Nk, qk_scale, slop
             b = tl.load(bias_ptr + offs_m[:, None] * stride_bm + cols[None, :], mask=in_b, other=0)
         else:  # an interior tile: every key in bounds (rows past Nq read row Nq - 1's bias),
             # or rows padded to whole key tiles: a masked tile reads its keys unmasked too
-            # (zeros past Nk, then hidden by the mask below), as vectors: with a mask on
+            # (-inf / False past Nk: the keys' mask), as vectors: with a mask on
             # a key count not known to be a multiple of 16, Triton loads the tile an element
             # at a time and computed the softmax twice, in two layouts (bench/NOTES.md)
             tl.static_assert(BIAS_TILES == 0 or _BIAS_ROW_TILE % qk.shape[1] == 0)
@@ -286,7 +286,15 @@ def _scores(qk, qp, kp, start_m, start_n, offs_m, offs_n, Nq, Nk, qk_scale, slop
         else:
             s += b.to(tl.float32) * LOG2E
     if MASKED:
-        keep = (offs_n[None, :] < Nk) & (offs_m[:, None] < Nq)
+        # Keys past Nk: a bias copied into whole key tiles hides them itself (its padding
+        # is -inf, or False for a mask: posattn/_triton.py). Rows past Nq: the backward's
+        # sums need them masked; the forward never stores them (ROWS_BOUND = 0)
+        KEYS_BOUND: tl.constexpr = 1 - BIAS_TILES * (1 - ((FLAGS >> _VARLEN.value) & 1))
+        keep = tl.full([1, 1], 1, tl.int1)
+        if KEYS_BOUND:
+            keep = keep & (offs_n[None, :] < Nk)
+        if ROWS_BOUND:
+            keep = keep & (offs_m[:, None] < Nq)
         if BIAS_MASK:
             keep = keep & visible
         if CAUSAL:
@@ -295,7 +303,8 @@ def _scores(qk, qp, kp, start_m, start_n, offs_m, offs_n, Nq, Nk, qk_scale, slop
             keep = keep & (rel >= -win_l)
         if HAS_WR:
             keep = keep & (rel <= win_r)
-        s = tl.where(keep, s, float("-inf"))
+        if KEYS_BOUND or ROWS_BOUND or BIAS_MASK or CAUSAL or HAS_WL or HAS_WR:
+            s = tl.where(keep, s, float("-inf"))
     elif BIAS_MASK:
         s = tl.where(visible, s, float("-inf"))
     return s, rel, t

@@ -321,14 +321,15 @@ def _bias_args(p: Problem, bias, dummy):
     padded = src.numel() // max(src.shape[3], 1) * _tiled_width(src.shape[3])
     tiles = keys and (bias.stride(3) != 1 or unaligned) and padded <= p.q.numel()
     if tiles:
-        # A copy no larger than q whose rows are padded with zeros to whole key tiles:
+        # A copy no larger than q whose rows are padded to whole key tiles:
         # Triton specialises its row stride (with an unaligned one, Swin's 49 x 49
         # masks, the bias was read an element at a time and the forward spilled
         # 316-3960 B), and the boundary tiles read it unmasked (BIAS_TILES;
         # bench/NOTES.md). A larger unaligned bias is read in place: a copy would add
         # twice its bytes to a kernel bound by reading it.
         full = _bias_rows_tiled(src.shape, src)
-        full[..., src.shape[3]:].zero_()
+        # the padding masks the keys past Nk in the kernels' boundary tiles (False, -inf)
+        full[..., src.shape[3]:].fill_(False if p.bias_is_mask else float("-inf"))
         bias = full[..., :src.shape[3]].copy_(src).expand(bias.shape)
     elif keys and bias.stride(3) != 1:
         bias = bias.contiguous()
