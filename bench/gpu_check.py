@@ -1043,8 +1043,9 @@ def summarize_bench(json_path: Optional[Path], log_text: str) -> dict:
     res["counts"] = (f"{len(rows)} rows: {n_ok} ok, {len(bad)} failed, {n_skip} skipped"
                      + ("" if res["complete"] else " (PARTIAL)")
                      + (f"; matmul {mm:.0f} TFLOP/s" if isinstance(mm, (int, float)) else ""))
-    res["failures"] = [f"{r['id']}: {r.get('note', '')[:200]}" for r in bad if r.get("method") == "posattn"]
-    peers = [r for r in bad if r.get("method") != "posattn"]
+    mine = [r for r in bad if str(r.get("method", "")).split("-")[0] == "posattn"]   # and its variants
+    res["failures"] = [f"{r['id']}: {r.get('note', '')[:200]}" for r in mine]
+    peers = [r for r in bad if r not in mine]
     if peers:
         res["details"].append(f"{len(peers)} peer rows failed: " + "; ".join(
             f"{r['id']}: {r.get('note', '')[:120]}" for r in peers[:5]) + (" ..." if len(peers) > 5 else ""))

@@ -25,6 +25,11 @@ DROPOUT_P = 0.1
 MODES = ("fwd", "fwd+bwd")
 POSATTN = "posattn"
 
+
+def is_posattn(method: str) -> bool:
+    """posattn itself or one of its own variants ("posattn-..."): not a peer."""
+    return method == POSATTN or method.startswith(POSATTN + "-")
+
 # Methods compared in each encoding, posattn first (the ratios are against it).
 # "reference" (posattn.reference, dense float terms) is added on CPU only.
 METHODS = {
@@ -328,8 +333,9 @@ def add_ratios(rows: List[dict]) -> List[dict]:
 
 
 def summary(rows: List[dict]) -> List[dict]:
-    """One entry per group: posattn's ms and TFLOP/s, its speedup over each peer
-    (peer ms / posattn ms, None when either failed) and over the best peer that ran."""
+    """One entry per group: posattn's ms and TFLOP/s, its speedup over each peer and over
+    its own variants (their ms / posattn ms, None when either failed) and over the best
+    peer that ran (variants are not peers)."""
     out = []
     order: List[str] = []
     members: Dict[str, List[dict]] = {}
@@ -350,7 +356,7 @@ def summary(rows: List[dict]) -> List[dict]:
                 continue
             ms = _ok_ms(r)
             speedups[r["method"]] = ms / base if (ms is not None and base) else None
-            if ms is not None and (best is None or ms < best[1]):
+            if ms is not None and not is_posattn(r["method"]) and (best is None or ms < best[1]):
                 best = (r["method"], ms)
         out.append({
             "group": g, "D": first["D"], "N": first["N"], "causal": first["causal"],
@@ -407,7 +413,9 @@ def memory_table(rows: List[dict], n: Optional[int] = None) -> List[dict]:
 
 
 def failures(rows: List[dict], method: Optional[str] = None) -> List[dict]:
-    return [r for r in rows if r["status"] == "error" and (method is None or r["method"] == method)]
+    """Rows that failed: all, or those of ``method`` (POSATTN: posattn and its variants)."""
+    return [r for r in rows if r["status"] == "error" and (
+        method is None or r["method"] == method or method == POSATTN and is_posattn(r["method"]))]
 
 
 # --------------------------------------------------------------------------

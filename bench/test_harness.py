@@ -103,7 +103,7 @@ def test_plan_ids_and_filters():
     assert len({p.id for p in planned}) == len(planned)
     assert planned[0].id == "D64/N512/full/none/fwd/posattn"
     only = harness.plan(full, ["D128/", "/N4096/", "/causal/", "/alibi/", "/fwd+bwd/"])
-    assert [p.method for p in only] == ["posattn", "flex", "dense-bias+sdpa-efficient"]
+    assert [p.method for p in only] == ["posattn", "posattn-alibi-fma", "flex", "dense-bias+sdpa-efficient"]
     assert all(p.B == 4 and p.H == 16 for p in only)
     fwd_only = harness.plan(full, ["/fwd/"])
     assert fwd_only and all(p.mode == "fwd" for p in fwd_only)
@@ -119,7 +119,7 @@ def test_plan_ids_and_filters():
     per_mask = {e: len(quick.methods(e)) for e in quick.encodings}
     assert len(planned) == 2 * 2 * (2 * per_mask["none"] + per_mask["rope"] + per_mask["alibi"]
                                     + per_mask["distance"] + per_mask["softcap"] + per_mask["dropout"]) \
-        + 2 * per_mask["decode"] == 106
+        + 2 * per_mask["decode"] == 110
     assert len(harness.groups(planned)) == 30
     assert [p.id for p in planned[:2]] == ["D128/N8192/full/none/fwd/posattn", "D128/N8192/full/none/fwd/sdpa-cudnn"]
     assert planned[-1].id == "D64/N1024/causal/dropout/fwd+bwd/sdpa-efficient"
@@ -630,3 +630,17 @@ def test_measure_ok_row():
     row2, _ = run.measure(harness.Planned(16, 32, 1, 2, True, "alibi", "fwd+bwd", "reference"), inp,
                           torch.device("cpu"), harness.smoke_protocol(), 1.0, out)
     assert row2["status"] == "ok" and row2["max_abs_diff"] < 1e-4
+
+
+def test_posattn_variants_are_not_peers():
+    """posattn's own variants (posattn-alibi-fma) get a ratio, but never the best peer's
+    place, and their failures count as posattn's."""
+    mm = 800.0
+    rows = [harness.make_row(_p("posattn", enc="alibi"), status="ok", ms=10.0, matmul_tflops=mm),
+            harness.make_row(_p("posattn-alibi-fma", enc="alibi"), status="ok", ms=9.0, matmul_tflops=mm),
+            harness.make_row(_p("flex", enc="alibi"), status="ok", ms=20.0, matmul_tflops=mm)]
+    s, = harness.summary(rows)
+    assert s["speedup"] == {"posattn-alibi-fma": 0.9, "flex": 2.0}
+    assert s["best_peer"] == "flex" and s["speedup_vs_best"] == 2.0
+    rows[1] = harness.make_row(_p("posattn-alibi-fma", enc="alibi"), status="error", note="boom", matmul_tflops=mm)
+    assert [r["method"] for r in harness.failures(rows, harness.POSATTN)] == ["posattn-alibi-fma"]

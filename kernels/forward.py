@@ -51,6 +51,7 @@ def _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_k, k_base, v_base
     k = _load_tile(k_base, offs_n, offs_d, skn, Nk, D)
     qk, ak = _logits(qu, qw, k, ak_ptr, start_m, start_n, Nq, Nk, rel_k, offs_d, D, FLAGS, BLOCK_M, BLOCK_N)
     if COLS == 2:
+        tl.static_assert(BLOCK_N <= 256)   # the keys' offsets exact in bfloat16
         # (the offsets through float32: the interpreter converts int32 to bfloat16 wrongly)
         j = tl.arange(0, BLOCK_N)[:, None] + tl.zeros([BLOCK_N, 16], tl.int32)
         keys = tl.where(tl.arange(0, 16)[None, :] < 3, j.to(tl.float32), 0.0).to(col_add.dtype)

@@ -287,8 +287,10 @@ def _scores(qk, qp, kp, start_m, start_n, offs_m, offs_n, Nq, Nk, qk_scale, slop
             s += b.to(tl.float32) * LOG2E
     if MASKED:
         # Keys past Nk: a bias copied into whole key tiles hides them itself (its padding
-        # is -inf, or False for a mask: posattn/_triton.py). Rows past Nq: the backward's
-        # sums need them masked; the forward never stores them (ROWS_BOUND = 0)
+        # is -inf, or False for a mask: posattn/_triton.py; packed sequences, which take
+        # no dense bias today, would keep the compare: their Nk is per sequence). Rows
+        # past Nq: the backward's sums need them masked; the forward never stores them
+        # (ROWS_BOUND = 0)
         KEYS_BOUND: tl.constexpr = 1 - BIAS_TILES * (1 - ((FLAGS >> _VARLEN.value) & 1))
         keep = tl.full([1, 1], 1, tl.int1)
         if KEYS_BOUND:

@@ -161,8 +161,9 @@ def test_dense_bias_gradient_in_its_layout(dtype, device, backend):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_unaligned_bias_copied_to_whole_tiles(dtype, device, backend):
     """A [B, H, Nq, Nk] bias with a row stride of 50 elements, no larger than q once its
-    rows are padded: posattn reads a copy whose rows are padded with zeros to whole key
-    tiles (BIAS_TILES), the boundary tiles unmasked; dK/dV write its gradient into a
+    rows are padded: posattn reads a copy whose rows are padded with -inf to whole key
+    tiles (BIAS_TILES), which masks the keys past Nk in the boundary tiles (their loads
+    unmasked); dK/dV write its gradient into a
     gradient padded the same way (the window leaves tiles unvisited: zeros), returned
     dense. An expanded view stays broadcast."""
     q, k, v = make_qkv((2, 2, 2, 45, 50, 128, False), dtype, device)
@@ -458,17 +459,36 @@ def test_grid_bias(dtype, device, backend):
     check(q, k, v, backend=backend, rel_bias=posattn.GridBias(table, (7, 7)), bias=mask)
 
 
-@pytest.mark.parametrize("window,nq,nk", [((4, 8), 32, 32), ((3, 32), 70, 96), ((2, 64), 100, 100)],
-                         ids=["narrower-than-tile", "one-tile-wide", "wider-than-tile"])
+@pytest.mark.parametrize("window,nq,nk", [((24, 8), 150, 192), ((3, 32), 70, 96), ((2, 128), 200, 250)],
+                         ids=["narrower-than-tile", "tile-wide", "wider-than-tile"])
 def test_grid_bias_power_of_two_width(window, nq, nk, device, backend):
     """A power-of-two Ww >= 8: the forward's interior tiles read the table at key
     offsets fixed at compile time (kernels/scores.py), rows of Ww keys narrower than a
-    key tile (each tile starts a grid row), as wide, or wider; queries shifted
-    (Nq < Nk); a last partial key tile (100 keys) through the general gather."""
+    key tile (each tile starts a grid row), as wide (the interpreter's 32-key tiles;
+    narrower on a GPU's 64), or wider; interior tiles past the first (their first key's
+    code); queries shifted (Nq < Nk); a last partial key tile (250 keys) through the
+    general gather."""
     q, k, v = _qkv(1, 2, 2, nq, 16, torch.bfloat16, device, Nk=nk)
     wh, ww = window
     table = torch.randn((2 * wh - 1) * (2 * ww - 1), 2, device=device, requires_grad=True)
     check(q, k, v, backend=backend, rel_bias=posattn.GridBias(table, window))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_alibi_column_on_tensor_cores_matches_the_add(causal, device, monkeypatch):
+    """bfloat16 ALiBi at D <= 64 adds its column term (slope / scale * j) as a tensor-core
+    step of q.k, slope / scale in three bf16 parts (kernels/forward.py _alibi_ext): the
+    lse must match the add per score (_triton.ALIBI_COLUMN_MMA off) to float32's rounding;
+    the split's lower parts matter (slope / scale not a bf16 number; small slopes, so the
+    tiles far from the diagonal carry weight). Nq < Nk, both sides of the diagonal."""
+    q, k, v = _qkv(1, 2, 2, 150, 32, torch.bfloat16, device, Nk=200)
+    slopes = torch.tensor([0.07, 0.013], device=device)
+    kw = dict(alibi_slopes=slopes, causal=causal, return_lse=True)
+    out, lse = posattn.attention(q, k, v, **kw)
+    monkeypatch.setattr(_triton, "ALIBI_COLUMN_MMA", False)
+    out_add, lse_add = posattn.attention(q, k, v, **kw)
+    assert (lse - lse_add).abs().max().item() < 1e-4
+    assert (out.float() - out_add.float()).abs().max().item() < 2e-2
 
 
 def _table_grad_error(q, k, v, table, window, backend, **kw):
