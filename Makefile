@@ -1,7 +1,8 @@
 # posattn developer tasks (GNU make).
 #
 #   make venv    create .venv and install torch + the package with test extras
-#   make test    run the test suite (PYTEST_ARGS="..." adds pytest arguments)
+#   make test    run the test suite on TEST_WORKERS processes (pytest-xdist; default: one per
+#                core, 0 runs it in this process); PYTEST_ARGS="..." adds pytest arguments
 #   make demo    run bench/train_demo.py (train a tiny LM with each encoding; accuracy by length)
 #   make check   run bench/demo.py (each encoding vs the reference: errors and timings)
 #   make bench   run bench/run.py (peer benchmark on a GPU; a CPU smoke run without one)
@@ -20,6 +21,7 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
+TEST_WORKERS ?= auto
 GPU_OUT ?=
 GPU_COMMIT ?=
 GPU_ARGS ?=
@@ -51,7 +53,7 @@ $(STAMP): pyproject.toml setup.py | $(VPY)
 
 test: $(STAMP)
 	@echo "TRITON_INTERPRET=$${TRITON_INTERPRET:-<unset>}"
-	$(VPY) -m pytest tests -q $(PYTEST_ARGS)
+	$(VPY) -m pytest tests -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	@echo "TRITON_INTERPRET=$${TRITON_INTERPRET:-<unset>}"

@@ -13,7 +13,7 @@ compile with the launch's 16-byte specialisation, and (forward or decoding, D <=
 not spill: hopper_checks. Run it without TRITON_INTERPRET (the kernels must
 be JIT functions, not interpreted ones); tests/test_aot_compile.py does.
 
-    python tests/aot_compile.py [--quick]
+    python tests/aot_compile.py [--quick] [--only=ENC/DTYPE/D[@ARCH,...] ...]
 """
 import os
 import sys
@@ -216,7 +216,8 @@ def compile_case(args):
 def main(quick=False, workers=2, only=None, archs=(80, 86, 90)):
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("run without TRITON_INTERPRET: the interpreter does not compile")
-    jobs = [(enc, dt, D, arch) for enc, dt, D in cases(quick, only) for arch in archs]
+    jobs = [(enc, dt, D, arch) for enc, dt, D in cases(quick, only) for arch in archs
+            if only is None or only(enc, dt, D, arch)]
     failures = 0
     with ProcessPoolExecutor(workers) as pool:
         for rows in pool.map(compile_case, jobs):
@@ -228,6 +229,11 @@ def main(quick=False, workers=2, only=None, archs=(80, 86, 90)):
 
 
 if __name__ == "__main__":
-    sel = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--only=")]
-    only = (lambda enc, dt, D: any(f"{enc}/{dt}/{D}".find(x) >= 0 for x in sel)) if sel else None
+    # --only=SUBSTRING of "enc/dt/D", optionally @ARCH,ARCH (default: every architecture)
+    sel = [a.split("=", 1)[1].partition("@")[::2] for a in sys.argv if a.startswith("--only=")]
+
+    def only(enc, dt, D, arch=None):
+        return any(f"{enc}/{dt}/{D}".find(x) >= 0 and (arch is None or not at or str(arch) in at.split(","))
+                   for x, at in sel)
+    only = only if sel else None
     sys.exit(1 if main(quick="--quick" in sys.argv, only=only) else 0)
