@@ -6,7 +6,7 @@ are the rotated copies and dQ / dK are rotated back in the epilogues."""
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, _COL_BCAST, _D_AK, _D_AV, _DBIAS_ROWS, _DROPOUT, _HAS_POS, _HEAD_BCAST, _REL_K, _REL_V, _ROPE, _ROPE_AXES,
+from .common import (LOG2E, _COL_BCAST, _D_AK, _D_AV, _DBIAS_ADD, _DBIAS_ROWS, _DROPOUT, _HAS_POS, _HEAD_BCAST, _REL_K, _REL_V, _ROPE, _ROPE_AXES,
                      _SOFTCAP,
                      _ROW_BCAST, _TABLE, _UPCAST, _VARLEN, _beyond, _dot, _key_range, _load_row_stats, _load_tile, _part_range,
                      _positions, _query_range, _sequence, _stats_row)
@@ -43,11 +43,15 @@ def _attn_bwd_dkdv(Q, K, V, DO, Stats, DK, DV, DBias, Pos, Params, Table, Bias, 
                    BLOCK_D: tl.constexpr):
     """One program per (key block, kv head, batch): dK and dV summed over the GROUP
     query heads that share this kv head, in registers (no atomics). With DBIAS_ROWS
-    (a dense bias with one row per batch and head, float32 DBias in its strides),
-    each dS tile is also written there: every element has one owner, no second pass."""
+    (a dense bias whose rows and keys are not broadcast, float32 DBias in its strides),
+    each dS tile is also written there, with no second pass: stored when the bias has
+    a row per batch and head (every element has one owner), added atomically with
+    DBIAS_ADD when batches or heads share it (float32 adds in no fixed order: the host
+    takes this path unless torch's deterministic mode is on)."""
     ROPE: tl.constexpr = (FLAGS >> _ROPE.value) & 1
     UPCAST: tl.constexpr = (FLAGS >> _UPCAST.value) & 1
     DBIAS_ROWS: tl.constexpr = (FLAGS >> _DBIAS_ROWS.value) & 1
+    DBIAS_ADD: tl.constexpr = (FLAGS >> _DBIAS_ADD.value) & 1
     FAR: tl.constexpr = (((FLAGS >> _TABLE.value) & 3) == 1) * (1 - ((FLAGS >> _HAS_POS.value) & 1))
     NO_TABLE: tl.constexpr = FLAGS & ~(3 << _TABLE.value)
     REL_K: tl.constexpr = (FLAGS >> _REL_K.value) & 1
@@ -121,8 +125,12 @@ def _attn_bwd_dkdv(Q, K, V, DO, Stats, DK, DV, DBias, Pos, Params, Table, Bias, 
                 dv += _dot(tl.trans(p_v.to(do.dtype)), do, UPCAST)
                 dk += _dot(tl.trans(ds_qk.to(qu.dtype)), qu, UPCAST)
                 if DBIAS_ROWS:
-                    tl.store(DBias + (off_b % bias_nb) * sbb + off_h * sbh + offs_m[:, None] * sbm + offs_n[None, :],
-                             ds, mask=(offs_m[:, None] < Nq) & (offs_n[None, :] < Nk))
+                    at = DBias + (off_b % bias_nb) * sbb + off_h * sbh + offs_m[:, None] * sbm + offs_n[None, :]
+                    inside = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk)
+                    if DBIAS_ADD:   # (relaxed: nothing in this kernel reads the sums)
+                        tl.atomic_add(at, ds, mask=inside, sem="relaxed")
+                    else:
+                        tl.store(at, ds, mask=inside)
 
     dk *= sm_scale
     if ROPE and not (FLAGS >> _ROPE_AXES.value) & 1:  # (ROPE_AXES: a pass after)

@@ -666,12 +666,19 @@ def _grad_layout(want, D, T):
 
 
 def _dbias_rows(L: _Launch, p: Problem):
-    """The dense bias's float32 gradient in the kernels' bias strides, when the bias has
-    one row per (batch, head) so that dK/dV can write dS into it (DBIAS_ROWS); None
-    when it broadcasts (the dBias kernel then sums over the broadcast axes)."""
+    """(g, shared): the dense bias's float32 gradient in the kernels' bias strides, when
+    dK/dV can write dS into it (DBIAS_ROWS): the bias has every row and key, and one
+    row per (batch, head), or shared by batches (bias[b % nB]) or heads, whose dS
+    dK/dV then adds atomically (shared: DBIAS_ADD) unless torch's deterministic mode is
+    on. (None, False) otherwise: the dBias kernel sums over the broadcast axes in a
+    fixed order."""
     bias = L.args["Bias"]
-    if tuple(bias.shape) != (p.B, p.Hq, p.Nq, p.Nk):
-        return None
+    nb, bh, rows, keys = bias.shape
+    if (rows, keys) != (p.Nq, p.Nk) or p.B % nb or bh not in (1, p.Hq):
+        return None, False
+    shared = (nb, bh) != (p.B, p.Hq)
+    if shared and torch.are_deterministic_algorithms_enabled():
+        return None, False
     kernel = (L.args["sbb"], L.args["sbh"], L.args["sbm"], 1)
 
     def mismatch(g):
@@ -681,10 +688,10 @@ def _dbias_rows(L: _Launch, p: Problem):
     if mismatch(g):   # or _bias_args's rows padded to whole key tiles (the padding never read)
         g = _bias_rows_tiled(bias.shape, bias, torch.float32)[..., :bias.shape[3]]
         if mismatch(g):
-            return None   # an overlapping or gapped layout: not written through the bias strides
-    if p.causal or p.window_left is not None or p.window_right is not None:
-        g.zero_()     # tiles the masks hide are never visited
-    return g
+            return None, False   # an overlapping or gapped layout: not written through the bias strides
+    if shared or p.causal or p.window_left is not None or p.window_right is not None:
+        g.zero_()     # the adds' start; tiles the masks hide are never visited
+    return g, shared
 
 
 def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need, wrap=_direct):
@@ -768,10 +775,10 @@ def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need, wrap=_direct):
     # with a row per (batch, head) gets its gradient (dS itself) from the same tiles.
     dk = torch.empty_like(k, dtype=torch.float32 if axes else k.dtype)
     dv = torch.empty_strided(dk.shape, dk.stride(), device=dev, dtype=v.dtype)   # dK's strides serve both
-    dbias = _dbias_rows(L, p) if need["bias"] else None
+    dbias, shared = _dbias_rows(L, p) if need["bias"] else (None, False)
     L.launch(wrap, _attn_bwd_dkdv, (_cdiv(p.rows_k, bn), p.Hkv, nb), **inputs, DK=dk, DV=dv,
              DBias=stats if dbias is None else dbias, **_strides("sdk", dk, vl),
-             FLAGS=L.args["FLAGS"] | pack_flags(DBIAS_ROWS=dbias is not None))
+             FLAGS=L.args["FLAGS"] | pack_flags(DBIAS_ROWS=dbias is not None, DBIAS_ADD=shared))
 
     if axes:
         dq = _rotated(L, dq, False, wrap, out=torch.empty_like(q), sign=-1.0)

@@ -98,7 +98,11 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, q_pos=None, k_p
         bias: float (float32 or q's dtype) tensor broadcastable to ``[B, Hq, Nq, Nk]``
             (never expanded; its batch may divide ``B``: batch ``b`` reads
             ``bias[b % nB]``), added to the scores and differentiable; or a bool
-            keep-mask (True = attend).
+            keep-mask (True = attend). Its gradient is summed over the axes it
+            broadcasts; when batches or heads share every row of it, the Triton
+            backward adds them with float32 atomics (last-bit differences run to run
+            on a GPU) unless ``torch.use_deterministic_algorithms(True)`` is on, which
+            sums them in a fixed order in a pass of their own.
         return_lse: also return the natural-log log-sum-exp ``[B, Hq, Nq]``
             (float32; float64 for float64 inputs; ``-inf`` for rows with no key, or
             the row's sink with ``sinks``), differentiable.

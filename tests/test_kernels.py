@@ -349,6 +349,8 @@ def test_wide_distance_table(device, backend):
 
 
 def test_parameter_gradients_are_deterministic(device, backend):
+    """Bitwise the same gradients twice; a dense bias shared by the batch under torch's
+    deterministic mode (without it, the Triton dK/dV adds its dS atomically)."""
     q, k, v = make_qkv((2, 2, 1, 80, 90, 32, False), torch.float32, device)
     table = torch.randn(2, 31, device=device, requires_grad=True)
     slopes = torch.rand(2, device=device, requires_grad=True)
@@ -360,9 +362,43 @@ def test_parameter_gradients_are_deterministic(device, backend):
                                 alibi_slopes=slopes, bias=bias, backend=backend)
         return torch.autograd.grad(out, (table, slopes, bias, q, k, v), g)
 
-    first, second = grads(), grads()
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        first, second = grads(), grads()
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bshape", [(1, 3, 40, 70), (2, 1, 40, 70)])
+def test_shared_bias_gradient_added_by_dkdv(bshape, device, monkeypatch):
+    """A dense bias shared by the batch or the heads: dK/dV adds each dS tile to its
+    gradient atomically (DBIAS_ADD, no pass of its own); under torch's deterministic
+    mode the dBias kernel sums it in a fixed order instead. Both against the reference."""
+    from posattn.kernels import attention as A
+    launched = []
+    launch = _triton._Launch.launch
+
+    def spy(self, wrap, kernel, grid, **named):
+        launched.append((kernel.__name__, named.get("FLAGS", 0)))
+        return launch(self, wrap, kernel, grid, **named)
+
+    monkeypatch.setattr(_triton._Launch, "launch", spy)
+    q, k, v = make_qkv((4, 3, 1, 40, 70, 16, False), torch.bfloat16, device)
+    bias = torch.randn(bshape, device=device).requires_grad_()
+    assert "dbias" in check(q, k, v, backend="triton", window=(25, 9), bias=bias)
+    names = [n for n, _ in launched]
+    assert "_attn_bwd_dbias" not in names
+    assert all(f >> A._DBIAS_ADD.value & 1 and f >> A._DBIAS_ROWS.value & 1
+               for n, f in launched if n == "_attn_bwd_dkdv")
+    launched.clear()
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert "dbias" in check(q, k, v, backend="triton", window=(25, 9), bias=bias)
+    names = [n for n, _ in launched]
+    assert "_attn_bwd_dbias" in names
+    assert not any(f >> A._DBIAS_ADD.value & 1 for n, f in launched if n == "_attn_bwd_dkdv")
 
 
 def test_inputs_not_mutated(device, backend):
