@@ -557,6 +557,9 @@ FWD_ENCODINGS = {
     "swin": dict(TABLE=2, WINDOW=(7, 7), BIAS=True, BIAS_BATCH=1, BIAS_HEADS=1),
     "vit": dict(N=197),   # ViT-B/16 at 224 px: 196 patches and a class token
     "shaw-kv": dict(REL_K=True, REL_V=True),
+    # causal Shaw: the masked loop's compares beside the slices (the AOT check's causal /
+    # window Shaw problems spill there at D = 80 / 128)
+    "causal+shaw-kv": dict(CAUSAL=True, REL_K=True, REL_V=True),
     "softcap": dict(SOFTCAP=True),
     "causal+softcap+sinks": dict(CAUSAL=True, SOFTCAP=True, SINKS=True),
     "dropout": dict(DROPOUT=True),
@@ -574,7 +577,7 @@ BWD_ENCODINGS = {"plain": ({}, {}), "rope": (dict(ROPE=True, ROT_DIM=-1), {}),
                  "swin+dgrid": (dict(TABLE=2, WINDOW=(7, 7), BIAS=True, BIAS_BATCH=1, BIAS_HEADS=1),
                                 dict(D_TABLE=True)),
                  # a per-sample dense bias (dS written by dK/dV) and one shared by the batch
-                 # (its own dBias pass sums over the batch)
+                 # (dK/dV adds its dS atomically; torch's deterministic mode: a dBias pass)
                  "bias+dbias": (dict(BIAS=True), dict(D_BIAS=True)),
                  "bias[1,H]+dbias": (dict(BIAS=True, BIAS_BATCH=1), dict(D_BIAS=True)),
                  "shaw-kv+dak,dav": (dict(REL_K=True, REL_V=True), dict(D_AK=True, D_AV=True)),

@@ -344,11 +344,14 @@ def _relative_args(p: Problem, rel_key, rel_value, rel_u, rel_w, dummy):
     tables = [t for t in (rel_key, rel_value) if t is not None]
     flags = dict(REL_K=rel_key is not None, REL_V=rel_value is not None, REL_U=rel_u is not None,
                  REL_W=rel_w is not None, REL_SHARED=bool(tables) and tables[0].shape[0] == 1)
+    # In the inputs' dtype: the kernels round every slice to it before its products
+    # (the same numbers), and a float32 table's [2 max(BLOCK_M, BLOCK_N), D] slices
+    # loaded as float32 spilled the bf16 forward at D = 80 / 128: 1048 B (AOT check,
+    # Triton 3.6; 16 B in the inputs' dtype)
     if len(tables) == 2:
-        dt = torch.promote_types(rel_key.dtype, rel_value.dtype)
-        rel = torch.stack((rel_key.to(dt), rel_value.to(dt)))
+        rel = torch.stack((rel_key.to(p.q.dtype), rel_value.to(p.q.dtype)))
     else:
-        rel = tables[0].contiguous() if tables else dummy
+        rel = tables[0].to(p.q.dtype).contiguous() if tables else dummy
     segments = tuple(x for x in (rel_u, rel_w) if x is not None)
     return flags, dict(Rel=rel, rel_k=p.rel_emb.clip if p.rel_emb is not None else 0), segments
 
