@@ -4,7 +4,7 @@ the per-head encoding parameters; P and dS recomputed for the backward."""
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, _BIAS_ROW_TILE, _GATHER_TIE_FIRST, _ALIBI, _BIAS, _BIAS_KEYS, _BIAS_MASK, _BIAS_TILES, _CAUSAL, _FAST_TANH, _GRID_WW, _HAS_POS, _HAS_WL, _HAS_WR,
+from .common import (LOG2E, _BIAS_ROW_TILE, _GATHER_TIE_FIRST, _ALIBI, _BIAS, _BIAS_KEYS, _BIAS_MASK, _BIAS_PAIRS, _BIAS_TILES, _CAUSAL, _FAST_TANH, _GRID_WW, _HAS_POS, _HAS_WL, _HAS_WR,
                      _KERPLE, _REL_K, _REL_SHARED, _REL_U, _REL_V, _REL_W, _ROPE, _SINKS, _SOFTCAP, _TABLE, _TABLE_PAD,
                      _UPCAST, _DROPOUT, _VARLEN, _beyond, _dot, _dropout_keep, _load_tile, _positions, _tanh)
 from .relative import _add_row, _load_rel, _rel_rows, _rel_to_keys
@@ -278,7 +278,16 @@ def _scores(qk, qp, kp, start_m, start_n, offs_m, offs_n, Nq, Nk, qk_scale, slop
             # at a time and computed the softmax twice, in two layouts (bench/NOTES.md)
             tl.static_assert(BIAS_TILES == 0 or _BIAS_ROW_TILE % qk.shape[1] == 0)
             rows = tl.minimum(offs_m, Nq - 1)
-            b = tl.load(bias_ptr + rows[:, None] * stride_bm + cols[None, :])
+            if (FLAGS >> _BIAS_PAIRS.value) & 1 and BIAS_KEYS and BIAS_MASK == 0:
+                # bfloat16 is float32's upper half: a word's low key is (w << 16), its high
+                # key (w & 0xffff0000), one integer op per key and no conversion
+                HALF: tl.constexpr = qk.shape[1] // 2
+                words = tl.load(bias_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * (stride_bm // 2)
+                                + (start_n // 2 + tl.arange(0, HALF))[None, :])
+                b = tl.reshape(tl.join((words << 16).to(tl.float32, bitcast=True),
+                                       (words & -65536).to(tl.float32, bitcast=True)), qk.shape)
+            else:
+                b = tl.load(bias_ptr + rows[:, None] * stride_bm + cols[None, :])
         if BIAS_MASK:
             visible = b != 0
         elif NATURAL:

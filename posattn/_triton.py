@@ -308,7 +308,7 @@ def _bias_rows_tiled(shape, like, dtype=None):
 
 def _bias_args(p: Problem, bias, dummy):
     if bias is None:
-        return (dict(BIAS=False, BIAS_MASK=False, BIAS_KEYS=False, BIAS_TILES=False),
+        return (dict(BIAS=False, BIAS_MASK=False, BIAS_KEYS=False, BIAS_TILES=False, BIAS_PAIRS=False),
                 dict(Bias=dummy, sbb=0, sbh=0, sbm=0, bias_nb=1), ())
     # Size-1 axes broadcast (stride 0); the batch axis may also be periodic (batch b
     # reads bias[b % nB], Swin's shifted-window masks); along the keys the kernels
@@ -334,7 +334,10 @@ def _bias_args(p: Problem, bias, dummy):
     elif keys and bias.stride(3) != 1:
         bias = bias.contiguous()
     sbb, sbh, sbm = (st if n > 1 else 0 for n, st in zip(bias.shape[:3], bias.stride()[:3]))
-    return (dict(BIAS=True, BIAS_MASK=p.bias_is_mask, BIAS_KEYS=keys, BIAS_TILES=tiles),
+    # bfloat16 at even element offsets (base, strides; the tiles start at even keys)
+    pairs = (keys and bias.dtype == torch.bfloat16 and bias.data_ptr() % 4 == 0
+             and all(st % 2 == 0 for st in (sbb, sbh, sbm)))
+    return (dict(BIAS=True, BIAS_MASK=p.bias_is_mask, BIAS_KEYS=keys, BIAS_TILES=tiles, BIAS_PAIRS=pairs),
             dict(Bias=bias, sbb=sbb, sbh=sbh, sbm=sbm, bias_nb=bias.shape[0]), ())
 
 

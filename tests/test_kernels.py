@@ -178,6 +178,27 @@ def test_unaligned_bias_copied_to_whole_tiles(dtype, device, backend):
     assert "dbias" in errors
 
 
+@pytest.mark.parametrize("offset", [0, 1])
+def test_bfloat16_bias_read_in_pairs(offset, device, monkeypatch):
+    """A bfloat16 bias read in place at even element offsets: the kernels load two keys
+    per 32-bit word and split them with integer ops (BIAS_PAIRS), in the unmasked tiles
+    too; at an odd offset (a view one element in) they load by element."""
+    from posattn.kernels import attention as A
+    flags = []
+    launch = _triton._Launch.launch
+
+    def spy(self, wrap, kernel, grid, **named):
+        flags.append(named.get("FLAGS", self.args["FLAGS"]))
+        return launch(self, wrap, kernel, grid, **named)
+
+    monkeypatch.setattr(_triton._Launch, "launch", spy)
+    q, k, v = make_qkv((1, 2, 2, 70, 100, 16, False), torch.bfloat16, device)
+    full = torch.randn(1, 2, 70, 102, device=device, dtype=torch.bfloat16)
+    bias = full[..., offset:offset + 100].detach().requires_grad_()
+    assert "dbias" in check(q, k, v, backend="triton", bias=bias)
+    assert flags and all((f >> A._BIAS_PAIRS.value & 1) == (offset == 0) for f in flags)
+
+
 def test_expanded_bias_gradient(device, backend):
     """A bias passed as a stride-0 expanded view: its gradient is per element of the
     view (autograd then sums it into the leaf). Pass the unexpanded broadcastable
