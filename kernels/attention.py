@@ -35,6 +35,8 @@ Conventions
   one tensor argument (Pos, Table, Bias, Rel); no kernel takes more than 50.
 - No [Nq, Nk] tensor is ever written: parameter gradients are reduced per program
   into small buffers that the host sums in a fixed order (deterministic, no atomics).
+  The one exception: a dense bias (already [Nq, Nk]) shared by batches or heads gets
+  dK/dV's dS tiles added atomically, unless torch's deterministic mode is on.
 - Packed sequences (VARLEN): grid axis 2 is a sequence of one packed batch; each
   program loads its rows and lengths (common.py: _sequence), after which it is the
   same kernel on a smaller problem.

@@ -54,7 +54,7 @@ _KERPLE = tl.constexpr(16)
 _REL_SHARED = tl.constexpr(17)
 _BIAS_KEYS = tl.constexpr(18)
 _SCALE_POS = tl.constexpr(19)  # scale > 0: max(scale * qk) = scale * max(qk)
-_DBIAS_ROWS = tl.constexpr(20)  # backward: the dense bias has a row per (batch, head); dK/dV writes its dS
+_DBIAS_ROWS = tl.constexpr(20)  # backward: the dense bias has every row and key; dK/dV writes its dS (or adds: _DBIAS_ADD)
 _SOFTCAP = tl.constexpr(21)     # scaled logits capped: cap * tanh(scale * logit / cap)
 _SINKS = tl.constexpr(22)       # a per-head logit in every row's softmax denominator
 _FAST_TANH = tl.constexpr(23)   # softcap's tanh by the GPU's tanh.approx (half-precision inputs)

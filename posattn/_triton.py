@@ -306,6 +306,16 @@ def _bias_rows_tiled(shape, like, dtype=None):
     return torch.empty(*shape[:-1], _tiled_width(shape[-1]), device=like.device, dtype=dtype or like.dtype)
 
 
+def _word_aligned(t) -> bool:
+    """Whether t's first element lies on a 4-byte boundary. A fake tensor (torch.compile
+    traces the launchers with them) has no address: its storage offset decides, as
+    allocations are aligned."""
+    try:
+        return t.data_ptr() % 4 == 0
+    except RuntimeError:
+        return t.storage_offset() * t.element_size() % 4 == 0
+
+
 def _bias_args(p: Problem, bias, dummy):
     if bias is None:
         return (dict(BIAS=False, BIAS_MASK=False, BIAS_KEYS=False, BIAS_TILES=False, BIAS_PAIRS=False),
@@ -335,7 +345,7 @@ def _bias_args(p: Problem, bias, dummy):
         bias = bias.contiguous()
     sbb, sbh, sbm = (st if n > 1 else 0 for n, st in zip(bias.shape[:3], bias.stride()[:3]))
     # bfloat16 at even element offsets (base, strides; the tiles start at even keys)
-    pairs = (keys and bias.dtype == torch.bfloat16 and bias.data_ptr() % 4 == 0
+    pairs = (keys and bias.dtype == torch.bfloat16 and _word_aligned(bias)
              and all(st % 2 == 0 for st in (sbb, sbh, sbm)))
     return (dict(BIAS=True, BIAS_MASK=p.bias_is_mask, BIAS_KEYS=keys, BIAS_TILES=tiles, BIAS_PAIRS=pairs),
             dict(Bias=bias, sbb=sbb, sbh=sbh, sbm=sbm, bias_nb=bias.shape[0]), ())
@@ -778,7 +788,8 @@ def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need, wrap=_direct):
                  BLOCK_T=chunk_t)
 
     # dK / dV after dQ: with CORRECT they read the exact delta dQ wrote. A dense bias
-    # with a row per (batch, head) gets its gradient (dS itself) from the same tiles.
+    # with a row per (batch, head) gets its gradient (dS itself) from the same tiles;
+    # one shared whole by batches or heads, their sum (atomic adds, _dbias_rows).
     dk = torch.empty_like(k, dtype=torch.float32 if axes else k.dtype)
     dv = torch.empty_strided(dk.shape, dk.stride(), device=dev, dtype=v.dtype)   # dK's strides serve both
     dbias, shared = _dbias_rows(L, p) if need["bias"] else (None, False)

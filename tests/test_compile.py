@@ -201,6 +201,17 @@ def test_compiled_matches_eager(case, device, op):
     _assert_matches(eager, again)
 
 
+def test_compiled_bfloat16_bias(device, op):
+    """A bfloat16 dense bias: the launchers run on fake tensors while traced, which
+    have no address (the kernels' two-keys-per-word read decides by storage offset)."""
+    if posattn.select_backend(*(torch.empty(1, HQ, NQ, D, device=device),) * 3) != "triton":
+        pytest.skip("the Triton backend is not selected here")
+    p = _params("dense-bias", device, dtype=torch.bfloat16)
+    weight = _weight(device)
+    compiled_loss = torch.compile(_loss, fullgraph=True, backend="aot_eager")
+    _assert_matches(_run(_loss, "dense-bias", p, weight), _run(compiled_loss, "dense-bias", p, weight))
+
+
 def test_compiled_dynamic_lengths(device, op):
     """Two sequence lengths through one dynamic-shape graph."""
     backend, graphs = _recording("aot_eager")

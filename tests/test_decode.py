@@ -49,8 +49,10 @@ def _kw(name, Hq, Nq, Nk, device):
                     k_pos=torch.arange(Nk, device=device), causal=True, bias=keep,
                     kerple=posattn.KERPLE((0.5 + torch.rand(Hq, device=device)).requires_grad_(),
                                           (0.1 + torch.rand(Hq, device=device)).requires_grad_()))
-    if name == "grid":   # a table row per packed query head (one per row of the tile)
-        return dict(rel_bias=posattn.GridBias(r(13 * 27, Hq).requires_grad_(), (7, 14)))
+    if name == "grid+bias":   # a table row per packed query head (one per row of the tile); a bf16
+        # key bias per batch (97 columns: copied into whole key tiles, read two keys per word: BIAS_PAIRS)
+        return dict(rel_bias=posattn.GridBias(r(13 * 27, Hq).requires_grad_(), (7, 14)),
+                    bias=r(2, 1, 1, Nk).to(torch.bfloat16).requires_grad_())
     if name == "dropout":
         return dict(dropout_p=0.3, causal=True)
     if name == "shaw+xl":   # a query head per program
@@ -65,12 +67,12 @@ def _kw(name, Hq, Nq, Nk, device):
                                         ("table+bias+softcap+window", torch.float32),
                                         ("rope+kerple+positions+mask", torch.float16),
                                         ("dropout", torch.float32), ("shaw+xl", torch.float32),
-                                        ("grid", torch.bfloat16)])
+                                        ("grid+bias", torch.bfloat16)])
 def test_decode_matches_the_reference(name, dtype, device, decoded):
     """1-3 queries, 4 query heads per k/v head, a cache of 97-181 keys in 32-key
     chunks; every gradient (the backward kernels read the merged out and lse)."""
     torch.manual_seed(0)
-    Nq, Nk = (3, 150) if name == "rope+kerple+positions+mask" else (1, 97) if name in ("dropout", "shaw+xl", "grid") \
+    Nq, Nk = (3, 150) if name == "rope+kerple+positions+mask" else (1, 97) if name in ("dropout", "shaw+xl", "grid+bias") \
         else (1, 181)
     q, k, v = _qkv(2, 8, 2, Nq, Nk, 32, dtype, device)
     check(q, k, v, return_lse=True, grad_lse=True, **_kw(name, 8, Nq, Nk, device))

@@ -393,11 +393,13 @@ def test_parameter_gradients_are_deterministic(device, backend):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("bshape", [(1, 3, 40, 70), (2, 1, 40, 70)])
-def test_shared_bias_gradient_added_by_dkdv(bshape, device, monkeypatch):
+@pytest.mark.parametrize("bshape,window", [((1, 3, 40, 70), None), ((2, 1, 40, 70), (25, 9))])
+def test_shared_bias_gradient_added_by_dkdv(bshape, window, device, monkeypatch):
     """A dense bias shared by the batch or the heads: dK/dV adds each dS tile to its
-    gradient atomically (DBIAS_ADD, no pass of its own); under torch's deterministic
-    mode the dBias kernel sums it in a fixed order instead. Both against the reference."""
+    gradient atomically (DBIAS_ADD, no pass of its own) into a zeroed buffer (fresh
+    buffers are filled with NaN here: one not zeroed fails); under torch's
+    deterministic mode the dBias kernel sums it in a fixed order instead. Both against
+    the reference."""
     from posattn.kernels import attention as A
     launched = []
     launch = _triton._Launch.launch
@@ -407,16 +409,18 @@ def test_shared_bias_gradient_added_by_dkdv(bshape, device, monkeypatch):
         return launch(self, wrap, kernel, grid, **named)
 
     monkeypatch.setattr(_triton._Launch, "launch", spy)
+    empty_like = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: empty_like(*a, **kw).fill_(float("nan")))
     q, k, v = make_qkv((4, 3, 1, 40, 70, 16, False), torch.bfloat16, device)
     bias = torch.randn(bshape, device=device).requires_grad_()
-    assert "dbias" in check(q, k, v, backend="triton", window=(25, 9), bias=bias)
+    assert "dbias" in check(q, k, v, backend="triton", window=window, bias=bias)
     names = [n for n, _ in launched]
     assert "_attn_bwd_dbias" not in names
     assert all(f >> A._DBIAS_ADD.value & 1 and f >> A._DBIAS_ROWS.value & 1
                for n, f in launched if n == "_attn_bwd_dkdv")
     launched.clear()
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
-    assert "dbias" in check(q, k, v, backend="triton", window=(25, 9), bias=bias)
+    assert "dbias" in check(q, k, v, backend="triton", window=window, bias=bias)
     names = [n for n, _ in launched]
     assert "_attn_bwd_dbias" in names
     assert not any(f >> A._DBIAS_ADD.value & 1 for n, f in launched if n == "_attn_bwd_dkdv")
