@@ -64,8 +64,8 @@ _ROPE_AXES = tl.constexpr(26)   # RoPE at positions per axis: _rope_rotate rotat
 _BIAS_TILES = tl.constexpr(27)  # the dense bias's rows hold whole key tiles (posattn/_triton.py pads them with -inf / False)
 _GRID_WW = tl.constexpr(28)     # three bits: GridBias's Ww = 2^(k + 2) when a power of two in [8, 512], else 0
 _ALIBI_MMA = tl.constexpr(31)   # ALiBi's column term may take a K=16 step of q.k (forward side tiles, BLOCK_D <= 64)
-_BIAS_PAIRS = tl.constexpr(33)  # a bfloat16 dense bias at even element offsets: read as 32-bit words of two keys
 _DBIAS_ADD = tl.constexpr(32)   # backward, with DBIAS_ROWS: the bias is shared by batches or heads; dK/dV adds dS atomically
+_BIAS_PAIRS = tl.constexpr(33)  # a bfloat16 dense bias at even element offsets: read as 32-bit words of two keys
 _D_SLOPE = tl.constexpr(0)
 _D_TABLE = tl.constexpr(1)
 _D_U = tl.constexpr(2)

@@ -26,6 +26,21 @@ SHAPES = [
 ]
 
 
+@pytest.fixture
+def launches(monkeypatch):
+    """Every kernel launch posattn makes in the test, in order: (kernel name, its FLAGS,
+    its GRADS or 0)."""
+    seen = []
+    launch = _triton._Launch.launch
+
+    def spy(self, wrap, kernel, grid, **named):
+        seen.append((kernel.__name__, named.get("FLAGS", self.args["FLAGS"]), named.get("GRADS", 0)))
+        return launch(self, wrap, kernel, grid, **named)
+
+    monkeypatch.setattr(_triton._Launch, "launch", spy)
+    return seen
+
+
 def make_qkv(shape, dtype, device, requires_grad=True):
     B, Hq, Hkv, Nq, Nk, D, transposed = shape
 
@@ -179,24 +194,16 @@ def test_unaligned_bias_copied_to_whole_tiles(dtype, device, backend):
 
 
 @pytest.mark.parametrize("offset", [0, 1])
-def test_bfloat16_bias_read_in_pairs(offset, device, monkeypatch):
+def test_bfloat16_bias_read_in_pairs(offset, device, launches):
     """A bfloat16 bias read in place at even element offsets: the kernels load two keys
     per 32-bit word and split them with integer ops (BIAS_PAIRS), in the unmasked tiles
     too; at an odd offset (a view one element in) they load by element."""
     from posattn.kernels import attention as A
-    flags = []
-    launch = _triton._Launch.launch
-
-    def spy(self, wrap, kernel, grid, **named):
-        flags.append(named.get("FLAGS", self.args["FLAGS"]))
-        return launch(self, wrap, kernel, grid, **named)
-
-    monkeypatch.setattr(_triton._Launch, "launch", spy)
     q, k, v = make_qkv((1, 2, 2, 70, 100, 16, False), torch.bfloat16, device)
     full = torch.randn(1, 2, 70, 102, device=device, dtype=torch.bfloat16)
     bias = full[..., offset:offset + 100].detach().requires_grad_()
     assert "dbias" in check(q, k, v, backend="triton", bias=bias)
-    assert flags and all((f >> A._BIAS_PAIRS.value & 1) == (offset == 0) for f in flags)
+    assert launches and all((f >> A._BIAS_PAIRS.value & 1) == (offset == 0) for _, f, _ in launches)
 
 
 def test_expanded_bias_gradient(device, backend):
@@ -403,36 +410,28 @@ def test_parameter_gradients_are_deterministic(device, backend):
 
 
 @pytest.mark.parametrize("bshape,window", [((1, 3, 40, 70), None), ((2, 1, 40, 70), (25, 9))])
-def test_shared_bias_gradient_added_by_dkdv(bshape, window, device, monkeypatch):
+def test_shared_bias_gradient_added_by_dkdv(bshape, window, device, monkeypatch, launches):
     """A dense bias shared by the batch or the heads: dK/dV adds each dS tile to its
     gradient atomically (DBIAS_ADD, no pass of its own) into a zeroed buffer (fresh
     buffers are filled with NaN here: one not zeroed fails); under torch's
     deterministic mode the dBias kernel sums it in a fixed order instead. Both against
     the reference."""
     from posattn.kernels import attention as A
-    launched = []
-    launch = _triton._Launch.launch
-
-    def spy(self, wrap, kernel, grid, **named):
-        launched.append((kernel.__name__, named.get("FLAGS", 0)))
-        return launch(self, wrap, kernel, grid, **named)
-
-    monkeypatch.setattr(_triton._Launch, "launch", spy)
     empty_like = torch.empty_like
     monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: empty_like(*a, **kw).fill_(float("nan")))
     q, k, v = make_qkv((4, 3, 1, 40, 70, 16, False), torch.bfloat16, device)
     bias = torch.randn(bshape, device=device).requires_grad_()
     assert "dbias" in check(q, k, v, backend="triton", window=window, bias=bias)
-    names = [n for n, _ in launched]
+    names = [n for n, _, _ in launches]
     assert "_attn_bwd_dbias" not in names
     assert all(f >> A._DBIAS_ADD.value & 1 and f >> A._DBIAS_ROWS.value & 1
-               for n, f in launched if n == "_attn_bwd_dkdv")
-    launched.clear()
+               for n, f, _ in launches if n == "_attn_bwd_dkdv")
+    launches.clear()
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
     assert "dbias" in check(q, k, v, backend="triton", window=window, bias=bias)
-    names = [n for n, _ in launched]
+    names = [n for n, _, _ in launches]
     assert "_attn_bwd_dbias" in names
-    assert not any(f >> A._DBIAS_ADD.value & 1 for n, f in launched if n == "_attn_bwd_dkdv")
+    assert not any(f >> A._DBIAS_ADD.value & 1 for n, f, _ in launches if n == "_attn_bwd_dkdv")
 
 
 def test_inputs_not_mutated(device, backend):
@@ -600,21 +599,13 @@ def test_grid_bias_table_gradient_by_grid_row(window, nq, nk, device, backend):
 
 
 @pytest.mark.parametrize("kind", ["grid", "grid+causal+sinks", "grid+softcap+fp16", "distance", "distance-far"])
-def test_table_gradient_when_every_row_is_one_tile(kind, device, monkeypatch):
+def test_table_gradient_when_every_row_is_one_tile(kind, device, launches):
     """Every row's keys in one tile (Nk <= BLOCK_N: Swin's 49 tokens on a GPU, 24 keys
     against the interpreter's 32-key tiles here), half precision: dQ's pass corrects the
     tile's dS to the exact delta with that tile's own row sums and sums d(table) itself;
     no table pass follows (kernels/params.py ONE_TILE). DistanceBias with 100 queries
     against 16 keys: whole query blocks are far tiles (one end column, corrected at the
     end of the pass)."""
-    launched = []
-    launch = _triton._Launch.launch
-
-    def spy(self, wrap, kernel, grid, **named):
-        launched.append((kernel.__name__, named.get("GRADS", 0)))
-        return launch(self, wrap, kernel, grid, **named)
-
-    monkeypatch.setattr(_triton._Launch, "launch", spy)
     dtype = torch.float16 if "fp16" in kind else torch.bfloat16
     q, k, v = _qkv(2, 2, 2, 100 if kind == "distance-far" else 20, 16, dtype, device,
                    Nk=16 if kind == "distance-far" else 24)
@@ -634,7 +625,7 @@ def test_table_gradient_when_every_row_is_one_tile(kind, device, monkeypatch):
             kw = dict(softcap=5.0)
     assert _table_grad_error(q, k, v, table, enc, "triton", **kw) < 1e-4
     from posattn.kernels import attention as A
-    dq = [grads for name, grads in launched if name == "_attn_bwd_dq"]
+    dq = [grads for name, _, grads in launches if name == "_attn_bwd_dq"]
     assert len(dq) == 1 and dq[0] >> A._ONE_TILE.value & 1 and dq[0] >> A._CORRECT.value & 1
 
 
