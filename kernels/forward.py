@@ -2,11 +2,11 @@
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, _ALIBI, _ALIBI_MMA, _BIAS, _BIAS_MASK, _CAUSAL, _HAS_POS, _KERPLE, _REL_K, _REL_V, _SCALE_POS, _SINKS,
+from .common import (LOG2E, _ALIBI, _ALIBI_MMA, _BIAS, _BIAS_MASK, _CAUSAL, _HAS_POS, _KERPLE, _REL_K, _REL_V, _SCALE_POS, _SCALE_POW2, _SINKS,
                      _SOFTCAP, _TABLE, _UPCAST, _DROPOUT, _VARLEN, _beyond, _dot, _dropout_keep, _key_range, _load_tile,
                      _positions, _sequence, _split_keys)
 from .relative import _keys_to_rel, _load_rel, _rel_end_rows, _rel_rows, _row_dot
-from .scores import _head_params, _load_queries, _logits, _scores, _table_far
+from .scores import _bias_tile, _head_params, _load_queries, _logits, _scores, _table_far
 
 
 @triton.jit
@@ -14,7 +14,7 @@ def _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_k, k_base, v_base
               offs_m, offs_n0, offs_d, Nq, Nk, D, skn, svn, rel_k, qk_scale, slope, r1, r2, table_ptr,
               tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, seed, rng_row, drop_p, col_add, row_add, v_add,
               FLAGS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-              COLS: tl.constexpr = 0, V_ADD: tl.constexpr = 0):
+              COLS: tl.constexpr = 0, V_ADD: tl.constexpr = 0, BIAS_ACC: tl.constexpr = 0):
     """One key tile of the online softmax: scores, running max and sum, P @ V.
     row_add [BLOCK_M] (or a scalar) and, with COLS == 1, col_add [BLOCK_N]: terms (log2
     domain) outside FLAGS added to the tile's scores, row_add folded into the row max
@@ -27,7 +27,9 @@ def _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_k, k_base, v_base
     instruction issue, not the tensor cores). With V_ADD, v_add
     [BLOCK_D] is added to every value row (Shaw's aV end row on a tile beyond the
     clip): acc += rowsum(P) v_add. With DROPOUT, P @ V takes P * keep (the 1 / (1 - p)
-    is applied once, at the end); the row sum l does not."""
+    is applied once, at the end); the row sum l does not.
+    BIAS_ACC (a dense bias alone, an unmasked tile): qu holds scale * q, and the bias tile
+    is q.k's starting accumulator, so the tensor cores add it: no add per score."""
     REL_V: tl.constexpr = (FLAGS >> _REL_V.value) & 1
     UPCAST: tl.constexpr = (FLAGS >> _UPCAST.value) & 1
     DROPOUT: tl.constexpr = (FLAGS >> _DROPOUT.value) & 1
@@ -49,7 +51,15 @@ def _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_k, k_base, v_base
     offs_n = start_n + offs_n0
     kp = _positions(pos_k, offs_n, Nk, 0, FLAGS)
     k = _load_tile(k_base, offs_n, offs_d, skn, Nk, D)
-    qk, ak = _logits(qu, qw, k, ak_ptr, start_m, start_n, Nq, Nk, rel_k, offs_d, D, FLAGS, BLOCK_M, BLOCK_N)
+    if BIAS_ACC:
+        tl.static_assert(NATURAL == 1 and MASKED == 0 and COLS == 0)
+        b = _bias_tile(bias_ptr, offs_m, offs_n, start_n, Nq, Nk, sbm, FLAGS, 0, BLOCK_M, BLOCK_N).to(tl.float32)
+        if UPCAST:
+            qk = tl.dot(qu.to(tl.float32), tl.trans(k).to(tl.float32), b)
+        else:
+            qk = tl.dot(qu, tl.trans(k), b)
+    else:
+        qk, ak = _logits(qu, qw, k, ak_ptr, start_m, start_n, Nq, Nk, rel_k, offs_d, D, FLAGS, BLOCK_M, BLOCK_N)
     if COLS == 2:
         tl.static_assert(BLOCK_N <= 256)   # the keys' offsets exact in bfloat16
         # (the offsets through float32: the interpreter converts int32 to bfloat16 wrongly)
@@ -73,9 +83,12 @@ def _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_k, k_base, v_base
             p = tl.math.exp2(s * qk_scale - (m_safe - row_add)[:, None])
     elif NATURAL:
         tl.static_assert(COLS == 0)
-        s, rel, t = _scores(qk, qp, kp, start_m, start_n, offs_m, offs_n, Nq, Nk, qk_scale / LOG2E, slope, r1, r2,
-                            table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, FLAGS, MASKED, 1,
-                            ROWS_HELD=ROWS_HELD, KEY_OFFSETS=KEY_OFFSETS, ROWS_BOUND=0)
+        if BIAS_ACC:
+            s = qk
+        else:
+            s, rel, t = _scores(qk, qp, kp, start_m, start_n, offs_m, offs_n, Nq, Nk, qk_scale / LOG2E, slope, r1,
+                                r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, FLAGS, MASKED, 1,
+                                ROWS_HELD=ROWS_HELD, KEY_OFFSETS=KEY_OFFSETS, ROWS_BOUND=0)
         m_new = tl.maximum(m_i, tl.max(s, 1) * LOG2E + row_add)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # as below
         p = tl.math.exp2(s * LOG2E - (m_safe - row_add)[:, None])
@@ -266,12 +279,22 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel, Rng,
                                           qk_scale, slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l,
                                           win_r, cap2, seed, rng_row, drop_p, col, row, 0.0, NO_TABLE if FAR else NO_ALIBI, BLOCK_M, BLOCK_N, 0,
                                           0 if FAR else 1 + EXT)
+        # A dense bias alone (no soft cap), bfloat16 and a power-of-two scale, at BLOCK_D <= 64
+        # (instruction issue, not the tensor cores, bounds those tiles): the interior tiles
+        # take q scaled once here (exactly) and the bias as q.k's accumulator (_fwd_tile)
+        BIAS_ACC: tl.constexpr = ((FLAGS >> _BIAS.value) & 1) * (1 - ((FLAGS >> _BIAS_MASK.value) & 1)) * (
+            ((FLAGS >> _ALIBI.value) & 1 | (FLAGS >> _KERPLE.value) & 1 | (FLAGS >> _TABLE.value) & 3
+             | (FLAGS >> _SOFTCAP.value) & 1) == 0) * ((FLAGS >> _SCALE_POW2.value) & 1) * (BLOCK_D <= 64) * (
+            Q.dtype.element_ty == tl.bfloat16)
+        q_in = qu
+        if BIAS_ACC:
+            q_in = (qu.to(tl.float32) * sm_scale).to(qu.dtype)
         # interior tiles: no mask (none left here for causal ALiBi: all are below the diagonal)
         for start_n in range(b_lo, b_lo if ALIBI_SIDES and CAUSAL else b_hi, BLOCK_N):
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_q + Nq, k_base, v_base,
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, start_m, start_n, q_in, qw, qp, pos_q + Nq, k_base, v_base,
                                       ak_ptr, av_ptr, offs_m, offs_n0, offs_d, Nq, Nk, D, skn, svn, rel_k, qk_scale,
                                       slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, seed, rng_row, drop_p, 0.0, 0.0, 0.0,
-                                      FLAGS, BLOCK_M, BLOCK_N, 0)
+                                      FLAGS, BLOCK_M, BLOCK_N, 0, BIAS_ACC=BIAS_ACC)
         for t in range(0, n_masked):  # boundary tiles (bounds, causal diagonal, window edges), masked
             start_n = tl.where(t < n_low, lo + t * BLOCK_N, f_hi + (t - n_low) * BLOCK_N)
             acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_q + Nq, k_base, v_base,

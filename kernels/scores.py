@@ -188,6 +188,37 @@ def _logits(qu, qw, k, ak_ptr, start_m, start_n, Nq, Nk, rel_k, offs_d, D,
 
 
 @triton.jit
+def _bias_tile(bias_ptr, offs_m, offs_n, start_n, Nq, Nk, stride_bm, FLAGS: tl.constexpr, MASKED: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The dense bias's [BLOCK_M, BLOCK_N] tile (its dtype; float32 when read in pairs)."""
+    BIAS_KEYS: tl.constexpr = (FLAGS >> _BIAS_KEYS.value) & 1
+    BIAS_TILES: tl.constexpr = (FLAGS >> _BIAS_TILES.value) & 1   # (set with BIAS_KEYS only)
+    BIAS_MASK: tl.constexpr = (FLAGS >> _BIAS_MASK.value) & 1
+    cols = offs_n if BIAS_KEYS else offs_n * 0  # stride 1 along the keys, or broadcast
+    if MASKED and not BIAS_TILES:
+        in_b = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk)
+        b = tl.load(bias_ptr + offs_m[:, None] * stride_bm + cols[None, :], mask=in_b, other=0)
+    else:  # an interior tile: every key in bounds (rows past Nq read row Nq - 1's bias),
+        # or rows padded to whole key tiles: a masked tile reads its keys unmasked too
+        # (-inf / False past Nk: the keys' mask), as vectors: with a mask on
+        # a key count not known to be a multiple of 16, Triton loads the tile an element
+        # at a time and computed the softmax twice, in two layouts (bench/NOTES.md)
+        tl.static_assert(BIAS_TILES == 0 or _BIAS_ROW_TILE % BLOCK_N == 0)
+        rows = tl.minimum(offs_m, Nq - 1)
+        if (FLAGS >> _BIAS_PAIRS.value) & 1 and BIAS_KEYS and BIAS_MASK == 0:
+            # bfloat16 is float32's upper half: a word's low key is (w << 16), its high
+            # key (w & 0xffff0000), one integer op per key and no conversion
+            HALF: tl.constexpr = BLOCK_N // 2
+            words = tl.load(bias_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * (stride_bm // 2)
+                            + (start_n // 2 + tl.arange(0, HALF))[None, :])
+            b = tl.reshape(tl.join((words << 16).to(tl.float32, bitcast=True),
+                                   (words & -65536).to(tl.float32, bitcast=True)), [BLOCK_M, BLOCK_N])
+        else:
+            b = tl.load(bias_ptr + rows[:, None] * stride_bm + cols[None, :])
+    return b
+
+
+@triton.jit
 def _scores(qk, qp, kp, start_m, start_n, offs_m, offs_n, Nq, Nk, qk_scale, slope, r1, r2, table_ptr,
             tab_l, tab_r, bias_ptr, stride_bm, win_l, win_r, cap2,
             FLAGS: tl.constexpr, MASKED: tl.constexpr, NATURAL: tl.constexpr = 0, ROWS_HELD: tl.constexpr = 1,
@@ -267,27 +298,7 @@ def _scores(qk, qp, kp, start_m, start_n, offs_m, offs_n, Nq, Nk, qk_scale, slop
         s += tl.trans(tl.load(table_ptr + (_grid_row_code(qp, tab_l, tab_r)[None, :]
                                            - _grid_code(kp, tab_l, tab_r)[:, None])))
     if BIAS:
-        cols = offs_n if BIAS_KEYS else offs_n * 0  # stride 1 along the keys, or broadcast
-        if MASKED and not BIAS_TILES:
-            in_b = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk)
-            b = tl.load(bias_ptr + offs_m[:, None] * stride_bm + cols[None, :], mask=in_b, other=0)
-        else:  # an interior tile: every key in bounds (rows past Nq read row Nq - 1's bias),
-            # or rows padded to whole key tiles: a masked tile reads its keys unmasked too
-            # (-inf / False past Nk: the keys' mask), as vectors: with a mask on
-            # a key count not known to be a multiple of 16, Triton loads the tile an element
-            # at a time and computed the softmax twice, in two layouts (bench/NOTES.md)
-            tl.static_assert(BIAS_TILES == 0 or _BIAS_ROW_TILE % qk.shape[1] == 0)
-            rows = tl.minimum(offs_m, Nq - 1)
-            if (FLAGS >> _BIAS_PAIRS.value) & 1 and BIAS_KEYS and BIAS_MASK == 0:
-                # bfloat16 is float32's upper half: a word's low key is (w << 16), its high
-                # key (w & 0xffff0000), one integer op per key and no conversion
-                HALF: tl.constexpr = qk.shape[1] // 2
-                words = tl.load(bias_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * (stride_bm // 2)
-                                + (start_n // 2 + tl.arange(0, HALF))[None, :])
-                b = tl.reshape(tl.join((words << 16).to(tl.float32, bitcast=True),
-                                       (words & -65536).to(tl.float32, bitcast=True)), qk.shape)
-            else:
-                b = tl.load(bias_ptr + rows[:, None] * stride_bm + cols[None, :])
+        b = _bias_tile(bias_ptr, offs_m, offs_n, start_n, Nq, Nk, stride_bm, FLAGS, MASKED, qk.shape[0], qk.shape[1])
         if BIAS_MASK:
             visible = b != 0
         elif NATURAL:

@@ -3,6 +3,7 @@ kernels/attention.py (posattn/_op.py is its autograd layer and torch.library ope
 from __future__ import annotations
 
 import functools
+import math
 import os
 from typing import Optional
 
@@ -404,7 +405,8 @@ class _Launch:
         dummy = q
         self.upcast = interpreting() and q.dtype == torch.bfloat16
         flags = dict(CAUSAL=p.causal, HAS_WL=p.window_left is not None, HAS_WR=p.window_right is not None,
-                     UPCAST=self.upcast, SCALE_POS=p.scale > 0)
+                     UPCAST=self.upcast, SCALE_POS=p.scale > 0,
+                     SCALE_POW2=p.scale > 0 and math.frexp(p.scale)[0] == 0.5)
         args = dict(Hq=p.Hq, Nq=p.Nq, Nk=p.Nk, D=p.D, GROUP=p.group, sm_scale=p.scale,
                     win_l=p.window_left or 0, win_r=p.window_right or 0)
         # Params' segments in the kernels' order: RoPE, KERPLE, u, w, soft cap, sinks, dropout, ALiBi

@@ -62,6 +62,8 @@ def _problem(enc, dt, D):
         kw = dict(rel_bias=posattn.GridBias(r(31 * 19, HQ), (16, 10)))
     elif enc == "alibi":   # ALiBi alone: its side tiles' column term as a K=16 step of q.k (D <= 64)
         kw = dict(alibi_slopes=r(HQ))
+    elif enc == "bias":   # a bfloat16 dense bias alone: the forward's interior tiles take it as q.k's accumulator
+        kw = dict(bias=r(1, HQ, N, N, dtype=dt))
     elif enc == "grid-pow2":   # Ww = 16: the forward's interior tiles at compile-time key offsets
         kw = dict(rel_bias=posattn.GridBias(r(19 * 31, HQ), (10, 16)))
     elif enc == "varlen+causal+rope+alibi+table":   # packed sequences of 70, 0 and 90 rows (N in all)
@@ -181,7 +183,7 @@ def cases(quick, only=None):
                     yield enc, dt, D
 
 
-ENCODINGS = ["plain", "alibi", "causal+rope+alibi+table+bias", "varlen+causal+rope+alibi+table", "window+pos+ropei+grid+mask+softcap+sinks+dropout", "grid", "grid-pow2", "swin", "causal+shaw+xl",
+ENCODINGS = ["plain", "alibi", "causal+rope+alibi+table+bias", "varlen+causal+rope+alibi+table", "window+pos+ropei+grid+mask+softcap+sinks+dropout", "grid", "grid-pow2", "bias", "swin", "causal+shaw+xl",
              "window+shaw", "decode+alibi+table+bias+softcap+sinks+dropout", "decode+shaw+xl"]
 
 

@@ -206,6 +206,18 @@ def test_bfloat16_bias_read_in_pairs(offset, device, launches):
     assert launches and all((f >> A._BIAS_PAIRS.value & 1) == (offset == 0) for _, f, _ in launches)
 
 
+@pytest.mark.parametrize("scale", [None, 2.0, 0.3])
+def test_bias_as_the_products_accumulator(scale, device, launches):
+    """bfloat16, a dense bias alone and a power-of-two scale (D = 16's 1 / 4, or 2): the
+    forward's interior tiles take q scaled once (exact) and the bias tile as q.k's
+    starting accumulator (SCALE_POW2); another scale (0.3) keeps the add per score."""
+    from posattn.kernels import attention as A
+    q, k, v = make_qkv((1, 2, 2, 70, 100, 16, False), torch.bfloat16, device)
+    bias = torch.randn(1, 2, 70, 100, device=device, dtype=torch.bfloat16, requires_grad=True)
+    check(q, k, v, backend="triton", bias=bias, scale=scale)
+    assert launches and all((f >> A._SCALE_POW2.value & 1) == (scale != 0.3) for _, f, _ in launches)
+
+
 def test_expanded_bias_gradient(device, backend):
     """A bias passed as a stride-0 expanded view: its gradient is per element of the
     view (autograd then sums it into the leaf). Pass the unexpanded broadcastable
