@@ -2,11 +2,11 @@
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, _ALIBI, _ALIBI_MMA, _BIAS, _BIAS_MASK, _CAUSAL, _HAS_POS, _KERPLE, _REL_K, _REL_V, _SCALE_POS, _SCALE_POW2, _SINKS,
+from .common import (LOG2E, _ALIBI, _ALIBI_MMA, _BIAS, _BIAS_MASK, _CAUSAL, _HAS_POS, _KERPLE, _REL_K, _REL_V, _SCALE_POS, _SCALE_POW2, _SINKS, _GRID_WW, _TABLE_ACC,
                      _SOFTCAP, _TABLE, _UPCAST, _DROPOUT, _VARLEN, _beyond, _dot, _dropout_keep, _key_range, _load_tile,
                      _positions, _sequence, _split_keys)
 from .relative import _keys_to_rel, _load_rel, _rel_end_rows, _rel_rows, _row_dot
-from .scores import _bias_tile, _head_params, _load_queries, _logits, _scores, _table_far
+from .scores import _bias_raw, _bias_value, _grid_tile, _head_params, _table_row, _load_queries, _logits, _scores, _table_far
 
 
 @triton.jit
@@ -14,7 +14,7 @@ def _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_k, k_base, v_base
               offs_m, offs_n0, offs_d, Nq, Nk, D, skn, svn, rel_k, qk_scale, slope, r1, r2, table_ptr,
               tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, seed, rng_row, drop_p, col_add, row_add, v_add,
               FLAGS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-              COLS: tl.constexpr = 0, V_ADD: tl.constexpr = 0, BIAS_ACC: tl.constexpr = 0):
+              COLS: tl.constexpr = 0, V_ADD: tl.constexpr = 0, ACC: tl.constexpr = 0, acc_raw=None):
     """One key tile of the online softmax: scores, running max and sum, P @ V.
     row_add [BLOCK_M] (or a scalar) and, with COLS == 1, col_add [BLOCK_N]: terms (log2
     domain) outside FLAGS added to the tile's scores, row_add folded into the row max
@@ -28,15 +28,18 @@ def _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_k, k_base, v_base
     [BLOCK_D] is added to every value row (Shaw's aV end row on a tile beyond the
     clip): acc += rowsum(P) v_add. With DROPOUT, P @ V takes P * keep (the 1 / (1 - p)
     is applied once, at the end); the row sum l does not.
-    BIAS_ACC (a dense bias alone, an unmasked tile): qu holds scale * q, and the bias tile
-    is q.k's starting accumulator, so the tensor cores add it: no add per score."""
+    ACC (unmasked tiles): the tile's one additive term, acc_raw (_attn_fwd loads it an
+    iteration ahead), is q.k's starting accumulator, so the tensor cores add it, with no
+    add per score. 1: a dense bias as _bias_raw loads it, qu holding scale * q (the
+    natural-domain score); 2: GridBias's _grid_tile from the table / scale copy (in q.k's
+    units)."""
     REL_V: tl.constexpr = (FLAGS >> _REL_V.value) & 1
     UPCAST: tl.constexpr = (FLAGS >> _UPCAST.value) & 1
     DROPOUT: tl.constexpr = (FLAGS >> _DROPOUT.value) & 1
     ADDITIVE: tl.constexpr = ((FLAGS >> _ALIBI.value) & 1 | (FLAGS >> _KERPLE.value) & 1 | (FLAGS >> _TABLE.value) & 3
                               | (FLAGS >> _REL_K.value) & 1 | (FLAGS >> _BIAS.value) & 1 & ~(FLAGS >> _BIAS_MASK.value))
     SOFTCAP: tl.constexpr = (FLAGS >> _SOFTCAP.value) & 1
-    FUSED_SCALE: tl.constexpr = (FLAGS >> _SCALE_POS.value) & 1 if ADDITIVE == 0 and SOFTCAP == 0 else 0
+    FUSED_SCALE: tl.constexpr = (FLAGS >> _SCALE_POS.value) & 1 if (ADDITIVE == 0 or ACC == 2) and SOFTCAP == 0 else 0
     # a dense bias alone: scale * qk + bias in one FMA per element, log2(e) in the exponent's
     NATURAL: tl.constexpr = ((FLAGS >> _BIAS.value) & 1 & ~(FLAGS >> _BIAS_MASK.value)) * (1 - SOFTCAP) * (
         ((FLAGS >> _ALIBI.value) & 1 | (FLAGS >> _KERPLE.value) & 1 | (FLAGS >> _TABLE.value) & 3
@@ -51,13 +54,18 @@ def _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_k, k_base, v_base
     offs_n = start_n + offs_n0
     kp = _positions(pos_k, offs_n, Nk, 0, FLAGS)
     k = _load_tile(k_base, offs_n, offs_d, skn, Nk, D)
-    if BIAS_ACC:
-        tl.static_assert(NATURAL == 1 and MASKED == 0 and COLS == 0)
-        b = _bias_tile(bias_ptr, offs_m, offs_n, start_n, Nq, Nk, sbm, FLAGS, 0, BLOCK_M, BLOCK_N).to(tl.float32)
-        if UPCAST:
-            qk = tl.dot(qu.to(tl.float32), tl.trans(k).to(tl.float32), b)
+    if ACC:
+        tl.static_assert(MASKED == 0 and COLS == 0)
+        if ACC == 1:
+            tl.static_assert(NATURAL == 1)
+            init = _bias_value(acc_raw, FLAGS, BLOCK_M, BLOCK_N).to(tl.float32)
         else:
-            qk = tl.dot(qu, tl.trans(k), b)
+            tl.static_assert(FUSED_SCALE == 1)
+            init = acc_raw
+        if UPCAST:
+            qk = tl.dot(qu.to(tl.float32), tl.trans(k).to(tl.float32), init)
+        else:
+            qk = tl.dot(qu, tl.trans(k), init)
     else:
         qk, ak = _logits(qu, qw, k, ak_ptr, start_m, start_n, Nq, Nk, rel_k, offs_d, D, FLAGS, BLOCK_M, BLOCK_N)
     if COLS == 2:
@@ -69,9 +77,12 @@ def _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_k, k_base, v_base
     if FUSED_SCALE:
         # No additive term and scale > 0: the row max is scale * max(qk), and
         # scale * qk - m is one FMA per element (Triton's tutorial 06).
-        s, rel, t = _scores(qk, qp, kp, start_m, start_n, offs_m, offs_n, Nq, Nk, 1.0, slope, r1, r2, table_ptr,
-                         tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, FLAGS, MASKED, ROWS_HELD=ROWS_HELD,
-                         KEY_OFFSETS=KEY_OFFSETS, ROWS_BOUND=0)
+        if ACC == 2:
+            s = qk
+        else:
+            s, rel, t = _scores(qk, qp, kp, start_m, start_n, offs_m, offs_n, Nq, Nk, 1.0, slope, r1, r2, table_ptr,
+                                tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, FLAGS, MASKED, ROWS_HELD=ROWS_HELD,
+                                KEY_OFFSETS=KEY_OFFSETS, ROWS_BOUND=0)
         if COLS == 1:  # scale * qk + column term: one FMA per element, then the row's
             s = s * qk_scale + col_add[None, :]
             m_new = tl.maximum(m_i, tl.max(s, 1) + row_add)
@@ -83,7 +94,7 @@ def _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_k, k_base, v_base
             p = tl.math.exp2(s * qk_scale - (m_safe - row_add)[:, None])
     elif NATURAL:
         tl.static_assert(COLS == 0)
-        if BIAS_ACC:
+        if ACC == 1:
             s = qk
         else:
             s, rel, t = _scores(qk, qp, kp, start_m, start_n, offs_m, offs_n, Nq, Nk, qk_scale / LOG2E, slope, r1,
@@ -118,6 +129,19 @@ def _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_k, k_base, v_base
         av = _load_rel(av_ptr, _rel_rows(start_m, start_n, Nq, Nk, rel_k, BLOCK_M, BLOCK_N), offs_d, D)
         acc += _dot(_keys_to_rel(p, BLOCK_M, BLOCK_N).to(v.dtype), av.to(v.dtype), UPCAST)
     return acc, m_new, l_i
+
+
+@triton.jit
+def _acc_term(start_n, bias_ptr, offs_m, offs_n0, Nq, sbm, acc_table, qp, tab_l, tab_r, FLAGS: tl.constexpr,
+              ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The additive term _fwd_tile's ACC path starts q.k from, for the key tile at
+    start_n: a dense bias as loaded (1), GridBias's tile in q.k's units (2); 0.0 without ACC."""
+    if ACC == 1:
+        return _bias_raw(bias_ptr, offs_m, start_n + offs_n0, start_n, Nq, sbm, FLAGS, BLOCK_M, BLOCK_N)
+    elif ACC == 2:
+        return _grid_tile(acc_table, qp, start_n, tab_l, tab_r, (FLAGS >> _GRID_WW.value) & 7, BLOCK_N)
+    else:
+        return 0.0
 
 
 @triton.jit
@@ -286,15 +310,30 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel, Rng,
             ((FLAGS >> _ALIBI.value) & 1 | (FLAGS >> _KERPLE.value) & 1 | (FLAGS >> _TABLE.value) & 3
              | (FLAGS >> _SOFTCAP.value) & 1) == 0) * ((FLAGS >> _SCALE_POW2.value) & 1) * (BLOCK_D <= 64) * (
             Q.dtype.element_ty == tl.bfloat16)
+        # GridBias alone at a power-of-two width (its interior tiles' compile-time offsets),
+        # default positions, BLOCK_D <= 64, 16-bit inputs: its table / scale (the host's second copy) as
+        # q.k's starting accumulator
+        GRID_ACC: tl.constexpr = ((FLAGS >> _TABLE_ACC.value) & 1) * (((FLAGS >> _TABLE.value) & 3) == 2) * (
+            ((FLAGS >> _GRID_WW.value) & 7) != 0) * (1 - ((FLAGS >> _HAS_POS.value) & 1)) * (
+            ((FLAGS >> _ALIBI.value) & 1 | (FLAGS >> _KERPLE.value) & 1 | (FLAGS >> _BIAS.value) & 1
+             | (FLAGS >> _SOFTCAP.value) & 1) == 0) * ((FLAGS >> _SCALE_POS.value) & 1) * (BLOCK_D <= 64) * (
+            Q.dtype.element_ty != tl.float32)
+        ACC: tl.constexpr = 1 if BIAS_ACC else 2 if GRID_ACC else 0
         q_in = qu
         if BIAS_ACC:
             q_in = (qu.to(tl.float32) * sm_scale).to(qu.dtype)
-        # interior tiles: no mask (none left here for causal ALiBi: all are below the diagonal)
-        for start_n in range(b_lo, b_lo if ALIBI_SIDES and CAUSAL else b_hi, BLOCK_N):
+        acc_table = table_ptr + Hq * _table_row(tab_l, tab_r, 2) if GRID_ACC else table_ptr
+        i_hi = b_lo if ALIBI_SIDES and CAUSAL else b_hi
+        # interior tiles: no mask (none left here for causal ALiBi: all are below the diagonal).
+        # With ACC, the loop's own stage count: Triton's pipeliner then prefetches the ACC
+        # term a stage ahead as well (by default only a product's operands, not its accumulator)
+        for start_n in tl.range(b_lo, i_hi, BLOCK_N, num_stages=2 if ACC else None):
+            cur = _acc_term(start_n, bias_ptr, offs_m, offs_n0, Nq, sbm, acc_table, qp, tab_l, tab_r, FLAGS, ACC,
+                            BLOCK_M, BLOCK_N)
             acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, start_m, start_n, q_in, qw, qp, pos_q + Nq, k_base, v_base,
                                       ak_ptr, av_ptr, offs_m, offs_n0, offs_d, Nq, Nk, D, skn, svn, rel_k, qk_scale,
                                       slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, seed, rng_row, drop_p, 0.0, 0.0, 0.0,
-                                      FLAGS, BLOCK_M, BLOCK_N, 0, BIAS_ACC=BIAS_ACC)
+                                      FLAGS, BLOCK_M, BLOCK_N, 0, ACC=ACC, acc_raw=cur)
         for t in range(0, n_masked):  # boundary tiles (bounds, causal diagonal, window edges), masked
             start_n = tl.where(t < n_low, lo + t * BLOCK_N, f_hi + (t - n_low) * BLOCK_N)
             acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_q + Nq, k_base, v_base,

@@ -188,12 +188,24 @@ def _logits(qu, qw, k, ak_ptr, start_m, start_n, Nq, Nk, rel_k, offs_d, D,
 
 
 @triton.jit
+def _grid_tile(table_ptr, qp, start_n, tab_l, tab_r, GRID_LOG: tl.constexpr, BLOCK_N: tl.constexpr):
+    """GridBias's [BLOCK_M, BLOCK_N] tile of an interior key tile (every key in the
+    window, default positions), Ww = 2^(GRID_LOG + 2): key start_n + j has code c0 + j +
+    (Ww - 1)(j // Ww), c0 the tile's first key's (it starts a grid row when BLOCK_N >= Ww,
+    else j // Ww = 0). A thread's columns are its lane's low bits plus multiples of 8, so
+    these offsets are immediates of its loads from one pointer per row: no index per score."""
+    WW: tl.constexpr = 1 << (GRID_LOG + 2)
+    j = tl.arange(0, BLOCK_N)
+    rows = table_ptr + (_grid_row_code(qp, tab_l, tab_r) - (start_n + (start_n // WW) * (WW - 1)))
+    return tl.load(rows[:, None] - (j + (j // WW) * (WW - 1))[None, :])
+
+
+@triton.jit
 def _bias_tile(bias_ptr, offs_m, offs_n, start_n, Nq, Nk, stride_bm, FLAGS: tl.constexpr, MASKED: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The dense bias's [BLOCK_M, BLOCK_N] tile (its dtype; float32 when read in pairs)."""
     BIAS_KEYS: tl.constexpr = (FLAGS >> _BIAS_KEYS.value) & 1
     BIAS_TILES: tl.constexpr = (FLAGS >> _BIAS_TILES.value) & 1   # (set with BIAS_KEYS only)
-    BIAS_MASK: tl.constexpr = (FLAGS >> _BIAS_MASK.value) & 1
     cols = offs_n if BIAS_KEYS else offs_n * 0  # stride 1 along the keys, or broadcast
     if MASKED and not BIAS_TILES:
         in_b = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk)
@@ -204,18 +216,37 @@ def _bias_tile(bias_ptr, offs_m, offs_n, start_n, Nq, Nk, stride_bm, FLAGS: tl.c
         # a key count not known to be a multiple of 16, Triton loads the tile an element
         # at a time and computed the softmax twice, in two layouts (bench/NOTES.md)
         tl.static_assert(BIAS_TILES == 0 or _BIAS_ROW_TILE % BLOCK_N == 0)
-        rows = tl.minimum(offs_m, Nq - 1)
-        if (FLAGS >> _BIAS_PAIRS.value) & 1 and BIAS_KEYS and BIAS_MASK == 0:
-            # bfloat16 is float32's upper half: a word's low key is (w << 16), its high
-            # key (w & 0xffff0000), one integer op per key and no conversion
-            HALF: tl.constexpr = BLOCK_N // 2
-            words = tl.load(bias_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * (stride_bm // 2)
-                            + (start_n // 2 + tl.arange(0, HALF))[None, :])
-            b = tl.reshape(tl.join((words << 16).to(tl.float32, bitcast=True),
-                                   (words & -65536).to(tl.float32, bitcast=True)), [BLOCK_M, BLOCK_N])
-        else:
-            b = tl.load(bias_ptr + rows[:, None] * stride_bm + cols[None, :])
+        b = _bias_value(_bias_raw(bias_ptr, offs_m, offs_n, start_n, Nq, stride_bm, FLAGS, BLOCK_M, BLOCK_N),
+                        FLAGS, BLOCK_M, BLOCK_N)
     return b
+
+
+@triton.jit
+def _bias_raw(bias_ptr, offs_m, offs_n, start_n, Nq, stride_bm, FLAGS: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+    """An in-bounds tile's bias as loaded (rows past Nq read row Nq - 1's): its elements,
+    or with BIAS_PAIRS [BLOCK_M, BLOCK_N / 2] 32-bit words of two keys (_bias_value
+    splits them)."""
+    BIAS_KEYS: tl.constexpr = (FLAGS >> _BIAS_KEYS.value) & 1
+    BIAS_MASK: tl.constexpr = (FLAGS >> _BIAS_MASK.value) & 1
+    rows = tl.minimum(offs_m, Nq - 1)
+    if (FLAGS >> _BIAS_PAIRS.value) & 1 and BIAS_KEYS and BIAS_MASK == 0:
+        ptrs = (bias_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * (stride_bm // 2)
+                + (start_n // 2 + tl.arange(0, BLOCK_N // 2))[None, :])
+    else:
+        ptrs = bias_ptr + rows[:, None] * stride_bm + (offs_n if BIAS_KEYS else offs_n * 0)[None, :]
+    return tl.load(ptrs)
+
+
+@triton.jit
+def _bias_value(raw, FLAGS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """_bias_raw's tile as values: bfloat16 is float32's upper half, so a word's low key is
+    (w << 16) and its high key (w & 0xffff0000), one integer op per key, no conversion."""
+    if (FLAGS >> _BIAS_PAIRS.value) & 1 and (FLAGS >> _BIAS_KEYS.value) & 1 and (FLAGS >> _BIAS_MASK.value) & 1 == 0:
+        return tl.reshape(tl.join((raw << 16).to(tl.float32, bitcast=True),
+                                  (raw & -65536).to(tl.float32, bitcast=True)), [BLOCK_M, BLOCK_N])
+    else:
+        return raw
 
 
 @triton.jit
@@ -276,16 +307,9 @@ def _scores(qk, qp, kp, start_m, start_n, offs_m, offs_n, Nq, Nk, qk_scale, slop
     elif TABLE == 1:
         s += tl.load(table_ptr + (_table_index(rel, qp, kp, tab_l, tab_r, TABLE) + _TABLE_PAD))
     elif TABLE and GRID_LOG and KEY_OFFSETS and HAS_POS == 0 and len(table_ptr.shape) == 0:
-        # GridBias, Ww a power of two >= 8, an interior tile (every key in the window): key
-        # start_n + j has code c0 + j + (Ww - 1)(j // Ww), c0 the tile's first key's (it
-        # starts a grid row when BLOCK_N >= Ww, else j // Ww = 0). A thread's columns are
-        # its lane's low bits plus multiples of 8, so these offsets are immediates of its
-        # loads from one pointer per row: no index per score
+        # GridBias, Ww a power of two >= 8, an interior tile (every key in the window)
         tl.static_assert(MASKED == 0)
-        WW: tl.constexpr = 1 << (GRID_LOG + 2)
-        j = tl.arange(0, qk.shape[1])
-        rows = table_ptr + (_grid_row_code(qp, tab_l, tab_r) - (start_n + (start_n // WW) * (WW - 1)))
-        s += tl.load(rows[:, None] - (j + (j // WW) * (WW - 1))[None, :])
+        s += _grid_tile(table_ptr, qp, start_n, tab_l, tab_r, GRID_LOG, qk.shape[1])
     elif TABLE and (ROWS_HELD != _GATHER_TIE_FIRST or len(table_ptr.shape) > 0):
         # (a table row per tile row, decoding's heads packed as rows: this orientation)
         s += tl.load(table_ptr + _table_index(rel, qp, kp, tab_l, tab_r, TABLE))

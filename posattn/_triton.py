@@ -276,21 +276,26 @@ def _alibi_args(p: Problem, slopes, dummy):
 TABLE_PAD = 256   # kernels/common.py's _TABLE_PAD
 
 
-def _table_args(e, table, dummy):
+def _table_args(e, table, scale, dummy):
     """Table float32 in the log2 domain, a row per head: GridBias's [T, Hq] transposed;
     DistanceBias's [Hq, T] between TABLE_PAD copies of each end column (the kernels
     read a tile's bias as a slice of it: kernels/scores.py). (tab_l, tab_r) = (L, R) or
-    (Wh, Ww): the kernels derive T from them."""
+    (Wh, Ww): the kernels derive T from them. GridBias at a power-of-two width and a
+    scale >= 2^-8 also appends its table / scale, in q.k's units (TABLE_ACC: the
+    forward's interior tiles start q.k's accumulator from it)."""
     if table is None:
-        return dict(TABLE=0, GRID_WW=0), dict(Table=dummy, tab_l=0, tab_r=0), ()
+        return dict(TABLE=0, GRID_WW=0, TABLE_ACC=False), dict(Table=dummy, tab_l=0, tab_r=0), ()
     t = table.float() * LOG2E
     if isinstance(e, GridBias):
         ww = e.window[1]
         # a power-of-two width: the interior tiles' key codes at compile-time offsets (kernels/scores.py)
         k = ww.bit_length() - 3 if 8 <= ww <= 512 and ww & (ww - 1) == 0 else 0
-        return dict(TABLE=2, GRID_WW=k), dict(Table=t.t().contiguous(), tab_l=e.window[0], tab_r=ww), ()
+        # (the scale's floor keeps table / scale finite for any table under 2^120)
+        acc = k > 0 and scale >= 2.0 ** -8
+        rows = torch.cat([t.t(), table.float().t() / scale]) if acc else t.t().contiguous()
+        return dict(TABLE=2, GRID_WW=k, TABLE_ACC=acc), dict(Table=rows, tab_l=e.window[0], tab_r=ww), ()
     rows = torch.cat([t[:, :1].expand(-1, TABLE_PAD), t, t[:, -1:].expand(-1, TABLE_PAD)], dim=1)
-    return dict(TABLE=1, GRID_WW=0), dict(Table=rows, tab_l=e.left, tab_r=e.right), ()
+    return dict(TABLE=1, GRID_WW=0, TABLE_ACC=False), dict(Table=rows, tab_l=e.left, tab_r=e.right), ()
 
 
 BIAS_ROW_TILE = 128   # kernels/common.py's _BIAS_ROW_TILE
@@ -414,7 +419,7 @@ class _Launch:
         for f, a, seg in (_positions_args(p, dummy), _rope_args(p, dummy), _kerple_args(kerple_r1, kerple_r2, dummy),
                           _relative_args(p, rel_key, rel_value, rel_u, rel_w, dummy), _softmax_args(p, sinks, dummy),
                           _dropout_args(p, dummy), _alibi_args(p, alibi, dummy),
-                          _table_args(p.rel_bias, table, dummy), _bias_args(p, bias, dummy)):
+                          _table_args(p.rel_bias, table, p.scale, dummy), _bias_args(p, bias, dummy)):
             flags.update(f)
             args.update(a)
             segments += seg
