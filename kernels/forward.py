@@ -50,7 +50,7 @@ def _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_k, k_base, v_base
     # wider rows or at given positions (an integer division each) the heaviest
     # combinations then spill (tests/aot_compile.py)
     ROWS_HELD: tl.constexpr = (1 - MASKED * (offs_d.shape[0] > 64)) * (1 - ((FLAGS >> _HAS_POS.value) & 1))
-    KEY_OFFSETS: tl.constexpr = (1 - MASKED) * (offs_d.shape[0] <= 64)
+    KEY_OFFSETS: tl.constexpr = offs_d.shape[0] <= 64
     offs_n = start_n + offs_n0
     kp = _positions(pos_k, offs_n, Nk, 0, FLAGS)
     k = _load_tile(k_base, offs_n, offs_d, skn, Nk, D)

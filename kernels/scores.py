@@ -188,16 +188,21 @@ def _logits(qu, qw, k, ak_ptr, start_m, start_n, Nq, Nk, rel_k, offs_d, D,
 
 
 @triton.jit
-def _grid_tile(table_ptr, qp, start_n, tab_l, tab_r, GRID_LOG: tl.constexpr, BLOCK_N: tl.constexpr):
-    """GridBias's [BLOCK_M, BLOCK_N] tile of an interior key tile (every key in the
-    window, default positions), Ww = 2^(GRID_LOG + 2): key start_n + j has code c0 + j +
-    (Ww - 1)(j // Ww), c0 the tile's first key's (it starts a grid row when BLOCK_N >= Ww,
-    else j // Ww = 0). A thread's columns are its lane's low bits plus multiples of 8, so
-    these offsets are immediates of its loads from one pointer per row: no index per score."""
+def _grid_tile(table_ptr, qp, start_n, tab_l, tab_r, GRID_LOG: tl.constexpr, BLOCK_N: tl.constexpr, Nk=None):
+    """GridBias's [BLOCK_M, BLOCK_N] tile at default positions, Ww = 2^(GRID_LOG + 2): key
+    start_n + j has code c0 + j + (Ww - 1)(j // Ww), c0 the tile's first key's (it starts
+    a grid row when BLOCK_N >= Ww, else j // Ww = 0). A thread's columns are its lane's
+    low bits plus multiples of 8, so these offsets are immediates of its loads from one
+    pointer per row: no index per score. Rows past the window are clamped into it
+    (_grid_xy); with Nk, keys past it (a boundary tile) read nothing (0.0)."""
     WW: tl.constexpr = 1 << (GRID_LOG + 2)
     j = tl.arange(0, BLOCK_N)
     rows = table_ptr + (_grid_row_code(qp, tab_l, tab_r) - (start_n + (start_n // WW) * (WW - 1)))
-    return tl.load(rows[:, None] - (j + (j // WW) * (WW - 1))[None, :])
+    ptrs = rows[:, None] - (j + (j // WW) * (WW - 1))[None, :]
+    if Nk is None:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=(start_n + j < Nk)[None, :], other=0.0)
 
 
 @triton.jit
@@ -266,9 +271,9 @@ def _scores(qk, qp, kp, start_m, start_n, offs_m, offs_n, Nq, Nk, qk_scale, slop
     each thread may hold many rows' codes (0 for dK / dV, whose keys are fixed, and in
     the forward's masked boundary tiles or at given positions, where held row codes
     spill at D >= 80).
-    KEY_OFFSETS: GridBias at a power-of-two Ww may read an unmasked tile from one
-    pointer per row at compile-time key offsets (the forward's interior tiles at
-    BLOCK_D <= 64: at 80 / 128, Triton 3.9 spills a register across that loop)."""
+    KEY_OFFSETS: GridBias at a power-of-two Ww may read a tile from one pointer per row
+    at compile-time key offsets (the forward's tiles at BLOCK_D <= 64: at 80 / 128,
+    Triton 3.9 spills a register across the interior loop)."""
     CAUSAL: tl.constexpr = (FLAGS >> _CAUSAL.value) & 1
     HAS_WL: tl.constexpr = (FLAGS >> _HAS_WL.value) & 1
     HAS_WR: tl.constexpr = (FLAGS >> _HAS_WR.value) & 1
@@ -307,9 +312,8 @@ def _scores(qk, qp, kp, start_m, start_n, offs_m, offs_n, Nq, Nk, qk_scale, slop
     elif TABLE == 1:
         s += tl.load(table_ptr + (_table_index(rel, qp, kp, tab_l, tab_r, TABLE) + _TABLE_PAD))
     elif TABLE and GRID_LOG and KEY_OFFSETS and HAS_POS == 0 and len(table_ptr.shape) == 0:
-        # GridBias, Ww a power of two >= 8, an interior tile (every key in the window)
-        tl.static_assert(MASKED == 0)
-        s += _grid_tile(table_ptr, qp, start_n, tab_l, tab_r, GRID_LOG, qk.shape[1])
+        # GridBias, Ww a power of two >= 8 (a boundary tile's keys past Nk read nothing)
+        s += _grid_tile(table_ptr, qp, start_n, tab_l, tab_r, GRID_LOG, qk.shape[1], Nk if MASKED else None)
     elif TABLE and (ROWS_HELD != _GATHER_TIE_FIRST or len(table_ptr.shape) > 0):
         # (a table row per tile row, decoding's heads packed as rows: this orientation)
         s += tl.load(table_ptr + _table_index(rel, qp, kp, tab_l, tab_r, TABLE))

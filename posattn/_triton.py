@@ -431,6 +431,7 @@ class _Launch:
         self.kerple = (kerple_r1, kerple_r2)
         self.sinks = sinks
         self.grid_table = isinstance(p.rel_bias, GridBias)
+        self.grid_pow2 = self.grid_table and flags["GRID_WW"] > 0
         self.table_columns = 0 if table is None else table.shape[0 if self.grid_table else 1]
         self.rel_heads = ([t for t in (rel_key, rel_value) if t is not None] or [q])[0].shape[0]
         self.rel_k = args["rel_k"]
@@ -449,7 +450,7 @@ class _Launch:
         masked = p.causal or p.window_left is not None or p.window_right is not None
         positions = p.q_pos is not None or p.k_pos is not None   # a table index per element
         if (not backward and not self.has_rel and width <= 64
-                and (self.grid_table or self.table is not None and positions
+                and (self.grid_table and not (self.grid_pow2 and not positions) or self.table is not None and positions
                      or masked and (self.table is not None or self.bias is not None or self.alibi is not None
                                     or self.kerple[0] is not None))):
             # Two warpgroups for 128-row tiles: one runs out of registers with a masked

@@ -540,20 +540,22 @@ def test_grid_bias(dtype, device, backend):
     check(q, k, v, backend=backend, rel_bias=posattn.GridBias(table, (7, 7)), bias=mask)
 
 
-@pytest.mark.parametrize("window,nq,nk", [((16, 8), 100, 128), ((3, 32), 70, 96), ((2, 128), 70, 200)],
-                         ids=["narrower-than-tile", "tile-wide", "wider-than-tile"])
-def test_grid_bias_power_of_two_width(window, nq, nk, device, backend, launches):
+@pytest.mark.parametrize("window,nq,nk,causal", [((16, 8), 100, 128, False), ((3, 32), 70, 96, False),
+                                                 ((2, 128), 70, 200, False), ((5, 16), 75, 75, True)],
+                         ids=["narrower-than-tile", "tile-wide", "wider-than-tile", "causal"])
+def test_grid_bias_power_of_two_width(window, nq, nk, causal, device, backend, launches):
     """A power-of-two Ww >= 8: the forward's interior tiles read the table at key
     offsets fixed at compile time (kernels/scores.py), rows of Ww keys narrower than a
     key tile (each tile starts a grid row), as wide (the interpreter's 32-key tiles;
     narrower on a GPU's 64), or wider; interior tiles past the first (their first key's
-    code); queries shifted (Nq < Nk); a last partial key tile (200 keys) through the
-    general gather. The interior tiles start q.k from the table / scale copy (TABLE_ACC)."""
+    code); queries shifted (Nq < Nk); a last partial key tile (200 keys; its keys past
+    Nk read nothing); causal diagonal tiles. The boundary tiles read at the same
+    offsets, the interior ones start q.k from the table / scale copy (TABLE_ACC)."""
     from posattn.kernels import attention as A
     q, k, v = _qkv(1, 2, 2, nq, 16, torch.bfloat16, device, Nk=nk)
     wh, ww = window
     table = torch.randn((2 * wh - 1) * (2 * ww - 1), 2, device=device, requires_grad=True)
-    check(q, k, v, backend=backend, rel_bias=posattn.GridBias(table, window))
+    check(q, k, v, backend=backend, causal=causal, rel_bias=posattn.GridBias(table, window))
     assert backend != "triton" or launches and all(f >> A._TABLE_ACC.value & 1 for _, f, _ in launches)
 
 
