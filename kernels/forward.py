@@ -163,7 +163,7 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel, Rng,
               sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, sbb, sbh, sbm, bias_nb,
               Hq, Nq, Nk, D, GROUP, sm_scale, win_l, win_r, tab_l, tab_r, rel_k,
               FLAGS: tl.constexpr, ROT_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_D: tl.constexpr):
+              BLOCK_D: tl.constexpr, ACC_STAGES: tl.constexpr):
     """One program per (query block, head, batch): out, the natural-log lse (returned)
     and the log2-domain one the backward recomputes P from (no round trip).
 
@@ -325,9 +325,10 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel, Rng,
         acc_table = table_ptr + Hq * _table_row(tab_l, tab_r, 2) if GRID_ACC else table_ptr
         i_hi = b_lo if ALIBI_SIDES and CAUSAL else b_hi
         # interior tiles: no mask (none left here for causal ALiBi: all are below the diagonal).
-        # With ACC, the loop's own stage count: Triton's pipeliner then prefetches the ACC
-        # term a stage ahead as well (by default only a product's operands, not its accumulator)
-        for start_n in tl.range(b_lo, i_hi, BLOCK_N, num_stages=2 if ACC else None):
+        # With ACC, the launch's stage count given to the loop itself: Triton's pipeliner then
+        # prefetches the ACC term as well (by default only a product's operands, not its
+        # accumulator)
+        for start_n in tl.range(b_lo, i_hi, BLOCK_N, num_stages=ACC_STAGES if ACC else None):
             cur = _acc_term(start_n, bias_ptr, offs_m, offs_n0, Nq, sbm, acc_table, qp, tab_l, tab_r, FLAGS, ACC,
                             BLOCK_M, BLOCK_N)
             acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, start_m, start_n, q_in, qw, qp, pos_q + Nq, k_base, v_base,

@@ -276,26 +276,42 @@ def _alibi_args(p: Problem, slopes, dummy):
 TABLE_PAD = 256   # kernels/common.py's _TABLE_PAD
 
 
-def _table_args(e, table, scale, dummy):
+def _table_args(e, table, dummy):
     """Table float32 in the log2 domain, a row per head: GridBias's [T, Hq] transposed;
     DistanceBias's [Hq, T] between TABLE_PAD copies of each end column (the kernels
     read a tile's bias as a slice of it: kernels/scores.py). (tab_l, tab_r) = (L, R) or
-    (Wh, Ww): the kernels derive T from them. GridBias at a power-of-two width and a
-    scale >= 2^-8 also appends its table / scale, in q.k's units (TABLE_ACC: the
-    forward's interior tiles start q.k's accumulator from it)."""
+    (Wh, Ww): the kernels derive T from them. (_Launch may append GridBias's table /
+    scale: _acc_terms.)"""
     if table is None:
-        return dict(TABLE=0, GRID_WW=0, TABLE_ACC=False), dict(Table=dummy, tab_l=0, tab_r=0), ()
+        return dict(TABLE=0, GRID_WW=0), dict(Table=dummy, tab_l=0, tab_r=0), ()
     t = table.float() * LOG2E
     if isinstance(e, GridBias):
         ww = e.window[1]
         # a power-of-two width: the interior tiles' key codes at compile-time offsets (kernels/scores.py)
         k = ww.bit_length() - 3 if 8 <= ww <= 512 and ww & (ww - 1) == 0 else 0
-        # (the scale's floor keeps table / scale finite for any table under 2^120)
-        acc = k > 0 and scale >= 2.0 ** -8
-        rows = torch.cat([t.t(), table.float().t() / scale]) if acc else t.t().contiguous()
-        return dict(TABLE=2, GRID_WW=k, TABLE_ACC=acc), dict(Table=rows, tab_l=e.window[0], tab_r=ww), ()
+        return dict(TABLE=2, GRID_WW=k), dict(Table=t.t().contiguous(), tab_l=e.window[0], tab_r=ww), ()
     rows = torch.cat([t[:, :1].expand(-1, TABLE_PAD), t, t[:, -1:].expand(-1, TABLE_PAD)], dim=1)
-    return dict(TABLE=1, GRID_WW=0, TABLE_ACC=False), dict(Table=rows, tab_l=e.left, tab_r=e.right), ()
+    return dict(TABLE=1, GRID_WW=0), dict(Table=rows, tab_l=e.left, tab_r=e.right), ()
+
+
+def _acc_terms(p: Problem, flags, args, table):
+    """The forward's interior tiles may start q.k's accumulator from their one additive
+    term (kernels/forward.py, ACC), at D <= 64 with 16-bit inputs; the flags only where
+    it applies, so no other problem compiles a variant for them:
+    SCALE_POW2, a dense bias alone (not a mask), bfloat16 inputs and a power-of-two
+    scale: scale * q is exact (kept within 2^+-64, far from bfloat16's range ends);
+    TABLE_ACC, GridBias alone at a power-of-two width (GRID_WW) and default positions:
+    Table gains the heads' rows of table / scale, in q.k's units, after the log2-domain
+    ones (a scale >= 2^-8 keeps them finite for any table below 2^120)."""
+    others = flags["ALIBI"] or flags["KERPLE"] or flags["SOFTCAP"] or flags["REL_K"] or flags["REL_V"]
+    small = p.D <= 64 and p.q.dtype in (torch.bfloat16, torch.float16) and not others
+    flags["SCALE_POW2"] = bool(small and p.q.dtype == torch.bfloat16 and flags["BIAS"] and not flags["BIAS_MASK"]
+                               and not flags["TABLE"] and 2.0 ** -64 <= p.scale <= 2.0 ** 64
+                               and math.frexp(p.scale)[0] == 0.5)
+    flags["TABLE_ACC"] = bool(small and flags["GRID_WW"] and not flags["HAS_POS"] and not flags["BIAS"]
+                              and p.scale >= 2.0 ** -8)
+    if flags["TABLE_ACC"]:
+        args["Table"] = torch.cat([args["Table"], table.float().t() / p.scale])
 
 
 BIAS_ROW_TILE = 128   # kernels/common.py's _BIAS_ROW_TILE
@@ -410,8 +426,7 @@ class _Launch:
         dummy = q
         self.upcast = interpreting() and q.dtype == torch.bfloat16
         flags = dict(CAUSAL=p.causal, HAS_WL=p.window_left is not None, HAS_WR=p.window_right is not None,
-                     UPCAST=self.upcast, SCALE_POS=p.scale > 0,
-                     SCALE_POW2=p.scale > 0 and math.frexp(p.scale)[0] == 0.5)
+                     UPCAST=self.upcast, SCALE_POS=p.scale > 0)
         args = dict(Hq=p.Hq, Nq=p.Nq, Nk=p.Nk, D=p.D, GROUP=p.group, sm_scale=p.scale,
                     win_l=p.window_left or 0, win_r=p.window_right or 0)
         # Params' segments in the kernels' order: RoPE, KERPLE, u, w, soft cap, sinks, dropout, ALiBi
@@ -419,10 +434,11 @@ class _Launch:
         for f, a, seg in (_positions_args(p, dummy), _rope_args(p, dummy), _kerple_args(kerple_r1, kerple_r2, dummy),
                           _relative_args(p, rel_key, rel_value, rel_u, rel_w, dummy), _softmax_args(p, sinks, dummy),
                           _dropout_args(p, dummy), _alibi_args(p, alibi, dummy),
-                          _table_args(p.rel_bias, table, p.scale, dummy), _bias_args(p, bias, dummy)):
+                          _table_args(p.rel_bias, table, dummy), _bias_args(p, bias, dummy)):
             flags.update(f)
             args.update(a)
             segments += seg
+        _acc_terms(p, flags, args, table)
         args["Params"] = (torch.cat([x.detach().reshape(-1).to(torch.float32) for x in segments])
                           if segments else dummy)
         args["FLAGS"] = pack_flags(**flags)
@@ -431,7 +447,7 @@ class _Launch:
         self.kerple = (kerple_r1, kerple_r2)
         self.sinks = sinks
         self.grid_table = isinstance(p.rel_bias, GridBias)
-        self.grid_pow2 = self.grid_table and flags["GRID_WW"] > 0
+        self.grid_alone = flags["TABLE_ACC"]   # GridBias alone, power-of-two width, default positions
         self.table_columns = 0 if table is None else table.shape[0 if self.grid_table else 1]
         self.rel_heads = ([t for t in (rel_key, rel_value) if t is not None] or [q])[0].shape[0]
         self.rel_k = args["rel_k"]
@@ -450,14 +466,16 @@ class _Launch:
         masked = p.causal or p.window_left is not None or p.window_right is not None
         positions = p.q_pos is not None or p.k_pos is not None   # a table index per element
         if (not backward and not self.has_rel and width <= 64
-                and (self.grid_table and not (self.grid_pow2 and not positions) or self.table is not None and positions
+                and (self.grid_table and not self.grid_alone or self.table is not None and positions
                      or masked and (self.table is not None or self.bias is not None or self.alibi is not None
                                     or self.kerple[0] is not None))):
             # Two warpgroups for 128-row tiles: one runs out of registers with a masked
             # boundary loop next to a table, a dense bias or ALiBi's two interior loops
             # (static sm_90 model at D=64: 4-24 bytes of spills with 4 warps, none with 8).
             # GridBias and a table at explicit positions (an index and a gather per
-            # element) need two as well. Masks alone, an unmasked dense bias or a
+            # element) need two as well, but GridBias alone at a power-of-two width and
+            # default positions (compile-time offsets, no index: 0 spills, 1302 cycles
+            # against 1444 with 8 warps at D=64). Masks alone, an unmasked dense bias or a
             # DistanceBias at default positions fit one (0 spills; causal interior tiles
             # 1098 cycles per 128x128 block with 4 warps, 1208 with 8; dense bias 1652
             # against 1740; DistanceBias far tiles 1090 against 1208).
@@ -668,7 +686,7 @@ def _forward(L: _Launch, q, k, v, wrap=_direct):
     vl = p.varlen is not None
     L.launch(wrap, _attn_fwd, (_cdiv(p.rows_q, bm), p.Hq, p.batches), Q=q, K=k, V=v, Out=out, Lse=lse, Lse2=lse2,
              **_strides("sq", q, vl), **_strides("sk", k, vl), **_strides("sv", v, vl), **_strides("so", out, vl),
-             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, **launch)
+             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, ACC_STAGES=launch["num_stages"], **launch)
     return out, lse, lse2
 
 

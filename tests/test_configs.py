@@ -119,3 +119,27 @@ def test_short_queries_get_64_row_blocks(nq, bm, monkeypatch):
     wide = torch.randn(1, 2, nq, 128, dtype=torch.bfloat16)   # rows of 128 columns keep 128-row blocks
     p = _validate.check(wide, wide, wide)
     assert _triton._Launch(p, wide, *_triton._launch_params(p)).config(backward=False)[0] == 128
+
+
+def test_grid_bias_alone_at_a_power_of_two_width_takes_one_warpgroup(monkeypatch):
+    """GridBias alone at a power-of-two width and default positions reads its table at
+    compile-time offsets in every forward tile (no index per score) and runs on one
+    warpgroup; a causal mask, explicit positions, another width or a dense bias beside
+    it keep two (static sm_90 model: 4 warps spill there)."""
+    from posattn import _validate
+    from posattn.encodings import GridBias
+    monkeypatch.setattr(_triton, "interpreting", lambda: False)
+    q = torch.randn(1, 2, 1000, 64, dtype=torch.bfloat16)
+    pow2 = GridBias(torch.randn(31 * 127, 2), (16, 64))
+
+    def blocks_and_warps(**kw):
+        p = _validate.check(q, q, q, **kw)
+        bm, _, _, launch = _triton._Launch(p, q, *_triton._launch_params(p)).config(backward=False)
+        return bm, launch["num_warps"]
+
+    assert blocks_and_warps(rel_bias=pow2) == (128, 4)
+    assert blocks_and_warps(rel_bias=pow2, causal=True) == (128, 8)
+    pos = torch.arange(1000)
+    assert blocks_and_warps(rel_bias=pow2, q_pos=pos, k_pos=pos) == (128, 8)
+    assert blocks_and_warps(rel_bias=GridBias(torch.randn(49 * 79, 2), (25, 40))) == (128, 8)
+    assert blocks_and_warps(rel_bias=pow2, bias=torch.randn(1000, 1000, dtype=torch.bfloat16)) == (128, 8)

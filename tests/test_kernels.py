@@ -6,10 +6,13 @@ CPU through its emulation (tests/test_cuda_emulated.py calls these same function
 with backend="cuda")."""
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import posattn
 from attn_check import check
 from posattn import _cuda, _triton, _validate
+from posattn.kernels.forward import _acc_term
 
 DECLARATIONS = {"triton": _triton.DECLARATION, "cuda": _cuda.DECLARATION}
 
@@ -216,6 +219,33 @@ def test_bias_as_the_products_accumulator(scale, device, launches):
     bias = torch.randn(1, 2, 70, 100, device=device, dtype=torch.bfloat16, requires_grad=True)
     check(q, k, v, backend="triton", bias=bias, scale=scale)
     assert launches and all((f >> A._SCALE_POW2.value & 1) == (scale != 0.3) for _, f, _ in launches)
+
+
+@triton.jit
+def _acc_term_zeroed(start_n, bias_ptr, offs_m, offs_n0, Nq, sbm, acc_table, qp, tab_l, tab_r, FLAGS: tl.constexpr,
+                     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    return _acc_term(start_n, bias_ptr, offs_m, offs_n0, Nq, sbm, acc_table, qp, tab_l, tab_r, FLAGS, ACC,
+                     BLOCK_M, BLOCK_N) * 0
+
+
+@pytest.mark.parametrize("term", ["bias", "grid"])
+def test_accumulator_term_is_read(term, device, monkeypatch):
+    """The forward's interior tiles read their one additive term through
+    kernels/forward.py's _acc_term and start q.k from it (ACC: a bf16 dense bias at a
+    power-of-two scale, GridBias alone at a power-of-two width): that term zeroed must
+    change the output. (A path never taken would leave the reference tests passing.)
+    Interpreter only: it looks the helper up at each call."""
+    if not _triton.interpreting():
+        pytest.skip("monkeypatches a jitted helper")
+    from posattn.kernels import forward as F
+    q, k, v = make_qkv((1, 2, 2, 70, 100, 16, False), torch.bfloat16, device, requires_grad=False)
+    if term == "bias":
+        kw = dict(bias=torch.randn(1, 2, 70, 100, device=device, dtype=torch.bfloat16) * 4)
+    else:
+        kw = dict(rel_bias=posattn.GridBias(torch.randn(15 * 31, 2, device=device) * 4, (8, 16)))
+    out = posattn.attention(q, k, v, **kw)
+    monkeypatch.setattr(F, "_acc_term", _acc_term_zeroed)
+    assert (posattn.attention(q, k, v, **kw).float() - out.float()).abs().max() > 0.1
 
 
 def test_expanded_bias_gradient(device, backend):
@@ -540,19 +570,21 @@ def test_grid_bias(dtype, device, backend):
     check(q, k, v, backend=backend, rel_bias=posattn.GridBias(table, (7, 7)), bias=mask)
 
 
-@pytest.mark.parametrize("window,nq,nk,causal", [((16, 8), 100, 128, False), ((3, 32), 70, 96, False),
-                                                 ((2, 128), 70, 200, False), ((5, 16), 75, 75, True)],
-                         ids=["narrower-than-tile", "tile-wide", "wider-than-tile", "causal"])
-def test_grid_bias_power_of_two_width(window, nq, nk, causal, device, backend, launches):
+@pytest.mark.parametrize("window,nq,nk,causal,dtype", [((16, 8), 100, 128, False, torch.bfloat16),
+                                                       ((3, 32), 70, 96, False, torch.bfloat16),
+                                                       ((2, 128), 70, 200, False, torch.bfloat16),
+                                                       ((5, 16), 75, 75, True, torch.float16)],
+                         ids=["narrower-than-tile", "tile-wide", "wider-than-tile", "causal-fp16"])
+def test_grid_bias_power_of_two_width(window, nq, nk, causal, dtype, device, backend, launches):
     """A power-of-two Ww >= 8: the forward's interior tiles read the table at key
     offsets fixed at compile time (kernels/scores.py), rows of Ww keys narrower than a
     key tile (each tile starts a grid row), as wide (the interpreter's 32-key tiles;
     narrower on a GPU's 64), or wider; interior tiles past the first (their first key's
     code); queries shifted (Nq < Nk); a last partial key tile (200 keys; its keys past
-    Nk read nothing); causal diagonal tiles. The boundary tiles read at the same
+    Nk read nothing); causal diagonal tiles (float16). The boundary tiles read at the same
     offsets, the interior ones start q.k from the table / scale copy (TABLE_ACC)."""
     from posattn.kernels import attention as A
-    q, k, v = _qkv(1, 2, 2, nq, 16, torch.bfloat16, device, Nk=nk)
+    q, k, v = _qkv(1, 2, 2, nq, 16, dtype, device, Nk=nk)
     wh, ww = window
     table = torch.randn((2 * wh - 1) * (2 * ww - 1), 2, device=device, requires_grad=True)
     check(q, k, v, backend=backend, causal=causal, rel_bias=posattn.GridBias(table, window))
