@@ -28,9 +28,9 @@ def _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_k, k_base, v_base
     [BLOCK_D] is added to every value row (Shaw's aV end row on a tile beyond the
     clip): acc += rowsum(P) v_add. With DROPOUT, P @ V takes P * keep (the 1 / (1 - p)
     is applied once, at the end); the row sum l does not.
-    ACC (unmasked tiles): the tile's one additive term, acc_raw (_attn_fwd loads it an
-    iteration ahead), is q.k's starting accumulator, so the tensor cores add it, with no
-    add per score. 1: a dense bias as _bias_raw loads it, qu holding scale * q (the
+    ACC (unmasked tiles): the tile's one additive term, acc_raw (_acc_term's load, which
+    the interior loop's pipelining issues a stage ahead), is q.k's starting accumulator,
+    so the tensor cores add it, with no add per score. 1: a dense bias as _bias_raw loads it, qu holding scale * q (the
     natural-domain score); 2: GridBias's _grid_tile from the table / scale copy (in q.k's
     units)."""
     REL_V: tl.constexpr = (FLAGS >> _REL_V.value) & 1
