@@ -303,21 +303,15 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel, Rng,
                                           qk_scale, slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l,
                                           win_r, cap2, seed, rng_row, drop_p, col, row, 0.0, NO_TABLE if FAR else NO_ALIBI, BLOCK_M, BLOCK_N, 0,
                                           0 if FAR else 1 + EXT)
-        # A dense bias alone (no soft cap), bfloat16 and a power-of-two scale, at BLOCK_D <= 64
-        # (instruction issue, not the tensor cores, bounds those tiles): the interior tiles
-        # take q scaled once here (exactly) and the bias as q.k's accumulator (_fwd_tile)
-        BIAS_ACC: tl.constexpr = ((FLAGS >> _BIAS.value) & 1) * (1 - ((FLAGS >> _BIAS_MASK.value) & 1)) * (
-            ((FLAGS >> _ALIBI.value) & 1 | (FLAGS >> _KERPLE.value) & 1 | (FLAGS >> _TABLE.value) & 3
-             | (FLAGS >> _SOFTCAP.value) & 1) == 0) * ((FLAGS >> _SCALE_POW2.value) & 1) * (BLOCK_D <= 64) * (
-            Q.dtype.element_ty == tl.bfloat16)
-        # GridBias alone at a power-of-two width (its interior tiles' compile-time offsets),
-        # default positions, BLOCK_D <= 64, 16-bit inputs: its table / scale (the host's second copy) as
-        # q.k's starting accumulator
-        GRID_ACC: tl.constexpr = ((FLAGS >> _TABLE_ACC.value) & 1) * (((FLAGS >> _TABLE.value) & 3) == 2) * (
-            ((FLAGS >> _GRID_WW.value) & 7) != 0) * (1 - ((FLAGS >> _HAS_POS.value) & 1)) * (
-            ((FLAGS >> _ALIBI.value) & 1 | (FLAGS >> _KERPLE.value) & 1 | (FLAGS >> _BIAS.value) & 1
-             | (FLAGS >> _SOFTCAP.value) & 1) == 0) * ((FLAGS >> _SCALE_POS.value) & 1) * (BLOCK_D <= 64) * (
-            Q.dtype.element_ty != tl.float32)
+        # The interior tiles' one additive term as q.k's starting accumulator (_fwd_tile's
+        # ACC), where posattn/_triton.py's _acc_terms sets its bit (the term alone, 16-bit
+        # inputs, D <= 64, where instruction issue, not the tensor cores, bounds the tiles):
+        # SCALE_POW2, a dense bias with q scaled once here (exactly: a power-of-two scale,
+        # bfloat16); TABLE_ACC, GridBias from the host's table / scale rows (after the heads')
+        BIAS_ACC: tl.constexpr = (FLAGS >> _SCALE_POW2.value) & 1
+        GRID_ACC: tl.constexpr = (FLAGS >> _TABLE_ACC.value) & 1
+        tl.static_assert(BIAS_ACC + GRID_ACC == 0 or BLOCK_D <= 64)
+        tl.static_assert(BIAS_ACC == 0 or Q.dtype.element_ty == tl.bfloat16)
         ACC: tl.constexpr = 1 if BIAS_ACC else 2 if GRID_ACC else 0
         q_in = qu
         if BIAS_ACC:
