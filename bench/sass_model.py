@@ -560,6 +560,8 @@ FWD_ENCODINGS = {
     # causal Shaw: the masked loop's compares beside the slices (the AOT check's causal /
     # window Shaw problems spill there at D = 80 / 128)
     "causal+shaw-kv": dict(CAUSAL=True, REL_K=True, REL_V=True),
+    # Transformer-XL: Shaw's tables with u and w (q + u against the keys, q + w against aK)
+    "causal+shaw-xl": dict(CAUSAL=True, REL_K=True, REL_V=True, REL_U=True, REL_W=True),
     "softcap": dict(SOFTCAP=True),
     "causal+softcap+sinks": dict(CAUSAL=True, SOFTCAP=True, SINKS=True),
     "dropout": dict(DROPOUT=True),
@@ -662,7 +664,9 @@ def posattn_launches(enc, D, backward, bwd_grads=None):
     if flags["REL_K"] or flags["REL_V"]:
         rel = RelativeEmbeddings(key=torch.randn(PH, 2 * SHAW_K + 1, D, dtype=dt) if flags["REL_K"] else None,
                                  value=torch.randn(PH, 2 * SHAW_K + 1, D, dtype=dt) if flags["REL_V"] else None,
-                                 clip=SHAW_K)
+                                 clip=SHAW_K,
+                                 content_bias=torch.randn(PH, D) if flags["REL_U"] else None,
+                                 position_bias=torch.randn(PH, D) if flags["REL_W"] else None)
         kw["rel_emb"] = rel
     if flags["SOFTCAP"]:
         kw["softcap"] = 50.0
@@ -686,7 +690,8 @@ def posattn_launches(enc, D, backward, bwd_grads=None):
 
     re_ = p.rel_emb
     params = (p.alibi, p.rel_bias.table if p.rel_bias is not None else None, p.bias,
-              re_.key if re_ else None, re_.value if re_ else None, None, None)
+              re_.key if re_ else None, re_.value if re_ else None, re_.content_bias if re_ else None,
+              re_.position_bias if re_ else None)
     L = T._Launch(p, q, *params, sinks=sinks)
     out, lse, lse2 = T._forward(L, q, k, v, wrap=Cap)
     if not backward:

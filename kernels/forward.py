@@ -161,7 +161,7 @@ def _alibi_ext(x, BLOCK_M: tl.constexpr, dtype: tl.constexpr):
 @triton.jit
 def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel, Rng,
               sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, sbb, sbh, sbm, bias_nb,
-              Hq, Nq, Nk, D, GROUP, sm_scale, win_l, win_r, tab_l, tab_r, rel_k,
+              Hq, Nq, Nk, D, GROUP, sm_scale, win_l, win_r, tab_l, tab_r, rel_k, sqw,
               FLAGS: tl.constexpr, ROT_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_D: tl.constexpr, ACC_STAGES: tl.constexpr):
     """One program per (query block, head, batch): out, the natural-log lse (returned)
@@ -173,7 +173,8 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel, Rng,
     Arguments: q, k, v and out by (batch, head, row) strides (the head dim is
     contiguous; with RoPE, q and k are _rope_rotate's rotated copies); Pos [B, Nq + Nk] the positions of the queries then of the keys (with
     HAS_POS); Params, Table, Rel the encodings' tensors (see _head_params); the dense
-    bias by its (batch, head, query) strides, batch b reading bias[b % bias_nb]."""
+    bias by its (batch, head, query) strides, batch b reading bias[b % bias_nb]; with
+    XL_ROWS, Q holds q + u and Q + sqw q + w (_load_queries)."""
     REL_K: tl.constexpr = (FLAGS >> _REL_K.value) & 1
     REL_V: tl.constexpr = (FLAGS >> _REL_V.value) & 1
     FAR: tl.constexpr = (((FLAGS >> _TABLE.value) & 3) == 1) * (1 - ((FLAGS >> _HAS_POS.value) & 1))
@@ -212,7 +213,7 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel, Rng,
         pb, off_h, Params, Table, tab_l, tab_r, Bias, sbb, sbh, bias_nb, Rel, rel_k, Hq, D, FLAGS, ROT_DIM)
     pos_q = Pos + off_b * (Nq + Nk)
     qp, q, qu, qw = _load_queries(Q + off_b * sqb + off_h * sqh + q0 * sqm, pos_q, offs_m, offs_d, sqm, Nq, Nk, D,
-                                  u_ptr, w_ptr, FLAGS)
+                                  u_ptr, w_ptr, FLAGS, sqw)
     k_base = K + off_b * skb + off_hk * skh + k0 * skn
     v_base = V + off_b * svb + off_hk * svh + k0 * svn
     seed = tl.load(Rng) if DROPOUT else 0

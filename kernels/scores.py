@@ -5,7 +5,7 @@ import triton
 import triton.language as tl
 
 from .common import (LOG2E, _BIAS_ROW_TILE, _GATHER_TIE_FIRST, _ALIBI, _BIAS, _BIAS_KEYS, _BIAS_MASK, _BIAS_PAIRS, _BIAS_TILES, _CAUSAL, _FAST_TANH, _GRID_WW, _HAS_POS, _HAS_WL, _HAS_WR,
-                     _KERPLE, _REL_K, _REL_SHARED, _REL_U, _REL_V, _REL_W, _ROPE, _SINKS, _SOFTCAP, _TABLE, _TABLE_PAD,
+                     _KERPLE, _REL_K, _REL_SHARED, _REL_U, _REL_V, _REL_W, _ROPE, _SINKS, _SOFTCAP, _TABLE, _TABLE_PAD, _XL_ROWS,
                      _UPCAST, _DROPOUT, _VARLEN, _beyond, _dot, _dropout_keep, _load_tile, _positions, _tanh)
 from .relative import _add_row, _load_rel, _rel_rows, _rel_to_keys
 
@@ -160,15 +160,26 @@ def _head_params(off_b, off_h, Params, Table, tab_l, tab_r, Bias, sbb, sbh, bias
 
 
 @triton.jit
-def _load_queries(q_ptr, pos_ptr, offs_m, offs_d, sqm, Nq, Nk, D, u_ptr, w_ptr, FLAGS: tl.constexpr):
+def _load_queries(q_ptr, pos_ptr, offs_m, offs_d, sqm, Nq, Nk, D, u_ptr, w_ptr, FLAGS: tl.constexpr, sqw=0):
     """A query block: its positions, its tile (already rotated with RoPE: _rope_rotate)
     and the tile plus Transformer-XL's u (for the content term) and w (for the
-    position term)."""
+    position term), each rounded to the inputs' dtype. With XL_ROWS (the forward) the
+    host has added them: q + u is read at q_ptr (returned as the tile too: its dtype is
+    what is used), q + w at q_ptr + sqw. Loaded, not computed, both stay in shared
+    memory as the products' operands; computed here, each was reloaded into registers
+    per key tile, and the masked Shaw forward spilled 204 B inside its loop (Triton 3.6,
+    D = 80 / 128: bench/NOTES.md)."""
     REL_U: tl.constexpr = (FLAGS >> _REL_U.value) & 1
     REL_W: tl.constexpr = (FLAGS >> _REL_W.value) & 1
     qp = _positions(pos_ptr, offs_m, Nq, Nk - Nq, FLAGS)
     q = _load_tile(q_ptr, offs_m, offs_d, sqm, Nq, D)
-    return qp, q, _add_row(q, u_ptr, offs_d, D, REL_U), _add_row(q, w_ptr, offs_d, D, REL_W)
+    if (FLAGS >> _XL_ROWS.value) & 1:
+        qu = q
+        qw = _load_tile(q_ptr + sqw, offs_m, offs_d, sqm, Nq, D)
+    else:
+        qu = _add_row(q, u_ptr, offs_d, D, REL_U)
+        qw = _add_row(q, w_ptr, offs_d, D, REL_W)
+    return qp, q, qu, qw
 
 
 @triton.jit

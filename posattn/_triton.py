@@ -451,6 +451,7 @@ class _Launch:
         self.table_columns = 0 if table is None else table.shape[0 if self.grid_table else 1]
         self.rel_heads = ([t for t in (rel_key, rel_value) if t is not None] or [q])[0].shape[0]
         self.rel_k = args["rel_k"]
+        self.rel_uw = (rel_u, rel_w)
         self.has_rel = p.rel_emb is not None
         e = p.rope
         # multi-axis RoPE: each frequency pair's axis [R/2] int32, then the positions per axis
@@ -594,6 +595,24 @@ def _rotated(L: _Launch, x, keys: bool, wrap, out=None, sign=1.0):
     return out
 
 
+def _xl_rows(L: _Launch, q):
+    """Transformer-XL's q + u and q + w (q where absent), each rounded to q's dtype as
+    the kernels round them (float32 sum, one rounding), in one [2, B, H, N, D]
+    workspace with 16-aligned rows: the forward reads them as loaded operands
+    (XL_ROWS), which stay in shared memory; computed in the kernel, both were held in
+    registers and the masked forward spilled (bench/NOTES.md). Returns the first half
+    and the second's offset from it, in elements."""
+    B, H, N, D = q.shape
+    ws = _aligned(2 * B, H, N, D, like=q).view(2, B, H, N, D)
+    with torch.no_grad():
+        for i, vec in enumerate(L.rel_uw):
+            if vec is None:
+                ws[i].copy_(q)
+            else:
+                ws[i].copy_(q.to(torch.float32) + vec.to(torch.float32).reshape(1, H, 1, D))
+    return ws[0], ws[1].storage_offset() - ws[0].storage_offset()
+
+
 def _packed_positions(p: Problem):
     """[1, total_q + total_k] int32: each packed row's position within its sequence,
     bottom-right aligned per sequence (queries at Nk_s - Nq_s + i), as the kernels'
@@ -684,9 +703,13 @@ def _forward(L: _Launch, q, k, v, wrap=_direct):
     lse2 = torch.empty_like(lse)
     bm, bn, bd, launch = L.config(backward=False)
     vl = p.varlen is not None
+    xl = dict(sqw=0)
+    if any(x is not None for x in L.rel_uw):
+        q, sqw = _xl_rows(L, q)
+        xl = dict(sqw=sqw, FLAGS=L.args["FLAGS"] | pack_flags(XL_ROWS=True))
     L.launch(wrap, _attn_fwd, (_cdiv(p.rows_q, bm), p.Hq, p.batches), Q=q, K=k, V=v, Out=out, Lse=lse, Lse2=lse2,
              **_strides("sq", q, vl), **_strides("sk", k, vl), **_strides("sv", v, vl), **_strides("so", out, vl),
-             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, ACC_STAGES=launch["num_stages"], **launch)
+             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, ACC_STAGES=launch["num_stages"], **xl, **launch)
     return out, lse, lse2
 
 
