@@ -67,7 +67,7 @@ _ALIBI_MMA = tl.constexpr(31)   # ALiBi's column term may take a K=16 step of q.
 _DBIAS_ADD = tl.constexpr(32)   # backward, with DBIAS_ROWS: the bias is shared by batches or heads; dK/dV adds dS atomically
 _BIAS_PAIRS = tl.constexpr(33)  # a bfloat16 dense bias at even element offsets: read as 32-bit words of two keys
 _SCALE_POW2 = tl.constexpr(34)  # the scale is a power of two: scale * q is exact in bfloat16 (the forward's bias accumulator)
-_TABLE_ACC = tl.constexpr(35)   # GridBias (power-of-two Ww): Table also holds table / scale, after the heads' rows
+_TABLE_ACC = tl.constexpr(35)   # GridBias alone: Table also holds table / scale, after the heads' rows
 _XL_ROWS = tl.constexpr(36)     # forward: Transformer-XL's q + u at Q and q + w at Q + sqw, rounded by the host
 _D_SLOPE = tl.constexpr(0)
 _D_TABLE = tl.constexpr(1)

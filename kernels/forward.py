@@ -6,7 +6,7 @@ from .common import (LOG2E, _ALIBI, _ALIBI_MMA, _BIAS, _BIAS_MASK, _CAUSAL, _HAS
                      _SOFTCAP, _TABLE, _UPCAST, _DROPOUT, _VARLEN, _beyond, _dot, _dropout_keep, _key_range, _load_tile,
                      _positions, _sequence, _split_keys)
 from .relative import _keys_to_rel, _load_rel, _rel_end_rows, _rel_rows, _row_dot
-from .scores import _bias_raw, _bias_value, _grid_tile, _head_params, _table_row, _load_queries, _logits, _scores, _table_far
+from .scores import _bias_raw, _bias_value, _grid_gather, _grid_tile, _head_params, _table_row, _load_queries, _logits, _scores, _table_far
 
 
 @triton.jit
@@ -31,8 +31,8 @@ def _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_k, k_base, v_base
     ACC (unmasked tiles): the tile's one additive term, acc_raw (_acc_term's load, which
     the interior loop's pipelining issues a stage ahead), is q.k's starting accumulator,
     so the tensor cores add it, with no add per score. 1: a dense bias as _bias_raw loads it, qu holding scale * q (the
-    natural-domain score); 2: GridBias's _grid_tile from the table / scale copy (in q.k's
-    units)."""
+    natural-domain score); 2: GridBias from the table / scale copy (in q.k's units), by
+    _grid_tile's compile-time offsets at a power-of-two width, else _grid_gather."""
     REL_V: tl.constexpr = (FLAGS >> _REL_V.value) & 1
     UPCAST: tl.constexpr = (FLAGS >> _UPCAST.value) & 1
     DROPOUT: tl.constexpr = (FLAGS >> _DROPOUT.value) & 1
@@ -138,8 +138,10 @@ def _acc_term(start_n, bias_ptr, offs_m, offs_n0, Nq, sbm, acc_table, qp, tab_l,
     start_n: a dense bias as loaded (1), GridBias's tile in q.k's units (2); 0.0 without ACC."""
     if ACC == 1:
         return _bias_raw(bias_ptr, offs_m, start_n + offs_n0, start_n, Nq, sbm, FLAGS, BLOCK_M, BLOCK_N)
-    elif ACC == 2:
+    elif ACC == 2 and (FLAGS >> _GRID_WW.value) & 7:
         return _grid_tile(acc_table, qp, start_n, tab_l, tab_r, (FLAGS >> _GRID_WW.value) & 7, BLOCK_N)
+    elif ACC == 2:  # other widths: an index per score (the rows' codes held over the loop)
+        return _grid_gather(acc_table, qp, start_n + offs_n0, tab_l, tab_r, 1, KEY_POINTERS=1)
     else:
         return 0.0
 

@@ -200,6 +200,30 @@ def _logits(qu, qw, k, ak_ptr, start_m, start_n, Nq, Nk, rel_k, offs_d, D,
 
 
 @triton.jit
+def _grid_gather(table_ptr, qp, kp, wh, ww, ROWS_HELD: tl.constexpr, KEY_POINTERS: tl.constexpr = 0):
+    """GridBias's [BLOCK_M, BLOCK_N] tile read at any width or positions: an index per
+    score, the row's code minus the key's. With ROWS_HELD and a Triton that lays a
+    gather out first axis fastest (_GATHER_TIE_FIRST), gathered as the transposed tile:
+    each thread then holds 1 key x BLOCK_M / 4 rows, a key's code once per tile and the
+    rows' codes loop-invariant (untransposed, every score computed its key's code). The
+    other way round without ROWS_HELD or with the last axis fastest.
+    KEY_POINTERS: a 64-bit pointer per key (table - key code) plus the row's code, so the
+    subtraction per score folds into the address (one instruction fewer a score: the
+    forward's interior tiles at BLOCK_D <= 64; its boundary tiles and D = 80 / 128
+    spilled so, bench/NOTES.md)."""
+    rc = _grid_row_code(qp, wh, ww)
+    kc = _grid_code(kp, wh, ww)
+    if ROWS_HELD == _GATHER_TIE_FIRST:
+        if KEY_POINTERS:
+            return tl.trans(tl.load((table_ptr - kc)[:, None] + rc[None, :]))
+        return tl.trans(tl.load(table_ptr + (rc[None, :] - kc[:, None])))
+    else:
+        if KEY_POINTERS:
+            return tl.load((table_ptr - kc)[None, :] + rc[:, None])
+        return tl.load(table_ptr + (rc[:, None] - kc[None, :]))
+
+
+@triton.jit
 def _grid_tile(table_ptr, qp, start_n, tab_l, tab_r, GRID_LOG: tl.constexpr, BLOCK_N: tl.constexpr, Nk=None):
     """GridBias's [BLOCK_M, BLOCK_N] tile at default positions, Ww = 2^(GRID_LOG + 2): key
     start_n + j has code c0 + j + (Ww - 1)(j // Ww), c0 the tile's first key's (it starts
@@ -326,17 +350,11 @@ def _scores(qk, qp, kp, start_m, start_n, offs_m, offs_n, Nq, Nk, qk_scale, slop
     elif TABLE and GRID_LOG and KEY_OFFSETS and HAS_POS == 0 and len(table_ptr.shape) == 0:
         # GridBias, Ww a power of two >= 8 (a boundary tile's keys past Nk read nothing)
         s += _grid_tile(table_ptr, qp, start_n, tab_l, tab_r, GRID_LOG, qk.shape[1], Nk if MASKED else None)
-    elif TABLE and (ROWS_HELD != _GATHER_TIE_FIRST or len(table_ptr.shape) > 0):
+    elif TABLE and len(table_ptr.shape) > 0:
         # (a table row per tile row, decoding's heads packed as rows: this orientation)
         s += tl.load(table_ptr + _table_index(rel, qp, kp, tab_l, tab_r, TABLE))
     elif TABLE:
-        # GridBias gathered as the transposed tile: with ROWS_HELD and a Triton that lays
-        # a gather out first axis fastest (_GATHER_TIE_FIRST), each thread then holds
-        # 1 key x BLOCK_M / 4 rows: a key's code once per tile, the rows' codes
-        # loop-invariant (untransposed, every score computed its key's code). The other
-        # way round without ROWS_HELD or with the last axis fastest.
-        s += tl.trans(tl.load(table_ptr + (_grid_row_code(qp, tab_l, tab_r)[None, :]
-                                           - _grid_code(kp, tab_l, tab_r)[:, None])))
+        s += _grid_gather(table_ptr, qp, kp, tab_l, tab_r, ROWS_HELD)
     if BIAS:
         b = _bias_tile(bias_ptr, offs_m, offs_n, start_n, Nq, Nk, stride_bm, FLAGS, MASKED, qk.shape[0], qk.shape[1])
         if BIAS_MASK:

@@ -300,15 +300,16 @@ def _acc_terms(p: Problem, flags, args, table):
     it applies, so no other problem compiles a variant for them:
     SCALE_POW2, a dense bias alone (not a mask), bfloat16 inputs and a power-of-two
     scale: scale * q is exact (kept within 2^+-64, far from bfloat16's range ends);
-    TABLE_ACC, GridBias alone at a power-of-two width (GRID_WW) and default positions:
-    Table gains the heads' rows of table / scale, in q.k's units, after the log2-domain
-    ones (a scale >= 2^-8 keeps them finite for any table below 2^120)."""
+    TABLE_ACC, GridBias alone at default positions (any width: read at compile-time
+    offsets at a power-of-two one, GRID_WW, gathered by an index otherwise): Table gains
+    the heads' rows of table / scale, in q.k's units, after the log2-domain ones (a
+    scale >= 2^-8 keeps them finite for any table below 2^120)."""
     others = flags["ALIBI"] or flags["KERPLE"] or flags["SOFTCAP"] or flags["REL_K"] or flags["REL_V"]
     small = p.D <= 64 and p.q.dtype in (torch.bfloat16, torch.float16) and not others
     flags["SCALE_POW2"] = bool(small and p.q.dtype == torch.bfloat16 and flags["BIAS"] and not flags["BIAS_MASK"]
                                and not flags["TABLE"] and 2.0 ** -64 <= p.scale <= 2.0 ** 64
                                and math.frexp(p.scale)[0] == 0.5)
-    flags["TABLE_ACC"] = bool(small and flags["GRID_WW"] and not flags["HAS_POS"] and not flags["BIAS"]
+    flags["TABLE_ACC"] = bool(small and flags["TABLE"] == 2 and not flags["HAS_POS"] and not flags["BIAS"]
                               and p.scale >= 2.0 ** -8)
     if flags["TABLE_ACC"]:
         args["Table"] = torch.cat([args["Table"], table.float().t() / p.scale])
@@ -447,7 +448,8 @@ class _Launch:
         self.kerple = (kerple_r1, kerple_r2)
         self.sinks = sinks
         self.grid_table = isinstance(p.rel_bias, GridBias)
-        self.grid_alone = flags["TABLE_ACC"]   # GridBias alone, power-of-two width, default positions
+        # GridBias alone, power-of-two width, default positions
+        self.grid_alone = flags["TABLE_ACC"] and flags["GRID_WW"] > 0
         self.table_columns = 0 if table is None else table.shape[0 if self.grid_table else 1]
         self.rel_heads = ([t for t in (rel_key, rel_value) if t is not None] or [q])[0].shape[0]
         self.rel_k = args["rel_k"]

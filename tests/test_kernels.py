@@ -228,11 +228,11 @@ def _acc_term_zeroed(start_n, bias_ptr, offs_m, offs_n0, Nq, sbm, acc_table, qp,
                      BLOCK_M, BLOCK_N) * 0
 
 
-@pytest.mark.parametrize("term", ["bias", "grid"])
+@pytest.mark.parametrize("term", ["bias", "grid", "grid-other-width"])
 def test_accumulator_term_is_read(term, device, monkeypatch):
     """The forward's interior tiles read their one additive term through
     kernels/forward.py's _acc_term and start q.k from it (ACC: a bf16 dense bias at a
-    power-of-two scale, GridBias alone at a power-of-two width): that term zeroed must
+    power-of-two scale, GridBias alone, at a power-of-two width or not): that term zeroed must
     change the output. (A path never taken would leave the reference tests passing.)
     Interpreter only: it looks the helper up at each call."""
     if not _triton.interpreting():
@@ -241,8 +241,10 @@ def test_accumulator_term_is_read(term, device, monkeypatch):
     q, k, v = make_qkv((1, 2, 2, 70, 100, 16, False), torch.bfloat16, device, requires_grad=False)
     if term == "bias":
         kw = dict(bias=torch.randn(1, 2, 70, 100, device=device, dtype=torch.bfloat16) * 4)
-    else:
+    elif term == "grid":
         kw = dict(rel_bias=posattn.GridBias(torch.randn(15 * 31, 2, device=device) * 4, (8, 16)))
+    else:
+        kw = dict(rel_bias=posattn.GridBias(torch.randn(19 * 19, 2, device=device) * 4, (10, 10)))
     out = posattn.attention(q, k, v, **kw)
     monkeypatch.setattr(F, "_acc_term", _acc_term_zeroed)
     assert (posattn.attention(q, k, v, **kw).float() - out.float()).abs().max() > 0.1
@@ -573,16 +575,18 @@ def test_grid_bias(dtype, device, backend):
 @pytest.mark.parametrize("window,nq,nk,causal,dtype", [((16, 8), 100, 128, False, torch.bfloat16),
                                                        ((3, 32), 70, 96, False, torch.bfloat16),
                                                        ((2, 128), 70, 200, False, torch.bfloat16),
-                                                       ((5, 16), 75, 75, True, torch.float16)],
-                         ids=["narrower-than-tile", "tile-wide", "wider-than-tile", "causal-fp16"])
-def test_grid_bias_power_of_two_width(window, nq, nk, causal, dtype, device, backend, launches):
-    """A power-of-two Ww >= 8: the forward's interior tiles read the table at key
-    offsets fixed at compile time (kernels/scores.py), rows of Ww keys narrower than a
+                                                       ((5, 16), 75, 75, True, torch.float16),
+                                                       ((6, 12), 60, 72, False, torch.bfloat16)],
+                         ids=["narrower-than-tile", "tile-wide", "wider-than-tile", "causal-fp16", "other-width"])
+def test_grid_bias_accumulator_tiles(window, nq, nk, causal, dtype, device, backend, launches):
+    """GridBias alone in 16 bits at D <= 64: the forward's interior tiles start q.k from
+    the table / scale copy (TABLE_ACC). At a power-of-two Ww >= 8 every tile reads it at
+    key offsets fixed at compile time (kernels/scores.py): rows of Ww keys narrower than a
     key tile (each tile starts a grid row), as wide (the interpreter's 32-key tiles;
     narrower on a GPU's 64), or wider; interior tiles past the first (their first key's
     code); queries shifted (Nq < Nk); a last partial key tile (200 keys; its keys past
-    Nk read nothing); causal diagonal tiles (float16). The boundary tiles read at the same
-    offsets, the interior ones start q.k from the table / scale copy (TABLE_ACC)."""
+    Nk read nothing); causal diagonal tiles (float16). Other widths (12) gather the copy
+    with an index per score."""
     from posattn.kernels import attention as A
     q, k, v = _qkv(1, 2, 2, nq, 16, dtype, device, Nk=nk)
     wh, ww = window
