@@ -165,7 +165,7 @@ def _load_queries(q_ptr, pos_ptr, offs_m, offs_d, sqm, Nq, Nk, D, u_ptr, w_ptr, 
     and the tile plus Transformer-XL's u (for the content term) and w (for the
     position term), each rounded to the inputs' dtype. With XL_ROWS (the forward) the
     host has added them: q + u is read at q_ptr (returned as the tile too: its dtype is
-    what is used), q + w at q_ptr + sqw. Loaded, not computed, both stay in shared
+    what is used), q + w at q_ptr + sqw (with a key table). Loaded, not computed, both stay in shared
     memory as the products' operands; computed here, each was reloaded into registers
     per key tile, and the masked Shaw forward spilled 204 B inside its loop (Triton 3.6,
     D = 80 / 128: bench/NOTES.md)."""
@@ -175,7 +175,9 @@ def _load_queries(q_ptr, pos_ptr, offs_m, offs_d, sqm, Nq, Nk, D, u_ptr, w_ptr, 
     q = _load_tile(q_ptr, offs_m, offs_d, sqm, Nq, D)
     if (FLAGS >> _XL_ROWS.value) & 1:
         qu = q
-        qw = _load_tile(q_ptr + sqw, offs_m, offs_d, sqm, Nq, D)
+        qw = q   # (read by Shaw's key term only)
+        if (FLAGS >> _REL_K.value) & 1:
+            qw = _load_tile(q_ptr + sqw, offs_m, offs_d, sqm, Nq, D)
     else:
         qu = _add_row(q, u_ptr, offs_d, D, REL_U)
         qw = _add_row(q, w_ptr, offs_d, D, REL_W)

@@ -301,7 +301,7 @@ def _acc_terms(p: Problem, flags, args, table):
     SCALE_POW2, a dense bias alone (not a mask), bfloat16 inputs and a power-of-two
     scale: scale * q is exact (kept within 2^+-64, far from bfloat16's range ends);
     TABLE_ACC, GridBias alone at default positions (any width: read at compile-time
-    offsets at a power-of-two one, GRID_WW, gathered by an index otherwise): Table gains
+    offsets at a power-of-two one in [8, 512], GRID_WW, gathered otherwise): Table gains
     the heads' rows of table / scale, in q.k's units, after the log2-domain ones (a
     scale >= 2^-8 keeps them finite for any table below 2^120)."""
     others = flags["ALIBI"] or flags["KERPLE"] or flags["SOFTCAP"] or flags["REL_K"] or flags["REL_V"]
@@ -448,7 +448,7 @@ class _Launch:
         self.kerple = (kerple_r1, kerple_r2)
         self.sinks = sinks
         self.grid_table = isinstance(p.rel_bias, GridBias)
-        # GridBias alone, power-of-two width, default positions
+        # GridBias alone, default positions, a power-of-two width in [8, 512] (GRID_WW)
         self.grid_alone = flags["TABLE_ACC"] and flags["GRID_WW"] > 0
         self.table_columns = 0 if table is None else table.shape[0 if self.grid_table else 1]
         self.rel_heads = ([t for t in (rel_key, rel_value) if t is not None] or [q])[0].shape[0]
@@ -597,22 +597,32 @@ def _rotated(L: _Launch, x, keys: bool, wrap, out=None, sign=1.0):
     return out
 
 
+# Transformer-XL's q + u and q + w added by the host for the forward (_xl_rows), not in
+# the kernel: a switch, not API (tests compare the two; the static sm_90 model prices the
+# masked Shaw loop without it lower, whose 50 local loads an iteration it cannot price:
+# bench/NOTES.md).
+XL_HOST_ROWS = True
+
+
 def _xl_rows(L: _Launch, q):
-    """Transformer-XL's q + u and q + w (q where absent), each rounded to q's dtype as
-    the kernels round them (float32 sum, one rounding), in one [2, B, H, N, D]
-    workspace with 16-aligned rows: the forward reads them as loaded operands
-    (XL_ROWS), which stay in shared memory; computed in the kernel, both were held in
-    registers and the masked forward spilled (bench/NOTES.md). Returns the first half
-    and the second's offset from it, in elements."""
+    """Transformer-XL's q + u and, with Shaw's key table (the only reader of q + w), q + w
+    (q where u or w is absent), each rounded to q's dtype as the kernels round them on a
+    GPU (float32 sum, one rounding to nearest; Triton's interpreter truncates to
+    bfloat16, which tests/conftest.py patches), in one [2 or 1, B, H, N, D] workspace
+    with 16-aligned rows: the forward reads them as loaded operands (XL_ROWS), which
+    stay in shared memory; computed in the kernel, both were held in registers and the
+    masked forward spilled (bench/NOTES.md). Returns the workspace and the second
+    half's offset from the first, in elements (0 without it)."""
     B, H, N, D = q.shape
-    ws = _aligned(2 * B, H, N, D, like=q).view(2, B, H, N, D)
+    n = 2 if L.args["FLAGS"] & pack_flags(REL_K=True) else 1
+    ws = _aligned(n * B, H, N, D, like=q).view(n, B, H, N, D)
     with torch.no_grad():
-        for i, vec in enumerate(L.rel_uw):
+        for i, vec in enumerate(L.rel_uw[:n]):
             if vec is None:
                 ws[i].copy_(q)
             else:
-                ws[i].copy_(q.to(torch.float32) + vec.to(torch.float32).reshape(1, H, 1, D))
-    return ws[0], ws[1].storage_offset() - ws[0].storage_offset()
+                torch.add(q, vec.to(torch.float32).reshape(1, H, 1, D), out=ws[i])
+    return ws, (ws[1].storage_offset() - ws[0].storage_offset() if n == 2 else 0)
 
 
 def _packed_positions(p: Problem):
@@ -705,11 +715,12 @@ def _forward(L: _Launch, q, k, v, wrap=_direct):
     lse2 = torch.empty_like(lse)
     bm, bn, bd, launch = L.config(backward=False)
     vl = p.varlen is not None
-    xl = dict(sqw=0)
-    if any(x is not None for x in L.rel_uw):
-        q, sqw = _xl_rows(L, q)
-        xl = dict(sqw=sqw, FLAGS=L.args["FLAGS"] | pack_flags(XL_ROWS=True))
-    L.launch(wrap, _attn_fwd, (_cdiv(p.rows_q, bm), p.Hq, p.batches), Q=q, K=k, V=v, Out=out, Lse=lse, Lse2=lse2,
+    xl = dict(Q=q, sqw=0)
+    if XL_HOST_ROWS and any(x is not None for x in L.rel_uw):
+        ws, sqw = _xl_rows(L, q)
+        q = ws[0]   # (its strides; the kernel reads the whole workspace)
+        xl = dict(Q=ws, sqw=sqw, FLAGS=L.args["FLAGS"] | pack_flags(XL_ROWS=True))
+    L.launch(wrap, _attn_fwd, (_cdiv(p.rows_q, bm), p.Hq, p.batches), K=k, V=v, Out=out, Lse=lse, Lse2=lse2,
              **_strides("sq", q, vl), **_strides("sk", k, vl), **_strides("sv", v, vl), **_strides("so", out, vl),
              BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, ACC_STAGES=launch["num_stages"], **xl, **launch)
     return out, lse, lse2

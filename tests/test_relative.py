@@ -190,6 +190,21 @@ def test_transformer_xl_kernel(dtype, device):
     assert torch.isfinite(g).all() and g.abs().sum() > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_transformer_xl_host_rows_round_as_the_kernels(dtype, device, monkeypatch):
+    """The forward reads q + u and q + w from the host's workspace (_triton._xl_rows);
+    the backward and decoding add them in the kernel and reuse the forward's lse, so
+    both must round alike: the forward's output and lse are the same bits either way
+    (to nearest: a GPU's rounding, and the interpreter's as tests/conftest.py patches it)."""
+    from posattn import _triton
+    q, k, v = make(1, 2, 2, 40, 24, dtype, device)
+    rel = shaw(2, 5, 24, device, u=True, w=True)
+    host = posattn.attention(q, k, v, causal=True, rel_emb=rel, return_lse=True, backend="triton")
+    monkeypatch.setattr(_triton, "XL_HOST_ROWS", False)
+    kernel = posattn.attention(q, k, v, causal=True, rel_emb=rel, return_lse=True, backend="triton")
+    assert all(torch.equal(a, b) for a, b in zip(host, kernel))
+
+
 def test_shaw_with_rope_alibi_and_dense_bias(device):
     q, k, v = make(2, 2, 1, 40, 32, torch.float32, device, Nk=52)
     bias = torch.randn(2, 1, 40, 52, device=device, requires_grad=True)

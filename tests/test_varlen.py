@@ -54,9 +54,11 @@ CASES = {
     "table+sinks+softcap": (dict(rel_bias=lambda p: posattn.DistanceBias(p["table"], 6, 6),
                                  sinks=lambda p: p["sinks"], softcap=4.0),
                             {"table": torch.randn(4, 13), "sinks": torch.randn(4)}),
-    "shaw+kerple": (dict(rel_emb=lambda p: posattn.RelativeEmbeddings(p["ak"], p["av"], 3),
+    # (Transformer-XL's u and w: the forward reads q + u and q + w from a host workspace)
+    "shaw+kerple": (dict(rel_emb=lambda p: posattn.RelativeEmbeddings(p["ak"], p["av"], 3, p["u"], p["w"]),
                          kerple=lambda p: posattn.KERPLE(p["r1"], p["r2"]), causal=True),
                     {"ak": 0.3 * torch.randn(4, 7, 24), "av": 0.3 * torch.randn(4, 7, 24),
+                     "u": 0.3 * torch.randn(4, 24), "w": 0.3 * torch.randn(4, 24),
                      "r1": 0.5 + torch.rand(4), "r2": 0.1 + torch.rand(4)}),
 }
 
