@@ -51,6 +51,9 @@ def _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_k, k_base, v_base
     # combinations then spill (tests/aot_compile.py)
     ROWS_HELD: tl.constexpr = (1 - MASKED * (offs_d.shape[0] > 64)) * (1 - ((FLAGS >> _HAS_POS.value) & 1))
     KEY_OFFSETS: tl.constexpr = offs_d.shape[0] <= 64
+    # GridBias's gather from a pointer per key in 64-row blocks (Swin's windows: every
+    # tile a boundary tile); 128-row ones spill so in their boundary loop (bench/NOTES.md)
+    KEY_POINTERS: tl.constexpr = KEY_OFFSETS * (BLOCK_M <= 64)
     offs_n = start_n + offs_n0
     kp = _positions(pos_k, offs_n, Nk, 0, FLAGS)
     k = _load_tile(k_base, offs_n, offs_d, skn, Nk, D)
@@ -82,7 +85,7 @@ def _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_k, k_base, v_base
         else:
             s, rel, t = _scores(qk, qp, kp, start_m, start_n, offs_m, offs_n, Nq, Nk, 1.0, slope, r1, r2, table_ptr,
                                 tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, FLAGS, MASKED, ROWS_HELD=ROWS_HELD,
-                                KEY_OFFSETS=KEY_OFFSETS, ROWS_BOUND=0)
+                                KEY_OFFSETS=KEY_OFFSETS, ROWS_BOUND=0, KEY_POINTERS=KEY_POINTERS)
         if COLS == 1:  # scale * qk + column term: one FMA per element, then the row's
             s = s * qk_scale + col_add[None, :]
             m_new = tl.maximum(m_i, tl.max(s, 1) + row_add)
@@ -99,14 +102,14 @@ def _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_k, k_base, v_base
         else:
             s, rel, t = _scores(qk, qp, kp, start_m, start_n, offs_m, offs_n, Nq, Nk, qk_scale / LOG2E, slope, r1,
                                 r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, FLAGS, MASKED, 1,
-                                ROWS_HELD=ROWS_HELD, KEY_OFFSETS=KEY_OFFSETS, ROWS_BOUND=0)
+                                ROWS_HELD=ROWS_HELD, KEY_OFFSETS=KEY_OFFSETS, ROWS_BOUND=0, KEY_POINTERS=KEY_POINTERS)
         m_new = tl.maximum(m_i, tl.max(s, 1) * LOG2E + row_add)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # as below
         p = tl.math.exp2(s * LOG2E - (m_safe - row_add)[:, None])
     else:
         s, rel, t = _scores(qk, qp, kp, start_m, start_n, offs_m, offs_n, Nq, Nk, qk_scale, slope, r1, r2, table_ptr,
                          tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, FLAGS, MASKED, ROWS_HELD=ROWS_HELD,
-                         KEY_OFFSETS=KEY_OFFSETS, ROWS_BOUND=0)
+                         KEY_OFFSETS=KEY_OFFSETS, ROWS_BOUND=0, KEY_POINTERS=KEY_POINTERS)
         tl.static_assert(COLS != 2)
         if COLS:
             s += col_add[None, :]

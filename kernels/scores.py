@@ -211,8 +211,8 @@ def _grid_gather(table_ptr, qp, kp, wh, ww, ROWS_HELD: tl.constexpr, KEY_POINTER
     other way round without ROWS_HELD or with the last axis fastest.
     KEY_POINTERS: a 64-bit pointer per key (table - key code) plus the row's code, so the
     subtraction per score folds into the address (one instruction fewer a score: the
-    forward's interior tiles at BLOCK_D <= 64; its boundary tiles and D = 80 / 128
-    spilled so, bench/NOTES.md)."""
+    forward at BLOCK_D <= 64, in its ACC tiles and in 64-row blocks; the boundary tiles
+    of 128-row blocks and D = 80 / 128 spilled so, bench/NOTES.md)."""
     rc = _grid_row_code(qp, wh, ww)
     kc = _grid_code(kp, wh, ww)
     if ROWS_HELD == _GATHER_TIE_FIRST:
@@ -296,7 +296,7 @@ def _bias_value(raw, FLAGS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.con
 def _scores(qk, qp, kp, start_m, start_n, offs_m, offs_n, Nq, Nk, qk_scale, slope, r1, r2, table_ptr,
             tab_l, tab_r, bias_ptr, stride_bm, win_l, win_r, cap2,
             FLAGS: tl.constexpr, MASKED: tl.constexpr, NATURAL: tl.constexpr = 0, ROWS_HELD: tl.constexpr = 1,
-            KEY_OFFSETS: tl.constexpr = 0, ROWS_BOUND: tl.constexpr = 1):
+            KEY_OFFSETS: tl.constexpr = 0, ROWS_BOUND: tl.constexpr = 1, KEY_POINTERS: tl.constexpr = 0):
     """The [BLOCK_M, BLOCK_N] score tile in the log2 domain, masked entries = -inf, its
     relative positions, and with SOFTCAP t = tanh(scale * logit / cap) (the capped
     logit is cap2 * t, cap2 = cap * log2(e)).
@@ -311,7 +311,9 @@ def _scores(qk, qp, kp, start_m, start_n, offs_m, offs_n, Nq, Nk, qk_scale, slop
     spill at D >= 80).
     KEY_OFFSETS: GridBias at a power-of-two Ww may read a tile from one pointer per row
     at compile-time key offsets (the forward's tiles at BLOCK_D <= 64: at 80 / 128,
-    Triton 3.9 spills a register across the interior loop)."""
+    Triton 3.9 spills a register across the interior loop).
+    KEY_POINTERS: GridBias's gather (other widths) from a pointer per key
+    (_grid_gather), with ROWS_HELD."""
     CAUSAL: tl.constexpr = (FLAGS >> _CAUSAL.value) & 1
     HAS_WL: tl.constexpr = (FLAGS >> _HAS_WL.value) & 1
     HAS_WR: tl.constexpr = (FLAGS >> _HAS_WR.value) & 1
@@ -356,7 +358,7 @@ def _scores(qk, qp, kp, start_m, start_n, offs_m, offs_n, Nq, Nk, qk_scale, slop
         # (a table row per tile row, decoding's heads packed as rows: this orientation)
         s += tl.load(table_ptr + _table_index(rel, qp, kp, tab_l, tab_r, TABLE))
     elif TABLE:
-        s += _grid_gather(table_ptr, qp, kp, tab_l, tab_r, ROWS_HELD)
+        s += _grid_gather(table_ptr, qp, kp, tab_l, tab_r, ROWS_HELD, KEY_POINTERS * ROWS_HELD)
     if BIAS:
         b = _bias_tile(bias_ptr, offs_m, offs_n, start_n, Nq, Nk, stride_bm, FLAGS, MASKED, qk.shape[0], qk.shape[1])
         if BIAS_MASK:
