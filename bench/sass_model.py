@@ -583,6 +583,9 @@ BWD_ENCODINGS = {"plain": ({}, {}), "rope": (dict(ROPE=True, ROT_DIM=-1), {}),
                  "bias+dbias": (dict(BIAS=True), dict(D_BIAS=True)),
                  "bias[1,H]+dbias": (dict(BIAS=True, BIAS_BATCH=1), dict(D_BIAS=True)),
                  "shaw-kv+dak,dav": (dict(REL_K=True, REL_V=True), dict(D_AK=True, D_AV=True)),
+                 # Transformer-XL: u and w too, with their gradients
+                 "shaw-xl+dak,dav,du,dw": (dict(REL_K=True, REL_V=True, REL_U=True, REL_W=True),
+                                           dict(D_AK=True, D_AV=True, D_U=True, D_W=True)),
                  "softcap": (dict(SOFTCAP=True), {}),
                  "sinks+dsinks": (dict(SINKS=True), dict(D_SINKS=True)),
                  "dropout": (dict(DROPOUT=True), {})}
@@ -700,7 +703,7 @@ def posattn_launches(enc, D, backward, bwd_grads=None):
     need = dict.fromkeys(T._PARAMS, False)
     for g in (bwd_grads or {}):
         need[{"D_SLOPE": "alibi", "D_TABLE": "table", "D_AK": "rel_key", "D_AV": "rel_value", "D_BIAS": "bias",
-              "D_SINKS": "sinks"}[g]] = True
+              "D_SINKS": "sinks", "D_U": "rel_u", "D_W": "rel_w"}[g]] = True
     T._backward(L, q, k, v, out, lse2, torch.randn_like(out), None, need, wrap=Cap)
     return calls
 

@@ -38,11 +38,12 @@ def _attn_bwd_delta(Out, DO, Stats, DLse, sob, soh, som, sdob, sdoh, sdom,
 def _attn_bwd_dkdv(Q, K, V, DO, Stats, DK, DV, DBias, Pos, Params, Table, Bias, Rel, Rng,
                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
                    sdkb, sdkh, sdkn, sbb, sbh, sbm, bias_nb,
-                   Hq, Nq, Nk, D, GROUP, sm_scale, win_l, win_r, tab_l, tab_r, rel_k,
+                   Hq, Nq, Nk, D, GROUP, sm_scale, win_l, win_r, tab_l, tab_r, rel_k, sqw,
                    FLAGS: tl.constexpr, ROT_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr):
     """One program per (key block, kv head, batch): dK and dV summed over the GROUP
-    query heads that share this kv head, in registers (no atomics). With DBIAS_ROWS
+    query heads that share this kv head, in registers (no atomics). With XL_ROWS, Q
+    holds Transformer-XL's q + u and Q + sqw q + w, as in _attn_fwd. With DBIAS_ROWS
     (a dense bias whose rows and keys are not broadcast, float32 DBias in its strides),
     each dS tile is also written there, with no second pass: stored when the bias has
     a row per batch and head (every element has one owner), added atomically with
@@ -108,7 +109,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, Stats, DK, DV, DBias, Pos, Params, Table, Bias, 
             far_c = 0.0 if part == 0 else c_low if part == 1 else c_high
             for start_m in range(p_lo, p_hi, BLOCK_M):
                 offs_m = start_m + offs_m0
-                qp, q, qu, qw = _load_queries(q_base, pos_q, offs_m, offs_d, sqm, Nq, Nk, D, u_ptr, w_ptr, FLAGS)
+                qp, q, qu, qw = _load_queries(q_base, pos_q, offs_m, offs_d, sqm, Nq, Nk, D, u_ptr, w_ptr, FLAGS,
+                                              sqw)
                 do = _load_tile(do_base, offs_m, offs_d, sdom, Nq, D)
                 lse2, delta = _load_row_stats(stats, offs_m, Nq, NQ_T)
                 if SHAW_FAR and part > 0:   # logits + (q + w) . aK[end], dP + dO . aV[end], per row

@@ -855,9 +855,17 @@ def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need, wrap=_direct):
     dk = torch.empty_like(k, dtype=torch.float32 if axes else k.dtype)
     dv = torch.empty_strided(dk.shape, dk.stride(), device=dev, dtype=v.dtype)   # dK's strides serve both
     dbias, shared = _dbias_rows(L, p) if need["bias"] else (None, False)
-    L.launch(wrap, _attn_bwd_dkdv, (_cdiv(p.rows_k, bn), p.Hkv, nb), **inputs, DK=dk, DV=dv,
-             DBias=stats if dbias is None else dbias, **_strides("sdk", dk, vl),
-             FLAGS=L.args["FLAGS"] | pack_flags(DBIAS_ROWS=dbias is not None, DBIAS_ADD=shared))
+    flags = L.args["FLAGS"] | pack_flags(DBIAS_ROWS=dbias is not None, DBIAS_ADD=shared)
+    xl = dict(sqw=0)
+    if XL_HOST_ROWS and any(x is not None for x in L.rel_uw):
+        # q + u and q + w as loaded operands here too: dK / dV loads a query tile per
+        # iteration, and the sums computed in registers spilled 3604 B at D=128 (AOT
+        # check, Triton 3.6; dQ and d(aK, aV) measured no better with them: in-kernel)
+        ws, sqw = _xl_rows(L, q)
+        xl = dict(Q=ws, sqw=sqw, **_strides("sq", ws[0], vl))
+        flags |= pack_flags(XL_ROWS=True)
+    L.launch(wrap, _attn_bwd_dkdv, (_cdiv(p.rows_k, bn), p.Hkv, nb), **{**inputs, **xl}, DK=dk, DV=dv,
+             DBias=stats if dbias is None else dbias, **_strides("sdk", dk, vl), FLAGS=flags)
 
     if axes:
         dq = _rotated(L, dq, False, wrap, out=torch.empty_like(q), sign=-1.0)

@@ -192,16 +192,24 @@ def test_transformer_xl_kernel(dtype, device):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_transformer_xl_host_rows_round_as_the_kernels(dtype, device, monkeypatch):
-    """The forward reads q + u and q + w from the host's workspace (_triton._xl_rows);
-    the backward and decoding add them in the kernel and reuse the forward's lse, so
-    both must round alike: the forward's output and lse are the same bits either way
-    (to nearest: a GPU's rounding, and the interpreter's as tests/conftest.py patches it)."""
+    """The forward and dK / dV read q + u and q + w from the host's workspace
+    (_triton._xl_rows); dQ, d(aK, aV) and decoding add them in the kernel, and the
+    backward reuses the forward's lse, so both must round alike: the output, lse and
+    every gradient are the same bits either way (to nearest: a GPU's rounding, and the
+    interpreter's as tests/conftest.py patches it)."""
     from posattn import _triton
     q, k, v = make(1, 2, 2, 40, 24, dtype, device)
     rel = shaw(2, 5, 24, device, u=True, w=True)
-    host = posattn.attention(q, k, v, causal=True, rel_emb=rel, return_lse=True, backend="triton")
+    leaves = (q, k, v, rel.key, rel.value, rel.content_bias, rel.position_bias)
+
+    def run():
+        out, lse = posattn.attention(q, k, v, causal=True, rel_emb=rel, return_lse=True, backend="triton")
+        g = torch.randn_like(out, generator=torch.Generator(out.device).manual_seed(0))
+        return (out, lse, *torch.autograd.grad(out, leaves, g))
+
+    host = run()
     monkeypatch.setattr(_triton, "XL_HOST_ROWS", False)
-    kernel = posattn.attention(q, k, v, causal=True, rel_emb=rel, return_lse=True, backend="triton")
+    kernel = run()
     assert all(torch.equal(a, b) for a, b in zip(host, kernel))
 
 
