@@ -163,12 +163,12 @@ def _head_params(off_b, off_h, Params, Table, tab_l, tab_r, Bias, sbb, sbh, bias
 def _load_queries(q_ptr, pos_ptr, offs_m, offs_d, sqm, Nq, Nk, D, u_ptr, w_ptr, FLAGS: tl.constexpr, sqw=0):
     """A query block: its positions, its tile (already rotated with RoPE: _rope_rotate)
     and the tile plus Transformer-XL's u (for the content term) and w (for the
-    position term), each rounded to the inputs' dtype. With XL_ROWS (the forward) the
-    host has added them: q + u is read at q_ptr (returned as the tile too: its dtype is
-    what is used), q + w at q_ptr + sqw (with a key table). Loaded, not computed, both stay in shared
-    memory as the products' operands; computed here, each was reloaded into registers
-    per key tile, and the masked Shaw forward spilled 204 B inside its loop (Triton 3.6,
-    D = 80 / 128: bench/NOTES.md)."""
+    position term), each rounded to the inputs' dtype. With XL_ROWS (the forward, dK /
+    dV) the host has added them: q + u is read at q_ptr (returned as the tile too: its
+    dtype is what is used), q + w at q_ptr + sqw (with a key table). Loaded, not
+    computed, both stay in shared memory as the products' operands; computed here, each
+    was reloaded into registers per key tile, and the masked Shaw forward spilled 204 B
+    inside its loop (Triton 3.6, D = 80 / 128: bench/NOTES.md)."""
     REL_U: tl.constexpr = (FLAGS >> _REL_U.value) & 1
     REL_W: tl.constexpr = (FLAGS >> _REL_W.value) & 1
     qp = _positions(pos_ptr, offs_m, Nq, Nk - Nq, FLAGS)

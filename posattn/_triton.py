@@ -597,10 +597,10 @@ def _rotated(L: _Launch, x, keys: bool, wrap, out=None, sign=1.0):
     return out
 
 
-# Transformer-XL's q + u and q + w added by the host for the forward (_xl_rows), not in
-# the kernel: a switch, not API (tests compare the two; the static sm_90 model prices the
-# masked Shaw loop without it lower, whose 50 local loads an iteration it cannot price:
-# bench/NOTES.md).
+# Transformer-XL's q + u and q + w added by the host for the forward and dK / dV
+# (_xl_rows), not in the kernels: a switch, not API (tests compare the two; a GPU A/B:
+# the static sm_90 model prices the masked forward loop lower without it, whose 50 local
+# loads an iteration it cannot price, and dK / dV higher: bench/NOTES.md).
 XL_HOST_ROWS = True
 
 
@@ -610,8 +610,8 @@ def _xl_rows(L: _Launch, q):
     GPU (float32 sum, one rounding to nearest; Triton's interpreter truncates to
     bfloat16, which tests/conftest.py patches), in one [2 or 1, B, H, N, D] workspace
     with 16-aligned rows: the forward reads them as loaded operands (XL_ROWS), which
-    stay in shared memory; computed in the kernel, both were held in registers and the
-    masked forward spilled (bench/NOTES.md). Returns the workspace and the second
+    stay in shared memory (the forward, dK / dV); computed in the kernel, both were held
+    in registers and the masked forward and dK / dV spilled (bench/NOTES.md). Returns the workspace and the second
     half's offset from the first, in elements (0 without it)."""
     B, H, N, D = q.shape
     n = 2 if L.args["FLAGS"] & pack_flags(REL_K=True) else 1

@@ -10,8 +10,8 @@ constexprs and divisibility specialisation it would compile (no hand-written
 argument types: a new argument is typed by its value). Shared memory must fit the
 architecture. On sm_90 the half-precision attention kernels must also use wgmma,
 compile with the launch's 16-byte specialisation, and (forward or decoding, D <= 128)
-not spill, bar two bounded exceptions: hopper_checks. Run it without TRITON_INTERPRET (the kernels must
-be JIT functions, not interpreted ones); tests/test_aot_compile.py does.
+not spill, bar two bounded exceptions: hopper_checks. Run it without TRITON_INTERPRET
+(the kernels must be JIT functions, not interpreted ones); tests/test_aot_compile.py does.
 
     python tests/aot_compile.py [--quick] [--only=ENC/DTYPE/D[@ARCH,...] ...]
 """
