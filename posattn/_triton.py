@@ -625,6 +625,16 @@ def _xl_rows(L: _Launch, q):
     return ws, (ws[1].storage_offset() - ws[0].storage_offset() if n == 2 else 0)
 
 
+def _xl_launch(L: _Launch, q, varlen: bool):
+    """The launch arguments of a kernel that reads q + u / q + w from _xl_rows (the
+    forward, dK / dV): Q, its strides and sqw, and the XL_ROWS bit to add to FLAGS;
+    sqw = 0 alone (and no bit) without u and w or with XL_HOST_ROWS off."""
+    if not (XL_HOST_ROWS and any(x is not None for x in L.rel_uw)):
+        return dict(sqw=0), 0
+    ws, sqw = _xl_rows(L, q)
+    return dict(Q=ws, sqw=sqw, **_strides("sq", ws[0], varlen)), pack_flags(XL_ROWS=True)
+
+
 def _packed_positions(p: Problem):
     """[1, total_q + total_k] int32: each packed row's position within its sequence,
     bottom-right aligned per sequence (queries at Nk_s - Nq_s + i), as the kernels'
@@ -715,14 +725,12 @@ def _forward(L: _Launch, q, k, v, wrap=_direct):
     lse2 = torch.empty_like(lse)
     bm, bn, bd, launch = L.config(backward=False)
     vl = p.varlen is not None
-    xl = dict(Q=q, sqw=0)
-    if XL_HOST_ROWS and any(x is not None for x in L.rel_uw):
-        ws, sqw = _xl_rows(L, q)
-        q = ws[0]   # (its strides; the kernel reads the whole workspace)
-        xl = dict(Q=ws, sqw=sqw, FLAGS=L.args["FLAGS"] | pack_flags(XL_ROWS=True))
-    L.launch(wrap, _attn_fwd, (_cdiv(p.rows_q, bm), p.Hq, p.batches), K=k, V=v, Out=out, Lse=lse, Lse2=lse2,
-             **_strides("sq", q, vl), **_strides("sk", k, vl), **_strides("sv", v, vl), **_strides("so", out, vl),
-             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, ACC_STAGES=launch["num_stages"], **xl, **launch)
+    xl, xl_flag = _xl_launch(L, q, vl)
+    L.launch(wrap, _attn_fwd, (_cdiv(p.rows_q, bm), p.Hq, p.batches),
+             **{**dict(Q=q, **_strides("sq", q, vl)), **xl}, K=k, V=v, Out=out, Lse=lse, Lse2=lse2,
+             **_strides("sk", k, vl), **_strides("sv", v, vl), **_strides("so", out, vl),
+             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, ACC_STAGES=launch["num_stages"],
+             FLAGS=L.args["FLAGS"] | xl_flag, **launch)
     return out, lse, lse2
 
 
@@ -855,17 +863,14 @@ def _backward(L: _Launch, q, k, v, out, lse, do, dlse, need, wrap=_direct):
     dk = torch.empty_like(k, dtype=torch.float32 if axes else k.dtype)
     dv = torch.empty_strided(dk.shape, dk.stride(), device=dev, dtype=v.dtype)   # dK's strides serve both
     dbias, shared = _dbias_rows(L, p) if need["bias"] else (None, False)
-    flags = L.args["FLAGS"] | pack_flags(DBIAS_ROWS=dbias is not None, DBIAS_ADD=shared)
-    xl = dict(sqw=0)
-    if XL_HOST_ROWS and any(x is not None for x in L.rel_uw):
-        # q + u and q + w as loaded operands here too: dK / dV loads a query tile per
-        # iteration, and the sums computed in registers spilled 3604 B at D=128 (AOT
-        # check, Triton 3.6; dQ and d(aK, aV) measured no better with them: in-kernel)
-        ws, sqw = _xl_rows(L, q)
-        xl = dict(Q=ws, sqw=sqw, **_strides("sq", ws[0], vl))
-        flags |= pack_flags(XL_ROWS=True)
+    # q + u and q + w as loaded operands here too: dK / dV loads a query tile per
+    # iteration, and the sums computed in registers spilled 3604 B at D=128 (AOT check,
+    # Triton 3.6; dQ and d(aK, aV) measured no better with them: in-kernel). Rebuilt,
+    # not kept from the forward: O(N * D), against holding 2 B H N D until the backward.
+    xl, xl_flag = _xl_launch(L, q, vl)
     L.launch(wrap, _attn_bwd_dkdv, (_cdiv(p.rows_k, bn), p.Hkv, nb), **{**inputs, **xl}, DK=dk, DV=dv,
-             DBias=stats if dbias is None else dbias, **_strides("sdk", dk, vl), FLAGS=flags)
+             DBias=stats if dbias is None else dbias, **_strides("sdk", dk, vl),
+             FLAGS=L.args["FLAGS"] | pack_flags(DBIAS_ROWS=dbias is not None, DBIAS_ADD=shared) | xl_flag)
 
     if axes:
         dq = _rotated(L, dq, False, wrap, out=torch.empty_like(q), sign=-1.0)
