@@ -552,6 +552,9 @@ FWD_ENCODINGS = {
     # a width that is not a power of two (51 x 40, N = 2040): the interior tiles' general
     # gather, an index per score (a power-of-two width reads at compile-time key offsets)
     "grid40": dict(TABLE=2, WINDOW=(51, 40)),
+    # causal: the boundary (diagonal) tiles start q.k from the table's vectors too, masks after
+    "causal+grid40": dict(CAUSAL=True, TABLE=2, WINDOW=(51, 40)),
+    "causal+grid": dict(CAUSAL=True, TABLE=2),
     # Swin's window attention: 49 tokens of a 7 x 7 window, its shifted-window mask a
     # [1, 1, 49, 49] float bias (a row stride of 49); every tile is a boundary tile
     "swin": dict(TABLE=2, WINDOW=(7, 7), BIAS=True, BIAS_BATCH=1, BIAS_HEADS=1),

@@ -2,11 +2,11 @@
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, _ALIBI, _ALIBI_MMA, _BIAS, _BIAS_MASK, _CAUSAL, _HAS_POS, _KERPLE, _REL_K, _REL_V, _SCALE_POS, _SCALE_POW2, _SINKS, _GRID_WW, _TABLE_ACC,
+from .common import (LOG2E, _ALIBI, _ALIBI_MMA, _BIAS, _BIAS_MASK, _CAUSAL, _HAS_POS, _KERPLE, _REL_K, _REL_V, _SCALE_POS, _SCALE_POW2, _SINKS, _GRID_VEC, _GRID_WW, _TABLE_ACC,
                      _SOFTCAP, _TABLE, _UPCAST, _DROPOUT, _VARLEN, _beyond, _dot, _dropout_keep, _key_range, _load_tile,
                      _positions, _sequence, _split_keys)
 from .relative import _keys_to_rel, _load_rel, _rel_end_rows, _rel_rows, _row_dot
-from .scores import _bias_raw, _bias_value, _grid_gather, _grid_tile, _head_params, _table_row, _load_queries, _logits, _scores, _table_far
+from .scores import _bias_raw, _bias_value, _grid_gather, _grid_tile, _grid_vec, _head_params, _table_row, _load_queries, _logits, _scores, _table_far
 
 
 @triton.jit
@@ -58,7 +58,8 @@ def _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_k, k_base, v_base
     kp = _positions(pos_k, offs_n, Nk, 0, FLAGS)
     k = _load_tile(k_base, offs_n, offs_d, skn, Nk, D)
     if ACC:
-        tl.static_assert(MASKED == 0 and COLS == 0)
+        # (a masked tile takes GridBias's vectors, with FLAGS free of the table: _scores masks only)
+        tl.static_assert(COLS == 0 and (MASKED == 0 or ACC == 2 and (FLAGS >> _TABLE.value) & 3 == 0))
         if ACC == 1:
             tl.static_assert(NATURAL == 1)
             init = _bias_value(acc_raw, FLAGS, BLOCK_M, BLOCK_N).to(tl.float32)
@@ -80,7 +81,7 @@ def _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_k, k_base, v_base
     if FUSED_SCALE:
         # No additive term and scale > 0: the row max is scale * max(qk), and
         # scale * qk - m is one FMA per element (Triton's tutorial 06).
-        if ACC == 2:
+        if ACC == 2 and MASKED == 0:
             s = qk
         else:
             s, rel, t = _scores(qk, qp, kp, start_m, start_n, offs_m, offs_n, Nq, Nk, 1.0, slope, r1, r2, table_ptr,
@@ -143,7 +144,9 @@ def _acc_term(start_n, bias_ptr, offs_m, offs_n0, Nq, sbm, acc_table, qp, tab_l,
         return _bias_raw(bias_ptr, offs_m, start_n + offs_n0, start_n, Nq, sbm, FLAGS, BLOCK_M, BLOCK_N)
     elif ACC == 2 and (FLAGS >> _GRID_WW.value) & 7:
         return _grid_tile(acc_table, qp, start_n, tab_l, tab_r, (FLAGS >> _GRID_WW.value) & 7, BLOCK_N)
-    elif ACC == 2:  # other widths: an index per score (the rows' codes held over the loop)
+    elif ACC == 2 and (FLAGS >> _GRID_VEC.value) & 3:   # other even widths: G keys a vector
+        return _grid_vec(acc_table, qp, start_n + offs_n0, tab_l, tab_r, (FLAGS >> _GRID_VEC.value) & 3)
+    elif ACC == 2:  # odd widths: an index per score (the rows' codes held over the loop)
         return _grid_gather(acc_table, qp, start_n + offs_n0, tab_l, tab_r, 1, KEY_POINTERS=1)
     else:
         return 0.0
@@ -323,6 +326,13 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel, Rng,
         if BIAS_ACC:
             q_in = (qu.to(tl.float32) * sm_scale).to(qu.dtype)
         acc_table = table_ptr + Hq * _table_row(tab_l, tab_r, 2) if GRID_ACC else table_ptr
+        if GRID_ACC and (FLAGS >> _GRID_VEC.value) & 3:
+            # instead of table / scale, the head's vector copies (scores._grid_vec): A copies
+            # of (2 Wh - 1) 2 Ww + A columns after the heads' rows rounded up to 4 floats, so
+            # 16-byte aligned, written so that the compiler can tell (A * A divides it)
+            VA: tl.constexpr = min(1 << ((FLAGS >> _GRID_VEC.value) & 3), 4)
+            acc_table = Table + ((Hq * _table_row(tab_l, tab_r, 2) + 3) // 4) * 4 \
+                + off_h * (VA * VA) * ((2 * tab_r // VA) * (2 * tab_l - 1) + 1)
         i_hi = b_lo if ALIBI_SIDES and CAUSAL else b_hi
         # interior tiles: no mask (none left here for causal ALiBi: all are below the diagonal).
         # With ACC, the launch's stage count given to the loop itself: Triton's pipeliner then
@@ -335,12 +345,17 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel, Rng,
                                       ak_ptr, av_ptr, offs_m, offs_n0, offs_d, Nq, Nk, D, skn, svn, rel_k, qk_scale,
                                       slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, seed, rng_row, drop_p, 0.0, 0.0, 0.0,
                                       FLAGS, BLOCK_M, BLOCK_N, 0, ACC=ACC, acc_raw=cur)
+        # GridBias's vectors start the boundary tiles' q.k too (the general gather's 64-bit
+        # address per score, pipelined, spilled beside 128x128 tiles), masks after
+        VEC_ACC: tl.constexpr = 2 * GRID_ACC * ((FLAGS >> _GRID_VEC.value) & 3 > 0)
         for t in range(0, n_masked):  # boundary tiles (bounds, causal diagonal, window edges), masked
             start_n = tl.where(t < n_low, lo + t * BLOCK_N, f_hi + (t - n_low) * BLOCK_N)
+            cur = _acc_term(start_n, bias_ptr, offs_m, offs_n0, Nq, sbm, acc_table, qp, tab_l, tab_r, FLAGS, VEC_ACC,
+                            BLOCK_M, BLOCK_N)
             acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_q + Nq, k_base, v_base,
                                       ak_ptr, av_ptr, offs_m, offs_n0, offs_d, Nq, Nk, D, skn, svn, rel_k, qk_scale,
                                       slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, seed, rng_row, drop_p, 0.0, 0.0, 0.0,
-                                      FLAGS, BLOCK_M, BLOCK_N, 1)
+                                      NO_TABLE if VEC_ACC else FLAGS, BLOCK_M, BLOCK_N, 1, ACC=VEC_ACC, acc_raw=cur)
 
     # Rows that saw no key: output 0, lse = -inf.
     empty = l_i == 0.0

@@ -226,6 +226,32 @@ def _grid_gather(table_ptr, qp, kp, wh, ww, ROWS_HELD: tl.constexpr, KEY_POINTER
 
 
 @triton.jit
+def _grid_vec(vec_ptr, qp, kp, wh, ww, VEC_LOG: tl.constexpr):
+    """GridBias's [BLOCK_M, BLOCK_N] tile from the host's vector copies (_triton.py
+    _grid_vec_copies) at an even width Ww, G = 2^VEC_LOG its power-of-two factor (at most
+    8): G keys from a multiple of G share a grid row, so their columns are consecutive.
+    The copies turn them into consecutive, aligned addresses, read as one vector: each
+    table row is padded to S = 2 Ww columns (key codes y S + x, multiples of G at such
+    keys), the columns reversed (a key further right, a column further left: the next
+    address), and A = min(G, 4) copies shifted by 0 .. A - 1 elements, a row reading the
+    copy that aligns its reversed code to A (16 bytes at most: a copy's vector size).
+    Rows past the window are clamped into it (_grid_xy)."""
+    G: tl.constexpr = 1 << VEC_LOG
+    A: tl.constexpr = min(G, 4)
+    S = 2 * ww
+    TP = (2 * wh - 1) * S                         # a copy's columns, padded
+    p, y = _grid_xy(qp, wh, ww)
+    o = (TP - 1) - (p + y * ww + (wh - 1) * S + ww - 1)   # the reversed column at key code 0
+    c = (-o) & (A - 1)                            # the copy that aligns it: c elements further on
+    row = tl.multiple_of(o + c * (TP + A + 1), A)
+    # keys past the window (a boundary tile's, masked) read the last G keys', so that
+    # every vector stays aligned and in the table
+    kp_, ky = _grid_xy(tl.where(kp < wh * ww, kp, wh * ww - G + (kp & (G - 1))), wh, ww)
+    kc = tl.max_contiguous(tl.multiple_of(kp_ + ky * ww, A), G)
+    return tl.load((vec_ptr + kc)[None, :] + row[:, None])
+
+
+@triton.jit
 def _grid_tile(table_ptr, qp, start_n, tab_l, tab_r, GRID_LOG: tl.constexpr, BLOCK_N: tl.constexpr, Nk=None):
     """GridBias's [BLOCK_M, BLOCK_N] tile at default positions, Ww = 2^(GRID_LOG + 2): key
     start_n + j has code c0 + j + (Ww - 1)(j // Ww), c0 the tile's first key's (it starts

@@ -311,8 +311,32 @@ def _acc_terms(p: Problem, flags, args, table):
                                and math.frexp(p.scale)[0] == 0.5)
     flags["TABLE_ACC"] = bool(small and flags["TABLE"] == 2 and not flags["HAS_POS"] and not flags["BIAS"]
                               and p.scale >= 2.0 ** -8)
-    if flags["TABLE_ACC"]:
+    ww = p.rel_bias.window[1] if flags["TABLE_ACC"] else 1
+    # GRID_VEC: an even width that is not a power of two reads G keys as a vector, G its
+    # power-of-two factor up to 8, from copies of the table / scale (_grid_vec_copies)
+    flags["GRID_VEC"] = min(3, (ww & -ww).bit_length() - 1) if not flags["GRID_WW"] else 0
+    if flags["GRID_VEC"]:
+        copies = _grid_vec_copies(table.float().t() / p.scale, p.rel_bias.window, min(4, 1 << flags["GRID_VEC"]))
+        rows = args["Table"].reshape(-1)
+        args["Table"] = torch.cat([rows, rows.new_zeros(-rows.numel() % 4), copies.reshape(-1)])
+    elif flags["TABLE_ACC"]:
         args["Table"] = torch.cat([args["Table"], table.float().t() / p.scale])
+
+
+def _grid_vec_copies(t, window, a):
+    """GridBias's table / scale t [Hq, (2 Wh - 1)(2 Ww - 1)] as kernels/scores.py's
+    _grid_vec reads it: per head, a copies of its columns with each table row padded to
+    2 Ww columns (a zero never read) and the whole row reversed, copy c shifted by c
+    elements: [Hq, a, (2 Wh - 1) 2 Ww + a]."""
+    wh, ww = window
+    h = t.shape[0]
+    padded = t.new_zeros(h, 2 * wh - 1, 2 * ww)
+    padded[:, :, :-1] = t.reshape(h, 2 * wh - 1, 2 * ww - 1)
+    rev = padded.reshape(h, -1).flip(-1)
+    out = t.new_zeros(h, a, rev.shape[1] + a)
+    for c in range(a):
+        out[:, c, c:c + rev.shape[1]] = rev
+    return out
 
 
 BIAS_ROW_TILE = 128   # kernels/common.py's _BIAS_ROW_TILE
@@ -449,7 +473,8 @@ class _Launch:
         self.sinks = sinks
         self.grid_table = isinstance(p.rel_bias, GridBias)
         # GridBias alone, default positions, a power-of-two width in [8, 512] (GRID_WW)
-        self.grid_alone = flags["TABLE_ACC"] and flags["GRID_WW"] > 0
+        # or another even one (GRID_VEC): no index per score
+        self.grid_alone = flags["TABLE_ACC"] and (flags["GRID_WW"] > 0 or flags["GRID_VEC"] > 0)
         self.table_columns = 0 if table is None else table.shape[0 if self.grid_table else 1]
         self.rel_heads = ([t for t in (rel_key, rel_value) if t is not None] or [q])[0].shape[0]
         self.rel_k = args["rel_k"]
@@ -494,6 +519,13 @@ class _Launch:
             # columns: wider ones spill there with the heaviest encodings (AOT check, D=80 /
             # 128 with causal + RoPE + ALiBi + table + bias: 56 B)
             bm, warps = 64, 4
+        if not backward and self.grid_alone and bm == 128 and width <= 64 and self.arch[0] == 9:
+            # GridBias from its table / scale without an index per score (TABLE_ACC with
+            # GRID_WW or GRID_VEC): 128x128 tiles on two warpgroups, 144 KiB of shared
+            # memory (Hopper). Static sm_90 model at D=64, cycles per 128x128 block against
+            # 128x64 on one: a 32 x 64 window 1302 -> 1198; 51 x 40 (vectors of 8) 1358
+            # with 128 B of spills -> 1204 (bench/NOTES.md)
+            bn, warps = 128, 8
         if not backward and (self.table is not None or self.bias is not None):
             # Triton pipelines the per-element table / bias gathers too ([BLOCK_M, BLOCK_N]
             # per stage): with 3 stages the bf16 D=64 forward needs 172 KiB of shared

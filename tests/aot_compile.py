@@ -45,6 +45,9 @@ def _problem(enc, dt, D):
         if "shaw" in enc:   # one query head per program
             kw = dict(causal=True, rel_emb=posattn.RelativeEmbeddings(r(8, 9, D), r(8, 9, D), 4, r(8, D), r(8, D)))
         return q, k, v, kw
+    if enc == "grid-long":   # 1000 tokens of a 26 x 40 window: the forward's 128x128 tiles, the table in vectors of 8
+        q, k, v = r(B, HQ, 1000, D, dtype=dt), r(B, HKV, 1000, D, dtype=dt), r(B, HKV, 1000, D, dtype=dt)
+        return q, k, v, dict(rel_bias=posattn.GridBias(r(51 * 79, HQ), (26, 40)))
     if enc == "swin":   # Swin's window attention: 49 tokens of a 7 x 7 window, its shifted-window mask as a bias
         q, k, v = r(B, HQ, 49, D, dtype=dt), r(B, HQ, 49, D, dtype=dt), r(B, HQ, 49, D, dtype=dt)
         return q, k, v, dict(rel_bias=posattn.GridBias(r(13 * 13, HQ), (7, 7)), bias=r(1, 1, 49, 49, dtype=dt))
@@ -189,7 +192,7 @@ def cases(quick, only=None):
                     yield enc, dt, D
 
 
-ENCODINGS = ["plain", "alibi", "causal+rope+alibi+table+bias", "varlen+causal+rope+alibi+table", "window+pos+ropei+grid+mask+softcap+sinks+dropout", "grid", "grid-pow2", "causal+grid-pow2", "bias", "swin", "causal+shaw+xl",
+ENCODINGS = ["plain", "alibi", "causal+rope+alibi+table+bias", "varlen+causal+rope+alibi+table", "window+pos+ropei+grid+mask+softcap+sinks+dropout", "grid", "grid-long", "grid-pow2", "causal+grid-pow2", "bias", "swin", "causal+shaw+xl",
              "window+shaw", "decode+alibi+table+bias+softcap+sinks+dropout", "decode+shaw+xl"]
 
 

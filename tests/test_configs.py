@@ -121,25 +121,29 @@ def test_short_queries_get_64_row_blocks(nq, bm, monkeypatch):
     assert _triton._Launch(p, wide, *_triton._launch_params(p)).config(backward=False)[0] == 128
 
 
-def test_grid_bias_alone_at_a_power_of_two_width_takes_one_warpgroup(monkeypatch):
-    """GridBias alone at a power-of-two width and default positions reads its table at
-    compile-time offsets in every forward tile (no index per score) and runs on one
-    warpgroup; a causal mask, explicit positions, another width or a dense bias beside
-    it keep two (static sm_90 model: 4 warps spill there)."""
+def test_grid_bias_alone_takes_128x128_tiles_on_hopper(monkeypatch):
+    """GridBias alone at default positions and an even width reads its table without an
+    index per score in every forward tile (compile-time offsets at a power of two,
+    vectors of keys otherwise): on Hopper, 128x128 tiles on two warpgroups. An odd
+    width, explicit positions or a dense bias beside it gather per score: 128x64 on two
+    (static sm_90 model: 4 warps or 128-key tiles spill there); Ampere keeps its tiles."""
     from posattn import _validate
     from posattn.encodings import GridBias
     monkeypatch.setattr(_triton, "interpreting", lambda: False)
     q = torch.randn(1, 2, 1000, 64, dtype=torch.bfloat16)
     pow2 = GridBias(torch.randn(31 * 127, 2), (16, 64))
 
-    def blocks_and_warps(**kw):
+    def tiles(**kw):
         p = _validate.check(q, q, q, **kw)
-        bm, _, _, launch = _triton._Launch(p, q, *_triton._launch_params(p)).config(backward=False)
-        return bm, launch["num_warps"]
+        bm, bn, _, launch = _triton._Launch(p, q, *_triton._launch_params(p)).config(backward=False)
+        return bm, bn, launch["num_warps"]
 
-    assert blocks_and_warps(rel_bias=pow2) == (128, 4)
-    assert blocks_and_warps(rel_bias=pow2, causal=True) == (128, 8)
+    assert tiles(rel_bias=pow2) == (128, 128, 8)
+    assert tiles(rel_bias=pow2, causal=True) == (128, 128, 8)
+    assert tiles(rel_bias=GridBias(torch.randn(49 * 79, 2), (25, 40))) == (128, 128, 8)
+    assert tiles(rel_bias=GridBias(torch.randn(51 * 77, 2), (26, 39))) == (128, 64, 8)
     pos = torch.arange(1000)
-    assert blocks_and_warps(rel_bias=pow2, q_pos=pos, k_pos=pos) == (128, 8)
-    assert blocks_and_warps(rel_bias=GridBias(torch.randn(49 * 79, 2), (25, 40))) == (128, 8)
-    assert blocks_and_warps(rel_bias=pow2, bias=torch.randn(1000, 1000, dtype=torch.bfloat16)) == (128, 8)
+    assert tiles(rel_bias=pow2, q_pos=pos, k_pos=pos) == (128, 64, 8)
+    assert tiles(rel_bias=pow2, bias=torch.randn(1000, 1000, dtype=torch.bfloat16)) == (128, 64, 8)
+    monkeypatch.setattr(_triton, "TARGET_ARCH", (8, 0))
+    assert tiles(rel_bias=pow2)[:2] == (128, 64)

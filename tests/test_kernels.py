@@ -228,7 +228,7 @@ def _acc_term_zeroed(start_n, bias_ptr, offs_m, offs_n0, Nq, sbm, acc_table, qp,
                      BLOCK_M, BLOCK_N) * 0
 
 
-@pytest.mark.parametrize("term", ["bias", "grid", "grid-other-width"])
+@pytest.mark.parametrize("term", ["bias", "grid", "grid-vectors", "grid-odd-width"])
 def test_accumulator_term_is_read(term, device, monkeypatch):
     """The forward's interior tiles read their one additive term through
     kernels/forward.py's _acc_term and start q.k from it (ACC: a bf16 dense bias at a
@@ -243,8 +243,10 @@ def test_accumulator_term_is_read(term, device, monkeypatch):
         kw = dict(bias=torch.randn(1, 2, 70, 100, device=device, dtype=torch.bfloat16) * 4)
     elif term == "grid":
         kw = dict(rel_bias=posattn.GridBias(torch.randn(15 * 31, 2, device=device) * 4, (8, 16)))
-    else:
+    elif term == "grid-vectors":
         kw = dict(rel_bias=posattn.GridBias(torch.randn(19 * 19, 2, device=device) * 4, (10, 10)))
+    else:
+        kw = dict(rel_bias=posattn.GridBias(torch.randn(23 * 17, 2, device=device) * 4, (12, 9)))
     out = posattn.attention(q, k, v, **kw)
     monkeypatch.setattr(F, "_acc_term", _acc_term_zeroed)
     assert (posattn.attention(q, k, v, **kw).float() - out.float()).abs().max() > 0.1
@@ -576,8 +578,12 @@ def test_grid_bias(dtype, device, backend):
                                                        ((3, 32), 70, 96, False, torch.bfloat16),
                                                        ((2, 128), 70, 200, False, torch.bfloat16),
                                                        ((5, 16), 75, 75, True, torch.float16),
-                                                       ((6, 12), 60, 72, False, torch.bfloat16)],
-                         ids=["narrower-than-tile", "tile-wide", "wider-than-tile", "causal-fp16", "other-width"])
+                                                       ((6, 12), 60, 72, False, torch.bfloat16),
+                                                       ((4, 14), 50, 56, False, torch.float16),
+                                                       ((3, 40), 70, 120, False, torch.bfloat16),
+                                                       ((5, 9), 40, 45, False, torch.bfloat16)],
+                         ids=["narrower-than-tile", "tile-wide", "wider-than-tile", "causal-fp16", "vectors-of-4",
+                              "vectors-of-2", "vectors-of-8", "odd-width"])
 def test_grid_bias_accumulator_tiles(window, nq, nk, causal, dtype, device, backend, launches):
     """GridBias alone in 16 bits at D <= 64: the forward's interior tiles start q.k from
     the table / scale copy (TABLE_ACC). At a power-of-two Ww >= 8 every tile reads it at
@@ -585,14 +591,52 @@ def test_grid_bias_accumulator_tiles(window, nq, nk, causal, dtype, device, back
     key tile (each tile starts a grid row), as wide (the interpreter's 32-key tiles;
     narrower on a GPU's 64), or wider; interior tiles past the first (their first key's
     code); queries shifted (Nq < Nk); a last partial key tile (200 keys; its keys past
-    Nk read nothing); causal diagonal tiles (float16). Other widths (12) gather the copy
-    with an index per score."""
+    Nk read nothing); causal diagonal tiles (float16). Other even widths read G keys at
+    a time from shifted, reversed copies (GRID_VEC: 12, 14 and 40 have G = 4, 2, 8: a
+    row whose copy or column is one off fails); odd ones (9) gather with an index per
+    score."""
     from posattn.kernels import attention as A
     q, k, v = _qkv(1, 2, 2, nq, 16, dtype, device, Nk=nk)
     wh, ww = window
     table = torch.randn((2 * wh - 1) * (2 * ww - 1), 2, device=device, requires_grad=True)
     check(q, k, v, backend=backend, causal=causal, rel_bias=posattn.GridBias(table, window))
     assert backend != "triton" or launches and all(f >> A._TABLE_ACC.value & 1 for _, f, _ in launches)
+    vec = {12: 2, 14: 1, 40: 3}.get(ww, 0)
+    assert backend != "triton" or all(f >> A._GRID_VEC.value & 3 == vec for _, f, _ in launches)
+
+
+@triton.jit
+def _grid_vec_probe(Out, Copies, wh, ww, NQ: tl.constexpr, NK: tl.constexpr, VEC_LOG: tl.constexpr):
+    from posattn.kernels.scores import _grid_vec
+    i, j = tl.arange(0, NQ), tl.arange(0, NK)
+    tl.store(Out + i[:, None] * NK + j[None, :], _grid_vec(Copies, i, j, wh, ww, VEC_LOG))
+
+
+@pytest.mark.parametrize("window", [(3, 12), (2, 40), (5, 14)], ids=["vectors-of-4", "vectors-of-8", "vectors-of-2"])
+def test_grid_vectors_read_their_column_aligned(window, device):
+    """kernels/scores.py's _grid_vec, from the copies posattn/_triton.py writes, for every
+    query and key of the window and past it: each pair in the window reads its table
+    column (GridBias.index); each vector of G keys from a multiple of G, past the window
+    too (a boundary tile's masked keys), reads G consecutive addresses from a multiple of
+    min(G, 4) elements, as the GPU's 16-byte vector reads need (the interpreter reads
+    element by element: a misaligned vector would pass everything else)."""
+    wh, ww = window
+    g = (ww & -ww).bit_length() - 1
+    G, A, n = 1 << g, min(4, 1 << g), wh * ww
+    NQ = NK = triton.next_power_of_2(n + 8)
+    cols = (2 * wh - 1) * (2 * ww - 1)
+    ids = torch.arange(cols, device=device, dtype=torch.float32)[None]          # [1 head, T]: a column's id
+    copies = _triton._grid_vec_copies(ids, window, A).reshape(-1)
+    out = torch.empty(NQ, NK, device=device)
+    _grid_vec_probe[(1,)](out, copies, wh, ww, NQ, NK, g)
+    pos = torch.arange(n, device=device)
+    want = posattn.GridBias(torch.zeros(cols, 1), window).index(pos, pos).float()
+    assert torch.equal(out[:n, :n], want)
+    addr = torch.empty(NQ, NK, device=device)
+    _grid_vec_probe[(1,)](addr, torch.arange(copies.numel(), device=device, dtype=torch.float32), wh, ww, NQ, NK, g)
+    vec = addr.view(NQ, NK // G, G)
+    assert torch.equal(vec - vec[..., :1], torch.arange(G, device=device, dtype=torch.float32).expand_as(vec))
+    assert (vec[..., 0] % A == 0).all() and (addr >= 0).all() and (addr < copies.numel()).all()
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
