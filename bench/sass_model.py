@@ -552,6 +552,8 @@ FWD_ENCODINGS = {
     # a width that is not a power of two (51 x 40, N = 2040): the interior tiles' general
     # gather, an index per score (a power-of-two width reads at compile-time key offsets)
     "grid40": dict(TABLE=2, WINDOW=(51, 40)),
+    # an odd width (DINOv2's 37 x 37 patches at 518 px, N = 1369): a line per query column
+    "grid37": dict(TABLE=2, WINDOW=(37, 37)),
     # causal: the boundary (diagonal) tiles start q.k from the table's vectors too, masks after
     "causal+grid40": dict(CAUSAL=True, TABLE=2, WINDOW=(51, 40)),
     "causal+grid": dict(CAUSAL=True, TABLE=2),

@@ -9,7 +9,7 @@ __all__ = ["LOG2E", "PHILOX_ROUNDS", "_TABLE_PAD", "_BIAS_ROW_TILE", "_GATHER_TI
            "_BIAS", "_BIAS_MASK", "_REL_K", "_REL_V", "_REL_U", "_REL_W", "_UPCAST", "_KERPLE", "_D_SLOPE",
            "_D_TABLE", "_D_U", "_D_W", "_D_AK", "_D_AV", "_DELTA_PASS", "_HEAD_BCAST", "_ROW_BCAST",
            "_COL_BCAST", "_D_KERPLE", "_CORRECT", "_TABLE_PASS", "_ONE_TILE", "_REL_SHARED", "_BIAS_KEYS",
-           "_SCALE_POS", "_DBIAS_ROWS", "_SOFTCAP", "_SINKS", "_FAST_TANH", "_DROPOUT", "_VARLEN", "_BIAS_TILES", "_GRID_WW", "_ALIBI_MMA", "_DBIAS_ADD", "_BIAS_PAIRS", "_SCALE_POW2", "_TABLE_ACC", "_XL_ROWS", "_GRID_VEC"]  # (and the helpers, imported by name)
+           "_SCALE_POS", "_DBIAS_ROWS", "_SOFTCAP", "_SINKS", "_FAST_TANH", "_DROPOUT", "_VARLEN", "_BIAS_TILES", "_GRID_WW", "_ALIBI_MMA", "_DBIAS_ADD", "_BIAS_PAIRS", "_SCALE_POW2", "_TABLE_ACC", "_XL_ROWS", "_GRID_VEC", "_GRID_LINE", "_GRID_LINE_PAD"]  # (and the helpers, imported by name)
 
 LOG2E = tl.constexpr(1.4426950408889634)  # a constexpr: jitted code reads no plain globals
 # Philox4x32 rounds for dropout's keep-mask: 7, Random123's Crush-resistant count (10 is
@@ -71,6 +71,8 @@ _TABLE_ACC = tl.constexpr(35)   # GridBias alone: Table also holds table / scale
 _XL_ROWS = tl.constexpr(36)     # forward, dK/dV: Transformer-XL's q + u at Q and q + w at Q + sqw, added by the host
 _GRID_VEC = tl.constexpr(37)    # two bits, with TABLE_ACC at an even width that is not a power of two: log2 of the
                                 # keys read as one vector (2, 4 or 8: Ww's power-of-two factor, at most 8), else 0
+_GRID_LINE = tl.constexpr(39)   # with TABLE_ACC at an odd width: Table holds a line of table / scale per query column
+_GRID_LINE_PAD = tl.constexpr(128)   # (zeros before the lines: a boundary tile's keys past the window read there)
 _D_SLOPE = tl.constexpr(0)
 _D_TABLE = tl.constexpr(1)
 _D_U = tl.constexpr(2)

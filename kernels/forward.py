@@ -2,11 +2,11 @@
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, _ALIBI, _ALIBI_MMA, _BIAS, _BIAS_MASK, _CAUSAL, _HAS_POS, _KERPLE, _REL_K, _REL_V, _SCALE_POS, _SCALE_POW2, _SINKS, _GRID_VEC, _GRID_WW, _TABLE_ACC,
+from .common import (LOG2E, _ALIBI, _ALIBI_MMA, _BIAS, _BIAS_MASK, _CAUSAL, _HAS_POS, _KERPLE, _REL_K, _REL_V, _SCALE_POS, _SCALE_POW2, _SINKS, _GRID_LINE, _GRID_LINE_PAD, _GRID_VEC, _GRID_WW, _TABLE_ACC,
                      _SOFTCAP, _TABLE, _UPCAST, _DROPOUT, _VARLEN, _beyond, _dot, _dropout_keep, _key_range, _load_tile,
                      _positions, _sequence, _split_keys)
 from .relative import _keys_to_rel, _load_rel, _rel_end_rows, _rel_rows, _row_dot
-from .scores import _bias_raw, _bias_value, _grid_gather, _grid_tile, _grid_vec, _head_params, _table_row, _load_queries, _logits, _scores, _table_far
+from .scores import _bias_raw, _bias_value, _grid_gather, _grid_line, _grid_tile, _grid_vec, _head_params, _table_row, _load_queries, _logits, _scores, _table_far
 
 
 @triton.jit
@@ -146,7 +146,9 @@ def _acc_term(start_n, bias_ptr, offs_m, offs_n0, Nq, sbm, acc_table, qp, tab_l,
         return _grid_tile(acc_table, qp, start_n, tab_l, tab_r, (FLAGS >> _GRID_WW.value) & 7, BLOCK_N)
     elif ACC == 2 and (FLAGS >> _GRID_VEC.value) & 3:   # other even widths: G keys a vector
         return _grid_vec(acc_table, qp, start_n + offs_n0, tab_l, tab_r, (FLAGS >> _GRID_VEC.value) & 3)
-    elif ACC == 2:  # odd widths: an index per score (the rows' codes held over the loop)
+    elif ACC == 2 and (FLAGS >> _GRID_LINE.value) & 1:   # odd widths: a line per query column
+        return _grid_line(acc_table, qp, start_n, offs_n0, tab_l, tab_r)
+    elif ACC == 2:  # odd widths past the lines' budget: an index per score (the rows' codes held over the loop)
         return _grid_gather(acc_table, qp, start_n + offs_n0, tab_l, tab_r, 1, KEY_POINTERS=1)
     else:
         return 0.0
@@ -333,6 +335,10 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel, Rng,
             VA: tl.constexpr = min(1 << ((FLAGS >> _GRID_VEC.value) & 3), 4)
             acc_table = Table + ((Hq * _table_row(tab_l, tab_r, 2) + 3) // 4) * 4 \
                 + off_h * (VA * VA) * ((2 * tab_r // VA) * (2 * tab_l - 1) + 1)
+        if GRID_ACC and (FLAGS >> _GRID_LINE.value) & 1:
+            # instead of table / scale, the head's lines (scores._grid_line), after the heads' rows
+            acc_table = Table + Hq * _table_row(tab_l, tab_r, 2) \
+                + off_h * (_GRID_LINE_PAD + tab_r * (2 * tab_l * tab_r))
         i_hi = b_lo if ALIBI_SIDES and CAUSAL else b_hi
         # interior tiles: no mask (none left here for causal ALiBi: all are below the diagonal).
         # With ACC, the launch's stage count given to the loop itself: Triton's pipeliner then
@@ -345,9 +351,9 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel, Rng,
                                       ak_ptr, av_ptr, offs_m, offs_n0, offs_d, Nq, Nk, D, skn, svn, rel_k, qk_scale,
                                       slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, seed, rng_row, drop_p, 0.0, 0.0, 0.0,
                                       FLAGS, BLOCK_M, BLOCK_N, 0, ACC=ACC, acc_raw=cur)
-        # GridBias's vectors start the boundary tiles' q.k too (the general gather's 64-bit
-        # address per score, pipelined, spilled beside 128x128 tiles), masks after
-        VEC_ACC: tl.constexpr = 2 * GRID_ACC * ((FLAGS >> _GRID_VEC.value) & 3 > 0)
+        # GridBias's vectors or lines start the boundary tiles' q.k too (the general gather's
+        # 64-bit address per score, pipelined, spilled beside 128x128 tiles), masks after
+        VEC_ACC: tl.constexpr = 2 * GRID_ACC * (((FLAGS >> _GRID_VEC.value) & 3 | (FLAGS >> _GRID_LINE.value) & 1) > 0)
         for t in range(0, n_masked):  # boundary tiles (bounds, causal diagonal, window edges), masked
             start_n = tl.where(t < n_low, lo + t * BLOCK_N, f_hi + (t - n_low) * BLOCK_N)
             cur = _acc_term(start_n, bias_ptr, offs_m, offs_n0, Nq, sbm, acc_table, qp, tab_l, tab_r, FLAGS, VEC_ACC,

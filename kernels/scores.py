@@ -4,7 +4,7 @@ the per-head encoding parameters; P and dS recomputed for the backward."""
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, _BIAS_ROW_TILE, _GATHER_TIE_FIRST, _ALIBI, _BIAS, _BIAS_KEYS, _BIAS_MASK, _BIAS_PAIRS, _BIAS_TILES, _CAUSAL, _FAST_TANH, _GRID_WW, _HAS_POS, _HAS_WL, _HAS_WR,
+from .common import (LOG2E, _BIAS_ROW_TILE, _GRID_LINE_PAD, _GATHER_TIE_FIRST, _ALIBI, _BIAS, _BIAS_KEYS, _BIAS_MASK, _BIAS_PAIRS, _BIAS_TILES, _CAUSAL, _FAST_TANH, _GRID_WW, _HAS_POS, _HAS_WL, _HAS_WR,
                      _KERPLE, _REL_K, _REL_SHARED, _REL_U, _REL_V, _REL_W, _ROPE, _SINKS, _SOFTCAP, _TABLE, _TABLE_PAD, _XL_ROWS,
                      _UPCAST, _DROPOUT, _VARLEN, _beyond, _dot, _dropout_keep, _load_tile, _positions, _tanh)
 from .relative import _add_row, _load_rel, _rel_rows, _rel_to_keys
@@ -249,6 +249,26 @@ def _grid_vec(vec_ptr, qp, kp, wh, ww, VEC_LOG: tl.constexpr):
     kp_, ky = _grid_xy(tl.where(kp < wh * ww, kp, wh * ww - G + (kp & (G - 1))), wh, ww)
     kc = tl.max_contiguous(tl.multiple_of(kp_ + ky * ww, A), G)
     return tl.load((vec_ptr + kc)[None, :] + row[:, None])
+
+
+@triton.jit
+def _grid_line(line_ptr, qp, start_n, offs_n0, wh, ww):
+    """GridBias's [BLOCK_M, BLOCK_N] tile from the host's lines (_triton.py
+    _grid_line_rows) at an odd width, where no G keys from a multiple of G stay in one
+    grid row: the bias of a query at column x against the key d tokens further on
+    depends on x and d only, so line x holds it at _GRID_LINE_PAD + x 2N + (N - 1) - d
+    (N = Wh Ww). A row's keys then read decreasing consecutive addresses: one pointer a
+    row and a tile, the keys' offsets immediates of its loads (as _grid_tile's). Keys
+    past the window (a boundary tile's, masked) read the padding or the line before;
+    rows past it are clamped into it (_grid_xy)."""
+    tl.static_assert(offs_n0.shape[0] <= _GRID_LINE_PAD)
+    n = wh * ww
+    p, y = _grid_xy(qp, wh, ww)
+    rows = line_ptr + (_GRID_LINE_PAD + (p - y * ww) * (2 * n) + (n - 1) + p - start_n)
+    if _GATHER_TIE_FIRST:   # (laid out a row a thread, its keys' offsets immediates, either way)
+        return tl.load(rows[:, None] - offs_n0[None, :])
+    else:
+        return tl.trans(tl.load(rows[None, :] - offs_n0[:, None]))
 
 
 @triton.jit

@@ -315,12 +315,43 @@ def _acc_terms(p: Problem, flags, args, table):
     # GRID_VEC: an even width that is not a power of two reads G keys as a vector, G its
     # power-of-two factor up to 8, from copies of the table / scale (_grid_vec_copies)
     flags["GRID_VEC"] = min(3, (ww & -ww).bit_length() - 1) if not flags["GRID_WW"] else 0
+    # GRID_LINE: an odd width reads a line per query column (_grid_line_rows), within a
+    # budget of GRID_LINE_FLOATS for all heads (2 Ww Wh Ww per head, against (2 Wh - 1)
+    # (2 Ww - 1) for the table); past it, an index per score
+    n_line = p.Hq * (GRID_LINE_PAD + 2 * ww * p.rel_bias.window[0] * ww) if flags["TABLE_ACC"] else 0
+    flags["GRID_LINE"] = bool(flags["TABLE_ACC"] and not flags["GRID_WW"] and not flags["GRID_VEC"]
+                              and n_line <= GRID_LINE_FLOATS)
     if flags["GRID_VEC"]:
         copies = _grid_vec_copies(table.float().t() / p.scale, p.rel_bias.window, min(4, 1 << flags["GRID_VEC"]))
         rows = args["Table"].reshape(-1)
         args["Table"] = torch.cat([rows, rows.new_zeros(-rows.numel() % 4), copies.reshape(-1)])
+    elif flags["GRID_LINE"]:
+        lines = _grid_line_rows(table.float().t() / p.scale, p.rel_bias.window)
+        args["Table"] = torch.cat([args["Table"].reshape(-1), lines.reshape(-1)])
     elif flags["TABLE_ACC"]:
         args["Table"] = torch.cat([args["Table"], table.float().t() / p.scale])
+
+
+GRID_LINE_PAD = 128              # kernels/common.py's _GRID_LINE_PAD
+GRID_LINE_FLOATS = 1 << 22       # 16 MiB: a 37 x 37 window's lines for 16 heads take 6.5 MiB
+
+
+def _grid_line_rows(t, window):
+    """GridBias's table / scale t [Hq, (2 Wh - 1)(2 Ww - 1)] as kernels/scores.py's
+    _grid_line reads it: per head, GRID_LINE_PAD zeros, then for each query column x a
+    line of 2N entries (N = Wh Ww), entry (N - 1) - d the bias of a query at column x
+    against the key d tokens further on (0 where that key is outside every window):
+    [Hq, GRID_LINE_PAD + Ww 2N]."""
+    wh, ww = window
+    n = wh * ww
+    x = torch.arange(ww, device=t.device)[:, None]
+    s = x + (n - 1) - torch.arange(2 * n, device=t.device)[None, :]   # the key's column + its rows below * Ww
+    dy = -torch.div(s, ww, rounding_mode="floor")                    # query row - key row
+    dx = x - (s + dy * ww)                                           # query column - key column
+    valid = dy.abs() <= wh - 1
+    col = torch.where(valid, (dy + wh - 1) * (2 * ww - 1) + dx + ww - 1, 0)
+    lines = torch.where(valid, t[:, col], 0.0)                      # [Hq, Ww, 2N]
+    return torch.cat([t.new_zeros(t.shape[0], GRID_LINE_PAD), lines.reshape(t.shape[0], -1)], dim=1)
 
 
 def _grid_vec_copies(t, window, a):
@@ -472,9 +503,9 @@ class _Launch:
         self.kerple = (kerple_r1, kerple_r2)
         self.sinks = sinks
         self.grid_table = isinstance(p.rel_bias, GridBias)
-        # GridBias alone, default positions, a power-of-two width in [8, 512] (GRID_WW)
-        # or another even one (GRID_VEC): no index per score
-        self.grid_alone = flags["TABLE_ACC"] and (flags["GRID_WW"] > 0 or flags["GRID_VEC"] > 0)
+        # GridBias alone, default positions, a power-of-two width in [8, 512] (GRID_WW),
+        # another even one (GRID_VEC) or an odd one (GRID_LINE): no index per score
+        self.grid_alone = flags["TABLE_ACC"] and (flags["GRID_WW"] > 0 or flags["GRID_VEC"] > 0 or flags["GRID_LINE"])
         self.table_columns = 0 if table is None else table.shape[0 if self.grid_table else 1]
         self.rel_heads = ([t for t in (rel_key, rel_value) if t is not None] or [q])[0].shape[0]
         self.rel_k = args["rel_k"]

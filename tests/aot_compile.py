@@ -48,6 +48,9 @@ def _problem(enc, dt, D):
     if enc == "grid-long":   # 1000 tokens of a 26 x 40 window: the forward's 128x128 tiles, the table in vectors of 8
         q, k, v = r(B, HQ, 1000, D, dtype=dt), r(B, HKV, 1000, D, dtype=dt), r(B, HKV, 1000, D, dtype=dt)
         return q, k, v, dict(rel_bias=posattn.GridBias(r(51 * 79, HQ), (26, 40)))
+    if enc == "grid-odd-long":   # 1300 tokens of a 37 x 37 window: 128x128 tiles, a line per query column
+        q, k, v = r(B, HQ, 1300, D, dtype=dt), r(B, HKV, 1300, D, dtype=dt), r(B, HKV, 1300, D, dtype=dt)
+        return q, k, v, dict(rel_bias=posattn.GridBias(r(73 * 73, HQ), (37, 37)))
     if enc == "swin":   # Swin's window attention: 49 tokens of a 7 x 7 window, its shifted-window mask as a bias
         q, k, v = r(B, HQ, 49, D, dtype=dt), r(B, HQ, 49, D, dtype=dt), r(B, HQ, 49, D, dtype=dt)
         return q, k, v, dict(rel_bias=posattn.GridBias(r(13 * 13, HQ), (7, 7)), bias=r(1, 1, 49, 49, dtype=dt))
@@ -192,7 +195,7 @@ def cases(quick, only=None):
                     yield enc, dt, D
 
 
-ENCODINGS = ["plain", "alibi", "causal+rope+alibi+table+bias", "varlen+causal+rope+alibi+table", "window+pos+ropei+grid+mask+softcap+sinks+dropout", "grid", "grid-long", "grid-pow2", "causal+grid-pow2", "bias", "swin", "causal+shaw+xl",
+ENCODINGS = ["plain", "alibi", "causal+rope+alibi+table+bias", "varlen+causal+rope+alibi+table", "window+pos+ropei+grid+mask+softcap+sinks+dropout", "grid", "grid-long", "grid-odd-long", "grid-pow2", "causal+grid-pow2", "bias", "swin", "causal+shaw+xl",
              "window+shaw", "decode+alibi+table+bias+softcap+sinks+dropout", "decode+shaw+xl"]
 
 

@@ -35,7 +35,8 @@ def test_kernels_compile_for_sm80_sm86_and_sm90(tmp_path):
         # where the shared memory is largest or the code path is their own
         args += ["--only=causal+rope+alibi+table+bias/bf16/64", "--only=causal+shaw+xl/bf16/64@90",
                  "--only=causal+shaw+xl/bf16/128", "--only=plain/bf16/128", "--only=swin/bf16/128@90,86",
-                 "--only=grid-pow2/bf16/64@90", "--only=grid/bf16/64@90", "--only=grid-long/bf16/64@90", "--only=alibi/bf16/64@90,80",
+                 "--only=grid-pow2/bf16/64@90", "--only=grid/bf16/64@90", "--only=grid-long/bf16/64@90",
+                 "--only=grid-odd-long/bf16/64@90", "--only=alibi/bf16/64@90,80",
                  "--only=bias/bf16/64@90"]
     res = subprocess.run(args, env=env, capture_output=True, text=True, timeout=1800)
     report = "\n".join(line for line in res.stdout.splitlines() if line.startswith(("ok", "FAIL", "0 ", "1", "2")))

@@ -122,11 +122,12 @@ def test_short_queries_get_64_row_blocks(nq, bm, monkeypatch):
 
 
 def test_grid_bias_alone_takes_128x128_tiles_on_hopper(monkeypatch):
-    """GridBias alone at default positions and an even width reads its table without an
-    index per score in every forward tile (compile-time offsets at a power of two,
-    vectors of keys otherwise): on Hopper, 128x128 tiles on two warpgroups. An odd
-    width, explicit positions or a dense bias beside it gather per score: 128x64 on two
-    (static sm_90 model: 4 warps or 128-key tiles spill there); Ampere keeps its tiles."""
+    """GridBias alone at default positions reads its table without an index per score
+    in every forward tile (compile-time offsets at a power-of-two width, vectors of keys
+    at another even one, a line per query column at an odd one): on Hopper, 128x128
+    tiles on two warpgroups. Lines past their memory budget, explicit positions or a
+    dense bias beside it gather per score: 128x64 on two (static sm_90 model: 4 warps or
+    128-key tiles spill there); Ampere keeps its tiles."""
     from posattn import _validate
     from posattn.encodings import GridBias
     monkeypatch.setattr(_triton, "interpreting", lambda: False)
@@ -141,7 +142,8 @@ def test_grid_bias_alone_takes_128x128_tiles_on_hopper(monkeypatch):
     assert tiles(rel_bias=pow2) == (128, 128, 8)
     assert tiles(rel_bias=pow2, causal=True) == (128, 128, 8)
     assert tiles(rel_bias=GridBias(torch.randn(49 * 79, 2), (25, 40))) == (128, 128, 8)
-    assert tiles(rel_bias=GridBias(torch.randn(51 * 77, 2), (26, 39))) == (128, 64, 8)
+    assert tiles(rel_bias=GridBias(torch.randn(51 * 77, 2), (26, 39))) == (128, 128, 8)
+    assert tiles(rel_bias=GridBias(torch.randn(3997, 2), (1, 1999))) == (128, 64, 8)   # past the lines' budget
     pos = torch.arange(1000)
     assert tiles(rel_bias=pow2, q_pos=pos, k_pos=pos) == (128, 64, 8)
     assert tiles(rel_bias=pow2, bias=torch.randn(1000, 1000, dtype=torch.bfloat16)) == (128, 64, 8)

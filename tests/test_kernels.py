@@ -593,8 +593,8 @@ def test_grid_bias_accumulator_tiles(window, nq, nk, causal, dtype, device, back
     code); queries shifted (Nq < Nk); a last partial key tile (200 keys; its keys past
     Nk read nothing); causal diagonal tiles (float16). Other even widths read G keys at
     a time from shifted, reversed copies (GRID_VEC: 12, 14 and 40 have G = 4, 2, 8: a
-    row whose copy or column is one off fails); odd ones (9) gather with an index per
-    score."""
+    row whose copy or column is one off fails); odd ones (9) a line per query column
+    (GRID_LINE)."""
     from posattn.kernels import attention as A
     q, k, v = _qkv(1, 2, 2, nq, 16, dtype, device, Nk=nk)
     wh, ww = window
@@ -602,7 +602,8 @@ def test_grid_bias_accumulator_tiles(window, nq, nk, causal, dtype, device, back
     check(q, k, v, backend=backend, causal=causal, rel_bias=posattn.GridBias(table, window))
     assert backend != "triton" or launches and all(f >> A._TABLE_ACC.value & 1 for _, f, _ in launches)
     vec = {12: 2, 14: 1, 40: 3}.get(ww, 0)
-    assert backend != "triton" or all(f >> A._GRID_VEC.value & 3 == vec for _, f, _ in launches)
+    assert backend != "triton" or all(f >> A._GRID_VEC.value & 3 == vec and f >> A._GRID_LINE.value & 1 == ww % 2
+                                      for _, f, _ in launches if ww & (ww - 1))
 
 
 @triton.jit
@@ -637,6 +638,47 @@ def test_grid_vectors_read_their_column_aligned(window, device):
     vec = addr.view(NQ, NK // G, G)
     assert torch.equal(vec - vec[..., :1], torch.arange(G, device=device, dtype=torch.float32).expand_as(vec))
     assert (vec[..., 0] % A == 0).all() and (addr >= 0).all() and (addr < copies.numel()).all()
+
+
+def test_grid_bias_odd_width_past_the_line_budget(device, backend, launches, monkeypatch):
+    """An odd width whose lines would pass posattn/_triton.py's GRID_LINE_FLOATS gathers
+    the table / scale copy with an index per score instead (TABLE_ACC, no GRID_LINE)."""
+    from posattn.kernels import attention as A
+    monkeypatch.setattr(_triton, "GRID_LINE_FLOATS", 0)
+    q, k, v = _qkv(1, 2, 2, 40, 16, torch.bfloat16, device, Nk=45)
+    table = torch.randn(9 * 17, 2, device=device, requires_grad=True)
+    check(q, k, v, backend=backend, rel_bias=posattn.GridBias(table, (5, 9)))
+    assert backend != "triton" or launches and all(f >> A._TABLE_ACC.value & 1 and not f >> A._GRID_LINE.value & 1
+                                                   for _, f, _ in launches)
+
+
+@triton.jit
+def _grid_line_probe(Out, Lines, wh, ww, NQ: tl.constexpr, NK: tl.constexpr):
+    from posattn.kernels.scores import _grid_line
+    i, j = tl.arange(0, NQ), tl.arange(0, NK)
+    tl.store(Out + i[:, None] * NK + j[None, :], _grid_line(Lines, i, 0, j, wh, ww))
+
+
+@pytest.mark.parametrize("window", [(3, 9), (4, 7), (2, 1)])
+def test_grid_line_reads_its_column(window, device):
+    """kernels/scores.py's _grid_line on the lines posattn/_triton.py writes (odd widths),
+    for every query and key of the window and past it: each pair in the window reads its
+    table column (GridBias.index); keys past it (a boundary tile's, masked) and rows past
+    it stay inside the buffer (the padding in front)."""
+    wh, ww = window
+    n = wh * ww
+    NQ = NK = triton.next_power_of_2(n + 8)
+    cols = (2 * wh - 1) * (2 * ww - 1)
+    ids = torch.arange(1, cols + 1, device=device, dtype=torch.float32)[None]   # [1 head, T]: a column's id + 1
+    lines = _triton._grid_line_rows(ids, window).reshape(-1)
+    out = torch.empty(NQ, NK, device=device)
+    _grid_line_probe[(1,)](out, lines, wh, ww, NQ, NK)
+    pos = torch.arange(n, device=device)
+    want = posattn.GridBias(torch.zeros(cols, 1), window).index(pos, pos).float() + 1
+    assert torch.equal(out[:n, :n], want)
+    addr = torch.empty(NQ, NK, device=device)
+    _grid_line_probe[(1,)](addr, torch.arange(lines.numel(), device=device, dtype=torch.float32), wh, ww, NQ, NK)
+    assert (addr >= 0).all() and (addr < lines.numel()).all()
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
