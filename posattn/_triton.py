@@ -296,21 +296,27 @@ def _table_args(e, table, dummy):
 
 def _acc_terms(p: Problem, flags, args, table):
     """The forward's interior tiles may start q.k's accumulator from their one additive
-    term (kernels/forward.py, ACC), at D <= 64 with 16-bit inputs; the flags only where
-    it applies, so no other problem compiles a variant for them:
-    SCALE_POW2, a dense bias alone (not a mask), bfloat16 inputs and a power-of-two
-    scale: scale * q is exact (kept within 2^+-64, far from bfloat16's range ends);
-    TABLE_ACC, GridBias alone at default positions (any width: read at compile-time
-    offsets at a power-of-two one in [8, 512], GRID_WW, gathered otherwise): Table gains
-    the heads' rows of table / scale, in q.k's units, after the log2-domain ones (a
-    scale >= 2^-8 keeps them finite for any table below 2^120)."""
+    term (kernels/forward.py, ACC), with 16-bit inputs; the flags only where it applies,
+    so no other problem compiles a variant for them:
+    SCALE_POW2 (D <= 64), a dense bias alone (not a mask), bfloat16 inputs and a
+    power-of-two scale: scale * q is exact (kept within 2^+-64, far from bfloat16's
+    range ends);
+    TABLE_ACC (D <= 64), GridBias alone at default positions, read without an index
+    per score where it can be (compile-time offsets at a power-of-two width in [8,
+    512], GRID_WW; vectors of keys at another even one, GRID_VEC; a line per query
+    column at an odd one, GRID_LINE), gathered otherwise: Table gains table / scale in
+    q.k's units (as rows, copies or lines) after the heads' log2-domain rows (a scale >=
+    2^-8 keeps them finite for any table below 2^120)."""
     others = flags["ALIBI"] or flags["KERPLE"] or flags["SOFTCAP"] or flags["REL_K"] or flags["REL_V"]
-    small = p.D <= 64 and p.q.dtype in (torch.bfloat16, torch.float16) and not others
-    flags["SCALE_POW2"] = bool(small and p.q.dtype == torch.bfloat16 and flags["BIAS"] and not flags["BIAS_MASK"]
-                               and not flags["TABLE"] and 2.0 ** -64 <= p.scale <= 2.0 ** 64
+    half = p.q.dtype in (torch.bfloat16, torch.float16) and not others
+    flags["SCALE_POW2"] = bool(half and p.D <= 64 and p.q.dtype == torch.bfloat16 and flags["BIAS"]
+                               and not flags["BIAS_MASK"] and not flags["TABLE"] and 2.0 ** -64 <= p.scale <= 2.0 ** 64
                                and math.frexp(p.scale)[0] == 0.5)
-    flags["TABLE_ACC"] = bool(small and flags["TABLE"] == 2 and not flags["HAS_POS"] and not flags["BIAS"]
-                              and p.scale >= 2.0 ** -8)
+    # (not at D = 80 / 128: there the loops are the tensor cores' but for the gather; from
+    # the table / scale, 2304 -> 2048 cycles per block in the static model, but the AOT
+    # check's 160-token problems then spill 4 B in the forward: bench/NOTES.md)
+    flags["TABLE_ACC"] = bool(half and p.D <= 64 and flags["TABLE"] == 2 and not flags["HAS_POS"]
+                              and not flags["BIAS"] and p.scale >= 2.0 ** -8)
     ww = p.rel_bias.window[1] if flags["TABLE_ACC"] else 1
     # GRID_VEC: an even width that is not a power of two reads G keys as a vector, G its
     # power-of-two factor up to 8, from copies of the table / scale (_grid_vec_copies)
@@ -541,6 +547,11 @@ class _Launch:
             warps = 8
         if not backward and p.dropout_p > 0 and width <= 64:
             warps = 8   # the Philox words of a 128x64 tile spill one warpgroup (static sm_90 model: 28 B)
+        if not backward and p.get("softcap") is not None and width <= 64:
+            # the soft cap's tanh makes the tiles MUFU-bound (2112 cycles per 128x128 block
+            # at D=64 on one warpgroup or two); one spilled 4 B with sinks and a causal
+            # mask (static sm_90 model; none on two)
+            warps = 8
         if (not backward and bm == 128 and width <= 64
                 and 10 * _cdiv(p.rows_q, 64) * 64 <= 9 * _cdiv(p.rows_q, 128) * 128):
             # Short queries (Swin's windows of 49, 144 or 576 tokens): 64-row blocks compute

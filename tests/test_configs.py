@@ -149,3 +149,17 @@ def test_grid_bias_alone_takes_128x128_tiles_on_hopper(monkeypatch):
     assert tiles(rel_bias=pow2, bias=torch.randn(1000, 1000, dtype=torch.bfloat16)) == (128, 64, 8)
     monkeypatch.setattr(_triton, "TARGET_ARCH", (8, 0))
     assert tiles(rel_bias=pow2)[:2] == (128, 64)
+
+
+def test_softcap_forward_takes_two_warpgroups(monkeypatch):
+    """A soft cap's tanh makes the forward MUFU-bound on one warpgroup or two (static
+    sm_90 model, D=64: 2112 cycles per 128x128 block either way); on one, a causal mask
+    and sinks beside it spilled 4 B, so rows of at most 64 columns take two."""
+    from posattn import _validate
+    monkeypatch.setattr(_triton, "interpreting", lambda: False)
+    q = torch.randn(1, 2, 1000, 64, dtype=torch.bfloat16)
+    for kw in (dict(softcap=30.0), dict(softcap=30.0, causal=True, sinks=torch.randn(2))):
+        p = _validate.check(q, q, q, **kw)
+        assert _triton._Launch(p, q, *_triton._launch_params(p)).config(backward=False)[3]["num_warps"] == 8
+    p = _validate.check(q, q, q)
+    assert _triton._Launch(p, q, *_triton._launch_params(p)).config(backward=False)[3]["num_warps"] == 4
