@@ -320,13 +320,12 @@ def _acc_terms(p: Problem, flags, args, table):
     ww = p.rel_bias.window[1] if flags["TABLE_ACC"] else 1
     # GRID_VEC: an even width that is not a power of two reads G keys as a vector, G its
     # power-of-two factor up to 8, from copies of the table / scale (_grid_vec_copies)
-    flags["GRID_VEC"] = min(3, (ww & -ww).bit_length() - 1) if not flags["GRID_WW"] else 0
+    flags["GRID_VEC"] = min(3, (ww & -ww).bit_length() - 1) if not flags["GRID_WW"] and GRID_VECTORS else 0
     # GRID_LINE: an odd width reads a line per query column (_grid_line_rows), within a
     # budget of GRID_LINE_FLOATS for all heads (2 Ww Wh Ww per head, against (2 Wh - 1)
     # (2 Ww - 1) for the table); past it, an index per score
     n_line = p.Hq * (GRID_LINE_PAD + 2 * ww * p.rel_bias.window[0] * ww) if flags["TABLE_ACC"] else 0
-    flags["GRID_LINE"] = bool(flags["TABLE_ACC"] and not flags["GRID_WW"] and not flags["GRID_VEC"]
-                              and n_line <= GRID_LINE_FLOATS)
+    flags["GRID_LINE"] = bool(flags["TABLE_ACC"] and not flags["GRID_WW"] and ww % 2 and n_line <= GRID_LINE_FLOATS)
     if flags["GRID_VEC"]:
         copies = _grid_vec_copies(table.float().t() / p.scale, p.rel_bias.window, min(4, 1 << flags["GRID_VEC"]))
         rows = args["Table"].reshape(-1)
@@ -340,6 +339,11 @@ def _acc_terms(p: Problem, flags, args, table):
 
 GRID_LINE_PAD = 128              # kernels/common.py's _GRID_LINE_PAD
 GRID_LINE_FLOATS = 1 << 22       # 16 MiB: a 37 x 37 window's lines for 16 heads take 6.5 MiB
+# Switches, not API, for a GPU A/B of this session's GridBias paths (bench/NOTES.md, the
+# fourteenth session): GRID_VECTORS off (and GRID_LINE_FLOATS = 0) gathers per score at
+# every width that is not a power of two; GRID_WIDE_TILES off keeps 128x64 tiles.
+GRID_VECTORS = True
+GRID_WIDE_TILES = True
 
 
 def _grid_line_rows(t, window):
@@ -512,6 +516,7 @@ class _Launch:
         # GridBias alone, default positions, a power-of-two width in [8, 512] (GRID_WW),
         # another even one (GRID_VEC) or an odd one (GRID_LINE): no index per score
         self.grid_alone = flags["TABLE_ACC"] and (flags["GRID_WW"] > 0 or flags["GRID_VEC"] > 0 or flags["GRID_LINE"])
+        self.grid_pow2 = flags["TABLE_ACC"] and flags["GRID_WW"] > 0
         self.table_columns = 0 if table is None else table.shape[0 if self.grid_table else 1]
         self.rel_heads = ([t for t in (rel_key, rel_value) if t is not None] or [q])[0].shape[0]
         self.rel_k = args["rel_k"]
@@ -531,7 +536,7 @@ class _Launch:
         masked = p.causal or p.window_left is not None or p.window_right is not None
         positions = p.q_pos is not None or p.k_pos is not None   # a table index per element
         if (not backward and not self.has_rel and width <= 64
-                and (self.grid_table and not self.grid_alone or self.table is not None and positions
+                and (self.grid_table and not self.grid_pow2 or self.table is not None and positions
                      or masked and (self.table is not None or self.bias is not None or self.alibi is not None
                                     or self.kerple[0] is not None))):
             # Two warpgroups for 128-row tiles: one runs out of registers with a masked
@@ -561,7 +566,7 @@ class _Launch:
             # columns: wider ones spill there with the heaviest encodings (AOT check, D=80 /
             # 128 with causal + RoPE + ALiBi + table + bias: 56 B)
             bm, warps = 64, 4
-        if not backward and self.grid_alone and bm == 128 and width <= 64 and self.arch[0] == 9:
+        if not backward and self.grid_alone and bm == 128 and width <= 64 and self.arch[0] == 9 and GRID_WIDE_TILES:
             # GridBias from its table / scale without an index per score (TABLE_ACC with
             # GRID_WW or GRID_VEC): 128x128 tiles on two warpgroups, 144 KiB of shared
             # memory (Hopper). Static sm_90 model at D=64, cycles per 128x128 block against

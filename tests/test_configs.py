@@ -147,8 +147,13 @@ def test_grid_bias_alone_takes_128x128_tiles_on_hopper(monkeypatch):
     pos = torch.arange(1000)
     assert tiles(rel_bias=pow2, q_pos=pos, k_pos=pos) == (128, 64, 8)
     assert tiles(rel_bias=pow2, bias=torch.randn(1000, 1000, dtype=torch.bfloat16)) == (128, 64, 8)
+    monkeypatch.setattr(_triton, "GRID_WIDE_TILES", False)   # (a GPU A/B's switch: the tiles before)
+    assert tiles(rel_bias=pow2) == (128, 64, 4)
+    assert tiles(rel_bias=GridBias(torch.randn(49 * 79, 2), (25, 40))) == (128, 64, 8)
+    monkeypatch.setattr(_triton, "GRID_WIDE_TILES", True)
     monkeypatch.setattr(_triton, "TARGET_ARCH", (8, 0))
     assert tiles(rel_bias=pow2)[:2] == (128, 64)
+    assert tiles(rel_bias=GridBias(torch.randn(49 * 79, 2), (25, 40)))[1:] == (64, 8)
 
 
 def test_softcap_forward_takes_two_warpgroups(monkeypatch):

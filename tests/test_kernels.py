@@ -640,16 +640,21 @@ def test_grid_vectors_read_their_column_aligned(window, device):
     assert (vec[..., 0] % A == 0).all() and (addr >= 0).all() and (addr < copies.numel()).all()
 
 
-def test_grid_bias_odd_width_past_the_line_budget(device, backend, launches, monkeypatch):
-    """An odd width whose lines would pass posattn/_triton.py's GRID_LINE_FLOATS gathers
-    the table / scale copy with an index per score instead (TABLE_ACC, no GRID_LINE)."""
+@pytest.mark.parametrize("window", [(5, 9), (4, 14)], ids=["odd", "even"])
+def test_grid_bias_gathered_past_the_line_budget_or_switched_off(window, device, backend, launches, monkeypatch):
+    """An odd width whose lines would pass posattn/_triton.py's GRID_LINE_FLOATS, or an
+    even one with GRID_VECTORS off (a GPU A/B's switch), gathers the table / scale copy
+    with an index per score instead (TABLE_ACC, neither GRID_LINE nor GRID_VEC)."""
     from posattn.kernels import attention as A
     monkeypatch.setattr(_triton, "GRID_LINE_FLOATS", 0)
+    monkeypatch.setattr(_triton, "GRID_VECTORS", False)
+    wh, ww = window
     q, k, v = _qkv(1, 2, 2, 40, 16, torch.bfloat16, device, Nk=45)
-    table = torch.randn(9 * 17, 2, device=device, requires_grad=True)
-    check(q, k, v, backend=backend, rel_bias=posattn.GridBias(table, (5, 9)))
-    assert backend != "triton" or launches and all(f >> A._TABLE_ACC.value & 1 and not f >> A._GRID_LINE.value & 1
-                                                   for _, f, _ in launches)
+    table = torch.randn((2 * wh - 1) * (2 * ww - 1), 2, device=device, requires_grad=True)
+    check(q, k, v, backend=backend, rel_bias=posattn.GridBias(table, window))
+    assert backend != "triton" or launches and all(
+        f >> A._TABLE_ACC.value & 1 and not f >> A._GRID_LINE.value & 1 and not f >> A._GRID_VEC.value & 3
+        for _, f, _ in launches)
 
 
 @triton.jit
