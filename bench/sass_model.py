@@ -705,6 +705,7 @@ def posattn_launches(enc, D, backward, bwd_grads=None):
     if not backward:
         return calls
     calls.clear()
+    L = T._Launch(p, q, *params, sinks=sinks, forward=False)   # as posattn/_op.py's backward builds it
     need = dict.fromkeys(T._PARAMS, False)
     for g in (bwd_grads or {}):
         need[{"D_SLOPE": "alibi", "D_TABLE": "table", "D_AK": "rel_key", "D_AV": "rel_value", "D_BIAS": "bias",

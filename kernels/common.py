@@ -69,8 +69,8 @@ _BIAS_PAIRS = tl.constexpr(33)  # a bfloat16 dense bias at even element offsets:
 _SCALE_POW2 = tl.constexpr(34)  # the scale is a power of two: scale * q is exact in bfloat16 (the forward's bias accumulator)
 _TABLE_ACC = tl.constexpr(35)   # GridBias alone: Table also holds table / scale, after the heads' rows
 _XL_ROWS = tl.constexpr(36)     # forward, dK/dV: Transformer-XL's q + u at Q and q + w at Q + sqw, added by the host
-_GRID_VEC = tl.constexpr(37)    # two bits, with TABLE_ACC at an even width that is not a power of two: log2 of the
-                                # keys read as one vector (2, 4 or 8: Ww's power-of-two factor, at most 8), else 0
+_GRID_VEC = tl.constexpr(37)    # two bits, with TABLE_ACC at an even width that is not a power of two: log2 G, G keys
+                                # at consecutive addresses (Ww's power-of-two factor, at most 8; vectors of min(G, 4)), else 0
 _GRID_LINE = tl.constexpr(39)   # with TABLE_ACC at an odd width: Table holds a line of table / scale per query column
 _GRID_LINE_PAD = tl.constexpr(128)   # (zeros before the lines: a boundary tile's keys past the window read there)
 _D_SLOPE = tl.constexpr(0)

@@ -28,11 +28,14 @@ def _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_k, k_base, v_base
     [BLOCK_D] is added to every value row (Shaw's aV end row on a tile beyond the
     clip): acc += rowsum(P) v_add. With DROPOUT, P @ V takes P * keep (the 1 / (1 - p)
     is applied once, at the end); the row sum l does not.
-    ACC (unmasked tiles): the tile's one additive term, acc_raw (_acc_term's load, which
-    the interior loop's pipelining issues a stage ahead), is q.k's starting accumulator,
-    so the tensor cores add it, with no add per score. 1: a dense bias as _bias_raw loads it, qu holding scale * q (the
-    natural-domain score); 2: GridBias from the table / scale copy (in q.k's units), by
-    _grid_tile's compile-time offsets at a power-of-two width, else _grid_gather."""
+    ACC: the tile's one additive term, acc_raw (_acc_term's load, which the loops'
+    pipelining issues a stage ahead), is q.k's starting accumulator, so the tensor cores
+    add it, with no add per score. 1 (unmasked tiles): a dense bias as _bias_raw loads
+    it, qu holding scale * q (the natural-domain score); 2: GridBias's table / scale (in
+    q.k's units), by _grid_tile's compile-time offsets at a power-of-two width, from
+    _grid_vec's copies at another even one or _grid_line's lines at an odd one (these
+    two in masked tiles too, given FLAGS without the table: _scores then only masks),
+    else by _grid_gather."""
     REL_V: tl.constexpr = (FLAGS >> _REL_V.value) & 1
     UPCAST: tl.constexpr = (FLAGS >> _UPCAST.value) & 1
     DROPOUT: tl.constexpr = (FLAGS >> _DROPOUT.value) & 1
@@ -318,7 +321,8 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel, Rng,
         # ACC), where posattn/_triton.py's _acc_terms sets its bit (the term alone, 16-bit
         # inputs, D <= 64, where instruction issue, not the tensor cores, bounds the tiles):
         # SCALE_POW2, a dense bias with q scaled once here (exactly: a power-of-two scale,
-        # bfloat16); TABLE_ACC, GridBias from the host's table / scale rows (after the heads')
+        # bfloat16); TABLE_ACC, GridBias from the host's table / scale (rows, vector copies
+        # or lines, after the heads' log2-domain rows)
         BIAS_ACC: tl.constexpr = (FLAGS >> _SCALE_POW2.value) & 1
         GRID_ACC: tl.constexpr = (FLAGS >> _TABLE_ACC.value) & 1
         tl.static_assert(BIAS_ACC + GRID_ACC == 0 or BLOCK_D <= 64)

@@ -103,7 +103,7 @@ def _head_params(off_b, off_h, Params, Table, tab_l, tab_r, Bias, sbb, sbh, bias
     w [Hq, D], the soft cap [1], the sinks [Hq], the dropout probability [1], ALiBi's slopes
     [B, Hq]. Rel holds aK then aV, each [Hr, 2K+1, D] (Hr = 1 with REL_SHARED, else Hq);
     Table is float32 in the log2 domain, a row of _table_row per head (with TABLE_ACC,
-    then GridBias's rows of table / scale: the forward's _acc_term)."""
+    then GridBias's table / scale as rows, vector copies or lines: the forward's _acc_term)."""
     ROPE: tl.constexpr = (FLAGS >> _ROPE.value) & 1
     ALIBI: tl.constexpr = (FLAGS >> _ALIBI.value) & 1
     KERPLE: tl.constexpr = (FLAGS >> _KERPLE.value) & 1

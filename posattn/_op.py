@@ -303,7 +303,7 @@ def _bwd(*args):
     if need["bias"] and p.bias_is_mask:
         raise ValueError("posattn::attn_bwd: a bool mask has no gradient (need_bias must be False)")
     q = head["q"]
-    L = _triton._Launch(p, q, *inputs)
+    L = _triton._Launch(p, q, *inputs, forward=False)
     grads = _triton._backward(L, q, head["k"], head["v"], head["out"], head["lse2"], head["dout"], head["dlse"],
                               need, wrap=_launcher(q))
     return tuple(g if g is not None else q.new_empty(0) for g in grads)

@@ -294,7 +294,7 @@ def _table_args(e, table, dummy):
     return dict(TABLE=1, GRID_WW=0), dict(Table=rows, tab_l=e.left, tab_r=e.right), ()
 
 
-def _acc_terms(p: Problem, flags, args, table):
+def _acc_terms(p: Problem, flags, args, table, forward=True):
     """The forward's interior tiles may start q.k's accumulator from their one additive
     term (kernels/forward.py, ACC), with 16-bit inputs; the flags only where it applies,
     so no other problem compiles a variant for them:
@@ -308,7 +308,8 @@ def _acc_terms(p: Problem, flags, args, table):
     q.k's units (as rows, copies or lines) after the heads' log2-domain rows (a scale >=
     2^-8 keeps them finite for any table below 2^120)."""
     others = flags["ALIBI"] or flags["KERPLE"] or flags["SOFTCAP"] or flags["REL_K"] or flags["REL_V"]
-    half = p.q.dtype in (torch.bfloat16, torch.float16) and not others
+    # (a backward's launch: none, nor the copies or lines, which only the forward reads)
+    half = forward and p.q.dtype in (torch.bfloat16, torch.float16) and not others
     flags["SCALE_POW2"] = bool(half and p.D <= 64 and p.q.dtype == torch.bfloat16 and flags["BIAS"]
                                and not flags["BIAS_MASK"] and not flags["TABLE"] and 2.0 ** -64 <= p.scale <= 2.0 ** 64
                                and math.frexp(p.scale)[0] == 0.5)
@@ -487,7 +488,7 @@ class _Launch:
     Problem by the adapters above; every launch passes them by keyword."""
 
     def __init__(self, p: Problem, q, alibi, table, bias, rel_key, rel_value, rel_u, rel_w, kerple_r1=None,
-                 kerple_r2=None, sinks=None):
+                 kerple_r2=None, sinks=None, forward=True):
         self.p = p
         dummy = q
         self.upcast = interpreting() and q.dtype == torch.bfloat16
@@ -504,7 +505,7 @@ class _Launch:
             flags.update(f)
             args.update(a)
             segments += seg
-        _acc_terms(p, flags, args, table)
+        _acc_terms(p, flags, args, table, forward)
         args["Params"] = (torch.cat([x.detach().reshape(-1).to(torch.float32) for x in segments])
                           if segments else dummy)
         args["FLAGS"] = pack_flags(**flags)
@@ -545,7 +546,8 @@ class _Launch:
             # GridBias and a table at explicit positions (an index and a gather per
             # element) need two as well, but GridBias alone at a power-of-two width and
             # default positions (compile-time offsets, no index: 0 spills, 1302 cycles
-            # against 1444 with 8 warps at D=64). Masks alone, an unmasked dense bias or a
+            # against 1444 with 8 warps at D=64; on Hopper the 128x128 tiles below, on two,
+            # unless GRID_WIDE_TILES is off). Masks alone, an unmasked dense bias or a
             # DistanceBias at default positions fit one (0 spills; causal interior tiles
             # 1098 cycles per 128x128 block with 4 warps, 1208 with 8; dense bias 1652
             # against 1740; DistanceBias far tiles 1090 against 1208).
@@ -568,7 +570,7 @@ class _Launch:
             bm, warps = 64, 4
         if not backward and self.grid_alone and bm == 128 and width <= 64 and self.arch[0] == 9 and GRID_WIDE_TILES:
             # GridBias from its table / scale without an index per score (TABLE_ACC with
-            # GRID_WW or GRID_VEC): 128x128 tiles on two warpgroups, 144 KiB of shared
+            # GRID_WW, GRID_VEC or GRID_LINE): 128x128 tiles on two warpgroups, 144 KiB of shared
             # memory (Hopper). Static sm_90 model at D=64, cycles per 128x128 block against
             # 128x64 on one: a 32 x 64 window 1302 -> 1198; 51 x 40 (vectors of 8) 1358
             # with 128 B of spills -> 1204 (bench/NOTES.md)

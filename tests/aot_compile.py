@@ -114,6 +114,7 @@ def launches(enc, dt, D, arch=90):
         L = _triton._Launch(p, q, *params)
         out, lse, lse2 = _triton._forward(L, q, k, v, wrap=Capture)
         out, lse2 = torch.randn(out.shape).to(dt), torch.zeros(lse2.shape)
+        L = _triton._Launch(p, q, *params, forward=False)   # as posattn/_op.py's backward builds it
         for want in (False, True):  # lse not differentiated (dlse None), as in training
             need = {n: want and t is not None and t.is_floating_point() for n, t in zip(_triton._PARAMS, params)}
             _triton._backward(L, q, k, v, out, lse2, torch.randn(out.shape).to(dt), None, need, wrap=Capture)

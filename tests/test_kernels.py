@@ -13,6 +13,7 @@ import posattn
 from attn_check import check
 from posattn import _cuda, _triton, _validate
 from posattn.kernels.forward import _acc_term
+from posattn.kernels.scores import _grid_line, _grid_vec
 
 DECLARATIONS = {"triton": _triton.DECLARATION, "cuda": _cuda.DECLARATION}
 
@@ -218,7 +219,8 @@ def test_bias_as_the_products_accumulator(scale, device, launches):
     q, k, v = make_qkv((1, 2, 2, 70, 100, 16, False), torch.bfloat16, device)
     bias = torch.randn(1, 2, 70, 100, device=device, dtype=torch.bfloat16, requires_grad=True)
     check(q, k, v, backend="triton", bias=bias, scale=scale)
-    assert launches and all((f >> A._SCALE_POW2.value & 1) == (scale != 0.3) for _, f, _ in launches)
+    assert launches and all((f >> A._SCALE_POW2.value & 1) == (scale != 0.3 and n == "_attn_fwd")
+                            for n, f, _ in launches)   # (the backward's launches: never)
 
 
 @triton.jit
@@ -228,18 +230,26 @@ def _acc_term_zeroed(start_n, bias_ptr, offs_m, offs_n0, Nq, sbm, acc_table, qp,
                      BLOCK_M, BLOCK_N) * 0
 
 
-@pytest.mark.parametrize("term", ["bias", "grid", "grid-vectors", "grid-odd-width"])
+@pytest.mark.parametrize("term", ["bias", "grid", "grid-vectors", "grid-odd-width", "grid-vectors-boundary",
+                                  "grid-lines-boundary"])
 def test_accumulator_term_is_read(term, device, monkeypatch):
     """The forward's interior tiles read their one additive term through
     kernels/forward.py's _acc_term and start q.k from it (ACC: a bf16 dense bias at a
-    power-of-two scale, GridBias alone, at a power-of-two width or not): that term zeroed must
-    change the output. (A path never taken would leave the reference tests passing.)
-    Interpreter only: it looks the helper up at each call."""
+    power-of-two scale, GridBias alone, at a power-of-two width or not), and so do the
+    boundary tiles with GridBias's vectors or lines (the "-boundary" cases: 30 keys, one
+    masked key tile and no interior one): that term zeroed must change the output. (A
+    path never taken would leave the reference tests passing.) Interpreter only: it
+    looks the helper up at each call."""
     if not _triton.interpreting():
         pytest.skip("monkeypatches a jitted helper")
     from posattn.kernels import forward as F
-    q, k, v = make_qkv((1, 2, 2, 70, 100, 16, False), torch.bfloat16, device, requires_grad=False)
-    if term == "bias":
+    nq, nk = (20, 30) if term.endswith("boundary") else (70, 100)
+    q, k, v = make_qkv((1, 2, 2, nq, nk, 16, False), torch.bfloat16, device, requires_grad=False)
+    if term == "grid-vectors-boundary":
+        kw = dict(rel_bias=posattn.GridBias(torch.randn(5 * 19, 2, device=device) * 4, (3, 10)))
+    elif term == "grid-lines-boundary":
+        kw = dict(rel_bias=posattn.GridBias(torch.randn(7 * 17, 2, device=device) * 4, (4, 9)))
+    elif term == "bias":
         kw = dict(bias=torch.randn(1, 2, 70, 100, device=device, dtype=torch.bfloat16) * 4)
     elif term == "grid":
         kw = dict(rel_bias=posattn.GridBias(torch.randn(15 * 31, 2, device=device) * 4, (8, 16)))
@@ -581,39 +591,45 @@ def test_grid_bias(dtype, device, backend):
                                                        ((6, 12), 60, 72, False, torch.bfloat16),
                                                        ((4, 14), 50, 56, False, torch.float16),
                                                        ((3, 40), 70, 120, False, torch.bfloat16),
-                                                       ((5, 9), 40, 45, False, torch.bfloat16)],
+                                                       ((5, 9), 40, 45, False, torch.bfloat16),
+                                                       ((6, 12), 60, 72, True, torch.bfloat16),
+                                                       ((5, 9), 40, 45, True, torch.bfloat16)],
                          ids=["narrower-than-tile", "tile-wide", "wider-than-tile", "causal-fp16", "vectors-of-4",
-                              "vectors-of-2", "vectors-of-8", "odd-width"])
+                              "vectors-of-2", "vectors-of-8", "odd-width", "vectors-causal", "odd-width-causal"])
 def test_grid_bias_accumulator_tiles(window, nq, nk, causal, dtype, device, backend, launches):
     """GridBias alone in 16 bits at D <= 64: the forward's interior tiles start q.k from
     the table / scale copy (TABLE_ACC). At a power-of-two Ww >= 8 every tile reads it at
     key offsets fixed at compile time (kernels/scores.py): rows of Ww keys narrower than a
     key tile (each tile starts a grid row), as wide (the interpreter's 32-key tiles;
-    narrower on a GPU's 64), or wider; interior tiles past the first (their first key's
-    code); queries shifted (Nq < Nk); a last partial key tile (200 keys; its keys past
-    Nk read nothing); causal diagonal tiles (float16). Other even widths read G keys at
-    a time from shifted, reversed copies (GRID_VEC: 12, 14 and 40 have G = 4, 2, 8: a
-    row whose copy or column is one off fails); odd ones (9) a line per query column
-    (GRID_LINE)."""
+    narrower on a GPU's 64 or 128), or wider than the interpreter's; interior tiles past
+    the first (their first key's code); queries shifted (Nq < Nk); a last partial key
+    tile (200 keys; its keys past Nk read nothing); causal diagonal tiles (float16).
+    Other even widths read G keys at a time from shifted, reversed copies (GRID_VEC: 12,
+    14 and 40 have G = 4, 2, 8: a row whose copy or column is one off fails); odd ones
+    (9) a line per query column (GRID_LINE); both in the boundary tiles too (the causal
+    cases have no interior tile)."""
     from posattn.kernels import attention as A
     q, k, v = _qkv(1, 2, 2, nq, 16, dtype, device, Nk=nk)
     wh, ww = window
     table = torch.randn((2 * wh - 1) * (2 * ww - 1), 2, device=device, requires_grad=True)
     check(q, k, v, backend=backend, causal=causal, rel_bias=posattn.GridBias(table, window))
-    assert backend != "triton" or launches and all(f >> A._TABLE_ACC.value & 1 for _, f, _ in launches)
+    fwd = [f for n, f, _ in launches if n == "_attn_fwd"]
+    # (the backward's launches carry none of these bits: it never reads the copies or lines)
+    assert backend != "triton" or fwd and all(f >> A._TABLE_ACC.value & 1 for f in fwd) and not any(
+        f >> A._TABLE_ACC.value & 1 for n, f, _ in launches if n != "_attn_fwd")
     vec = {12: 2, 14: 1, 40: 3}.get(ww, 0)
     assert backend != "triton" or all(f >> A._GRID_VEC.value & 3 == vec and f >> A._GRID_LINE.value & 1 == ww % 2
-                                      for _, f, _ in launches if ww & (ww - 1))
+                                      for f in fwd if ww & (ww - 1))
 
 
 @triton.jit
 def _grid_vec_probe(Out, Copies, wh, ww, NQ: tl.constexpr, NK: tl.constexpr, VEC_LOG: tl.constexpr):
-    from posattn.kernels.scores import _grid_vec
     i, j = tl.arange(0, NQ), tl.arange(0, NK)
     tl.store(Out + i[:, None] * NK + j[None, :], _grid_vec(Copies, i, j, wh, ww, VEC_LOG))
 
 
-@pytest.mark.parametrize("window", [(3, 12), (2, 40), (5, 14)], ids=["vectors-of-4", "vectors-of-8", "vectors-of-2"])
+@pytest.mark.parametrize("window", [(3, 12), (2, 40), (5, 14), (7, 4), (9, 2)],
+                         ids=["vectors-of-4", "vectors-of-8", "vectors-of-2", "width-4", "width-2"])
 def test_grid_vectors_read_their_column_aligned(window, device):
     """kernels/scores.py's _grid_vec, from the copies posattn/_triton.py writes, for every
     query and key of the window and past it: each pair in the window reads its table
@@ -654,12 +670,11 @@ def test_grid_bias_gathered_past_the_line_budget_or_switched_off(window, device,
     check(q, k, v, backend=backend, rel_bias=posattn.GridBias(table, window))
     assert backend != "triton" or launches and all(
         f >> A._TABLE_ACC.value & 1 and not f >> A._GRID_LINE.value & 1 and not f >> A._GRID_VEC.value & 3
-        for _, f, _ in launches)
+        for n, f, _ in launches if n == "_attn_fwd")
 
 
 @triton.jit
 def _grid_line_probe(Out, Lines, wh, ww, NQ: tl.constexpr, NK: tl.constexpr):
-    from posattn.kernels.scores import _grid_line
     i, j = tl.arange(0, NQ), tl.arange(0, NK)
     tl.store(Out + i[:, None] * NK + j[None, :], _grid_line(Lines, i, 0, j, wh, ww))
 
