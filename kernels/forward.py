@@ -331,18 +331,21 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel, Rng,
         q_in = qu
         if BIAS_ACC:
             q_in = (qu.to(tl.float32) * sm_scale).to(qu.dtype)
-        acc_table = table_ptr + Hq * _table_row(tab_l, tab_r, 2) if GRID_ACC else table_ptr
+        # the head's table / scale, after the heads' rows (posattn/_triton.py _acc_terms)
+        acc_table = table_ptr
         if GRID_ACC and (FLAGS >> _GRID_VEC.value) & 3:
-            # instead of table / scale, the head's vector copies (scores._grid_vec): A copies
-            # of (2 Wh - 1) 2 Ww + A columns after the heads' rows rounded up to 4 floats, so
-            # 16-byte aligned, written so that the compiler can tell (A * A divides it)
+            # its vector copies (scores._grid_vec): A copies of (2 Wh - 1) 2 Ww + A columns
+            # after the heads' rows rounded up to 4 floats, so 16-byte aligned, written so
+            # that the compiler can tell (A * A divides it)
             VA: tl.constexpr = min(1 << ((FLAGS >> _GRID_VEC.value) & 3), 4)
             acc_table = Table + ((Hq * _table_row(tab_l, tab_r, 2) + 3) // 4) * 4 \
                 + off_h * (VA * VA) * ((2 * tab_r // VA) * (2 * tab_l - 1) + 1)
-        if GRID_ACC and (FLAGS >> _GRID_LINE.value) & 1:
-            # instead of table / scale, the head's lines (scores._grid_line), after the heads' rows
+        elif GRID_ACC and (FLAGS >> _GRID_LINE.value) & 1:
+            # its lines (scores._grid_line)
             acc_table = Table + Hq * _table_row(tab_l, tab_r, 2) \
                 + off_h * (_GRID_LINE_PAD + tab_r * (2 * tab_l * tab_r))
+        elif GRID_ACC:   # its row of table / scale
+            acc_table = table_ptr + Hq * _table_row(tab_l, tab_r, 2)
         i_hi = b_lo if ALIBI_SIDES and CAUSAL else b_hi
         # interior tiles: no mask (none left here for causal ALiBi: all are below the diagonal).
         # With ACC, the launch's stage count given to the loop itself: Triton's pipeliner then

@@ -318,24 +318,27 @@ def _acc_terms(p: Problem, flags, args, table, forward=True):
     # check's 160-token problems then spill 4 B in the forward: bench/NOTES.md)
     flags["TABLE_ACC"] = bool(half and p.D <= 64 and flags["TABLE"] == 2 and not flags["HAS_POS"]
                               and not flags["BIAS"] and p.scale >= 2.0 ** -8)
-    ww = p.rel_bias.window[1] if flags["TABLE_ACC"] else 1
+    window = p.rel_bias.window if flags["TABLE_ACC"] else (1, 1)
+    ww = window[1]
     # GRID_VEC: an even width that is not a power of two reads G keys as a vector, G its
     # power-of-two factor up to 8, from copies of the table / scale (_grid_vec_copies)
     flags["GRID_VEC"] = min(3, (ww & -ww).bit_length() - 1) if not flags["GRID_WW"] and GRID_VECTORS else 0
     # GRID_LINE: an odd width reads a line per query column (_grid_line_rows), within a
     # budget of GRID_LINE_FLOATS for all heads (2 Ww Wh Ww per head, against (2 Wh - 1)
     # (2 Ww - 1) for the table); past it, an index per score
-    n_line = p.Hq * (GRID_LINE_PAD + 2 * ww * p.rel_bias.window[0] * ww) if flags["TABLE_ACC"] else 0
+    n_line = p.Hq * (GRID_LINE_PAD + 2 * ww * window[0] * ww)
     flags["GRID_LINE"] = bool(flags["TABLE_ACC"] and not flags["GRID_WW"] and ww % 2 and n_line <= GRID_LINE_FLOATS)
+    if not flags["TABLE_ACC"]:
+        return
+    acc = table.float().t() / p.scale   # [Hq, T] in q.k's units
+    rows = args["Table"].reshape(-1)
     if flags["GRID_VEC"]:
-        copies = _grid_vec_copies(table.float().t() / p.scale, p.rel_bias.window, min(4, 1 << flags["GRID_VEC"]))
-        rows = args["Table"].reshape(-1)
+        copies = _grid_vec_copies(acc, window, min(4, 1 << flags["GRID_VEC"]))
         args["Table"] = torch.cat([rows, rows.new_zeros(-rows.numel() % 4), copies.reshape(-1)])
     elif flags["GRID_LINE"]:
-        lines = _grid_line_rows(table.float().t() / p.scale, p.rel_bias.window)
-        args["Table"] = torch.cat([args["Table"].reshape(-1), lines.reshape(-1)])
-    elif flags["TABLE_ACC"]:
-        args["Table"] = torch.cat([args["Table"], table.float().t() / p.scale])
+        args["Table"] = torch.cat([rows, _grid_line_rows(acc, window).reshape(-1)])
+    else:
+        args["Table"] = torch.cat([rows, acc.reshape(-1)])
 
 
 GRID_LINE_PAD = 128              # kernels/common.py's _GRID_LINE_PAD
