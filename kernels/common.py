@@ -9,7 +9,7 @@ __all__ = ["LOG2E", "PHILOX_ROUNDS", "_TABLE_PAD", "_BIAS_ROW_TILE", "_GATHER_TI
            "_BIAS", "_BIAS_MASK", "_REL_K", "_REL_V", "_REL_U", "_REL_W", "_UPCAST", "_KERPLE", "_D_SLOPE",
            "_D_TABLE", "_D_U", "_D_W", "_D_AK", "_D_AV", "_DELTA_PASS", "_HEAD_BCAST", "_ROW_BCAST",
            "_COL_BCAST", "_D_KERPLE", "_CORRECT", "_TABLE_PASS", "_ONE_TILE", "_REL_SHARED", "_BIAS_KEYS",
-           "_SCALE_POS", "_DBIAS_ROWS", "_SOFTCAP", "_SINKS", "_FAST_TANH", "_DROPOUT", "_VARLEN", "_BIAS_TILES", "_GRID_WW", "_ALIBI_MMA", "_DBIAS_ADD", "_BIAS_PAIRS", "_SCALE_POW2", "_TABLE_ACC", "_XL_ROWS", "_GRID_VEC", "_GRID_LINE", "_GRID_LINE_PAD"]  # (and the helpers, imported by name)
+           "_SCALE_POS", "_DBIAS_ROWS", "_SOFTCAP", "_SINKS", "_FAST_TANH", "_DROPOUT", "_VARLEN", "_BIAS_TILES", "_GRID_WW", "_ALIBI_MMA", "_DBIAS_ADD", "_BIAS_PAIRS", "_SCALE_POW2", "_TABLE_ACC", "_XL_ROWS", "_GRID_VEC", "_GRID_LINE", "_GRID_LINE_PAD", "_INTERPRETED"]  # (and the helpers, imported by name)
 
 LOG2E = tl.constexpr(1.4426950408889634)  # a constexpr: jitted code reads no plain globals
 # Philox4x32 rounds for dropout's keep-mask: 7, Random123's Crush-resistant count (10 is
@@ -29,6 +29,15 @@ _TABLE_PAD = tl.constexpr(256)
 # whole in-bounds rows; the padding (-inf, or False for a mask) hides the keys past Nk.
 _BIAS_ROW_TILE = tl.constexpr(128)
 _GATHER_TIE_FIRST = tl.constexpr(tuple(int(x) for x in re.findall(r"\d+", triton.__version__)[:2]) <= (3, 6))
+
+
+@triton.jit
+def _jit_probe():
+    pass
+
+
+# Kernels defined under TRITON_INTERPRET are the CPU interpreter's (as triton.jit decides)
+_INTERPRETED = tl.constexpr(type(_jit_probe).__name__ == "InterpretedFunction")
 
 # Bit offsets of the FLAGS constexpr (what the problem has: masks, positions, encodings,
 # and two layout facts: REL_SHARED, one relative table for every head; BIAS_KEYS, the
@@ -150,6 +159,23 @@ def _positions(pos_ptr, offs, N, shift, FLAGS: tl.constexpr):
 
 
 @triton.jit
+def _program_id_again(AXIS: tl.constexpr):
+    """tl.program_id(AXIS) read again from its special register, not kept from the
+    prologue: a volatile read the compiler cannot merge with the first, so what is needed
+    only after a key loop (the boundary tiles' range, the epilogue's offsets) is
+    recomputed there instead of being held, or spilled, across the loop (at 255
+    registers, D = 80 / 128: bench/NOTES.md). The interpreter has no inline assembly."""
+    if _INTERPRETED:
+        return tl.program_id(AXIS)
+    elif AXIS == 0:
+        return tl.inline_asm_elementwise("mov.u32 $0, %ctaid.x;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+    elif AXIS == 1:
+        return tl.inline_asm_elementwise("mov.u32 $0, %ctaid.y;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        return tl.inline_asm_elementwise("mov.u32 $0, %ctaid.z;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _key_range(start_m, BLOCK_M: tl.constexpr, Nq, Nk, win_l, win_r,
                FLAGS: tl.constexpr, BLOCK_N: tl.constexpr):
     """[lo, hi) of keys that rows start_m.. can see; with default positions the
@@ -200,15 +226,21 @@ def _query_range(start_n, BLOCK_N: tl.constexpr, Nq, Nk, win_l, win_r,
 
 
 @triton.jit
-def _interior(lo, hi, bottom, top, BLOCK: tl.constexpr):
+def _interior(lo, hi, bottom, top, BLOCK: tl.constexpr, BOTTOM_IS_LO: tl.constexpr = 0):
     """Split [lo, hi), walked in BLOCK steps from lo, into the tiles that lie inside
     [bottom, top) (an interval of whole tiles [f_lo, f_hi)) and the others; returns
     f_lo, f_hi, the number of other tiles below f_lo, and the number of others.
-    Other tile t starts at lo + t * BLOCK below f_lo, else at f_hi + (t - n_low) * BLOCK."""
-    hi_grid = lo + tl.cdiv(hi - lo, BLOCK) * BLOCK
-    f_lo = tl.minimum(lo + tl.cdiv(tl.maximum(bottom - lo, 0), BLOCK) * BLOCK, hi_grid)
+    Other tile t starts at lo + t * BLOCK below f_lo, else at f_hi + (t - n_low) * BLOCK.
+    BOTTOM_IS_LO: bottom is lo (and hi >= lo), so f_lo = lo and n_low = 0, as constants
+    (a scalar fewer held across the loops)."""
+    if BOTTOM_IS_LO:
+        f_lo = lo
+        n_low = 0
+    else:
+        hi_grid = lo + tl.cdiv(hi - lo, BLOCK) * BLOCK
+        f_lo = tl.minimum(lo + tl.cdiv(tl.maximum(bottom - lo, 0), BLOCK) * BLOCK, hi_grid)
+        n_low = (f_lo - lo) // BLOCK
     f_hi = tl.maximum(f_lo + (tl.maximum(tl.minimum(top, hi) - f_lo, 0) // BLOCK) * BLOCK, f_lo)
-    n_low = (f_lo - lo) // BLOCK
     return f_lo, f_hi, n_low, n_low + tl.cdiv(tl.maximum(hi - f_hi, 0), BLOCK)
 
 
@@ -252,9 +284,12 @@ def _part_range(part: tl.constexpr, lo, hi, b_lo, b_hi):
 
 @triton.jit
 def _split_keys(start_m, BLOCK_M: tl.constexpr, Nq, Nk, lo, hi, win_l, win_r,
-                FLAGS: tl.constexpr, BLOCK_N: tl.constexpr):
+                FLAGS: tl.constexpr, BLOCK_N: tl.constexpr, LO_CONST: tl.constexpr = 0):
     """The key tiles of [lo, hi) that every row of the block sees whole (in bounds,
-    not hidden by causal or window): they are scored without a mask. See _interior."""
+    not hidden by causal or window): they are scored without a mask. See _interior.
+    LO_CONST: without a left window edge, n_low = 0 as a constant (_interior's
+    BOTTOM_IS_LO; lo, hi from _key_range). Where register pressure is not the limit
+    the compiler schedules the kernels better without it (bench/NOTES.md)."""
     CAUSAL: tl.constexpr = (FLAGS >> _CAUSAL.value) & 1
     HAS_WL: tl.constexpr = (FLAGS >> _HAS_WL.value) & 1
     HAS_WR: tl.constexpr = (FLAGS >> _HAS_WR.value) & 1
@@ -272,7 +307,7 @@ def _split_keys(start_m, BLOCK_M: tl.constexpr, Nq, Nk, lo, hi, win_l, win_r,
             top = tl.minimum(top, tl.minimum(start_m + shift + 1 + tl.cast(win_r, tl.int64), Nk).to(tl.int32))
         if HAS_WL:  # key j >= i + shift - left for the block's last row
             bottom = tl.maximum(start_m + BLOCK_M - 1 + shift - tl.cast(win_l, tl.int64), 0).to(tl.int32)
-    return _interior(lo, hi, bottom, top, BLOCK_N)
+    return _interior(lo, hi, bottom, top, BLOCK_N, BOTTOM_IS_LO=LO_CONST * (HAS_POS | (1 - HAS_WL)))
 
 
 @triton.jit

@@ -86,7 +86,7 @@ def _attn_decode(Q, K, V, Part, PartLse, Pos, Params, Table, Bias, Rel, Rng,
     lo = k_lo + split * chunk
     hi = tl.minimum(lo + chunk, k_hi)
     for start_n in range(lo, hi, BLOCK_N):   # the forward's tile, masked: decoding is bound by the K / V reads
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, 0, start_n, qu, qw, qp, pos_q + Nq, k_base, v_base, ak_ptr, av_ptr,
+        acc, m_i, l_i, _ = _fwd_tile(acc, m_i, l_i, 0, start_n, qu, qw, qp, pos_q + Nq, k_base, v_base, ak_ptr, av_ptr,
                                   offs_i, offs_n0, offs_d, Nq, Nk, D, skn, svn, rel_k, qk_scale, slope, r1, r2,
                                   table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, seed, rng_row, drop_p,
                                   0.0, 0.0, 0.0, FLAGS, BLOCK_M, BLOCK_N, 1)

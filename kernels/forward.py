@@ -4,8 +4,8 @@ import triton.language as tl
 
 from .common import (LOG2E, _ALIBI, _ALIBI_MMA, _BIAS, _BIAS_MASK, _CAUSAL, _HAS_POS, _KERPLE, _REL_K, _REL_V, _SCALE_POS, _SCALE_POW2, _SINKS, _GRID_LINE, _GRID_LINE_PAD, _GRID_VEC, _GRID_WW, _TABLE_ACC,
                      _SOFTCAP, _TABLE, _UPCAST, _DROPOUT, _VARLEN, _beyond, _dot, _dropout_keep, _key_range, _load_tile,
-                     _positions, _sequence, _split_keys)
-from .relative import _keys_to_rel, _load_rel, _rel_end_rows, _rel_rows, _row_dot
+                     _positions, _program_id_again, _sequence, _split_keys)
+from .relative import _keys_to_rel, _keys_to_rel_halves, _load_rel, _rel_end_rows, _rel_rows, _row_dot
 from .scores import _bias_raw, _bias_value, _grid_gather, _grid_line, _grid_tile, _grid_vec, _head_params, _table_row, _load_queries, _logits, _scores, _table_far
 
 
@@ -24,10 +24,13 @@ def _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_k, k_base, v_base
     col_add is the [BLOCK_M, 16] row operand (_alibi_ext) and the keys' operand holds
     the key's offset j in its first three columns, so the step adds slope / scale * j
     to every logit: no add per score (the tiles at BLOCK_D <= 64, whose time is
-    instruction issue, not the tensor cores). With V_ADD, v_add
-    [BLOCK_D] is added to every value row (Shaw's aV end row on a tile beyond the
-    clip): acc += rowsum(P) v_add. With DROPOUT, P @ V takes P * keep (the 1 / (1 - p)
-    is applied once, at the end); the row sum l does not.
+    instruction issue, not the tensor cores). With V_ADD (Shaw's tiles beyond the clip,
+    whose value term is rowsum(P) times aV's end row), v_add [BLOCK_M, 2] sums rowsum(P)
+    over the tiles below (column 0) and above (column 1) the clip, rescaled with acc; the
+    tile adds to column col_add, and the caller adds the sums times the end rows once,
+    after its loop. Returned as the fourth value (v_add as given without V_ADD). With
+    DROPOUT, P @ V takes P * keep (the 1 / (1 - p) is applied once, at the end); the row
+    sum l does not.
     ACC: the tile's one additive term, acc_raw (_acc_term's load, which the loops'
     pipelining issues a stage ahead), is q.k's starting accumulator, so the tensor cores
     add it, with no add per score. 1 (unmasked tiles): a dense bias as _bias_raw loads
@@ -130,12 +133,21 @@ def _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_k, k_base, v_base
     v = _load_tile(v_base, offs_n, offs_d, svn, Nk, D)
     acc = acc * alpha[:, None]
     if V_ADD:
-        acc += p_sum[:, None] * v_add[None, :]
+        v_add = v_add * alpha[:, None] + tl.where(tl.arange(0, 2)[None, :] == col_add, p_sum[:, None], 0.0)
     acc += _dot(p.to(v.dtype), v, UPCAST)
     if REL_V:  # Shaw's value side: sum_j p_ij aV[c(i, j)], bucketed per row
-        av = _load_rel(av_ptr, _rel_rows(start_m, start_n, Nq, Nk, rel_k, BLOCK_M, BLOCK_N), offs_d, D)
-        acc += _dot(_keys_to_rel(p, BLOCK_M, BLOCK_N).to(v.dtype), av.to(v.dtype), UPCAST)
-    return acc, m_new, l_i
+        if BLOCK_M == BLOCK_N:   # the slice's two halves, each shifted without clamp or mask
+            p_lo, p_hi = _keys_to_rel_halves(p.to(v.dtype), BLOCK_N)
+            av_lo = _load_rel(av_ptr, _rel_rows(start_m, start_n, Nq, Nk, rel_k, BLOCK_M, BLOCK_N, 0, BLOCK_N),
+                              offs_d, D)
+            av_hi = _load_rel(av_ptr, _rel_rows(start_m, start_n, Nq, Nk, rel_k, BLOCK_M, BLOCK_N, BLOCK_N, BLOCK_N),
+                              offs_d, D)
+            acc += _dot(p_lo, av_lo.to(v.dtype), UPCAST)
+            acc += _dot(p_hi, av_hi.to(v.dtype), UPCAST)
+        else:
+            av = _load_rel(av_ptr, _rel_rows(start_m, start_n, Nq, Nk, rel_k, BLOCK_M, BLOCK_N), offs_d, D)
+            acc += _dot(_keys_to_rel(p, BLOCK_M, BLOCK_N).to(v.dtype), av.to(v.dtype), UPCAST)
+    return acc, m_new, l_i, v_add
 
 
 @triton.jit
@@ -172,6 +184,24 @@ def _alibi_ext(x, BLOCK_M: tl.constexpr, dtype: tl.constexpr):
 
 
 @triton.jit
+def _block_keys_again(pos_q, Nq, Nk, win_l, win_r, FLAGS: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, LO_CONST: tl.constexpr = 0):
+    """The query block's rows, positions and key split (_key_range, _split_keys) from its
+    program id read again (_program_id_again): what a loop after the first needs, not
+    held across the first (_attn_fwd's AGAIN). Returns start_m, offs_m, qp, lo and
+    _split_keys' f_lo, f_hi, n_low, n_masked."""
+    start_m = _program_id_again(0) * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    qp = _positions(pos_q, offs_m, Nq, Nk - Nq, FLAGS)
+    lo, hi = _key_range(start_m, BLOCK_M, Nq, Nk, win_l, win_r, FLAGS, BLOCK_N)
+    if (FLAGS >> _VARLEN.value) & 1:  # (as _attn_fwd's first split)
+        hi = tl.where(start_m < Nq, hi, lo)
+    f_lo, f_hi, n_low, n_masked = _split_keys(start_m, BLOCK_M, Nq, Nk, lo, hi, win_l, win_r, FLAGS, BLOCK_N,
+                                              LO_CONST=LO_CONST)
+    return start_m, offs_m, qp, lo, f_lo, f_hi, n_low, n_masked
+
+
+@triton.jit
 def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel, Rng,
               sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, sbb, sbh, sbm, bias_nb,
               Hq, Nq, Nk, D, GROUP, sm_scale, win_l, win_r, tab_l, tab_r, rel_k, sqw,
@@ -204,6 +234,11 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel, Rng,
     # Shaw's tiles beyond the clip fold the key term into the row max and rowsum(P) aV:
     # not through a soft cap, nor under dropout
     SHAW_FAR: tl.constexpr = 1 - ((FLAGS >> _SOFTCAP.value) & 1 | DROPOUT)
+    # At D = 80 / 128 (255 registers in the key loops), what is needed only after a key
+    # loop (the boundary tiles' range and rows, the epilogue's offsets) is recomputed there
+    # from the program ids read again (_program_id_again), not held across the loop: held,
+    # it was spilled (bench/NOTES.md). At D <= 64 the compiler does better without.
+    AGAIN: tl.constexpr = BLOCK_D > 64
     start_m = tl.program_id(0) * BLOCK_M
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
@@ -248,7 +283,8 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel, Rng,
         # (q + w) . aK[0 or 2K], folded into the row max, and the value term adds
         # rowsum(P) aV[0 or 2K]. They run as plain tiles; the others (near the
         # diagonal, boundaries) in one masked loop (two copies of its large body spill).
-        f_lo, f_hi, n_low, n_masked = _split_keys(start_m, BLOCK_M, Nq, Nk, lo, hi, win_l, win_r, FLAGS, BLOCK_N)
+        f_lo, f_hi, n_low, n_masked = _split_keys(start_m, BLOCK_M, Nq, Nk, lo, hi, win_l, win_r, FLAGS, BLOCK_N,
+                                                  LO_CONST=AGAIN)
         if SHAW_FAR:
             b_lo, b_hi, n_side_low, n_side = _beyond(start_m, f_lo, f_hi, Nq, Nk, rel_k, rel_k, True, BLOCK_N,
                                                      BLOCK_M)
@@ -257,20 +293,31 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel, Rng,
         ak_low, ak_high, av_low, av_high = _rel_end_rows(ak_ptr, av_ptr, rel_k, offs_d, D, q, REL_K, REL_V)
         r_low = _row_dot(qw, ak_low, REL_K) * qk_scale
         r_high = _row_dot(qw, ak_high, REL_K) * qk_scale
+        sums = tl.zeros([BLOCK_M, 2], tl.float32)   # rowsum(P) beyond the clip, below / above
         for t in range(0, n_side):
             low = t < n_side_low
             start_n = tl.where(low, f_lo + t * BLOCK_N, b_hi + (t - n_side_low) * BLOCK_N)
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_q + Nq, k_base, v_base,
+            acc, m_i, l_i, sums = _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_q + Nq, k_base, v_base,
                                       ak_ptr, av_ptr, offs_m, offs_n0, offs_d, Nq, Nk, D, skn, svn, rel_k, qk_scale,
-                                      slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, seed, rng_row, drop_p, 0.0,
-                                      tl.where(low, r_low, r_high), tl.where(low, av_low, av_high), NO_REL,
+                                      slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, seed, rng_row, drop_p,
+                                      tl.where(low, 0, 1), tl.where(low, r_low, r_high), sums, NO_REL,
                                       BLOCK_M, BLOCK_N, 0, 0, REL_V)
+        if REL_V:
+            s_low, s_high = tl.split(sums)
+            acc += s_low[:, None] * av_low[None, :] + s_high[:, None] * av_high[None, :]
+        if AGAIN:  # the masked loop's range and rows, recomputed
+            start_m, offs_m, qp, lo, f_lo, f_hi, n_low, n_masked = _block_keys_again(
+                pos_q, Nq, Nk, win_l, win_r, FLAGS, BLOCK_M, BLOCK_N, LO_CONST=AGAIN)
+            b_lo, b_hi = f_lo, f_hi
+            if SHAW_FAR:
+                b_lo, b_hi, n_side_low, n_side = _beyond(start_m, f_lo, f_hi, Nq, Nk, rel_k, rel_k, True, BLOCK_N,
+                                                         BLOCK_M)
         n_near = (b_hi - b_lo) // BLOCK_N
         for t in range(0, n_masked + n_near):  # boundary tiles below, near tiles, boundary tiles above
             start_n = tl.where(t < n_low, lo + t * BLOCK_N,
                                tl.where(t < n_low + n_near, b_lo + (t - n_low) * BLOCK_N,
                                         f_hi + (t - n_low - n_near) * BLOCK_N))
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_q + Nq, k_base, v_base,
+            acc, m_i, l_i, _ = _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_q + Nq, k_base, v_base,
                                       ak_ptr, av_ptr, offs_m, offs_n0, offs_d, Nq, Nk, D, skn, svn, rel_k, qk_scale,
                                       slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, seed, rng_row, drop_p, 0.0, 0.0, 0.0,
                                       FLAGS, BLOCK_M, BLOCK_N, 1)
@@ -312,7 +359,7 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel, Rng,
                     else:
                         col = (sign * slope2) * offs_n0.to(tl.float32)
                     row = (-sign * slope2) * (qp - start_n).to(tl.float32)
-                acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_q + Nq, k_base, v_base,
+                acc, m_i, l_i, _ = _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_q + Nq, k_base, v_base,
                                           ak_ptr, av_ptr, offs_m, offs_n0, offs_d, Nq, Nk, D, skn, svn, rel_k,
                                           qk_scale, slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l,
                                           win_r, cap2, seed, rng_row, drop_p, col, row, 0.0, NO_TABLE if FAR else NO_ALIBI, BLOCK_M, BLOCK_N, 0,
@@ -354,10 +401,13 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel, Rng,
         for start_n in tl.range(b_lo, i_hi, BLOCK_N, num_stages=ACC_STAGES if ACC else None):
             cur = _acc_term(start_n, bias_ptr, offs_m, offs_n0, Nq, sbm, acc_table, qp, tab_l, tab_r, FLAGS, ACC,
                             BLOCK_M, BLOCK_N)
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, start_m, start_n, q_in, qw, qp, pos_q + Nq, k_base, v_base,
+            acc, m_i, l_i, _ = _fwd_tile(acc, m_i, l_i, start_m, start_n, q_in, qw, qp, pos_q + Nq, k_base, v_base,
                                       ak_ptr, av_ptr, offs_m, offs_n0, offs_d, Nq, Nk, D, skn, svn, rel_k, qk_scale,
                                       slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, seed, rng_row, drop_p, 0.0, 0.0, 0.0,
                                       FLAGS, BLOCK_M, BLOCK_N, 0, ACC=ACC, acc_raw=cur)
+        if AGAIN:  # the boundary tiles' range and rows, recomputed
+            start_m, offs_m, qp, lo, f_lo, f_hi, n_low, n_masked = _block_keys_again(
+                pos_q, Nq, Nk, win_l, win_r, FLAGS, BLOCK_M, BLOCK_N)
         # GridBias's vectors or lines start the boundary tiles' q.k too (the general gather's
         # 64-bit address per score, pipelined, spilled beside 128x128 tiles), masks after
         VEC_ACC: tl.constexpr = 2 * GRID_ACC * (((FLAGS >> _GRID_VEC.value) & 3 | (FLAGS >> _GRID_LINE.value) & 1) > 0)
@@ -365,11 +415,20 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel, Rng,
             start_n = tl.where(t < n_low, lo + t * BLOCK_N, f_hi + (t - n_low) * BLOCK_N)
             cur = _acc_term(start_n, bias_ptr, offs_m, offs_n0, Nq, sbm, acc_table, qp, tab_l, tab_r, FLAGS, VEC_ACC,
                             BLOCK_M, BLOCK_N)
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_q + Nq, k_base, v_base,
+            acc, m_i, l_i, _ = _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_q + Nq, k_base, v_base,
                                       ak_ptr, av_ptr, offs_m, offs_n0, offs_d, Nq, Nk, D, skn, svn, rel_k, qk_scale,
                                       slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, seed, rng_row, drop_p, 0.0, 0.0, 0.0,
                                       NO_TABLE if VEC_ACC else FLAGS, BLOCK_M, BLOCK_N, 1, ACC=VEC_ACC, acc_raw=cur)
 
+    if AGAIN:  # the epilogue's offsets, recomputed
+        start_m = _program_id_again(0) * BLOCK_M
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        off_h = _program_id_again(1).to(tl.int64)
+        off_b = _program_id_again(2).to(tl.int64)
+        stat_bh = off_b * Hq + off_h
+        if (FLAGS >> _VARLEN.value) & 1:
+            q0 = tl.load(Pos + off_b)
+            stat_bh = off_h
     # Rows that saw no key: output 0, lse = -inf.
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]

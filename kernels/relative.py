@@ -18,13 +18,15 @@ def _row_gather(x, idx):
 
 
 @triton.jit
-def _rel_rows(start_m, start_n, Nq, Nk, rel_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _rel_rows(start_m, start_n, Nq, Nk, rel_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              FIRST: tl.constexpr = 0, ROWS: tl.constexpr = 0):
     """Rows of aK / aV a tile needs (default positions): slice row r stands for
-    rel = rel_min + r, clamped to [-K, K]; the tile's rel span is BLOCK_M + BLOCK_N - 1."""
+    rel = rel_min + r, clamped to [-K, K]; the tile's rel span is BLOCK_M + BLOCK_N - 1.
+    With ROWS, only slice rows FIRST .. FIRST + ROWS."""
     # BLOCK_R, the slice's rows: the power of two >= BLOCK_M + BLOCK_N - 1 (both are powers of two)
     BLOCK_R: tl.constexpr = 2 * BLOCK_M if BLOCK_M >= BLOCK_N else 2 * BLOCK_N
     rel_min = start_n - (start_m + BLOCK_M - 1) - (Nk - Nq)
-    rel = rel_min + tl.arange(0, BLOCK_R)
+    rel = rel_min + FIRST + tl.arange(0, ROWS if ROWS else BLOCK_R)
     return tl.minimum(tl.maximum(rel, -rel_k), rel_k) + rel_k
 
 
@@ -51,6 +53,27 @@ def _keys_to_rel(x, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     j = tl.arange(0, BLOCK_R)[None, :] + tl.arange(0, BLOCK_M)[:, None] - (BLOCK_M - 1)
     inside = (j >= 0) & (j < BLOCK_N)
     return tl.where(inside, _row_gather(x, tl.minimum(tl.maximum(j, 0), BLOCK_N - 1)), 0.0)
+
+
+@triton.jit
+def _cat_cols(a, b):
+    """[M, N] and [M, N] -> [M, 2N]: a's columns, then b's."""
+    return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), [a.shape[0], 2 * a.shape[1]])
+
+
+@triton.jit
+def _keys_to_rel_halves(x, BLOCK_N: tl.constexpr):
+    """_keys_to_rel for square tiles, as its two [BLOCK_N, BLOCK_N] halves of slice rows
+    (r < BLOCK_N, r >= BLOCK_N), each by an affine gather without clamp or mask: row i
+    of the low half reads column r + i + 1 of [0 | x], of the high half the same column of
+    [x | 0], always inside row i's 2 BLOCK_N columns. (The clamped indices and masks of
+    _keys_to_rel are loop-invariant per element: held in registers across the key loop.)"""
+    at = tl.arange(0, BLOCK_N)[:, None] * (2 * BLOCK_N + 1) + tl.arange(0, BLOCK_N)[None, :] + 1
+    at = tl.reshape(at, [BLOCK_N * BLOCK_N])
+    z = tl.zeros_like(x)
+    lo = tl.gather(tl.reshape(_cat_cols(z, x), [2 * BLOCK_N * BLOCK_N]), at, axis=0)
+    hi = tl.gather(tl.reshape(_cat_cols(x, z), [2 * BLOCK_N * BLOCK_N]), at, axis=0)
+    return tl.reshape(lo, [BLOCK_N, BLOCK_N]), tl.reshape(hi, [BLOCK_N, BLOCK_N])
 
 
 @triton.jit

@@ -5,8 +5,7 @@ interpreter or compiler when a kernel is defined): every kernel, for the
 encodings-heavy configurations, built for sm_80, sm_86 and sm_90 with the launch
 configuration posattn uses there, shared memory within the architecture's limit;
 on sm_90 no attention kernel without wgmma or without the launch's specialisation,
-no spills in a forward kernel (D <= 128; Shaw and causal power-of-two GridBias
-at D = 80 / 128 within a bound): aot_compile.hopper_checks.
+no spills in a forward kernel (D <= 128): aot_compile.hopper_checks.
 A subset keeps CI short (every entry for sm_90, some for sm_80 / sm_86);
 POSATTN_AOT_FULL=1 compiles every dtype, head dim and architecture. The
 Swin-shaped case (49 tokens, an unaligned mask) spilled 1080 B in the forward before

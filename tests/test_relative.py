@@ -8,7 +8,10 @@ import pytest
 import torch
 
 import posattn
+import triton
+import triton.language as tl
 from attn_check import check
+from posattn.kernels.relative import _keys_to_rel, _keys_to_rel_halves
 from posattn import reference
 
 f64 = torch.float64
@@ -143,6 +146,17 @@ def test_reference_transformer_xl_matches_rel_shift():
     assert close(got[0].permute(1, 0, 2), want)
 
 
+@triton.jit
+def _halves_probe(X, Out, BLOCK: tl.constexpr):
+    i, j = tl.arange(0, BLOCK), tl.arange(0, BLOCK)
+    x = tl.load(X + i[:, None] * BLOCK + j[None, :])
+    lo, hi = _keys_to_rel_halves(x, BLOCK)
+    r = tl.arange(0, 2 * BLOCK)
+    tl.store(Out + i[:, None] * 2 * BLOCK + j[None, :], lo)
+    tl.store(Out + i[:, None] * 2 * BLOCK + BLOCK + j[None, :], hi)
+    tl.store(Out + BLOCK * 2 * BLOCK + i[:, None] * 2 * BLOCK + r[None, :], _keys_to_rel(x, BLOCK, BLOCK))
+
+
 def shaw(Hq, K, D, device, shared=False, value=True, u=False, w=False):
     h = 1 if shared else Hq
     rnd = lambda *s: (0.5 * torch.randn(*s, device=device)).requires_grad_()  # noqa: E731
@@ -173,6 +187,39 @@ def test_shaw_tiles_beyond_the_clip(dtype, device):
     enough rows for such tiles on both sides of the diagonal, u and w too."""
     q, k, v = make(1, 2, 2, 150, 16, dtype, device, Nk=170)
     check(q, k, v, rel_emb=shaw(2, 5, 16, device, u=True, w=True), return_lse=True)
+
+
+@pytest.mark.parametrize("D,causal,xl", [(16, False, False), (80, True, True)], ids=["D16", "D80-causal-xl"])
+def test_shaw_square_tiles(D, causal, xl, device, monkeypatch):
+    """The forward on a GPU's square Shaw tiles (64x64; the interpreter's are 64x32):
+    P shifted into slice space as two halves without clamp or mask
+    (kernels/relative.py _keys_to_rel_halves), each against its half of the aV slice;
+    tiles beyond the clip on both sides (their rowsum(P) summed per side, times aV's end
+    rows after the loop); at D = 80 the masked loop's range and the epilogue's offsets
+    recomputed from the program ids (kernels/forward.py AGAIN)."""
+    from posattn import _triton
+    config = _triton._config
+
+    def square(D_, backward, rel_emb=False, **kw):
+        c = config(D_, backward, rel_emb, **kw)
+        return (64, 64, *c[2:]) if rel_emb and not backward else c
+    monkeypatch.setattr(_triton, "_config", square)
+    q, k, v = make(1, 2, 2, 150, D, torch.bfloat16, device, Nk=170)
+    check(q, k, v, rel_emb=shaw(2, 5, D, device, u=xl, w=xl), causal=causal, return_lse=True)
+
+
+@pytest.mark.parametrize("BLOCK", [16, 64])
+def test_keys_to_rel_halves_match_the_clamped_shift(BLOCK, device):
+    """_keys_to_rel_halves against _keys_to_rel on random tiles: the two halves side by
+    side are the whole slice, bit for bit (every row's zeros outside the tile too)."""
+    x = torch.randn(BLOCK, BLOCK, device=device)
+    out = torch.empty(2, BLOCK, 2 * BLOCK, device=device)
+    _halves_probe[(1,)](x, out, BLOCK)
+    assert torch.equal(out[0], out[1])
+    i, r = torch.arange(BLOCK)[:, None], torch.arange(2 * BLOCK)[None, :]
+    j = r + i - BLOCK + 1
+    want = torch.where((j >= 0) & (j < BLOCK), x.cpu()[i, j.clamp(0, BLOCK - 1)], 0.0)
+    assert torch.equal(out[0].cpu(), want)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -72,6 +72,19 @@ def test_varlen_matches_each_sequence_alone(case, dtype, device):
     _check(q, k, v, cu_q, cu_k, kw, {n: t.to(device) for n, t in params.items()}, device)
 
 
+@pytest.mark.parametrize("case", ["alibi+window", "shaw+kerple"])
+def test_varlen_wide_heads(case, device):
+    """D = 80: the forward recomputes the boundary tiles' range and the epilogue's
+    offsets from the program ids (kernels/forward.py AGAIN): each sequence's first row
+    read again, its lse rows at batch 0; the Shaw loop's range too."""
+    q, k, v, cu_q, cu_k = _packed([37, 0, 70, 5], [45, 3, 70, 0], 4, 2, 80, torch.bfloat16, device)
+    kw, params = CASES[case]
+    if case == "shaw+kerple":
+        params = dict(params, ak=0.3 * torch.randn(4, 7, 80), av=0.3 * torch.randn(4, 7, 80),
+                      u=0.3 * torch.randn(4, 80), w=0.3 * torch.randn(4, 80))
+    _check(q, k, v, cu_q, cu_k, kw, {n: t.to(device) for n, t in params.items()}, device)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_varlen_dropout_matches_reference_with_the_kernels_mask(dtype, device):
     """Each sequence's dropout mask (the kernels' counters are per sequence): forward,
