@@ -366,13 +366,15 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel, Rng,
                                           0 if FAR else 1 + EXT)
         # The interior tiles' one additive term as q.k's starting accumulator (_fwd_tile's
         # ACC), where posattn/_triton.py's _acc_terms sets its bit (the term alone, 16-bit
-        # inputs, D <= 64, where instruction issue, not the tensor cores, bounds the tiles):
-        # SCALE_POW2, a dense bias with q scaled once here (exactly: a power-of-two scale,
-        # bfloat16); TABLE_ACC, GridBias from the host's table / scale (rows, vector copies
-        # or lines, after the heads' log2-domain rows)
+        # inputs): SCALE_POW2, D <= 64 (where instruction issue, not the tensor cores,
+        # bounds the tiles), a dense bias with q scaled once here (exactly: a power-of-two
+        # scale, bfloat16); TABLE_ACC, D <= 128 (the gather's issue beyond the tensor
+        # cores' time at 80 / 128 too), GridBias from the host's table / scale (rows,
+        # vector copies or lines, after the heads' log2-domain rows)
         BIAS_ACC: tl.constexpr = (FLAGS >> _SCALE_POW2.value) & 1
         GRID_ACC: tl.constexpr = (FLAGS >> _TABLE_ACC.value) & 1
-        tl.static_assert(BIAS_ACC + GRID_ACC == 0 or BLOCK_D <= 64)
+        tl.static_assert(BIAS_ACC == 0 or BLOCK_D <= 64)
+        tl.static_assert(GRID_ACC == 0 or BLOCK_D <= 128)
         tl.static_assert(BIAS_ACC == 0 or Q.dtype.element_ty == tl.bfloat16)
         ACC: tl.constexpr = 1 if BIAS_ACC else 2 if GRID_ACC else 0
         q_in = qu

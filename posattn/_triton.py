@@ -301,7 +301,7 @@ def _acc_terms(p: Problem, flags, args, table, forward=True):
     SCALE_POW2 (D <= 64), a dense bias alone (not a mask), bfloat16 inputs and a
     power-of-two scale: scale * q is exact (kept within 2^+-64, far from bfloat16's
     range ends);
-    TABLE_ACC (D <= 64), GridBias alone at default positions, read without an index
+    TABLE_ACC (D <= 128), GridBias alone at default positions, read without an index
     per score where it can be (compile-time offsets at a power-of-two width in [8,
     512], GRID_WW; vectors of keys at another even one, GRID_VEC; a line per query
     column at an odd one, GRID_LINE), gathered otherwise: Table gains table / scale in
@@ -313,10 +313,9 @@ def _acc_terms(p: Problem, flags, args, table, forward=True):
     flags["SCALE_POW2"] = bool(half and p.D <= 64 and p.q.dtype == torch.bfloat16 and flags["BIAS"]
                                and not flags["BIAS_MASK"] and not flags["TABLE"] and 2.0 ** -64 <= p.scale <= 2.0 ** 64
                                and math.frexp(p.scale)[0] == 0.5)
-    # (not at D = 80 / 128: there the loops are the tensor cores' but for the gather; from
-    # the table / scale, 2304 -> 2048 cycles per block in the static model, but the AOT
-    # check's 160-token problems then spill 4 B in the forward: bench/NOTES.md)
-    flags["TABLE_ACC"] = bool(half and p.D <= 64 and flags["TABLE"] == 2 and not flags["HAS_POS"]
+    # (at D = 80 / 128 too since the forward recomputes what its boundary loop needs
+    # (AGAIN): 2276 -> 2048 cycles per block in the static model, no spill: bench/NOTES.md)
+    flags["TABLE_ACC"] = bool(half and p.D <= 128 and flags["TABLE"] == 2 and not flags["HAS_POS"]
                               and not flags["BIAS"] and p.scale >= 2.0 ** -8)
     window = p.rel_bias.window if flags["TABLE_ACC"] else (1, 1)
     ww = window[1]

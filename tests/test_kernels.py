@@ -584,20 +584,23 @@ def test_grid_bias(dtype, device, backend):
     check(q, k, v, backend=backend, rel_bias=posattn.GridBias(table, (7, 7)), bias=mask)
 
 
-@pytest.mark.parametrize("window,nq,nk,causal,dtype", [((16, 8), 100, 128, False, torch.bfloat16),
-                                                       ((3, 32), 70, 96, False, torch.bfloat16),
-                                                       ((2, 128), 70, 200, False, torch.bfloat16),
-                                                       ((5, 16), 75, 75, True, torch.float16),
-                                                       ((6, 12), 60, 72, False, torch.bfloat16),
-                                                       ((4, 14), 50, 56, False, torch.float16),
-                                                       ((3, 40), 70, 120, False, torch.bfloat16),
-                                                       ((5, 9), 40, 45, False, torch.bfloat16),
-                                                       ((6, 12), 60, 72, True, torch.bfloat16),
-                                                       ((5, 9), 40, 45, True, torch.bfloat16)],
+@pytest.mark.parametrize("window,nq,nk,causal,dtype,D", [((16, 8), 100, 128, False, torch.bfloat16, 16),
+                                                         ((3, 32), 70, 96, False, torch.bfloat16, 16),
+                                                         ((2, 128), 70, 200, False, torch.bfloat16, 16),
+                                                         ((5, 16), 75, 75, True, torch.float16, 16),
+                                                         ((6, 12), 60, 72, False, torch.bfloat16, 16),
+                                                         ((4, 14), 50, 56, False, torch.float16, 16),
+                                                         ((3, 40), 70, 120, False, torch.bfloat16, 16),
+                                                         ((5, 9), 40, 45, False, torch.bfloat16, 16),
+                                                         ((6, 12), 60, 72, True, torch.bfloat16, 16),
+                                                         ((5, 9), 40, 45, True, torch.bfloat16, 16),
+                                                         ((3, 40), 70, 120, False, torch.float16, 80),
+                                                         ((5, 9), 40, 45, True, torch.bfloat16, 80)],
                          ids=["narrower-than-tile", "tile-wide", "wider-than-tile", "causal-fp16", "vectors-of-4",
-                              "vectors-of-2", "vectors-of-8", "odd-width", "vectors-causal", "odd-width-causal"])
-def test_grid_bias_accumulator_tiles(window, nq, nk, causal, dtype, device, backend, launches):
-    """GridBias alone in 16 bits at D <= 64: the forward's interior tiles start q.k from
+                              "vectors-of-2", "vectors-of-8", "odd-width", "vectors-causal", "odd-width-causal",
+                              "vectors-of-8-D80", "odd-width-causal-D80"])
+def test_grid_bias_accumulator_tiles(window, nq, nk, causal, dtype, D, device, backend, launches):
+    """GridBias alone in 16 bits at D <= 128: the forward's interior tiles start q.k from
     the table / scale copy (TABLE_ACC). At a power-of-two Ww >= 8 every tile reads it at
     key offsets fixed at compile time (kernels/scores.py): rows of Ww keys narrower than a
     key tile (each tile starts a grid row), as wide (the interpreter's 32-key tiles;
@@ -607,9 +610,9 @@ def test_grid_bias_accumulator_tiles(window, nq, nk, causal, dtype, device, back
     Other even widths read G keys at a time from shifted, reversed copies (GRID_VEC: 12,
     14 and 40 have G = 4, 2, 8: a row whose copy or column is one off fails); odd ones
     (9) a line per query column (GRID_LINE); both in the boundary tiles too (the causal
-    cases have no interior tile)."""
+    cases have no interior tile). At D = 80 too (BLOCK_D 128: the forward's AGAIN)."""
     from posattn.kernels import attention as A
-    q, k, v = _qkv(1, 2, 2, nq, 16, dtype, device, Nk=nk)
+    q, k, v = _qkv(1, 2, 2, nq, D, dtype, device, Nk=nk)
     wh, ww = window
     table = torch.randn((2 * wh - 1) * (2 * ww - 1), 2, device=device, requires_grad=True)
     check(q, k, v, backend=backend, causal=causal, rel_bias=posattn.GridBias(table, window))
