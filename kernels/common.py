@@ -287,8 +287,9 @@ def _split_keys(start_m, BLOCK_M: tl.constexpr, Nq, Nk, lo, hi, win_l, win_r,
                 FLAGS: tl.constexpr, BLOCK_N: tl.constexpr, LO_CONST: tl.constexpr = 0):
     """The key tiles of [lo, hi) that every row of the block sees whole (in bounds,
     not hidden by causal or window): they are scored without a mask. See _interior.
-    LO_CONST: without a left window edge, n_low = 0 as a constant (_interior's
-    BOTTOM_IS_LO; lo, hi from _key_range). Where register pressure is not the limit
+    LO_CONST: without a left window edge (or at given positions, whose tiles are all
+    boundary tiles), n_low = 0 as a constant (_interior's BOTTOM_IS_LO; lo, hi from
+    _key_range). Where register pressure is not the limit
     the compiler schedules the kernels better without it (bench/NOTES.md)."""
     CAUSAL: tl.constexpr = (FLAGS >> _CAUSAL.value) & 1
     HAS_WL: tl.constexpr = (FLAGS >> _HAS_WL.value) & 1

@@ -211,8 +211,8 @@ def _grid_gather(table_ptr, qp, kp, wh, ww, ROWS_HELD: tl.constexpr, KEY_POINTER
     other way round without ROWS_HELD or with the last axis fastest.
     KEY_POINTERS: a 64-bit pointer per key (table - key code) plus the row's code, so the
     subtraction per score folds into the address (one instruction fewer a score: the
-    forward at BLOCK_D <= 64, in its ACC tiles and in 64-row blocks; the boundary tiles
-    of 128-row blocks and D = 80 / 128 spilled so, bench/NOTES.md)."""
+    forward's ACC tiles (BLOCK_D <= 128), and its 64-row blocks at BLOCK_D <= 64; the
+    boundary tiles of 128-row blocks and D = 80 / 128 spilled so, bench/NOTES.md)."""
     rc = _grid_row_code(qp, wh, ww)
     kc = _grid_code(kp, wh, ww)
     if ROWS_HELD == _GATHER_TIE_FIRST:
@@ -356,8 +356,9 @@ def _scores(qk, qp, kp, start_m, start_n, offs_m, offs_n, Nq, Nk, qk_scale, slop
     the forward's masked boundary tiles or at given positions, where held row codes
     spill at D >= 80).
     KEY_OFFSETS: GridBias at a power-of-two Ww may read a tile from one pointer per row
-    at compile-time key offsets (the forward's tiles at BLOCK_D <= 64: at 80 / 128,
-    Triton 3.9 spills a register across the interior loop).
+    at compile-time key offsets (the forward's tiles here at BLOCK_D <= 64: at 80 / 128,
+    Triton 3.9 spilled a register across the interior loop; its ACC tiles read the
+    table / scale so at any BLOCK_D, _grid_tile).
     KEY_POINTERS: GridBias's gather (other widths) from a pointer per key
     (_grid_gather), with ROWS_HELD."""
     CAUSAL: tl.constexpr = (FLAGS >> _CAUSAL.value) & 1

@@ -178,7 +178,9 @@ def hopper_checks(kernel, name, enc, dt, D, ptx, attrs):
             problems.append(f"{arg} compiled without 16-byte divisibility (no launch specialisation)")
     if name in FORWARD and D <= 128:
         spilled = spill_stores(ptx)
-        if spilled:
+        if spilled is None:   # (ptxas failed, or its report changed: not a pass)
+            problems.append("ptxas reported no spill figure")
+        elif spilled:
             problems.append(f"{spilled} bytes of spill stores in the forward")
     return problems
 

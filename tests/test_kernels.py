@@ -595,10 +595,11 @@ def test_grid_bias(dtype, device, backend):
                                                          ((6, 12), 60, 72, True, torch.bfloat16, 16),
                                                          ((5, 9), 40, 45, True, torch.bfloat16, 16),
                                                          ((3, 40), 70, 120, False, torch.float16, 80),
-                                                         ((5, 9), 40, 45, True, torch.bfloat16, 80)],
+                                                         ((5, 9), 40, 45, True, torch.bfloat16, 80),
+                                                         ((16, 8), 100, 128, False, torch.bfloat16, 80)],
                          ids=["narrower-than-tile", "tile-wide", "wider-than-tile", "causal-fp16", "vectors-of-4",
                               "vectors-of-2", "vectors-of-8", "odd-width", "vectors-causal", "odd-width-causal",
-                              "vectors-of-8-D80", "odd-width-causal-D80"])
+                              "vectors-of-8-D80", "odd-width-causal-D80", "narrower-than-tile-D80"])
 def test_grid_bias_accumulator_tiles(window, nq, nk, causal, dtype, D, device, backend, launches):
     """GridBias alone in 16 bits at D <= 128: the forward's interior tiles start q.k from
     the table / scale copy (TABLE_ACC). At a power-of-two Ww >= 8 every tile reads it at

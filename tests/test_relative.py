@@ -195,8 +195,9 @@ def test_shaw_square_tiles(D, causal, xl, device, monkeypatch):
     P shifted into slice space as two halves without clamp or mask
     (kernels/relative.py _keys_to_rel_halves), each against its half of the aV slice;
     tiles beyond the clip on both sides (their rowsum(P) summed per side, times aV's end
-    rows after the loop); at D = 80 the masked loop's range and the epilogue's offsets
-    recomputed from the program ids (kernels/forward.py AGAIN)."""
+    rows after the loop; 200 queries against 130 keys put tiles above the clip in the
+    first blocks, below it in the last); at D = 80 the masked loop's range and the
+    epilogue's offsets recomputed from the program ids (kernels/forward.py AGAIN)."""
     from posattn import _triton
     config = _triton._config
 
@@ -204,7 +205,7 @@ def test_shaw_square_tiles(D, causal, xl, device, monkeypatch):
         c = config(D_, backward, rel_emb, **kw)
         return (64, 64, *c[2:]) if rel_emb and not backward else c
     monkeypatch.setattr(_triton, "_config", square)
-    q, k, v = make(1, 2, 2, 150, D, torch.bfloat16, device, Nk=170)
+    q, k, v = make(1, 2, 2, 200, D, torch.bfloat16, device, Nk=130)
     check(q, k, v, rel_emb=shaw(2, 5, D, device, u=xl, w=xl), causal=causal, return_lse=True)
 
 
