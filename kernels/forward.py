@@ -184,21 +184,41 @@ def _alibi_ext(x, BLOCK_M: tl.constexpr, dtype: tl.constexpr):
 
 
 @triton.jit
-def _block_keys_again(pos_q, Nq, Nk, win_l, win_r, FLAGS: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, LO_CONST: tl.constexpr = 0):
-    """The query block's rows, positions and key split (_key_range, _split_keys) from its
-    program id read again (_program_id_again): what a loop after the first needs, not
-    held across the first (_attn_fwd's AGAIN). Returns start_m, offs_m, qp, lo and
-    _split_keys' f_lo, f_hi, n_low, n_masked."""
-    start_m = _program_id_again(0) * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    qp = _positions(pos_q, offs_m, Nq, Nk - Nq, FLAGS)
+def _block_keys(start_m, Nq, Nk, win_l, win_r, FLAGS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                LO_CONST: tl.constexpr = 0):
+    """The key tiles of the query block at start_m (_key_range), split into the unmasked
+    interior [f_lo, f_hi) and the others (_split_keys): lo, f_lo, f_hi, n_low, n_masked."""
     lo, hi = _key_range(start_m, BLOCK_M, Nq, Nk, win_l, win_r, FLAGS, BLOCK_N)
-    if (FLAGS >> _VARLEN.value) & 1:  # (as _attn_fwd's first split)
+    if (FLAGS >> _VARLEN.value) & 1:  # a block past its sequence's rows (the grid fits the longest)
         hi = tl.where(start_m < Nq, hi, lo)
     f_lo, f_hi, n_low, n_masked = _split_keys(start_m, BLOCK_M, Nq, Nk, lo, hi, win_l, win_r, FLAGS, BLOCK_N,
                                               LO_CONST=LO_CONST)
+    return lo, f_lo, f_hi, n_low, n_masked
+
+
+@triton.jit
+def _block_keys_again(pos_q, Nq, Nk, win_l, win_r, FLAGS: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, LO_CONST: tl.constexpr = 0):
+    """The query block's rows, positions and _block_keys from its program id read again
+    (_program_id_again): what a loop after the first needs, not held across the first
+    (_attn_fwd's AGAIN). Returns start_m, offs_m, qp, then _block_keys'."""
+    start_m = _program_id_again(0) * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    qp = _positions(pos_q, offs_m, Nq, Nk - Nq, FLAGS)
+    lo, f_lo, f_hi, n_low, n_masked = _block_keys(start_m, Nq, Nk, win_l, win_r, FLAGS, BLOCK_M, BLOCK_N, LO_CONST)
     return start_m, offs_m, qp, lo, f_lo, f_hi, n_low, n_masked
+
+
+@triton.jit
+def _shaw_band(start_m, f_lo, f_hi, Nq, Nk, rel_k, SHAW_FAR: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """Shaw's near band [b_lo, b_hi) of the interior [f_lo, f_hi) and the tiles beyond the
+    clip (_beyond): b_lo, b_hi, n_side_low, n_side; without SHAW_FAR, all interior tiles
+    are near."""
+    if SHAW_FAR:
+        return _beyond(start_m, f_lo, f_hi, Nq, Nk, rel_k, rel_k, True, BLOCK_N, BLOCK_M)
+    else:
+        return f_lo, f_hi, 0, 0
 
 
 @triton.jit
@@ -274,22 +294,16 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel, Rng,
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo, hi = _key_range(start_m, BLOCK_M, Nq, Nk, win_l, win_r, FLAGS, BLOCK_N)
-    if (FLAGS >> _VARLEN.value) & 1:  # a block past its sequence's rows (the grid fits the longest)
-        hi = tl.where(start_m < Nq, hi, lo)
+    # (Shaw's split with n_low constant: with AGAIN, see _split_keys' LO_CONST)
+    lo, f_lo, f_hi, n_low, n_masked = _block_keys(start_m, Nq, Nk, win_l, win_r, FLAGS, BLOCK_M, BLOCK_N,
+                                                  LO_CONST=AGAIN * (REL_K | REL_V))
     if REL_K or REL_V:
         # Shaw (default positions): interior tiles wholly beyond the clip (rel <= -K or
         # >= K) read aK / aV's end rows only: the key term is a per-row constant
         # (q + w) . aK[0 or 2K], folded into the row max, and the value term adds
         # rowsum(P) aV[0 or 2K]. They run as plain tiles; the others (near the
         # diagonal, boundaries) in one masked loop (two copies of its large body spill).
-        f_lo, f_hi, n_low, n_masked = _split_keys(start_m, BLOCK_M, Nq, Nk, lo, hi, win_l, win_r, FLAGS, BLOCK_N,
-                                                  LO_CONST=AGAIN)
-        if SHAW_FAR:
-            b_lo, b_hi, n_side_low, n_side = _beyond(start_m, f_lo, f_hi, Nq, Nk, rel_k, rel_k, True, BLOCK_N,
-                                                     BLOCK_M)
-        else:
-            b_lo, b_hi, n_side_low, n_side = f_lo, f_hi, 0, 0
+        b_lo, b_hi, n_side_low, n_side = _shaw_band(start_m, f_lo, f_hi, Nq, Nk, rel_k, SHAW_FAR, BLOCK_M, BLOCK_N)
         ak_low, ak_high, av_low, av_high = _rel_end_rows(ak_ptr, av_ptr, rel_k, offs_d, D, q, REL_K, REL_V)
         r_low = _row_dot(qw, ak_low, REL_K) * qk_scale
         r_high = _row_dot(qw, ak_high, REL_K) * qk_scale
@@ -308,10 +322,8 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel, Rng,
         if AGAIN:  # the masked loop's range and rows, recomputed
             start_m, offs_m, qp, lo, f_lo, f_hi, n_low, n_masked = _block_keys_again(
                 pos_q, Nq, Nk, win_l, win_r, FLAGS, BLOCK_M, BLOCK_N, LO_CONST=AGAIN)
-            b_lo, b_hi = f_lo, f_hi
-            if SHAW_FAR:
-                b_lo, b_hi, n_side_low, n_side = _beyond(start_m, f_lo, f_hi, Nq, Nk, rel_k, rel_k, True, BLOCK_N,
-                                                         BLOCK_M)
+            b_lo, b_hi, n_side_low, n_side = _shaw_band(start_m, f_lo, f_hi, Nq, Nk, rel_k, SHAW_FAR, BLOCK_M,
+                                                        BLOCK_N)
         n_near = (b_hi - b_lo) // BLOCK_N
         for t in range(0, n_masked + n_near):  # boundary tiles below, near tiles, boundary tiles above
             start_n = tl.where(t < n_low, lo + t * BLOCK_N,
@@ -322,7 +334,6 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel, Rng,
                                       slope, r1, r2, table_ptr, tab_l, tab_r, bias_ptr, sbm, win_l, win_r, cap2, seed, rng_row, drop_p, 0.0, 0.0, 0.0,
                                       FLAGS, BLOCK_M, BLOCK_N, 1)
     else:
-        f_lo, f_hi, n_low, n_masked = _split_keys(start_m, BLOCK_M, Nq, Nk, lo, hi, win_l, win_r, FLAGS, BLOCK_N)
         b_lo = f_lo
         b_hi = f_hi
         if FAR or ALIBI_SIDES:
