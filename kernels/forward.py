@@ -211,12 +211,18 @@ def _block_keys_again(pos_q, Nq, Nk, win_l, win_r, FLAGS: tl.constexpr, BLOCK_M:
 
 @triton.jit
 def _shaw_band(start_m, f_lo, f_hi, Nq, Nk, rel_k, SHAW_FAR: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr):
+               BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
     """Shaw's near band [b_lo, b_hi) of the interior [f_lo, f_hi) and the tiles beyond the
     clip (_beyond): b_lo, b_hi, n_side_low, n_side; without SHAW_FAR, all interior tiles
     are near."""
     if SHAW_FAR:
-        return _beyond(start_m, f_lo, f_hi, Nq, Nk, rel_k, rel_k, True, BLOCK_N, BLOCK_M)
+        b_lo, b_hi, n_side_low, n_side = _beyond(start_m, f_lo, f_hi, Nq, Nk, rel_k, rel_k, True, BLOCK_N, BLOCK_M)
+        if CAUSAL:
+            # no interior key is at or past the clip above the diagonal (j <= i + shift <
+            # i + shift + K): the band ends with the interior, said so that the compiler
+            # holds one scalar fewer over the loops (the D=128 masked loop spilled it)
+            return b_lo, f_hi, n_side_low, n_side_low
+        return b_lo, b_hi, n_side_low, n_side
     else:
         return f_lo, f_hi, 0, 0
 
@@ -303,7 +309,7 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel, Rng,
         # (q + w) . aK[0 or 2K], folded into the row max, and the value term adds
         # rowsum(P) aV[0 or 2K]. They run as plain tiles; the others (near the
         # diagonal, boundaries) in one masked loop (two copies of its large body spill).
-        b_lo, b_hi, n_side_low, n_side = _shaw_band(start_m, f_lo, f_hi, Nq, Nk, rel_k, SHAW_FAR, BLOCK_M, BLOCK_N)
+        b_lo, b_hi, n_side_low, n_side = _shaw_band(start_m, f_lo, f_hi, Nq, Nk, rel_k, SHAW_FAR, BLOCK_M, BLOCK_N, CAUSAL)
         ak_low, ak_high, av_low, av_high = _rel_end_rows(ak_ptr, av_ptr, rel_k, offs_d, D, q, REL_K, REL_V)
         r_low = _row_dot(qw, ak_low, REL_K) * qk_scale
         r_high = _row_dot(qw, ak_high, REL_K) * qk_scale
@@ -323,7 +329,7 @@ def _attn_fwd(Q, K, V, Out, Lse, Lse2, Pos, Params, Table, Bias, Rel, Rng,
             start_m, offs_m, qp, lo, f_lo, f_hi, n_low, n_masked = _block_keys_again(
                 pos_q, Nq, Nk, win_l, win_r, FLAGS, BLOCK_M, BLOCK_N, LO_CONST=AGAIN)
             b_lo, b_hi, n_side_low, n_side = _shaw_band(start_m, f_lo, f_hi, Nq, Nk, rel_k, SHAW_FAR, BLOCK_M,
-                                                        BLOCK_N)
+                                                        BLOCK_N, CAUSAL)
         n_near = (b_hi - b_lo) // BLOCK_N
         for t in range(0, n_masked + n_near):  # boundary tiles below, near tiles, boundary tiles above
             start_n = tl.where(t < n_low, lo + t * BLOCK_N,

@@ -75,7 +75,8 @@ def _problem(enc, dt, D):
     elif enc == "varlen+causal+rope+alibi+table":   # packed sequences of 70, 0 and 90 rows (N in all)
         kw = dict(causal=True, rope=posattn.RoPE(), alibi_slopes=r(HQ), rel_bias=posattn.DistanceBias(r(HQ, 24), 15, 8),
                   varlen=(70, 0, 90))
-    elif enc == "causal+shaw+xl":
+    elif enc == "causal+shaw+xl":   # as Transformer-XL runs it: one k / v head per query head (GROUP = 1)
+        k, v = r(B, HQ, N, D, dtype=dt), r(B, HQ, N, D, dtype=dt)
         kw = dict(causal=True, rel_emb=posattn.RelativeEmbeddings(r(HQ, 9, D), r(HQ, 9, D), 4, r(HQ, D), r(HQ, D)))
     elif enc == "window+shaw":   # aK / aV without u / w: their gradients corrected in dQ's pass
         kw = dict(window=(40, 9), rel_emb=posattn.RelativeEmbeddings(r(HQ, 9, D), r(HQ, 9, D), 4))
