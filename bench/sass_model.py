@@ -1279,7 +1279,7 @@ def bwd_totals(recs, Ns=(2048, 8192)):
         dq = [cyc("_attn_bwd_dq", N) or cyc("dq", N) for N in Ns]
         dp = [cyc("_attn_bwd_dq[DELTA_PASS]", N) for N in Ns]
         # d(table)'s pass visits the near tiles only (GridBias: every tile)
-        grid = v.startswith("grid")
+        grid = v.startswith("grid") or v.startswith("swin")   # GridBias (Swin's: a 7 x 7 window)
         tp = [cyc("_attn_bwd_dq[TABLE_PASS]", N) * (grid_trips(64, 64, *enc_window(v))[3] if grid
                                                      else table_near(N, 64, 64, TABLE_L, TABLE_R)) for N in Ns]
         hist = d.get("hist_inner", 0)
