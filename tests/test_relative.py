@@ -191,9 +191,10 @@ def test_shaw_tiles_beyond_the_clip(dtype, device):
 
 @pytest.mark.parametrize("D,causal,xl", [(16, False, False), (80, True, True)], ids=["D16", "D80-causal-xl"])
 def test_shaw_square_tiles(D, causal, xl, device, monkeypatch):
-    """The forward on a GPU's square Shaw tiles (64x64; the interpreter's are 64x32):
-    P shifted into slice space as two halves without clamp or mask
-    (kernels/relative.py _keys_to_rel_halves), each against its half of the aV slice;
+    """Forward and backward on a GPU's square Shaw tiles (64x64; the interpreter's are
+    64x32): P (and at D <= 64 dQ's dS) shifted into slice space as two halves without
+    clamp or mask (kernels/relative.py _keys_to_rel_halves), each against its half of
+    the aV (aK) slice;
     tiles beyond the clip on both sides (their rowsum(P) summed per side, times aV's end
     rows after the loop; 200 queries against 130 keys put tiles above the clip in the
     first blocks, below it in the last); at D = 80 the masked loop's range and the
@@ -203,7 +204,7 @@ def test_shaw_square_tiles(D, causal, xl, device, monkeypatch):
 
     def square(D_, backward, rel_emb=False, **kw):
         c = config(D_, backward, rel_emb, **kw)
-        return (64, 64, *c[2:]) if rel_emb and not backward else c
+        return (64, 64, *c[2:]) if rel_emb else c
     monkeypatch.setattr(_triton, "_config", square)
     q, k, v = make(1, 2, 2, 200, D, torch.bfloat16, device, Nk=130)
     check(q, k, v, rel_emb=shaw(2, 5, D, device, u=xl, w=xl), causal=causal, return_lse=True)
