@@ -163,7 +163,8 @@ def hopper_checks(kernel, name, enc, dt, D, ptx, attrs):
     kernels: a loop without wgmma (HGMMA), a launch compiled without the 16-byte
     divisibility of q / k / v and their row strides, and any spill in a forward kernel
     at D <= 128 (the last ones, 4-12 B at D = 80 / 128 in Shaw, causal GridBias and Swin,
-    went with kernels/forward.py's AGAIN: bench/NOTES.md).
+    went with kernels/forward.py's AGAIN, and causal Transformer-XL's 4 B with one k / v
+    head per query head with _shaw_band's causal case: bench/NOTES.md).
     The spills are ptxas's for this PTX with the options Triton 3.6 (the GPU machine's)
     gives it; Triton 3.9 adds --regAllocOptLevel=2, under which the heaviest forwards
     spill more (bench/NOTES.md)."""
