@@ -5,7 +5,7 @@ import triton.language as tl
 from .common import (LOG2E, _ALIBI, _ALIBI_MMA, _BIAS, _BIAS_MASK, _CAUSAL, _HAS_POS, _KERPLE, _REL_K, _REL_V, _SCALE_POS, _SCALE_POW2, _SINKS, _GRID_LINE, _GRID_LINE_PAD, _GRID_VEC, _GRID_WW, _TABLE_ACC,
                      _SOFTCAP, _TABLE, _UPCAST, _DROPOUT, _VARLEN, _beyond, _dot, _dropout_keep, _key_range, _load_tile,
                      _positions, _program_id_again, _sequence, _split_keys)
-from .relative import _keys_to_rel, _keys_to_rel_halves, _load_rel, _rel_end_rows, _rel_rows, _row_dot
+from .relative import _halves_dot, _keys_to_rel, _load_rel, _rel_end_rows, _rel_rows, _row_dot
 from .scores import _bias_raw, _bias_value, _grid_gather, _grid_line, _grid_tile, _grid_vec, _head_params, _table_row, _load_queries, _logits, _scores, _table_far
 
 
@@ -137,13 +137,7 @@ def _fwd_tile(acc, m_i, l_i, start_m, start_n, qu, qw, qp, pos_k, k_base, v_base
     acc += _dot(p.to(v.dtype), v, UPCAST)
     if REL_V:  # Shaw's value side: sum_j p_ij aV[c(i, j)], bucketed per row
         if BLOCK_M == BLOCK_N:   # the slice's two halves, each shifted without clamp or mask
-            p_lo, p_hi = _keys_to_rel_halves(p.to(v.dtype), BLOCK_N)
-            av_lo = _load_rel(av_ptr, _rel_rows(start_m, start_n, Nq, Nk, rel_k, BLOCK_M, BLOCK_N, 0, BLOCK_N),
-                              offs_d, D)
-            av_hi = _load_rel(av_ptr, _rel_rows(start_m, start_n, Nq, Nk, rel_k, BLOCK_M, BLOCK_N, BLOCK_N, BLOCK_N),
-                              offs_d, D)
-            acc += _dot(p_lo, av_lo.to(v.dtype), UPCAST)
-            acc += _dot(p_hi, av_hi.to(v.dtype), UPCAST)
+            acc = _halves_dot(acc, p.to(v.dtype), av_ptr, start_m, start_n, Nq, Nk, rel_k, offs_d, D, BLOCK_N, UPCAST)
         else:
             av = _load_rel(av_ptr, _rel_rows(start_m, start_n, Nq, Nk, rel_k, BLOCK_M, BLOCK_N), offs_d, D)
             acc += _dot(_keys_to_rel(p, BLOCK_M, BLOCK_N).to(v.dtype), av.to(v.dtype), UPCAST)

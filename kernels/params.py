@@ -8,7 +8,7 @@ from .common import (LOG2E, _CORRECT, _HAS_POS, _DELTA_PASS, _TABLE_PASS, _ONE_T
                      _D_TABLE, _D_U, _D_W, _DROPOUT, _REL_K, _REL_V, _ROPE, _ROPE_AXES, _SINKS, _SOFTCAP, _TABLE, _UPCAST, _VARLEN, _sequence, _beyond, _dot, _key_range, _part_range,
                      _load_row_stats, _load_tile, _positions, _stats_row)
 from .rope import _rope_factor, _unrotate
-from .relative import _keys_to_rel, _keys_to_rel_halves, _load_rel, _rel_rows, _row_gather, _rel_end_rows, _row_dot
+from .relative import _halves_dot, _keys_to_rel, _row_gather, _rel_end_rows, _row_dot
 from .scores import _grid_xy, _head_params, _load_queries, _probs_and_ds, _table_columns, _table_far, _table_index
 
 
@@ -392,13 +392,8 @@ def _attn_bwd_dq(Q, K, V, DO, Stats, DQ, DParams, Pos, Params, Table, Bias, Rel,
                     # or mask (static sm_90 model, D=64 near loop: 1998 -> 1476 instructions; at
                     # D=128 the spills grow instead: bench/NOTES.md)
                     if BLOCK_M == BLOCK_N and BLOCK_D <= 64:
-                        ds_lo, ds_hi = _keys_to_rel_halves(ds_qk.to(k.dtype), BLOCK_N)
-                        ak_lo = _load_rel(ak_ptr, _rel_rows(start_m, start_n, Nq, Nk, rel_k, BLOCK_M, BLOCK_N, 0,
-                                                            BLOCK_N), offs_d, D)
-                        ak_hi = _load_rel(ak_ptr, _rel_rows(start_m, start_n, Nq, Nk, rel_k, BLOCK_M, BLOCK_N,
-                                                            BLOCK_N, BLOCK_N), offs_d, D)
-                        dq_p += _dot(ds_lo, ak_lo.to(k.dtype), UPCAST)
-                        dq_p += _dot(ds_hi, ak_hi.to(k.dtype), UPCAST)
+                        dq_p = _halves_dot(dq_p, ds_qk.to(k.dtype), ak_ptr, start_m, start_n, Nq, Nk, rel_k, offs_d, D,
+                                            BLOCK_N, UPCAST)
                     else:
                         dq_p += _dot(_keys_to_rel(ds_qk, BLOCK_M, BLOCK_N).to(k.dtype), ak, UPCAST)
                 if D_SLOPE:

@@ -3,6 +3,8 @@ per-row shifts between key space and distance space."""
 import triton
 import triton.language as tl
 
+from .common import _dot
+
 
 
 @triton.jit
@@ -74,6 +76,21 @@ def _keys_to_rel_halves(x, BLOCK_N: tl.constexpr):
     lo = tl.gather(tl.reshape(_cat_cols(z, x), [2 * BLOCK_N * BLOCK_N]), at, axis=0)
     hi = tl.gather(tl.reshape(_cat_cols(x, z), [2 * BLOCK_N * BLOCK_N]), at, axis=0)
     return tl.reshape(lo, [BLOCK_N, BLOCK_N]), tl.reshape(hi, [BLOCK_N, BLOCK_N])
+
+
+@triton.jit
+def _halves_dot(acc, x, ptr, start_m, start_n, Nq, Nk, rel_k, offs_d, D, BLOCK_N: tl.constexpr,
+                UPCAST: tl.constexpr):
+    """acc + sum_j x_ij table[c(i, j)] for a square tile: x [BLOCK_N, BLOCK_N] (x's dtype)
+    shifted into slice space as _keys_to_rel_halves' two halves, each against its half of
+    the table's slice (_rel_rows' FIRST / ROWS): the forward's P . aV, dQ's dS . aK. Each
+    product adds to acc in turn (the tensor cores' accumulator; their sum first spills)."""
+    x_lo, x_hi = _keys_to_rel_halves(x, BLOCK_N)
+    t_lo = _load_rel(ptr, _rel_rows(start_m, start_n, Nq, Nk, rel_k, BLOCK_N, BLOCK_N, 0, BLOCK_N), offs_d, D)
+    t_hi = _load_rel(ptr, _rel_rows(start_m, start_n, Nq, Nk, rel_k, BLOCK_N, BLOCK_N, BLOCK_N, BLOCK_N), offs_d, D)
+    acc += _dot(x_lo, t_lo.to(x.dtype), UPCAST)
+    acc += _dot(x_hi, t_hi.to(x.dtype), UPCAST)
+    return acc
 
 
 @triton.jit
